@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""Fine-tune Stable Diffusion XL with LoRA on a captioned image set (e.g. the Ghibli style).
+
+Example:
+    python train_sdxl_lora.py --dataset_dir dataset_ghibli --lora_rank 4 --lora_alpha 8
+Multi-GPU:
+    accelerate launch --num_processes 4 train_sdxl_lora.py ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from utils.cli import run_cli
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = p.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", default="stabilityai/stable-diffusion-xl-base-1.0",
+                       help="diffusers folder, Hub id, or single-file SDXL checkpoint (.safetensors)")
+    model.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                       help="a separate VAE, e.g. madebyollin/sdxl-vae-fp16-fix (then the VAE may run in fp16)")
+    model.add_argument("--revision", default=None)
+    model.add_argument("--variant", default="fp16",
+                       help="weights variant; falls back to the regular weights when the model has none")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--dataset_type", default="ghibli", choices=["ghibli", "product"])
+    data.add_argument("--dataset_dir", default="dataset_ghibli")
+    data.add_argument("--resolution", type=int, default=512, help="side of the square training area (pixels)")
+    data.add_argument("--no_buckets", action="store_true",
+                      help="square crops instead of aspect-ratio buckets")
+    data.add_argument("--center_crop", action="store_true", help="center crops (default: seeded random crops)")
+    data.add_argument("--random_flip", action="store_true", help="mirror images at random")
+    data.add_argument("--caption_dropout", type=float, default=0.0,
+                      help="probability of training a step on the empty (unconditional) prompt")
+    data.add_argument("--validation_split", type=float, default=0.0,
+                      help="share of images held out for the validation loss (0: use fixed noise on "
+                           "training images)")
+    data.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+                      help="cache VAE latents and text embeddings once (default on)")
+    data.add_argument("--cache_latents_to_disk", action="store_true",
+                      help="also keep the latent cache on disk under output_dir/.latent_cache")
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+
+    output = p.add_argument_group("output")
+    output.add_argument("--output_dir", default="output_ghibli")
+    output.add_argument("--logging_dir", default="logs")
+    output.add_argument("--save_steps", type=int, default=2, help="save checkpoint_epoch_N every N epochs")
+    output.add_argument("--checkpointing_steps", type=int, default=None,
+                        help="save a resumable state every N optimizer steps")
+    output.add_argument("--checkpoints_total_limit", type=int, default=None)
+    output.add_argument("--resume_from_checkpoint", default=None,
+                        help="a checkpoint folder, a run folder, or 'latest'")
+    output.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"])
+
+    lora = p.add_argument_group("LoRA")
+    lora.add_argument("--lora_rank", type=int, default=8)
+    lora.add_argument("--lora_alpha", type=float, default=8.0)
+    lora.add_argument("--lora_dropout", type=float, default=0.0)
+    lora.add_argument("--lora_target_modules", nargs="+", default=["to_k", "to_q", "to_v", "to_out.0"])
+    lora.add_argument("--use_dora", action="store_true")
+    lora.add_argument("--use_rslora", action="store_true", help="scale by alpha/sqrt(rank) instead of alpha/rank")
+    lora.add_argument("--init_lora_weights", default="gaussian", choices=["gaussian", "kaiming"])
+    lora.add_argument("--train_text_encoder", action="store_true", help="LoRA on both text encoders too")
+
+    optim = p.add_argument_group("optimisation")
+    optim.add_argument("--train_batch_size", type=int, default=1)
+    optim.add_argument("--num_train_epochs", type=int, default=10)
+    optim.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--learning_rate", type=float, default=1e-4)
+    optim.add_argument("--scale_lr", action="store_true", help="multiply the LR by the effective batch size")
+    optim.add_argument("--lr_scheduler", default="cosine",
+                       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                "constant_with_warmup"])
+    optim.add_argument("--lr_warmup_steps", type=int, default=500)
+    optim.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "prodigy"])
+    optim.add_argument("--adam_beta1", type=float, default=0.9)
+    optim.add_argument("--adam_beta2", type=float, default=0.999)
+    optim.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
+    optim.add_argument("--max_grad_norm", type=float, default=1.0, help="0 turns clipping off")
+    optim.add_argument("--snr_gamma", type=float, default=None, help="min-SNR loss weighting (5.0 is typical)")
+    optim.add_argument("--noise_offset", type=float, default=0.0)
+    optim.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"],
+                       help="override the scheduler's prediction type")
+    optim.add_argument("--seed", type=int, default=42)
+
+    speed = p.add_argument_group("speed and memory")
+    speed.add_argument("--mixed_precision", default="fp16", choices=["no", "fp16", "bf16"],
+                       help="falls back to fp32 without CUDA")
+    speed.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    speed.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                       help="use xformers (default: PyTorch SDPA)")
+
+    val = p.add_argument_group("validation images")
+    val.add_argument("--validation_prompt", nargs="+", default=None)
+    val.add_argument("--num_validation_images", type=int, default=2)
+    val.add_argument("--validation_epochs", type=int, default=1)
+    val.add_argument("--validation_steps", type=int, default=25, help="inference steps per validation image")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from utils.trainer import train
+    train(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

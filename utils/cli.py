@@ -1,0 +1,38 @@
+"""What every command-line script shares: logging set-up and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # transformers warns at import that torchvision is absent; the project does not use it.
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+def run_cli(main: Callable[[], int]) -> int:
+    """Run ``main``; known input errors end with one line on stderr and exit status 2."""
+    from utils.ghibli_datasets import DatasetError
+
+    setup_logging()
+    handled = EXPECTED_ERRORS + (DatasetError, _training_error())
+    try:
+        return main() or 0
+    except handled as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _training_error() -> type[BaseException]:
+    from utils.trainer import TrainingError
+    return TrainingError

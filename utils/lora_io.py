@@ -1,0 +1,93 @@
+"""Saving and reading LoRA files in the diffusers format, with their metadata.
+
+The file holds PEFT's ``lora_A``/``lora_B`` weights under ``unet.``,
+``text_encoder.`` and ``text_encoder_2.`` prefixes, plus diffusers' adapter
+metadata (rank, alpha, target modules...) so ``pipe.load_lora_weights(folder)``
+restores the trained alpha/rank scale instead of silently using 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from utils.atomic import replace_dir
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key for the PEFT config
+TRAINING_METADATA_KEY = "ghibli_training"
+
+
+def _adapter_layers(model) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The LoRA weights of a PEFT-injected model, in diffusers naming, and its adapter config."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    layers = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in layers.items()}
+    return layers, model.peft_config["default"].to_dict()
+
+
+def save_lora(folder: str | os.PathLike, unet, text_encoders: list | None = None,
+              training_metadata: dict[str, Any] | None = None) -> Path:
+    """Write ``folder/pytorch_lora_weights.safetensors`` atomically (a temp folder renamed into place).
+
+    ``text_encoders`` are saved too when given (both SDXL encoders, when trained).
+    ``training_metadata`` is stored as JSON in the safetensors header; it must hold no secrets.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    folder = Path(folder)
+    unet_layers, unet_config = _adapter_layers(unet)
+    kwargs: dict[str, Any] = {"unet_lora_layers": unet_layers, "unet_lora_adapter_metadata": unet_config}
+    for name, encoder in zip(("text_encoder", "text_encoder_2"), text_encoders or []):
+        kwargs[f"{name}_lora_layers"], kwargs[f"{name}_lora_adapter_metadata"] = _adapter_layers(encoder)
+
+    def write(staging: Path) -> None:
+        StableDiffusionXLPipeline.save_lora_weights(staging, **kwargs)
+        if training_metadata:
+            add_metadata(staging / LORA_WEIGHT_NAME, {TRAINING_METADATA_KEY: json.dumps(training_metadata)})
+
+    replace_dir(folder, write)
+    return folder / LORA_WEIGHT_NAME
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    with safe_open(str(path), framework="pt") as handle:
+        return {key: handle.get_tensor(key) for key in handle.keys()}
+
+
+def add_metadata(path: str | os.PathLike, extra: dict[str, str]) -> None:
+    """Rewrite a safetensors file with ``extra`` merged into its header metadata (atomically)."""
+    path = Path(path)
+    tensors, metadata = read_tensors(path), read_metadata(path)
+    metadata.update(extra)
+    temporary = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(temporary), metadata=metadata)
+    os.replace(temporary, path)
+
+
+def adapter_config(path: str | os.PathLike, component: str = "unet") -> dict[str, Any]:
+    """The PEFT config (rank ``r``, ``lora_alpha``...) saved for one component of a LoRA file."""
+    packed = json.loads(read_metadata(path).get(ADAPTER_METADATA_KEY, "{}"))
+    prefix = f"{component}."
+    return {key[len(prefix):]: value for key, value in packed.items() if key.startswith(prefix)}
+
+
+def copy_lora(source: str | os.PathLike, destination: str | os.PathLike) -> Path:
+    """Copy a saved model folder (e.g. into ``best_model/``) atomically."""
+    destination = Path(destination)
+    replace_dir(destination, lambda staging: shutil.copytree(source, staging, dirs_exist_ok=True))
+    return destination

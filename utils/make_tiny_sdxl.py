@@ -1,0 +1,238 @@
+"""Build a tiny SDXL pipeline and a synthetic style dataset, offline and in seconds.
+
+The pipeline uses the real diffusers/transformers classes with the SDXL topology
+(two CLIP text encoders, the second with a projection, ``text_time`` added
+conditioning, a VAE with the 8x downscale, an Euler scheduler) so every code path
+that loads, trains and runs SDXL can be exercised without downloading weights.
+
+    python utils/make_tiny_sdxl.py --model_dir tiny_sdxl --dataset_dir tiny_dataset
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFilter
+
+logger = logging.getLogger(__name__)
+
+# Words of the synthetic captions and the default prompts; each gets a whole-word BPE token.
+WORDS = (
+    "a an the of in on at with and under over near by from to for is its style ghibli studio "
+    "landscape hills hill sky sun moon clouds cloud house village forest tree trees river lake sea "
+    "field flowers meadow girl boy cat dog castle city town street train station mountain mountains "
+    "sunset sunrise night evening morning warm soft pastel painted watercolor anime scene view "
+    "small little big old quiet peaceful beautiful green blue golden pink orange purple red white "
+    "light lights sunlit walking sitting flying floating wind grass path road bridge window roof "
+    "summer spring autumn winter rain snow star stars photo blurry low quality distorted deformed "
+    "ugly bad anatomy"
+).split()
+
+SYNTHETIC_SKIES = [
+    ("golden", (250, 205, 120)),
+    ("pink", (246, 180, 190)),
+    ("blue", (140, 190, 240)),
+    ("orange", (250, 170, 110)),
+    ("purple", (185, 160, 220)),
+    ("white", (235, 235, 225)),
+]
+# Sizes differ on purpose: wide, tall and square frames exercise aspect buckets.
+SYNTHETIC_SIZES = [(192, 128), (128, 192), (160, 160), (224, 128), (128, 128), (176, 144)]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte-to-printable-character table of byte-level BPE (the CLIP convention)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def build_tokenizer_files() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP BPE vocabulary and merge list: every byte character, plus one token per word in WORDS."""
+    vocab: dict[str, int] = {}
+
+    def add(token: str) -> None:
+        if token not in vocab:
+            vocab[token] = len(vocab)
+
+    for char in _bytes_to_unicode().values():
+        add(char)
+    for char in _bytes_to_unicode().values():
+        add(char + "</w>")
+    merges: list[tuple[str, str]] = []
+    for word in WORDS:
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for piece in pieces[1:]:
+            rule = (current, piece)
+            if rule not in merges:
+                merges.append(rule)
+            current = current + piece
+            add(current)
+    add("<|startoftext|>")
+    add("<|endoftext|>")
+    return vocab, merges
+
+
+def build_tiny_sdxl(seed: int = 0):
+    """Return a randomly initialised tiny StableDiffusionXLPipeline, deterministic for ``seed``."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    vocab, merges = build_tokenizer_files()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    tokenizer_2 = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="!")
+
+    torch.manual_seed(seed)
+    text_config = dict(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_attention_heads=4,
+        num_hidden_layers=3,
+        max_position_embeddings=77,
+        projection_dim=32,
+        hidden_act="gelu",
+        bos_token_id=vocab["<|startoftext|>"],
+        eos_token_id=vocab["<|endoftext|>"],
+        pad_token_id=vocab["<|endoftext|>"],
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        mid_block_type="UNetMidBlock2DCrossAttn",
+        transformer_layers_per_block=(1, 1),
+        attention_head_dim=(2, 4),
+        cross_attention_dim=64,  # hidden size of text encoder 1 + text encoder 2, as in SDXL
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids + pooled projection
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(16, 32, 32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=128,
+        scaling_factor=0.13025,  # SDXL's VAE scaling factor
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+def save_tiny_sdxl(model_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """Build the tiny pipeline and save it with ``save_pretrained``; loadable with ``from_pretrained``."""
+    model_dir = Path(model_dir)
+    build_tiny_sdxl(seed).save_pretrained(model_dir)
+    logger.info("Tiny SDXL pipeline saved to %s", model_dir)
+    return model_dir
+
+
+def _synthetic_image(index: int, size: tuple[int, int], rng: np.random.Generator) -> tuple[Image.Image, str]:
+    """A soft 'painted landscape': sky gradient, sun, rolling hills, blurred like watercolour."""
+    width, height = size
+    sky_name, sky = SYNTHETIC_SKIES[index % len(SYNTHETIC_SKIES)]
+    top = np.array(sky, dtype=np.float32)
+    bottom = np.array((250, 245, 230), dtype=np.float32)
+    ramp = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
+    pixels = (top * (1 - ramp) + bottom * ramp) * np.ones((1, width, 1), dtype=np.float32)
+    image = Image.fromarray(pixels.astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    sun_x, sun_y = rng.uniform(0.15, 0.85) * width, rng.uniform(0.1, 0.35) * height
+    radius = 0.08 * min(width, height)
+    draw.ellipse((sun_x - radius, sun_y - radius, sun_x + radius, sun_y + radius), fill=(255, 240, 200))
+    subjects = ["hills", "village", "forest", "meadow", "river", "house"]
+    subject = subjects[index % len(subjects)]
+    for layer, green in enumerate(((120, 175, 110), (85, 145, 90), (60, 115, 75))):
+        base = height * (0.55 + 0.13 * layer)
+        phase = rng.uniform(0, 2 * np.pi)
+        xs = np.arange(0, width + 8, 8)
+        ys = base + 0.06 * height * np.sin(xs / width * 2 * np.pi * (1 + layer) + phase)
+        draw.polygon([(0, height)] + list(zip(xs.tolist(), ys.tolist())) + [(width, height)], fill=green)
+    if subject in ("village", "house"):
+        x0, y0 = rng.uniform(0.2, 0.7) * width, 0.6 * height
+        draw.rectangle((x0, y0, x0 + 0.12 * width, y0 + 0.1 * height), fill=(240, 230, 210))
+        draw.polygon([(x0 - 4, y0), (x0 + 0.06 * width, y0 - 0.08 * height), (x0 + 0.12 * width + 4, y0)],
+                     fill=(190, 80, 60))
+    image = image.filter(ImageFilter.GaussianBlur(1.2))
+    caption = f"a peaceful {subject} under a {sky_name} sky, soft pastel painted landscape in ghibli style"
+    return image, caption
+
+
+def make_synthetic_dataset(dataset_dir: str | os.PathLike, num_images: int = 12, seed: int = 0) -> Path:
+    """Write a synthetic style dataset in the original layout: ``images/`` and ``captions.json``."""
+    dataset_dir = Path(dataset_dir)
+    (dataset_dir / "images").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    captions = {}
+    for index in range(num_images):
+        size = SYNTHETIC_SIZES[index % len(SYNTHETIC_SIZES)]
+        image, caption = _synthetic_image(index, size, rng)
+        name = f"ghibli_{index:03d}.png"
+        image.save(dataset_dir / "images" / name)
+        captions[name] = caption
+    (dataset_dir / "captions.json").write_text(json.dumps(captions, indent=2, ensure_ascii=False))
+    logger.info("Synthetic dataset with %d images written to %s", num_images, dataset_dir)
+    return dataset_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model_dir", default="tiny_sdxl", help="where to save the tiny pipeline")
+    parser.add_argument("--dataset_dir", default=None, help="also write a synthetic dataset here")
+    parser.add_argument("--num_images", type=int, default=12)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    save_tiny_sdxl(args.model_dir, args.seed)
+    if args.dataset_dir:
+        make_synthetic_dataset(args.dataset_dir, args.num_images, args.seed)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

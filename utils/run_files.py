@@ -1,0 +1,330 @@
+"""The run directory of a training: its name, config, CSV log, model folders, checkpoints and resume.
+
+    {output_dir}/{YYYYmmdd_HHMMSS}_{dataset_type}_r{rank}_a{alpha}_lr{lr}[_N]/
+        experiment_config.json
+        logs/training_log.csv, logs/loss_curve.png, tensorboard events
+        best_model/ (+ best_model_info.json), checkpoint_epoch_{N}/ (+ checkpoint_info.json), final_model/
+        checkpoints/checkpoint-{step}/   resumable accelerate state
+        validation/epoch_{N}_{k}.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from utils.atomic import write_json
+from utils.lora_io import save_lora
+
+logger = logging.getLogger(__name__)
+
+SECRET_ARGS = {"hub_token", "token"}
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+@dataclass
+class TrainState:
+    max_train_steps: int
+    steps_per_epoch: int
+    global_step: int = 0
+    best_metric: float = math.inf
+    best_epoch: int = 0
+    initial_eval_loss: float | None = None
+    last_eval_loss: float | None = None
+
+
+# ----------------------------------------------------------------------------- naming
+
+
+def run_name(args: argparse.Namespace, now: datetime | None = None) -> str:
+    stamp = (now or datetime.now()).strftime("%Y%m%d_%H%M%S")
+    return f"{stamp}_{args.dataset_type}_r{args.lora_rank}_a{args.lora_alpha}_lr{args.learning_rate}"
+
+
+def create_unique_dir(parent: Path, name: str) -> Path:
+    """mkdir is atomic, so two runs starting in the same second get different folders."""
+    parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 1000):
+        candidate = parent / (name if attempt == 1 else f"{name}_{attempt}")
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"{parent}: could not create a unique run directory for {name}")
+
+
+def open_run_dir(distributed_state, args: argparse.Namespace) -> Path:
+    """The resumed run's folder, or a new unique one; the same path on every process."""
+    from accelerate.utils import broadcast_object_list
+
+    holder = [None]
+    if distributed_state.is_main_process:
+        checkpoint = find_checkpoint(args)
+        args.resume_checkpoint_path = str(checkpoint) if checkpoint else None
+        if checkpoint:
+            run_dir = checkpoint.parent.parent
+        else:
+            run_dir = create_unique_dir(Path(args.output_dir), run_name(args))
+        holder = [(str(run_dir), args.resume_checkpoint_path)]
+    run_dir_text, args.resume_checkpoint_path = broadcast_object_list(holder)[0]
+    return Path(run_dir_text)
+
+
+def cache_dir(args: argparse.Namespace) -> Path:
+    return Path(args.output_dir) / ".latent_cache"
+
+
+# ----------------------------------------------------------------------------- config and log
+
+
+def public_args(args: argparse.Namespace) -> dict:
+    """The flags as a JSON-safe dict, secrets removed."""
+    return {k: v for k, v in vars(args).items() if k not in SECRET_ARGS}
+
+
+def tracker_config(args: argparse.Namespace) -> dict:
+    """Trackers accept only scalars and strings."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in public_args(args).items()}
+
+
+def write_experiment_config(accelerator, run_dir: Path, args, state: TrainState, num_images: int,
+                            num_held_out: int, mixed_precision: str) -> None:
+    if not accelerator.is_main_process:
+        return
+    import diffusers
+    import peft
+
+    config = public_args(args)
+    config.update(
+        num_train_images=num_images,
+        num_held_out_images=num_held_out,
+        max_train_steps=state.max_train_steps,
+        steps_per_epoch=state.steps_per_epoch,
+        effective_batch_size=args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes,
+        num_processes=accelerator.num_processes,
+        resolved_mixed_precision=mixed_precision,
+        lora_scale=args.lora_alpha / (math.sqrt(args.lora_rank) if args.use_rslora else args.lora_rank),
+        command=" ".join([Path(sys.argv[0]).name] + [a for a in sys.argv[1:]]),
+        versions={"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__},
+    )
+    write_json(run_dir / "experiment_config.json", config)
+
+
+class CsvLog:
+    """``logs/training_log.csv``: one row per optimizer step, flushed as it is written."""
+
+    FIELDS = ["epoch", "step", "loss", "learning_rate", "timestamp"]
+
+    def __init__(self, path: Path, enabled: bool, keep_until_step: int = 0):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = self.read(path) if path.exists() else []
+        # On resume, rows written after the checkpoint belong to the lost future: drop them.
+        rows = [row for row in rows if int(row["step"]) <= keep_until_step]
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    @staticmethod
+    def read(path: Path) -> list[dict]:
+        with open(path, newline="") as handle:
+            return [row for row in csv.DictReader(handle) if row.get("step")]
+
+    def append(self, epoch: int, step: int, loss: float, learning_rate: float) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", newline="") as handle:
+            csv.writer(handle).writerow([epoch, step, f"{loss:.6f}", f"{learning_rate:.8g}",
+                                         datetime.now().isoformat(timespec="seconds")])
+
+
+def plot_losses(run_dir: Path, args: argparse.Namespace) -> None:
+    from utils.grids import plot_loss_curve
+
+    log = run_dir / args.logging_dir / "training_log.csv"
+    if log.exists():
+        plot_loss_curve(log, run_dir / args.logging_dir / "loss_curve.png")
+
+
+# ----------------------------------------------------------------------------- model folders
+
+
+def unwrapped(accelerator, models: list) -> tuple:
+    models = [accelerator.unwrap_model(m) for m in models]
+    return models[0], (models[1:] or None)
+
+
+def save_model_folder(accelerator, folder: Path, models: list, args, state: TrainState, info_name: str | None,
+                      info: dict) -> None:
+    """Write a LoRA folder (diffusers format) and, beside the weights, its info JSON."""
+    if not accelerator.is_main_process:
+        return
+    unet, text_encoders = unwrapped(accelerator, models)
+    save_lora(folder, unet, text_encoders, training_metadata=lora_metadata(args, state))
+    if info_name:
+        write_json(folder / info_name, info)
+
+
+def lora_metadata(args: argparse.Namespace, state: TrainState) -> dict:
+    return {
+        "base_model": args.pretrained_model_name_or_path,
+        "lora_rank": args.lora_rank,
+        "lora_alpha": args.lora_alpha,
+        "use_rslora": args.use_rslora,
+        "use_dora": args.use_dora,
+        "resolution": args.resolution,
+        "learning_rate": args.learning_rate,
+        "steps": state.global_step,
+        "train_text_encoder": args.train_text_encoder,
+    }
+
+
+def end_of_epoch(accelerator, args, run_dir: Path, state: TrainState, epoch: int, epoch_losses: list[float],
+                 components, models: list, eval_loss: float | None, csv_log: CsvLog) -> None:
+    train_loss = sum(epoch_losses) / len(epoch_losses) if epoch_losses else math.nan
+    state.last_eval_loss = eval_loss
+    metric, metric_name = (eval_loss, "eval_loss") if eval_loss is not None else (train_loss, "train_loss")
+    logger.info("epoch %d: mean train loss %.5f, fixed-noise eval loss %s", epoch, train_loss,
+                f"{eval_loss:.5f}" if eval_loss is not None else "n/a")
+    if eval_loss is not None:
+        accelerator.log({"eval_loss": eval_loss}, step=state.global_step)
+    info = {"epoch": epoch, "step": state.global_step, "train_loss": train_loss, "eval_loss": eval_loss}
+    if math.isfinite(metric) and metric < state.best_metric:
+        state.best_metric, state.best_epoch = metric, epoch
+        save_model_folder(accelerator, run_dir / "best_model", models, args, state, "best_model_info.json",
+                          {**info, "selected_by": metric_name})
+    if args.save_steps and epoch % args.save_steps == 0:
+        save_model_folder(accelerator, run_dir / f"checkpoint_epoch_{epoch}", models, args, state,
+                          "checkpoint_info.json", info)
+        plot_losses(run_dir, args) if accelerator.is_main_process else None
+    if args.validation_prompt and epoch % args.validation_epochs == 0:
+        from utils.validation_images import log_validation_images
+        log_validation_images(accelerator, args, run_dir, components, models, epoch, state.global_step)
+
+
+def finish(accelerator, args, run_dir: Path, state: TrainState, components, models: list, csv_log: CsvLog) -> None:
+    accelerator.wait_for_everyone()
+    save_model_folder(accelerator, run_dir / "final_model", models, args, state, "final_model_info.json",
+                      {"step": state.global_step, "initial_eval_loss": state.initial_eval_loss,
+                       "final_eval_loss": state.last_eval_loss, "best_epoch": state.best_epoch})
+    if accelerator.is_main_process:
+        plot_losses(run_dir, args)
+        logger.info("Finished: %s", run_dir / "final_model")
+
+
+# ----------------------------------------------------------------------------- resumable checkpoints
+
+
+def register_checkpoint_hooks(accelerator, args: argparse.Namespace) -> None:
+    """accelerate's save_state/load_state keep only the LoRA weights of the trained models, not whole UNets."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    def name_of(index: int) -> str:
+        return ["unet", "text_encoder", "text_encoder_2"][index]
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for index, model in enumerate(models):
+                lora = get_peft_model_state_dict(accelerator.unwrap_model(model))
+                save_file({k: v.contiguous() for k, v in lora.items()},
+                          os.path.join(output_dir, f"lora_{name_of(index)}.safetensors"))
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        for index, model in enumerate(list(models)):
+            lora = load_file(os.path.join(input_dir, f"lora_{name_of(index)}.safetensors"))
+            result = set_peft_model_state_dict(accelerator.unwrap_model(model), lora)
+            if getattr(result, "unexpected_keys", None):
+                raise RuntimeError(f"{input_dir}: unexpected LoRA keys {result.unexpected_keys[:3]}")
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def checkpoints_of(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (a half-written one has no training_state.json)."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "training_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def find_checkpoint(args: argparse.Namespace) -> Path | None:
+    """Resolve --resume_from_checkpoint: a checkpoint folder, a run folder, or 'latest'."""
+    wanted = args.resume_from_checkpoint
+    if not wanted:
+        return None
+    if wanted != "latest":
+        path = Path(wanted)
+        if (path / "training_state.json").is_file():
+            return path
+        if checkpoints_of(path):
+            return checkpoints_of(path)[-1]
+        raise FileNotFoundError(f"{path}: not a complete checkpoint (no training_state.json) or run folder")
+    suffix = run_name(args)[len("YYYYmmdd_HHMMSS"):]
+    runs = [p for p in Path(args.output_dir).glob(f"*{suffix}*") if p.is_dir() and checkpoints_of(p)]
+    if not runs:
+        logger.warning("--resume_from_checkpoint latest: no checkpoint in %s for this configuration; "
+                       "starting a new run", args.output_dir)
+        return None
+    newest = max((checkpoints_of(run)[-1] for run in runs), key=lambda p: p.stat().st_mtime)
+    return newest
+
+
+def save_checkpoint(accelerator, args, run_dir: Path, state: TrainState) -> None:
+    """accelerate state (LoRA, optimizer, scheduler, RNG) written to a temp folder, renamed when complete."""
+    final = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{state.global_step}"
+    staging = final.with_name(f".{final.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    if accelerator.is_main_process:
+        write_json(staging / "training_state.json", asdict(state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        prune_checkpoints(run_dir, args.checkpoints_total_limit)
+        logger.info("Saved resumable state to %s", final)
+    accelerator.wait_for_everyone()
+
+
+def prune_checkpoints(run_dir: Path, limit: int | None) -> None:
+    if not limit:
+        return
+    for old in checkpoints_of(run_dir)[:-limit]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resume(accelerator, args, run_dir: Path, state: TrainState) -> None:
+    path = args.resume_checkpoint_path
+    if not path:
+        return
+    saved = json.loads((Path(path) / "training_state.json").read_text())
+    if saved["steps_per_epoch"] != state.steps_per_epoch:
+        raise RuntimeError(f"{path}: saved with {saved['steps_per_epoch']} steps per epoch, this run has "
+                           f"{state.steps_per_epoch}; resume with the same dataset, batch size and processes")
+    accelerator.load_state(path)
+    for key in ("global_step", "best_metric", "best_epoch", "initial_eval_loss", "last_eval_loss"):
+        setattr(state, key, saved[key])
+    logger.info("Resumed from %s at step %d", path, state.global_step)

@@ -1,0 +1,177 @@
+"""Training examples as tensors: bucket assignment, batching by bucket, and the per-image cache.
+
+Caching (the default) encodes every image once with the VAE, in both orientations
+when ``--random_flip`` is on, and every caption once with both text encoders. The
+cache stores the VAE's latent *distribution*, so a latent is still sampled afresh
+each step, exactly as without the cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from utils.buckets import Prepared, load_rgb, make_buckets, nearest_bucket, prepare_image
+from utils.ghibli_datasets import Example
+from utils.sdxl import encode_prompts, time_ids, vae_latent_distribution
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Item:
+    example: Example
+    bucket: tuple[int, int]  # (width, height)
+    crop_seed: int  # fixes the random crop of this image, so a cache stays valid
+
+
+def assign_buckets(examples: list[Example], resolution: int, use_buckets: bool, seed: int) -> list[Item]:
+    buckets = make_buckets(resolution) if use_buckets else [(resolution, resolution)]
+    items = []
+    for index, example in enumerate(examples):
+        with load_rgb(example.image_path) as image:
+            bucket = nearest_bucket(*image.size, buckets)
+        items.append(Item(example, bucket, seed * 100_003 + index))
+    return items
+
+
+def prepare_item(item: Item, center_crop: bool) -> Prepared:
+    rng = random.Random(item.crop_seed)
+    return prepare_image(load_rgb(item.example.image_path), item.bucket, center_crop, rng)
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """Batches whose images all share one bucket; order reshuffled each epoch from ``seed + epoch``."""
+
+    def __init__(self, buckets: list[tuple[int, int]], batch_size: int, seed: int, drop_last: bool = False):
+        self.buckets, self.batch_size, self.seed, self.drop_last = buckets, batch_size, seed, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed + self.epoch)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, bucket in enumerate(self.buckets):
+            groups.setdefault(bucket, []).append(index)
+        batches = []
+        for bucket in sorted(groups):
+            indices = groups[bucket]
+            rng.shuffle(indices)
+            for start in range(0, len(indices), self.batch_size):
+                batch = indices[start:start + self.batch_size]
+                if len(batch) == self.batch_size or not self.drop_last:
+                    batches.append(batch)
+        rng.shuffle(batches)
+        return batches
+
+    def __iter__(self):
+        self._epoch_batches = self._batches()
+        return iter(self._epoch_batches)
+
+    def __len__(self) -> int:
+        return len(self._batches())
+
+
+class PixelDataset(torch.utils.data.Dataset):
+    """Index -> pixels in both orientations and their time ids (used when caching is off)."""
+
+    def __init__(self, items: list[Item], center_crop: bool):
+        self.items, self.center_crop = items, center_crop
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        prepared = prepare_item(self.items[index], self.center_crop)
+        return {"index": index, "pixels": prepared.pixels, "time_ids": orientation_time_ids(prepared)}
+
+
+class IndexDataset(torch.utils.data.Dataset):
+    """Index -> index (used with the cache, where everything else is already in memory)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        return {"index": index}
+
+
+def orientation_time_ids(prepared: Prepared) -> torch.Tensor:
+    """(2, 6): the SDXL time ids of the image as is (row 0) and mirrored (row 1)."""
+    flipped = prepared.flipped()
+    return torch.stack([
+        time_ids(prepared.original_size, prepared.crop_top_left, prepared.target_size),
+        time_ids(flipped.original_size, flipped.crop_top_left, flipped.target_size),
+    ])
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def latent_cache_key(item: Item, model_id: str, center_crop: bool) -> str:
+    """Changes whenever the image content, model, bucket or crop would change the latents."""
+    parts = [_file_digest(item.example.image_path), model_id, item.bucket, center_crop, item.crop_seed]
+    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
+
+
+@dataclass
+class LatentCache:
+    """Per item: VAE distribution parameters (2, 2C, h, w) for both orientations, and time ids (2, 6)."""
+
+    parameters: list[torch.Tensor]
+    time_ids: list[torch.Tensor]
+
+
+@torch.no_grad()
+def cache_latents(items: list[Item], vae, center_crop: bool, flip: bool, model_id: str,
+                  cache_dir: Path | None = None) -> LatentCache:
+    parameters, all_time_ids = [], []
+    for item in tqdm(items, desc="Caching latents", leave=False):
+        key = latent_cache_key(item, model_id, center_crop)
+        path = cache_dir / f"{key}.safetensors" if cache_dir else None
+        if path is not None and path.is_file():
+            stored = load_file(str(path))
+            parameters.append(stored["parameters"])
+            all_time_ids.append(stored["time_ids"])
+            continue
+        prepared = prepare_item(item, center_crop)
+        pixels = torch.stack([prepared.pixels, prepared.pixels.flip(-1)] if flip else [prepared.pixels])
+        params = vae_latent_distribution(vae, pixels).parameters.float().cpu()
+        if not flip:
+            params = torch.cat([params, params])  # row 1 is never used without flips
+        parameters.append(params)
+        all_time_ids.append(orientation_time_ids(prepared))
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_suffix(".tmp")
+            save_file({"parameters": parameters[-1].contiguous(), "time_ids": all_time_ids[-1]}, str(temporary))
+            temporary.replace(path)
+    return LatentCache(parameters, all_time_ids)
+
+
+@torch.no_grad()
+def cache_text(captions: list[str], tokenizers: list, text_encoders: list) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Caption -> (prompt_embeds (77, D), pooled (P,)), computed once per distinct caption."""
+    cache = {}
+    for caption in tqdm(sorted(set(captions)), desc="Caching text embeddings", leave=False):
+        embeds, pooled = encode_prompts(tokenizers, text_encoders, [caption])
+        cache[caption] = (embeds[0].float().cpu(), pooled[0].float().cpu())
+    return cache

@@ -1,0 +1,58 @@
+"""Images generated during training from fixed prompts and a fixed seed, saved and logged."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def log_validation_images(accelerator, args: argparse.Namespace, run_dir: Path, components, models: list,
+                          epoch: int, step: int) -> list[Path]:
+    """Generate ``--num_validation_images`` per validation prompt with the current LoRA."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    if not accelerator.is_main_process:
+        return []
+    unet = accelerator.unwrap_model(models[0])
+    encoders = [accelerator.unwrap_model(m) for m in models[1:]] or components.text_encoders
+    device = accelerator.device
+    moved = [m for m in [components.vae, *encoders] if m.device != device]
+    for module in moved:
+        module.to(device)
+    pipe = StableDiffusionXLPipeline(
+        vae=components.vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
+        tokenizer=components.tokenizers[0], tokenizer_2=components.tokenizers[1], unet=unet,
+        scheduler=EulerDiscreteScheduler.from_config(components.noise_scheduler.config),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    was_training = unet.training
+    unet.eval()
+    saved = []
+    folder = run_dir / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    for prompt_index, prompt in enumerate(args.validation_prompt):
+        generator = torch.Generator(device="cpu").manual_seed(args.seed)
+        with accelerator.autocast():
+            images = pipe(prompt, num_images_per_prompt=args.num_validation_images, generator=generator,
+                          num_inference_steps=args.validation_steps, height=args.resolution,
+                          width=args.resolution).images
+        for index, image in enumerate(images):
+            path = folder / f"epoch_{epoch:03d}_prompt{prompt_index}_{index}.png"
+            image.save(path)
+            saved.append(path)
+        for tracker in accelerator.trackers:
+            if tracker.name == "tensorboard":
+                stacked = np.stack([np.asarray(image) for image in images])
+                tracker.writer.add_images(f"validation/prompt{prompt_index}", stacked, step, dataformats="NHWC")
+    unet.train(was_training)
+    for module in moved:
+        module.to("cpu")
+    logger.info("Validation images for epoch %d saved in %s", epoch, folder)
+    return saved
