@@ -19,7 +19,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -44,6 +44,7 @@ class TrainState:
     best_epoch: int = 0
     initial_eval_loss: float | None = None
     last_eval_loss: float | None = None
+    dataset_info: dict = field(default_factory=dict)  # image count and caption tag frequencies
 
 
 # ----------------------------------------------------------------------------- naming
@@ -96,6 +97,22 @@ def public_args(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k not in SECRET_ARGS}
 
 
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that started this process, with the values of secret flags replaced by '***'."""
+    argv = list(sys.argv if argv is None else argv)
+    shown, hide_next = [Path(argv[0]).name], False
+    for arg in argv[1:]:
+        flag = arg.split("=", 1)[0].lstrip("-")
+        if hide_next:
+            shown.append("***")
+        elif flag in SECRET_ARGS and "=" in arg:
+            shown.append(arg.split("=", 1)[0] + "=***")
+        else:
+            shown.append(arg)
+        hide_next = flag in SECRET_ARGS and "=" not in arg and not hide_next
+    return " ".join(shown)
+
+
 def tracker_config(args: argparse.Namespace) -> dict:
     """Trackers accept only scalars and strings."""
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in public_args(args).items()}
@@ -118,7 +135,7 @@ def write_experiment_config(accelerator, run_dir: Path, args, state: TrainState,
         num_processes=accelerator.num_processes,
         resolved_mixed_precision=mixed_precision,
         lora_scale=args.lora_alpha / (math.sqrt(args.lora_rank) if args.use_rslora else args.lora_rank),
-        command=" ".join([Path(sys.argv[0]).name] + [a for a in sys.argv[1:]]),
+        command=command_line(),
         versions={"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__},
     )
     write_json(run_dir / "experiment_config.json", config)
@@ -183,8 +200,24 @@ def save_model_folder(accelerator, folder: Path, models: list, args, state: Trai
 
 
 def lora_metadata(args: argparse.Namespace, state: TrainState) -> dict:
+    """Facts about the training stored in the LoRA file's header (no secrets, no local paths but the model's)."""
     return {
         "base_model": args.pretrained_model_name_or_path,
+        "base_model_version": "sdxl_base_v1-0",
+        "num_train_images": state.dataset_info.get("num_train_images"),
+        "tag_frequency": state.dataset_info.get("tag_frequency"),
+        "epoch": math.ceil(state.global_step / state.steps_per_epoch),
+        "max_train_steps": state.max_train_steps,
+        "train_batch_size": args.train_batch_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "lr_scheduler": args.lr_scheduler,
+        "optimizer": args.optimizer,
+        "mixed_precision": args.mixed_precision,
+        "seed": args.seed,
+        "noise_offset": args.noise_offset,
+        "snr_gamma": args.snr_gamma,
+        "lora_target_modules": args.lora_target_modules,
+        "training_command": command_line(),
         "lora_rank": args.lora_rank,
         "lora_alpha": args.lora_alpha,
         "use_rslora": args.use_rslora,
@@ -314,6 +347,15 @@ def prune_checkpoints(run_dir: Path, limit: int | None) -> None:
         return
     for old in checkpoints_of(run_dir)[:-limit]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def tag_frequency(captions: list[str]) -> dict[str, int]:
+    """How often each comma-separated tag appears in the captions (kohya's ss_tag_frequency)."""
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for tag in {t.strip() for t in caption.split(",") if t.strip()}:
+            counts[tag] = counts.get(tag, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
 def resume(accelerator, args, run_dir: Path, state: TrainState) -> None:

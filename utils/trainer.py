@@ -358,6 +358,8 @@ def train(args: argparse.Namespace) -> Path:
     run_files.register_checkpoint_hooks(accelerator, args)
 
     state = run_files.TrainState(max_train_steps=max_train_steps, steps_per_epoch=steps_per_epoch)
+    state.dataset_info = {"num_train_images": len(items),
+                          "tag_frequency": run_files.tag_frequency([i.example.caption for i in items])}
     if args.resume_from_checkpoint:
         run_files.resume(accelerator, args, run_dir, state)
     run_files.write_experiment_config(accelerator, run_dir, args, state, len(items), len(held_out), mixed_precision)

@@ -1,0 +1,219 @@
+"""A small Gemini-compatible HTTP server on 127.0.0.1 for the captioning tests.
+
+It answers ``POST /{version}/models/{model}:generateContent`` the way the Gemini API
+does, closely enough for the real ``google-genai`` client: it decodes the uploaded
+image, records what it saw (path, headers, image size, mean colour) and replies with a
+caption naming the image's mean colour, so a test can tell which image a caption
+belongs to. Failures can be scripted ahead of time (HTTP errors with a Retry-After
+header or a RetryInfo body, or a stall that makes the client time out), and every
+answer can be delayed.
+
+    with GeminiServer(delay=0.1) as server:
+        server.fail_next(1, status=429, headers={"Retry-After": "1"})
+        client = genai.Client(api_key="k", http_options=types.HttpOptions(base_url=server.base_url))
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import re
+import threading
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from PIL import Image
+
+GENERATE_PATH = re.compile(r"^/(v1|v1beta|v1alpha)/models/([^/:]+):generateContent$")
+STATUS_NAMES = {400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 429: "RESOURCE_EXHAUSTED",
+                500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+
+
+@dataclass
+class Failure:
+    """One scripted misbehaviour, used for the next request that arrives."""
+
+    status: int = 503
+    headers: dict[str, str] = field(default_factory=dict)
+    retry_delay: str | None = None  # a google.rpc.RetryInfo "retryDelay" such as "0.5s"
+    stall: float = 0.0  # seconds to wait before answering normally (makes a client time out)
+
+
+@dataclass
+class RecordedRequest:
+    path: str
+    headers: dict[str, str]
+    body: dict[str, Any]
+    mime_type: str | None
+    image_size: tuple[int, int] | None
+    color: tuple[int, int, int] | None
+    status: int
+    time: float
+
+
+def mean_color(image: Image.Image) -> tuple[int, int, int]:
+    pixels = image.convert("RGB").resize((1, 1), Image.Resampling.BOX).getpixel((0, 0))
+    return tuple(int(value) for value in pixels)
+
+
+def caption_for(color: tuple[int, int, int] | None) -> str:
+    if color is None:
+        return "A picture without an image in Ghibli style."
+    return f"A calm scene painted in rgb {color[0]} {color[1]} {color[2]}, in Ghibli style."
+
+
+class GeminiServer:
+    """A scriptable stand-in for the Gemini API, served from a background thread."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.requests: list[RecordedRequest] = []
+        self._failures: deque[Failure] = deque()
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
+        self._httpd.daemon_threads = True
+        self._httpd.block_on_close = False
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> "GeminiServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def __enter__(self) -> "GeminiServer":
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def fail_next(self, count: int, status: int = 503, headers: dict[str, str] | None = None,
+                  retry_delay: str | None = None, stall: float = 0.0) -> None:
+        with self._lock:
+            for _ in range(count):
+                self._failures.append(Failure(status, dict(headers or {}), retry_delay, stall))
+
+    def reset(self) -> None:
+        with self._lock:
+            self.requests.clear()
+            self._failures.clear()
+
+    def answered(self) -> Counter:
+        """How many successful captions were sent per image colour."""
+        with self._lock:
+            return Counter(r.color for r in self.requests if r.status == 200)
+
+    def _next_failure(self) -> Failure | None:
+        with self._lock:
+            return self._failures.popleft() if self._failures else None
+
+    def _record(self, request: RecordedRequest) -> None:
+        with self._lock:
+            self.requests.append(request)
+
+    def _handler_class(self) -> type[BaseHTTPRequestHandler]:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 (the name http.server calls)
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length)
+                try:
+                    body = json.loads(raw or b"{}")
+                except json.JSONDecodeError:
+                    body = {}
+                mime_type, image = _first_image(body)
+                failure = server._next_failure()
+                if not GENERATE_PATH.match(self.path):
+                    status = 404
+                elif failure is not None and failure.stall == 0:
+                    status = failure.status
+                else:
+                    status = 200
+                server._record(RecordedRequest(
+                    path=self.path,
+                    headers={key.lower(): value for key, value in self.headers.items()},
+                    body=body,
+                    mime_type=mime_type,
+                    image_size=image.size if image else None,
+                    color=mean_color(image) if image else None,
+                    status=status,
+                    time=time.monotonic(),
+                ))
+                if failure is not None and failure.stall:
+                    time.sleep(failure.stall)
+                elif status == 200 and server.delay:
+                    time.sleep(server.delay)
+                if status == 200:
+                    text = caption_for(mean_color(image) if image else None)
+                    self._send(200, {"candidates": [{"content": {"role": "model", "parts": [{"text": text}]},
+                                                     "finishReason": "STOP"}]})
+                elif status == 404:
+                    self._send(404, _error_body(404, f"unknown path {self.path}"))
+                else:
+                    assert failure is not None
+                    self._send(status, _error_body(status, "scripted failure", failure.retry_delay),
+                               failure.headers)
+
+            def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json; charset=UTF-8")
+                    self.send_header("Content-Length", str(len(data)))
+                    for key, value in (headers or {}).items():
+                        self.send_header(key, value)
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout or killed); nothing to answer
+
+        return Handler
+
+
+def _first_image(body: dict[str, Any]) -> tuple[str | None, Image.Image | None]:
+    for content in body.get("contents", []):
+        for part in content.get("parts", []):
+            inline = part.get("inlineData") or part.get("inline_data")
+            if not inline:
+                continue
+            mime_type = inline.get("mimeType") or inline.get("mime_type")
+            data = _b64decode(inline.get("data", ""))
+            try:
+                image = Image.open(io.BytesIO(data))
+                image.load()
+            except OSError:
+                return mime_type, None
+            return mime_type, image
+    return None, None
+
+
+def _b64decode(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def _error_body(status: int, message: str, retry_delay: str | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"code": status, "message": message, "status": STATUS_NAMES.get(status, "UNKNOWN")}
+    if retry_delay is not None:
+        error["details"] = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": retry_delay}]
+    return {"error": error}
