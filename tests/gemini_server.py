@@ -42,6 +42,7 @@ class Failure:
     headers: dict[str, str] = field(default_factory=dict)
     retry_delay: str | None = None  # a google.rpc.RetryInfo "retryDelay" such as "0.5s"
     stall: float = 0.0  # seconds to wait before answering normally (makes a client time out)
+    message: str = "scripted failure"
 
 
 @dataclass
@@ -78,7 +79,8 @@ class GeminiServer:
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._httpd.daemon_threads = True
         self._httpd.block_on_close = False
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
 
     @property
     def base_url(self) -> str:
@@ -100,10 +102,10 @@ class GeminiServer:
         self.stop()
 
     def fail_next(self, count: int, status: int = 503, headers: dict[str, str] | None = None,
-                  retry_delay: str | None = None, stall: float = 0.0) -> None:
+                  retry_delay: str | None = None, stall: float = 0.0, message: str = "scripted failure") -> None:
         with self._lock:
             for _ in range(count):
-                self._failures.append(Failure(status, dict(headers or {}), retry_delay, stall))
+                self._failures.append(Failure(status, dict(headers or {}), retry_delay, stall, message))
 
     def reset(self) -> None:
         with self._lock:
@@ -169,7 +171,7 @@ class GeminiServer:
                     self._send(404, _error_body(404, f"unknown path {self.path}"))
                 else:
                     assert failure is not None
-                    self._send(status, _error_body(status, "scripted failure", failure.retry_delay),
+                    self._send(status, _error_body(status, failure.message, failure.retry_delay),
                                failure.headers)
 
             def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:

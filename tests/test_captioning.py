@@ -1,0 +1,330 @@
+"""Captioning with the real google-genai client against a Gemini-compatible server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.gemini_server import GeminiServer
+from utils import creat_text_caption, merge_captions
+from utils.gemini_captioner import (CaptionFailure, GeminiCaptioner, RetryPolicy, cut_at_word, encode_image,
+                                    parse_retry_after, shape_caption)
+
+REPO = Path(__file__).resolve().parent.parent
+KEY = "test-key-Zq81xVv0-do-not-print"
+COLORS = [(230, 40, 40), (40, 200, 60), (40, 60, 220), (220, 200, 40), (200, 40, 200),
+          (40, 200, 200), (120, 120, 120), (250, 150, 60)]
+GENERATE = re.compile(r"^/v1(beta)?/models/gemini-2\.5-flash:generateContent$")
+
+
+def make_images(folder: Path, count: int, size: tuple[int, int] = (96, 64)) -> dict[str, tuple[int, int, int]]:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = {}
+    for index, color in enumerate(COLORS[:count]):
+        name = f"img_{index:02d}.png"
+        Image.new("RGB", size, color).save(folder / name)
+        names[name] = color
+    return names
+
+
+def color_in(caption: str) -> tuple[int, int, int]:
+    match = re.search(r"rgb (\d+) (\d+) (\d+)", caption)
+    assert match, caption
+    return tuple(int(value) for value in match.groups())
+
+
+def close(a: tuple[int, ...], b: tuple[int, ...], tolerance: int = 6) -> bool:
+    return all(abs(x - y) <= tolerance for x, y in zip(a, b))
+
+
+def image_of(color: tuple[int, int, int] | None, images: dict[str, tuple[int, int, int]]) -> str:
+    matches = [name for name, source in images.items() if color is not None and close(color, source)]
+    assert len(matches) == 1, (color, matches)
+    return matches[0]
+
+
+def read(path: Path) -> dict[str, str]:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def server():
+    with GeminiServer() as running:
+        yield running
+
+
+@pytest.fixture
+def key_env(monkeypatch, server):
+    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
+    monkeypatch.setenv("GEMINI_API_KEY", KEY)
+    monkeypatch.setenv("GEMINI_BASE_URL", server.base_url)
+
+
+def cli_env(server: GeminiServer, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("GOOGLE_API_KEY", "GEMINI_API_KEY")}
+    env.update(GEMINI_BASE_URL=server.base_url, PYTHONUNBUFFERED="1", **extra)
+    return env
+
+
+def caption_command(image_dir: Path, output: Path, *flags: str) -> list[str]:
+    return [sys.executable, str(REPO / "utils" / "creat_text_caption.py"), "--image-dir", str(image_dir),
+            "--output", str(output), "--no_progress", *flags]
+
+
+def test_every_image_captioned_downscaled_with_trigger_words(tmp_path, server, key_env, capsys):
+    images = make_images(tmp_path / "images", 5, size=(300, 200))
+    output = tmp_path / "captions.json"
+
+    code = creat_text_caption.cli(["--image-dir", str(tmp_path / "images"), "--output", str(output),
+                                   "--workers", "3", "--max_image_side", "64", "--prefix", "ghbl,",
+                                   "--suffix", "(anime)", "--no_progress"])
+
+    assert code == 0
+    captions = read(output)
+    assert sorted(captions) == sorted(images)
+    for name, caption in captions.items():
+        assert caption.startswith("ghbl, ") and caption.endswith(" (anime)")
+        assert close(color_in(caption), images[name])
+    assert len(server.requests) == 5
+    for request in server.requests:
+        assert GENERATE.match(request.path), request.path
+        assert request.headers["x-goog-api-key"] == KEY
+        assert request.mime_type == "image/jpeg"
+        assert request.image_size == (64, 43)  # 300x200 scaled to a longest side of 64
+        assert request.body["generationConfig"]["temperature"] == 0.5
+    assert "captioned 5, already had a caption 0, failed 0" in capsys.readouterr().out
+
+
+def test_retry_honours_retry_after_and_retry_info(tmp_path, server):
+    make_images(tmp_path, 1)
+    jpeg = encode_image(tmp_path / "img_00.png", 64)
+    server.fail_next(1, status=429, headers={"Retry-After": "1"})
+    server.fail_next(1, status=429, retry_delay="0.5s")
+    server.fail_next(1, status=503)
+    captioner = GeminiCaptioner(api_key=KEY, base_url=server.base_url, timeout=10,
+                                retry=RetryPolicy(max_retries=3, base_delay=0.01))
+
+    caption = captioner.caption(jpeg)
+
+    assert close(color_in(caption), COLORS[0])
+    assert [r.status for r in server.requests] == [429, 429, 503, 200]
+    times = [r.time for r in server.requests]
+    assert times[1] - times[0] >= 1.0  # the Retry-After header was waited out
+    assert times[2] - times[1] >= 0.5  # so was the RetryInfo body
+
+
+def test_timeout_is_retried_and_permanent_errors_are_not(tmp_path, server):
+    make_images(tmp_path, 1)
+    jpeg = encode_image(tmp_path / "img_00.png", 64)
+    captioner = GeminiCaptioner(api_key=KEY, base_url=server.base_url, timeout=0.3,
+                                retry=RetryPolicy(max_retries=2, base_delay=0.01))
+
+    server.fail_next(1, stall=1.0)
+    assert close(color_in(captioner.caption(jpeg)), COLORS[0])
+    assert len(server.requests) == 2
+
+    server.reset()
+    server.fail_next(1, status=400, message="image too strange")
+    with pytest.raises(CaptionFailure, match="HTTP 400 INVALID_ARGUMENT: image too strange"):
+        captioner.caption(jpeg)
+    assert len(server.requests) == 1
+
+    server.reset()
+    server.fail_next(3, status=500)
+    with pytest.raises(CaptionFailure, match="HTTP 500 .*after 3 attempts"):
+        captioner.caption(jpeg)
+    assert len(server.requests) == 3
+
+
+def test_failures_are_summarised_and_rerun_captions_only_the_missing(tmp_path, server, key_env, capsys):
+    images = make_images(tmp_path / "images", 3)
+    output = tmp_path / "captions.json"
+    argv = ["--image-dir", str(tmp_path / "images"), "--output", str(output), "--workers", "1",
+            "--max_retries", "0", "--no_progress"]
+    server.fail_next(1, status=403, message="quota project not allowed")
+
+    assert creat_text_caption.cli(argv) == 1
+    out = capsys.readouterr().out
+    assert "captioned 2, already had a caption 0, failed 1" in out
+    assert "failed img_00.png: HTTP 403 PERMISSION_DENIED: quota project not allowed" in out
+    assert sorted(read(output)) == ["img_01.png", "img_02.png"]
+
+    server.reset()
+    assert creat_text_caption.cli(argv) == 0
+    assert [image_of(r.color, images) for r in server.requests] == ["img_00.png"]
+    assert sorted(read(output)) == sorted(images)
+    assert "captioned 1, already had a caption 2, failed 0" in capsys.readouterr().out
+
+    server.reset()
+    before = read(output)
+    assert creat_text_caption.cli(argv + ["--overwrite", "--prefix", "again"]) == 0
+    assert len(server.requests) == 3
+    assert all(read(output)[name] == "again " + caption for name, caption in before.items())
+
+
+def test_killed_run_resumes_and_captions_each_image_once(tmp_path, server):
+    images = make_images(tmp_path / "images", 8)
+    output = tmp_path / "captions.json"
+    command = caption_command(tmp_path / "images", output, "--workers", "2")
+    server.delay = 0.15
+    process = subprocess.Popen(command, env=cli_env(server, GEMINI_API_KEY=KEY),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while not (output.exists() and len(read(output)) >= 3):
+        assert process.poll() is None and time.monotonic() < deadline, "no captions were written"
+        time.sleep(0.02)
+    process.kill()  # SIGKILL: no chance to clean up
+    first_log = process.communicate()[0]
+
+    saved = read(output)  # still whole, valid JSON
+    assert 3 <= len(saved) < 8
+    first_requests = [image_of(r.color, images) for r in server.requests]
+    assert len(first_requests) == len(set(first_requests))
+
+    server.reset()
+    server.delay = 0
+    rerun = subprocess.run(command, env=cli_env(server, GEMINI_API_KEY=KEY), capture_output=True, text=True,
+                           timeout=60)
+
+    assert rerun.returncode == 0, rerun.stderr
+    second_requests = [image_of(r.color, images) for r in server.requests]
+    assert sorted(second_requests) == sorted(set(images) - set(saved))  # only the missing, once each
+    final = read(output)
+    assert sorted(final) == sorted(images)
+    assert all(final[name] == caption for name, caption in saved.items())
+    assert all(close(color_in(caption), images[name]) for name, caption in final.items())
+    assert KEY not in first_log + rerun.stdout + rerun.stderr
+
+
+def test_ctrl_c_keeps_finished_captions(tmp_path, server):
+    images = make_images(tmp_path / "images", 8)
+    output = tmp_path / "captions.json"
+    server.delay = 0.15
+    process = subprocess.Popen(caption_command(tmp_path / "images", output, "--workers", "1"),
+                               env=cli_env(server, GEMINI_API_KEY=KEY), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (output.exists() and len(read(output)) >= 2):
+        assert process.poll() is None and time.monotonic() < deadline, "no captions were written"
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+
+    assert process.returncode == 130
+    saved = read(output)
+    assert 2 <= len(saved) < len(images)
+    assert f"interrupted: {len(saved)} captions are saved" in stderr
+
+
+def test_api_key_from_vault_file_is_never_shown(tmp_path, server):
+    make_images(tmp_path / "images", 2)
+    (tmp_path / "vault").mkdir()
+    (tmp_path / "vault" / "key.yaml").write_text(f"key: {KEY}\n")
+    output = tmp_path / "captions.json"
+    # A server that echoes the key in an error message must not get it printed either.
+    server.fail_next(1, status=400, message=f"API key {KEY} not valid")
+
+    run = subprocess.run(caption_command(tmp_path / "images", output, "--workers", "1", "--max_retries", "0"),
+                         env=cli_env(server), cwd=tmp_path, capture_output=True, text=True, timeout=60)
+
+    assert run.returncode == 1
+    assert {r.headers["x-goog-api-key"] for r in server.requests} == {KEY}
+    assert "failed img_00.png: HTTP 400 INVALID_ARGUMENT: API key *** not valid" in run.stdout
+    shown = run.stdout + run.stderr + output.read_text()
+    assert KEY not in shown and KEY[:12] not in shown
+
+
+def test_bad_input_gives_one_line_errors(tmp_path, server, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no vault/key.yaml here
+    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
+    monkeypatch.delenv("GEMINI_API_KEY", raising=False)
+    monkeypatch.setenv("GEMINI_BASE_URL", server.base_url)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    make_images(tmp_path / "images", 1)
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text("{not json")
+
+    cases = [
+        (["--image-dir", str(tmp_path / "missing")], "missing: image directory not found"),
+        (["--image-dir", str(empty)], "empty: no images found"),
+        (["--image-dir", str(tmp_path / "images")], "no Gemini API key"),
+    ]
+    for argv, expected in cases:
+        assert creat_text_caption.cli(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and expected in err and "\n" not in err
+
+    monkeypatch.setenv("GEMINI_API_KEY", KEY)
+    assert creat_text_caption.cli(["--image-dir", str(tmp_path / "images"), "--output", str(corrupt)]) == 2
+    assert "corrupt.json: existing captions file is unreadable" in capsys.readouterr().err
+    assert corrupt.read_text() == "{not json"  # left alone
+    assert server.requests == []
+
+
+def test_encode_image_applies_exif_orientation_and_flattens_alpha(tmp_path):
+    source = Image.new("RGBA", (80, 40), (0, 0, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: shown as 40 wide, 80 tall
+    source.save(tmp_path / "turned.png", exif=exif)
+
+    encoded = Image.open(__import__("io").BytesIO(encode_image(tmp_path / "turned.png", 20)))
+
+    assert encoded.format == "JPEG" and encoded.mode == "RGB"
+    assert encoded.size == (10, 20)
+    assert min(encoded.getpixel((5, 10))) > 240  # transparent pixels become white, not black
+    with pytest.raises(CaptionFailure, match="cannot read image"):
+        (tmp_path / "broken.png").write_bytes(b"not an image")
+        encode_image(tmp_path / "broken.png", 20)
+
+
+def test_caption_length_cap_keeps_whole_words_and_trigger_words():
+    text = '  "A quiet village   beside a river at sunset, in Ghibli style."  '
+    assert shape_caption(text) == "A quiet village beside a river at sunset, in Ghibli style."
+    capped = shape_caption(text, prefix="ghbl,", suffix="[end]", max_length=30)
+    assert len(capped) <= 30
+    assert capped.startswith("ghbl, ") and capped.endswith(" [end]")
+    body = capped[len("ghbl, "):-len(" [end]")]
+    assert "A quiet village beside a river".startswith(body) and body.split() == body.split()[:len(body.split())]
+    assert body in {"A quiet village", "A quiet village beside"}
+    assert cut_at_word("abcdefghij", 4) == "abcd"  # one long word is cut hard
+    assert cut_at_word("short", 10) == "short"
+
+
+def test_parse_retry_after_reads_seconds_and_dates():
+    assert parse_retry_after("7") == 7.0
+    assert parse_retry_after(None) is None and parse_retry_after("soon") is None
+    later = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
+    assert 25 <= parse_retry_after(later) <= 31
+
+
+def test_merge_reports_duplicates_and_later_file_wins(tmp_path, capsys):
+    a, b, c = (tmp_path / name for name in ("a.json", "b.json", "c.json"))
+    a.write_text(json.dumps({"1.png": "one", "2.png": "two", "3.png": "three"}))
+    b.write_text(json.dumps({"2.png": "TWO", "4.png": "four"}))
+    c.write_text(json.dumps({"2.png": "deux", "3.png": "three"}))
+    output = tmp_path / "merged.json"
+
+    assert merge_captions.main(["--files", str(a), str(b), str(c), "--output", str(output)]) == 0
+
+    assert read(output) == {"1.png": "one", "2.png": "deux", "3.png": "three", "4.png": "four"}
+    out = capsys.readouterr().out
+    assert f"duplicate '2.png' in {a}, {b}, {c} (different captions); kept the value from {c}" in out
+    assert f"duplicate '3.png' in {a}, {c} (same caption); kept the value from {c}" in out
+    assert "merged 4 captions from 3 files" in out and "2 duplicates" in out
+
+    assert merge_captions.main(["--file1", str(b), "--file2", str(a), "--output", str(output)]) == 0
+    assert read(output)["2.png"] == "two"  # the original's flags, and order decides
+
+    c.write_text("[1, 2]")
+    assert merge_captions.main(["--file1", str(a), "--file2", str(c), "--output", str(output)]) == 2
+    assert capsys.readouterr().err.strip() == f'error: {c}: expected a {{"file name": "caption"}} object, got list'
