@@ -5,8 +5,9 @@ does, closely enough for the real ``google-genai`` client: it decodes the upload
 image, records what it saw (path, headers, image size, mean colour) and replies with a
 caption naming the image's mean colour, so a test can tell which image a caption
 belongs to. Failures can be scripted ahead of time (HTTP errors with a Retry-After
-header or a RetryInfo body, or a stall that makes the client time out), and every
-answer can be delayed.
+header or a RetryInfo body, or a stall that makes the client time out), every answer
+can be delayed, and answers can be held back after a given number (``pause_after``) so
+a test can interrupt a client at a known point.
 
     with GeminiServer(delay=0.1) as server:
         server.fail_next(1, status=429, headers={"Retry-After": "1"})
@@ -74,8 +75,12 @@ class GeminiServer:
     def __init__(self, delay: float = 0.0) -> None:
         self.delay = delay
         self.requests: list[RecordedRequest] = []
+        self.held = 0  # requests waiting behind pause_after
         self._failures: deque[Failure] = deque()
         self._lock = threading.Lock()
+        self._budget: int | None = None
+        self._gate = threading.Event()
+        self._gate.set()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._httpd.daemon_threads = True
         self._httpd.block_on_close = False
@@ -92,6 +97,7 @@ class GeminiServer:
         return self
 
     def stop(self) -> None:
+        self.resume()
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -107,10 +113,32 @@ class GeminiServer:
             for _ in range(count):
                 self._failures.append(Failure(status, dict(headers or {}), retry_delay, stall, message))
 
+    def pause_after(self, count: int) -> None:
+        """Answer ``count`` more captions, then hold every further one until ``resume``."""
+        with self._lock:
+            self._budget = count
+            self._gate.clear()
+
+    def resume(self) -> None:
+        with self._lock:
+            self._budget = None
+            self._gate.set()
+
+    def _wait_turn(self) -> None:
+        with self._lock:
+            if self._budget is None:
+                return
+            if self._budget > 0:
+                self._budget -= 1
+                return
+            self.held += 1
+        self._gate.wait()
+
     def reset(self) -> None:
         with self._lock:
             self.requests.clear()
             self._failures.clear()
+            self.held = 0
 
     def answered(self) -> Counter:
         """How many successful captions were sent per image colour."""
@@ -161,7 +189,8 @@ class GeminiServer:
                 ))
                 if failure is not None and failure.stall:
                     time.sleep(failure.stall)
-                elif status == 200 and server.delay:
+                elif status == 200:
+                    server._wait_turn()
                     time.sleep(server.delay)
                 if status == 200:
                     text = caption_for(mean_color(image) if image else None)

@@ -55,7 +55,9 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         self.buckets, self.batch_size, self.seed, self.drop_last = buckets, batch_size, seed, drop_last
         self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def use_epoch(self, epoch: int) -> None:
+        # Deliberately not named set_epoch: accelerate calls set_epoch with its own loader's counter,
+        # which restarts at 0 for the loaders of a resumed run.
         self.epoch = epoch
 
     def _batches(self) -> list[list[int]]:

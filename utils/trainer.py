@@ -207,7 +207,7 @@ class BatchMaker:
             pixels[flips] = pixels[flips].flip(-1)
             latents = vae_latent_distribution(vae, pixels).sample()
             ids = loader_batch["time_ids"][torch.arange(count), flips.long()]
-        latents = scale_latents(vae, latents.float()).to(self.weight_dtype)
+        latents = scale_latents(vae, latents.float()).to(self.weight_dtype).contiguous()
         captions = [self.items[i].example.caption for i in indices]
         embeds, pooled = self.encode(captions)
         if self.args.caption_dropout > 0:
@@ -228,7 +228,9 @@ class BatchMaker:
 
 
 def sample_noise(latents: torch.Tensor, noise_offset: float) -> torch.Tensor:
-    noise = torch.randn_like(latents)
+    # randn with an explicit shape: randn_like's draws depend on the tensor's memory layout,
+    # which differs between cached and freshly encoded latents.
+    noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
     if noise_offset:
         noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1,
                                                    device=latents.device, dtype=latents.dtype)
@@ -376,11 +378,11 @@ def train(args: argparse.Namespace) -> Path:
     progress = tqdm(total=max_train_steps, initial=state.global_step, desc="Training",
                     disable=not accelerator.is_local_main_process)
     for epoch in range(state.global_step // steps_per_epoch, num_epochs):
-        sampler.set_epoch(epoch)
         for model in models:
             model.train()
         skip = (state.global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps
         loader = accelerator.skip_first_batches(dataloader, skip) if skip > 0 else dataloader
+        sampler.use_epoch(epoch)
         epoch_losses: list[float] = []
         window: list[torch.Tensor] = []
         for loader_batch in loader:

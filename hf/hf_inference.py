@@ -1,0 +1,142 @@
+#!/usr/bin/env python
+"""Generate an image with an SDXL base model and a LoRA, each given as a Hub id or a local path.
+
+Example:
+    python hf/hf_inference.py --prompt "a beautiful landscape in Ghibli style" \\
+        --base_model_id stabilityai/stable-diffusion-xl-base-1.0 \\
+        --lora_model_id moving-j/sdxl-base-1.0-ghibli-lora-r4 --seed 42 --output generated_image.png
+With --remote, a hosted endpoint generates the image (huggingface_hub.InferenceClient) instead.
+Private repos: set HF_TOKEN or run `hf auth login`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from utils.hub_errors import hub_errors, run_hub_cli  # noqa: E402 (needs the repo root on sys.path)
+
+logger = logging.getLogger("hf_inference")
+DEFAULT_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--base_model_id", default=DEFAULT_BASE, help="Hub id, diffusers folder or .safetensors file")
+    p.add_argument("--lora_model_id", default=None, help="Hub id, LoRA folder or .safetensors file (none: base only)")
+    p.add_argument("--weight_name", default=None, help="which .safetensors file of the LoRA repo/folder to load")
+    p.add_argument("--token", default=None,
+                   help="Hub token (discouraged: visible in the process list; use HF_TOKEN or `hf auth login`)")
+    p.add_argument("--output", default="output.png")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--negative_prompt", default=None)
+    p.add_argument("--lora_scale", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None, help="default: a random seed, printed so it can be reused")
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--variant", default="fp16", help="weights variant; falls back to the regular weights")
+    remote = p.add_argument_group("remote generation")
+    remote.add_argument("--remote", action="store_true",
+                        help="ask a hosted endpoint (huggingface_hub.InferenceClient) instead of running locally")
+    remote.add_argument("--endpoint_url", default=None,
+                        help="URL of a deployed endpoint (default: Hub inference providers for the LoRA or base id)")
+    remote.add_argument("--provider", default=None, help="inference provider (default: auto)")
+    args = p.parse_args(argv)
+    if args.endpoint_url and not args.remote:
+        p.error("--endpoint_url needs --remote")
+    return args
+
+
+def check_source(name: str, flag: str) -> None:
+    """A name that is neither an existing path nor a possible Hub id fails here, before any download."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if os.path.exists(name):
+        return
+    try:
+        if name.count("/") != 1 or name.startswith((".", "/", "~")):
+            raise HFValidationError("expected namespace/name")
+        validate_repo_id(name)
+    except HFValidationError as error:
+        raise FileNotFoundError(f"{flag} {name}: no such local path, and not a Hub repo id (namespace/name)") \
+            from error
+
+
+def load_lora(pipe, lora: str, scale: float, weight_name: str | None) -> None:
+    from utils.comparison import ADAPTER_NAME, load_adapter, resolve_lora_source
+
+    if weight_name is None:
+        load_adapter(pipe, lora, scale)
+        return
+    source, _ = resolve_lora_source(lora)
+    pipe.load_lora_weights(source, weight_name=weight_name, adapter_name=ADAPTER_NAME)
+    pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
+
+
+def generate_locally(args: argparse.Namespace, seed: int):
+    import torch
+
+    from utils.comparison import GenerationSettings, generate, pick_device
+    from utils.sdxl import load_pipeline
+
+    check_source(args.base_model_id, "--base_model_id")
+    if args.lora_model_id:
+        check_source(args.lora_model_id, "--lora_model_id")
+    device = pick_device(args.device)
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    with hub_errors(f"base model {args.base_model_id!r}"):
+        pipe = load_pipeline(args.base_model_id, variant=args.variant, torch_dtype=dtype).to(device)
+    if args.lora_model_id:
+        with hub_errors(f"LoRA {args.lora_model_id!r}"):
+            load_lora(pipe, args.lora_model_id, args.lora_scale, args.weight_name)
+    settings = GenerationSettings(args.negative_prompt or "", args.steps, args.guidance, args.height, args.width)
+    return generate(pipe, args.prompt, [seed], settings)[0]
+
+
+def generate_remotely(args: argparse.Namespace, seed: int):
+    from huggingface_hub import InferenceClient
+
+    model = args.endpoint_url or args.lora_model_id or args.base_model_id
+    if args.lora_scale != 1.0:
+        logger.warning("--lora_scale is not sent to remote endpoints; the endpoint's own setting applies.")
+    client = InferenceClient(model=model, provider=args.provider)
+    with hub_errors(f"inference endpoint {model!r}"):
+        return client.text_to_image(args.prompt, negative_prompt=args.negative_prompt, height=args.height,
+                                    width=args.width, num_inference_steps=args.steps,
+                                    guidance_scale=args.guidance, seed=seed)
+
+
+def save_image(image, output: Path) -> None:
+    """Write next to the target, then rename, so a crash never leaves half an image."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.with_name(f".{output.stem}.tmp{output.suffix or '.png'}")
+    image.save(temporary)
+    os.replace(temporary, output)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
+    if args.token:
+        logger.warning("--token is visible to other users in the process list; prefer HF_TOKEN or `hf auth login`.")
+        os.environ["HF_TOKEN"] = args.token  # read by huggingface_hub at every request
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
+    logger.info("seed %d", seed)
+    image = generate_remotely(args, seed) if args.remote else generate_locally(args, seed)
+    save_image(image, Path(args.output))
+    print(f"Image written to {args.output} (seed {seed})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_hub_cli(main))

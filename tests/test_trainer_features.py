@@ -1,0 +1,125 @@
+"""Trainer features: caching, buckets and SDXL conditioning, min-SNR, resume, text-encoder LoRA."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import run_script
+from utils.lora_io import LORA_WEIGHT_NAME, read_tensors
+
+FAST = ["--resolution", "128", "--train_batch_size", "2", "--learning_rate", "1e-2", "--lr_warmup_steps", "0",
+        "--lora_rank", "4", "--lora_alpha", "4", "--report_to", "none", "--save_steps", "100"]
+
+
+def train(tiny_model_dir, dataset_dir, output_dir, *extra) -> "Path":
+    run_script("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir),
+               "--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir), *FAST, *extra)
+    (run_dir,) = [p for p in output_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    return run_dir
+
+
+def losses(run_dir) -> list[float]:
+    with open(run_dir / "logs" / "training_log.csv", newline="") as handle:
+        return [float(row["loss"]) for row in csv.DictReader(handle)]
+
+
+def learning_rates(run_dir) -> list[float]:
+    with open(run_dir / "logs" / "training_log.csv", newline="") as handle:
+        return [float(row["learning_rate"]) for row in csv.DictReader(handle)]
+
+
+def test_cached_run_matches_uncached_run(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    common = ["--max_train_steps", "6", "--random_flip", "--caption_dropout", "0.3", "--noise_offset", "0.05"]
+    cached = train(tiny_model_dir, tiny_dataset_dir, tmp_path / "cached", *common)
+    uncached = train(tiny_model_dir, tiny_dataset_dir, tmp_path / "uncached", "--no-cache", *common)
+    assert len(losses(cached)) == 6
+    torch.testing.assert_close(torch.tensor(losses(cached)), torch.tensor(losses(uncached)), rtol=1e-4, atol=1e-5)
+
+
+def test_resumed_run_ends_with_the_same_weights(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    """Straight 8 steps vs. resumed from the step-4 checkpoint (mid-epoch, with accumulation)."""
+    common = ["--max_train_steps", "8", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "4",
+              "--random_flip", "--caption_dropout", "0.2", "--lr_scheduler", "linear"]
+    straight = train(tiny_model_dir, tiny_dataset_dir, tmp_path / "straight", *common)
+    copy = tmp_path / "resumed" / straight.name
+    shutil.copytree(straight, copy)
+    shutil.rmtree(copy / "final_model")
+    shutil.rmtree(copy / "checkpoints" / "checkpoint-8")
+    run_script("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir),
+               "--dataset_dir", str(tiny_dataset_dir), "--output_dir", str(tmp_path / "resumed"), *FAST, *common,
+               "--resume_from_checkpoint", "latest")
+    expected = read_tensors(straight / "final_model" / LORA_WEIGHT_NAME)
+    resumed = read_tensors(copy / "final_model" / LORA_WEIGHT_NAME)
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=1e-5, atol=1e-6)
+    assert losses(copy) == pytest.approx(losses(straight), rel=1e-5)
+    # The schedule counts optimizer steps: 12 images / batch 2 / accumulation 2 = 3 steps per epoch,
+    # 8 steps in all, and the linear schedule reaches 0 at the last one.
+    assert len(learning_rates(straight)) == 8 and learning_rates(straight)[-1] == 0.0
+
+
+def test_text_encoder_lora_loads_and_changes_prompt_embeddings(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    from diffusers import StableDiffusionXLPipeline
+
+    run_dir = train(tiny_model_dir, tiny_dataset_dir, tmp_path / "te", "--max_train_steps", "4",
+                    "--train_text_encoder")
+    keys = read_tensors(run_dir / "final_model" / LORA_WEIGHT_NAME).keys()
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("text_encoder_2.") for k in keys)
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model_dir)
+    before = pipe.encode_prompt("a village in ghibli style", do_classifier_free_guidance=False)
+    pipe.load_lora_weights(run_dir / "final_model")
+    after = pipe.encode_prompt("a village in ghibli style", do_classifier_free_guidance=False)
+    assert (after[0] - before[0]).abs().max() > 1e-4  # prompt embeddings (both encoders)
+    assert (after[2] - before[2]).abs().max() > 1e-4  # pooled embedding (second encoder)
+
+
+def test_buckets_give_one_shape_per_batch_and_real_time_ids(tmp_path):
+    from utils.buckets import make_buckets, nearest_bucket
+    from utils.ghibli_datasets import Example
+    from utils.train_data import BucketBatchSampler, PixelDataset, assign_buckets
+
+    sizes = {"wide": (300, 100), "tall": (100, 300), "wide2": (320, 110), "tall2": (90, 290)}
+    examples = []
+    for name, size in sizes.items():
+        Image.new("RGB", size, (200, 100, 50)).save(tmp_path / f"{name}.png")
+        examples.append(Example(tmp_path / f"{name}.png", name))
+    items = assign_buckets(examples, 128, use_buckets=True, seed=0)
+    assert items[0].bucket == nearest_bucket(300, 100, make_buckets(128))
+    assert items[0].bucket[0] > items[0].bucket[1] and items[1].bucket[0] < items[1].bucket[1]
+    dataset = PixelDataset(items, center_crop=True)
+    sampler = BucketBatchSampler([item.bucket for item in items], batch_size=2, seed=0)
+    for batch in sampler:
+        shapes = {dataset[i]["pixels"].shape for i in batch}
+        assert len(shapes) == 1 and len(batch) == 2
+    wide = dataset[0]
+    width, height = items[0].bucket
+    assert wide["pixels"].shape == (3, height, width)
+    original_h, original_w, top, left, target_h, target_w = wide["time_ids"][0].tolist()
+    assert (original_h, original_w) == (100, 300) and (target_h, target_w) == (height, width)
+    # The mirrored image's crop is measured from the other edge.
+    resized_w = round(300 * max(width / 300, height / 100))
+    assert wide["time_ids"][1][3].item() == resized_w - left - width
+
+
+def test_min_snr_weights_follow_the_formula():
+    from diffusers import DDPMScheduler
+
+    from utils.trainer import min_snr_weights
+
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    timesteps = torch.tensor([0, 10, 200, 500, 999])
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    gamma = 5.0
+    torch.testing.assert_close(min_snr_weights(scheduler, timesteps, gamma), torch.clamp(snr, max=gamma) / snr)
+    scheduler.register_to_config(prediction_type="v_prediction")
+    torch.testing.assert_close(min_snr_weights(scheduler, timesteps, gamma),
+                               torch.clamp(snr, max=gamma) / (snr + 1))
+    weights = min_snr_weights(DDPMScheduler(beta_schedule="scaled_linear"), timesteps, gamma)
+    assert weights[0] < 1 and weights[-1] == 1  # low-noise steps are damped, high-noise steps kept

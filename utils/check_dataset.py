@@ -1,0 +1,45 @@
+"""Check a dataset before training: decode every image and print each problem by file and reason.
+
+    python utils/check_dataset.py --dataset_dir dataset_ghibli
+    python utils/check_dataset.py --dataset_dir my_photos --dataset_type kohya --min_image_size 256
+
+Exit status 0 when training would start with these flags, 1 when it would not. The check is
+strict by default (--bad_image_policy fail: any problem gives 1); with --bad_image_policy skip
+it answers whether training would start after skipping the bad files. 2: the dataset could not be
+read at all (the one-line error says why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from utils import preflight
+from utils.cli import run_cli
+from utils.ghibli_datasets import DatasetError, add_dataset_arguments, listing_from_args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataset_arguments(parser, default_type="auto", default_policy="fail")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = preflight.check(listing_from_args(args), args.min_image_size, args.max_image_pixels)
+    print("\n".join(report.lines()))
+    try:
+        preflight.enforce(report, args.bad_image_policy)
+    except DatasetError as error:
+        print(f"training would not start: {error}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,107 @@
+"""Convert a dataset between layouts: ghibli (images/ + captions.json), kohya (.txt beside each
+image) and metadata (metadata.jsonl image folder, as `datasets` imagefolder reads it).
+
+The source layout is detected (or given with --dataset_type; product, metadata.csv and `datasets`
+sources are read too). Every image is checked first, as before training; usable images are copied
+byte for byte, problems are reported and, with --bad_image_policy fail, stop the conversion. The
+output folder appears complete or not at all.
+
+    python utils/convert_dataset.py --dataset_dir dataset_ghibli --to kohya --output_dir dataset_kohya
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path, PurePosixPath
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from utils import preflight
+from utils.atomic import replace_dir
+from utils.cli import run_cli
+from utils.ghibli_datasets import DatasetError, Entry, add_dataset_arguments, listing_from_args
+
+logger = logging.getLogger(__name__)
+
+TARGETS = ("ghibli", "kohya", "metadata")
+
+
+def _names(entries: list[Entry], target: str) -> list[str]:
+    """Output names (relative, posix) of the entries; kohya needs distinct stems for its .txt files."""
+    names = [PurePosixPath(entry.name).as_posix() for entry in entries]
+    seen: dict[str, str] = {}
+    for name in names:
+        key = str(PurePosixPath(name).with_suffix("")) if target == "kohya" else name
+        if key in seen:
+            raise DatasetError(f"'{seen[key]}' and '{name}' would share the output name '{key}'")
+        seen[key] = name
+    return names
+
+
+def write_layout(entries: list[Entry], target: str, folder: Path) -> None:
+    """Write ``entries`` (usable ones: image file and caption) in the ``target`` layout under ``folder``."""
+    names = _names(entries, target)
+    image_root = folder / "images" if target == "ghibli" else folder
+    captions: dict[str, str] = {}
+    lines = []
+    for entry, name in zip(entries, names):
+        destination = image_root / name
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(entry.image_path, destination)
+        caption = entry.caption.strip()
+        if target == "kohya":
+            destination.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
+        captions[name] = caption
+        lines.append(json.dumps({"file_name": name, "text": caption}, ensure_ascii=False))
+    if target == "ghibli":
+        (folder / "captions.json").write_text(json.dumps(captions, indent=2, ensure_ascii=False) + "\n",
+                                              encoding="utf-8")
+    elif target == "metadata":
+        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def _check_output(output_dir: Path, dataset_dir: Path, overwrite: bool) -> None:
+    output, source = output_dir.resolve(), dataset_dir.resolve()
+    if output == source or output.is_relative_to(source) or source.is_relative_to(output):
+        raise DatasetError(f"{output_dir}: the output folder must not overlap the dataset folder {dataset_dir}")
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise DatasetError(f"{output_dir}: output folder is not empty (use --overwrite to replace it)")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_dataset_arguments(parser, default_type="auto")
+    parser.add_argument("--to", required=True, choices=TARGETS, help="the layout to write")
+    parser.add_argument("--output_dir", required=True, help="the new dataset folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    output_dir = Path(args.output_dir)
+    if not args.dataset_name:
+        _check_output(output_dir, Path(args.dataset_dir), args.overwrite)
+    elif output_dir.exists() and any(output_dir.iterdir()) and not args.overwrite:
+        raise DatasetError(f"{output_dir}: output folder is not empty (use --overwrite to replace it)")
+    output_dir.resolve().parent.mkdir(parents=True, exist_ok=True)
+    # Images of a `datasets` source are only needed until they are copied out.
+    with tempfile.TemporaryDirectory(prefix=".convert_cache.", dir=output_dir.resolve().parent) as scratch:
+        args.dataset_cache_dir = args.dataset_cache_dir or scratch
+        report = preflight.check(listing_from_args(args), args.min_image_size, args.max_image_pixels)
+        preflight.log_report(report, args.bad_image_policy)
+        preflight.enforce(report, args.bad_image_policy)
+        replace_dir(output_dir, lambda folder: write_layout(report.usable, args.to, folder))
+    print(f"{len(report.usable)} images written to {output_dir} in the {args.to} layout "
+          f"({len(report.problems)} problem(s) skipped)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

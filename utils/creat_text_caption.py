@@ -1,0 +1,126 @@
+"""Caption every image in a folder with Gemini, into captions.json ({"file name": "caption"}).
+
+Each caption is saved the moment it arrives, so an interrupted run loses nothing and a
+rerun only captions the images still missing (--overwrite redoes them all).
+
+    export GEMINI_API_KEY=...
+    python utils/creat_text_caption.py --image-dir dataset_ghibli/images \\
+        --output dataset_ghibli/captions.json --workers 4 --prefix "ghibli style,"
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import threading
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from utils.cli import setup_logging
+from utils.gemini_captioner import (DEFAULT_MODEL, DEFAULT_PROMPT, CaptionError, CaptionJob, CaptionStore,
+                                    GeminiCaptioner, RetryPolicy, caption_images, list_images,
+                                    resolve_api_key)
+
+logger = logging.getLogger("creat_text_caption")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {value}")
+    return value
+
+
+def _temperature(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 2.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2, got {value}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Caption images with Gemini into a captions JSON file.")
+    parser.add_argument("--image-dir", "--image_dir", dest="image_dir", required=True,
+                        help="folder of images to caption")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="instruction sent with every image")
+    parser.add_argument("--output", default="captions.json", help='captions file, {"file name": "caption"}')
+    parser.add_argument("--temperature", type=_temperature, default=0.5, help="sampling temperature, 0 to 2")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"Gemini model (default {DEFAULT_MODEL})")
+    parser.add_argument("--workers", type=_positive_int, default=4, help="requests in flight at once")
+    parser.add_argument("--max_retries", type=_non_negative_int, default=5,
+                        help="retries per image on 429, 5xx and timeouts")
+    parser.add_argument("--timeout", type=_positive_float, default=60.0, help="seconds to wait for one answer")
+    parser.add_argument("--overwrite", action="store_true", help="caption again images that already have one")
+    parser.add_argument("--prefix", default="", help="text put before every caption (e.g. a trigger word)")
+    parser.add_argument("--suffix", default="", help="text put after every caption")
+    parser.add_argument("--max_caption_length", type=_non_negative_int, default=0,
+                        help="cap captions at this many characters, cut at a word boundary (0: no cap)")
+    parser.add_argument("--max_image_side", type=_non_negative_int, default=1024,
+                        help="downscale images so the longest side is at most this before upload (0: keep)")
+    parser.add_argument("--no_progress", action="store_true", help="no progress bar")
+    # For tests and proxies: another Gemini-compatible endpoint.
+    parser.add_argument("--base_url", default=os.environ.get("GEMINI_BASE_URL") or None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    images = list_images(args.image_dir)
+    api_key = resolve_api_key()
+    store = CaptionStore(args.output)
+    captioner = GeminiCaptioner(api_key=api_key, model=args.model, prompt=args.prompt,
+                                temperature=args.temperature, base_url=args.base_url, timeout=args.timeout,
+                                retry=RetryPolicy(max_retries=args.max_retries))
+    job = CaptionJob(prefix=args.prefix, suffix=args.suffix, max_caption_length=args.max_caption_length,
+                     max_image_side=args.max_image_side, workers=args.workers, overwrite=args.overwrite,
+                     progress=not args.no_progress)
+    logger.info("%d images in %s, model %s, %d workers", len(images), args.image_dir, args.model, args.workers)
+    try:
+        with logging_redirect_tqdm():
+            summary = caption_images(images, store, captioner, job)
+    except KeyboardInterrupt:
+        print(f"interrupted: {len(store)} captions are saved in {args.output}; rerun to finish", file=sys.stderr)
+        if any(thread.name.startswith("caption") and thread.is_alive() for thread in threading.enumerate()):
+            # A second Ctrl-C: do not wait for the requests in flight (every write is atomic).
+            sys.stderr.flush()
+            os._exit(130)
+        return 130
+    for line in summary.lines():
+        print(line)
+    print(f"{len(store)} captions in {args.output}")
+    return 1 if summary.failed else 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    setup_logging()
+    for name in ("httpx", "httpx2", "google_genai"):  # request lines would tear the progress bar
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        return main(argv)
+    except CaptionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
