@@ -14,6 +14,7 @@ import logging
 import sys
 
 from utils.cli import run_cli
+from utils.ghibli_datasets import add_dataset_arguments
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -28,8 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="weights variant; falls back to the regular weights when the model has none")
 
     data = p.add_argument_group("data")
-    data.add_argument("--dataset_type", default="ghibli", choices=["ghibli", "product"])
-    data.add_argument("--dataset_dir", default="dataset_ghibli")
+    add_dataset_arguments(data)
     data.add_argument("--resolution", type=int, default=512, help="side of the square training area (pixels)")
     data.add_argument("--no_buckets", action="store_true",
                       help="square crops instead of aspect-ratio buckets")
@@ -88,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--noise_offset", type=float, default=0.0)
     optim.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"],
                        help="override the scheduler's prediction type")
+    optim.add_argument("--max_nonfinite_steps", type=int, default=5,
+                       help="stop after this many optimizer steps in a row with a NaN/Inf loss or gradient")
     optim.add_argument("--seed", type=int, default=42)
 
     speed = p.add_argument_group("speed and memory")

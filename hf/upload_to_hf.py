@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from utils.hub_publish import publish
 
     result = publish(args.model_path, args.repo_name, token=args.token, private=args.private,
-                     license=args.license, base_model=args.base_model, instance_prompt=args.instance_prompt,
+                     license_name=args.license, base_model=args.base_model, instance_prompt=args.instance_prompt,
                      sample_images=args.sample_images, commit_message=args.commit_message,
                      revision=args.revision, create_pr=args.create_pr)
     print(f"Published to {result.url}")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 
 
 @dataclass(frozen=True)
@@ -53,14 +53,9 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
 
 
 def load_rgb(path) -> Image.Image:
-    """Open an image upright (EXIF orientation applied) as RGB; transparency is laid on white."""
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            image = image.convert("RGBA")
-            background = Image.new("RGBA", image.size, (255, 255, 255, 255))
-            return Image.alpha_composite(background, image).convert("RGB")
-        return image.convert("RGB")
+    """Open an image upright (EXIF orientation applied) as 8-bit RGB; transparency is laid on white."""
+    from utils.preflight import open_rgb
+    return open_rgb(path)
 
 
 def prepare_image(

@@ -19,20 +19,19 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 def run_cli(main: Callable[[], int]) -> int:
     """Run ``main``; known input errors end with one line on stderr and exit status 2."""
+    from utils.errors import UserError
     from utils.ghibli_datasets import DatasetError
+    from utils.interrupts import TrainingInterrupted
 
     setup_logging()
-    handled = EXPECTED_ERRORS + (DatasetError, _training_error())
     try:
         return main() or 0
-    except handled as error:
+    except EXPECTED_ERRORS + (DatasetError, UserError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as stop:
+        print(str(stop), file=sys.stderr)
+        return stop.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-def _training_error() -> type[BaseException]:
-    from utils.trainer import TrainingError
-    return TrainingError

@@ -20,6 +20,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from utils.atomic import write_json
+from utils.errors import UserError
 from utils.grids import comparison_grid
 
 logger = logging.getLogger(__name__)
@@ -39,7 +40,7 @@ class GenerationSettings:
 def pick_device(requested: str | None) -> str:
     if requested:
         if requested.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(f"--device {requested}: CUDA is not available on this machine")
+            raise UserError(f"--device {requested}: CUDA is not available on this machine")
         return requested
     return "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -56,7 +56,7 @@ def hub_error_message(error: BaseException, what: str) -> str | None:
         if isinstance(cause, HfHubHTTPError) and cause.response is not None:
             status = cause.response.status_code
             hint = f"; check the token ({LOGIN_HINT})" if status in (401, 403) else ""
-            return f"{what}: the Hub answered HTTP {status}{hint}"
+            return f"{what}: the server answered HTTP {status}{hint}"
         if isinstance(cause, (httpx2.ConnectError, httpx2.TimeoutException)):
             return f"{what}: cannot reach the Hub at {endpoint} ({type(cause).__name__})"
     return None

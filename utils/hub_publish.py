@@ -208,7 +208,7 @@ def _repo_image_names(samples: list[tuple[Path, str]]) -> list[str]:
     return names
 
 
-def plan_upload(model_path: str | os.PathLike, repo_id: str, *, license: str = DEFAULT_LICENSE,
+def plan_upload(model_path: str | os.PathLike, repo_id: str, *, license_name: str = DEFAULT_LICENSE,
                 base_model: str | None = None, instance_prompt: str | None = None,
                 sample_images: list[str] | None = None) -> UploadPlan:
     """Decide exactly which files go to the Hub and write the model card (no network)."""
@@ -226,7 +226,7 @@ def plan_upload(model_path: str | os.PathLike, repo_id: str, *, license: str = D
         raise HubError(f"--base_model {base_model!r}: not a Hub repo id (namespace/name)")
     if hub_base is None:
         notes.append("the base model was a local path; pass --base_model <hub id> to name it in the card")
-    facts = CardFacts(repo_id=repo_id, base_model=hub_base, license=license, instance_prompt=prompt,
+    facts = CardFacts(repo_id=repo_id, base_model=hub_base, license=license_name, instance_prompt=prompt,
                       training=training, weight_name=lora.name, kohya_weight_name=kohya.name if kohya else None,
                       samples=[(name, text) for name, (_, text) in zip(image_names, samples)],
                       has_config=config is not None)
@@ -296,7 +296,7 @@ def full_repo_id(api, repo_id: str) -> str:
 
 
 def publish(model_path: str | os.PathLike, repo_id: str, *, token: str | None = None, private: bool = False,
-            license: str = DEFAULT_LICENSE, base_model: str | None = None, instance_prompt: str | None = None,
+            license_name: str = DEFAULT_LICENSE, base_model: str | None = None, instance_prompt: str | None = None,
             sample_images: list[str] | None = None, commit_message: str | None = None,
             revision: str | None = None, create_pr: bool = False) -> PublishResult:
     """Create the repo if needed and commit the allow-listed files and the model card in one commit."""
@@ -308,7 +308,7 @@ def publish(model_path: str | os.PathLike, repo_id: str, *, token: str | None = 
     api = HfApi(token=token)
     with hub_errors(f"repo {repo_id!r}"):
         repo_id = full_repo_id(api, repo_id)
-        plan = plan_upload(model_path, repo_id, license=license, base_model=base_model,
+        plan = plan_upload(model_path, repo_id, license_name=license_name, base_model=base_model,
                            instance_prompt=instance_prompt, sample_images=sample_images)
         for note in plan.notes:
             logger.warning("%s", note)
@@ -323,7 +323,7 @@ def _commit(api, plan: UploadPlan, repo_id: str, private: bool, commit_message: 
     repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
     if revision and revision != "main" and not create_pr:
         api.create_branch(repo_id, branch=revision, exist_ok=True)
-    operations = []
+    operations: list = _stale_images(api, repo_id, revision, plan)
     with tqdm(total=len(plan.files), desc="Preparing files", unit="file") as bar:
         for path_in_repo, source in plan.files.items():
             operations.append(CommitOperationAdd(path_in_repo=path_in_repo,
@@ -332,10 +332,19 @@ def _commit(api, plan: UploadPlan, repo_id: str, private: bool, commit_message: 
     training = plan.facts.training
     message = commit_message or (f"Upload LoRA (rank {training.get('lora_rank', '?')}, "
                                  f"alpha {training.get('lora_alpha', '?')}, {training.get('steps', '?')} steps)")
-    logger.info("Committing %d files to %s", len(operations), repo_id)
+    logger.info("Committing %d files to %s", len(plan.files), repo_id)
     info = api.create_commit(repo_id, operations, commit_message=message, revision=revision, create_pr=create_pr)
     url = str(repo_url) if not revision or revision == "main" or create_pr else f"{repo_url}/tree/{revision}"
     return PublishResult(repo_id=repo_id, url=url, commit_url=info.commit_url, pr_url=info.pr_url)
+
+
+def _stale_images(api, repo_id: str, revision: str | None, plan: UploadPlan) -> list:
+    """Deletions for sample images of an earlier upload that the new card no longer shows."""
+    from huggingface_hub import CommitOperationDelete
+
+    existing = api.list_repo_files(repo_id, revision=revision)
+    return [CommitOperationDelete(path_in_repo=name) for name in existing
+            if name.startswith("images/") and name not in plan.files]
 
 
 def push_run_to_hub(run_dir: str | os.PathLike, repo_id: str, private: bool = False,

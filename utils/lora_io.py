@@ -50,6 +50,10 @@ def save_lora(folder: str | os.PathLike, unet, text_encoders: list | None = None
     for name, encoder in zip(("text_encoder", "text_encoder_2"), text_encoders or []):
         kwargs[f"{name}_lora_layers"], kwargs[f"{name}_lora_adapter_metadata"] = _adapter_layers(encoder)
 
+    for name, layers in kwargs.items():
+        if name.endswith("_layers") and not all(bool(torch.isfinite(t).all()) for t in layers.values()):
+            raise ValueError(f"{folder}: refusing to save LoRA weights that contain NaN or Inf ({name})")
+
     def write(staging: Path) -> None:
         StableDiffusionXLPipeline.save_lora_weights(staging, **kwargs)
         if training_metadata:

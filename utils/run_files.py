@@ -44,6 +44,7 @@ class TrainState:
     best_epoch: int = 0
     initial_eval_loss: float | None = None
     last_eval_loss: float | None = None
+    skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
     dataset_info: dict = field(default_factory=dict)  # image count and caption tag frequencies
 
 
@@ -256,7 +257,8 @@ def finish(accelerator, args, run_dir: Path, state: TrainState, components, mode
     accelerator.wait_for_everyone()
     save_model_folder(accelerator, run_dir / "final_model", models, args, state, "final_model_info.json",
                       {"step": state.global_step, "initial_eval_loss": state.initial_eval_loss,
-                       "final_eval_loss": state.last_eval_loss, "best_epoch": state.best_epoch})
+                       "final_eval_loss": state.last_eval_loss, "best_epoch": state.best_epoch,
+                       "skipped_nonfinite_steps": state.skipped_steps})
     if accelerator.is_main_process:
         plot_losses(run_dir, args)
         logger.info("Finished: %s", run_dir / "final_model")
@@ -324,7 +326,7 @@ def find_checkpoint(args: argparse.Namespace) -> Path | None:
     return newest
 
 
-def save_checkpoint(accelerator, args, run_dir: Path, state: TrainState) -> None:
+def save_checkpoint(accelerator, args, run_dir: Path, state: TrainState) -> Path:
     """accelerate state (LoRA, optimizer, scheduler, RNG) written to a temp folder, renamed when complete."""
     final = run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{state.global_step}"
     staging = final.with_name(f".{final.name}.tmp")
@@ -340,6 +342,7 @@ def save_checkpoint(accelerator, args, run_dir: Path, state: TrainState) -> None
         prune_checkpoints(run_dir, args.checkpoints_total_limit)
         logger.info("Saved resumable state to %s", final)
     accelerator.wait_for_everyone()
+    return final
 
 
 def prune_checkpoints(run_dir: Path, limit: int | None) -> None:
@@ -367,6 +370,6 @@ def resume(accelerator, args, run_dir: Path, state: TrainState) -> None:
         raise RuntimeError(f"{path}: saved with {saved['steps_per_epoch']} steps per epoch, this run has "
                            f"{state.steps_per_epoch}; resume with the same dataset, batch size and processes")
     accelerator.load_state(path)
-    for key in ("global_step", "best_metric", "best_epoch", "initial_eval_loss", "last_eval_loss"):
+    for key in ("global_step", "best_metric", "best_epoch", "initial_eval_loss", "last_eval_loss", "skipped_steps"):
         setattr(state, key, saved[key])
     logger.info("Resumed from %s at step %d", path, state.global_step)

@@ -72,10 +72,11 @@ def load_components(
     from diffusers import DDPMScheduler
 
     pipe = load_pipeline(model, revision=revision, variant=variant, vae_model=vae_model)
-    pipe.unet.to(weight_dtype)
-    pipe.text_encoder.to(weight_dtype)
-    pipe.text_encoder_2.to(weight_dtype)
-    vae = pipe.vae.to(weight_dtype) if vae_model else pipe.vae
+    cast = [pipe.unet, pipe.text_encoder, pipe.text_encoder_2] + ([pipe.vae] if vae_model else [])
+    for module in cast:
+        if module.dtype != weight_dtype:
+            module.to(weight_dtype)
+    vae = pipe.vae
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     components = SDXLComponents(
         tokenizers=[pipe.tokenizer, pipe.tokenizer_2],
@@ -99,9 +100,9 @@ def load_pipeline(
     """Load a StableDiffusionXLPipeline from a folder, a Hub id or a single ``.safetensors`` file."""
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
-    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if vae_model:
-        kwargs["vae"] = AutoencoderKL.from_pretrained(vae_model, torch_dtype=torch_dtype)
+        kwargs["vae"] = AutoencoderKL.from_pretrained(vae_model, dtype=torch_dtype)
     if is_single_file(model):
         return StableDiffusionXLPipeline.from_single_file(model, **kwargs)
     variant = resolve_variant(model, variant)

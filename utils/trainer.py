@@ -10,10 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import random
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,9 +19,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from utils import run_files
-from utils.atomic import write_json
-from utils.ghibli_datasets import Example, load_examples
-from utils.lora_io import copy_lora, save_lora
+from utils.errors import UserError
+from utils.ghibli_datasets import Example, load_training_examples
+from utils.interrupts import StopRequest, TrainingInterrupted
 from utils.sdxl import (DTYPES, encode_prompts, load_components, resolve_mixed_precision, scale_latents,
                         vae_latent_distribution)
 from utils.train_data import (BucketBatchSampler, IndexDataset, Item, PixelDataset, assign_buckets, cache_latents,
@@ -37,7 +34,7 @@ EVAL_TIMESTEPS = 4  # fixed timesteps per held-out image, spread over the schedu
 EVAL_IMAGES = 8  # training images used for the fixed-noise loss when nothing is held out
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError):
     """A problem that stops training with a clear message instead of a traceback."""
 
 
@@ -281,16 +278,54 @@ def evaluate(unet, noise_scheduler, eval_set: EvalSet) -> float | None:
 # ----------------------------------------------------------------------------- the run
 
 
+@dataclass
+class Run:
+    """Everything the training loop works with, set up by ``prepare_run``."""
+
+    args: argparse.Namespace
+    accelerator: object
+    run_dir: Path
+    components: object
+    models: list
+    params: list
+    optimizer: object
+    lr_scheduler: object
+    dataloader: object
+    sampler: BucketBatchSampler
+    batch_maker: BatchMaker
+    eval_set: EvalSet
+    state: object
+    csv_log: object
+    num_epochs: int
+    nonfinite_in_a_row: int = 0
+
+    @property
+    def unet(self):
+        return self.models[0]
+
+
 def train(args: argparse.Namespace) -> Path:
     """Run a full training; return the run directory."""
+    check_args(args)
+    examples = load_training_examples(args)
+    run = prepare_run(args, examples)
+    try:
+        with StopRequest() as stop:
+            train_loop(run, stop)
+    except torch.cuda.OutOfMemoryError as error:
+        raise TrainingError(out_of_memory_message(args, run.run_dir)) from error
+    run_files.finish(run.accelerator, args, run.run_dir, run.state, run.components, run.models, run.csv_log)
+    run.accelerator.end_training()
+    return run.run_dir
+
+
+def prepare_run(args: argparse.Namespace, examples: list[Example]) -> Run:
+    """Load the model, add LoRA, cache, build data, optimizer and schedule; resume if asked."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import ProjectConfiguration, set_seed
     from diffusers.optimization import get_scheduler
 
-    check_args(args)
-    examples = load_examples(args.dataset_type, args.dataset_dir)
     train_examples, held_out = split_examples(examples, args.validation_split, args.seed)
-
     mixed_precision = resolve_mixed_precision(args.mixed_precision)
     run_dir = run_files.open_run_dir(PartialState(), args)
     accelerator = Accelerator(
@@ -308,10 +343,8 @@ def train(args: argparse.Namespace) -> Path:
     if args.prediction_type:
         components.noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     device = accelerator.device
-    components.unet.to(device)
-    components.vae.to(device)
-    for encoder in components.text_encoders:
-        encoder.to(device)
+    for module in [components.unet, components.vae, *components.text_encoders]:
+        module.to(device)
     params = inject_lora(components, args)
 
     items = assign_buckets(train_examples, args.resolution, not args.no_buckets, args.seed)
@@ -319,15 +352,7 @@ def train(args: argparse.Namespace) -> Path:
     eval_set = build_eval_set(components, eval_items, args, weight_dtype, device)
     batch_maker = BatchMaker(components, items, args, weight_dtype, device)
     if args.cache:
-        model_id = f"{args.pretrained_model_name_or_path}|{args.pretrained_vae_model_name_or_path}|{args.revision}"
-        cache_dir = run_files.cache_dir(args) if args.cache_latents_to_disk else None
-        with accelerator.main_process_first():
-            batch_maker.latent_cache = cache_latents(items, components.vae, args.center_crop, args.random_flip,
-                                                     model_id, cache_dir)
-        if not args.train_text_encoder:
-            batch_maker.text_cache = cache_text([i.example.caption for i in items], components.tokenizers,
-                                                components.text_encoders)
-        release_encoders(components, args, accelerator)
+        fill_caches(batch_maker, items, args, accelerator)
 
     sampler = BucketBatchSampler([item.bucket for item in items], args.train_batch_size, args.seed)
     dataset = IndexDataset(len(items)) if args.cache else PixelDataset(items, args.center_crop)
@@ -335,14 +360,12 @@ def train(args: argparse.Namespace) -> Path:
         dataset, batch_sampler=sampler, num_workers=args.dataloader_num_workers,
         generator=torch.Generator().manual_seed(args.seed),  # keeps the global RNG untouched for resume
     )
-
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     optimizer = make_optimizer(args, params)
     steps_per_epoch = math.ceil(math.ceil(len(dataloader) / accelerator.num_processes)
                                 / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_train_steps / steps_per_epoch)
     if args.lr_warmup_steps >= max_train_steps:
         logger.warning("--lr_warmup_steps %d is not below the %d training steps: the learning rate never "
                        "leaves warm-up", args.lr_warmup_steps, max_train_steps)
@@ -353,8 +376,7 @@ def train(args: argparse.Namespace) -> Path:
     trained = [components.unet] + (components.text_encoders if args.train_text_encoder else [])
     prepared = accelerator.prepare(*trained, optimizer, dataloader, lr_scheduler)
     models, (optimizer, dataloader, lr_scheduler) = list(prepared[:len(trained)]), prepared[len(trained):]
-    unet = models[0]
-    batch_maker.components.unet = unet
+    components.unet = models[0]
     if args.train_text_encoder:
         components.text_encoders = models[1:]
     run_files.register_checkpoint_hooks(accelerator, args)
@@ -369,59 +391,153 @@ def train(args: argparse.Namespace) -> Path:
         accelerator.init_trackers("sdxl_lora", config=run_files.tracker_config(args))
     csv_log = run_files.CsvLog(run_dir / args.logging_dir / "training_log.csv", accelerator.is_main_process,
                                keep_until_step=state.global_step)
-
-    logger.info("%d training images (%d held out), %d epochs, %d optimizer steps, batch %d x %d accumulation x %d "
-                "processes", len(items), len(held_out), num_epochs, max_train_steps, args.train_batch_size,
+    logger.info("%d training images (%d held out), %d optimizer steps, batch %d x %d accumulation x %d processes",
+                len(items), len(held_out), max_train_steps, args.train_batch_size,
                 args.gradient_accumulation_steps, accelerator.num_processes)
+    return Run(args, accelerator, run_dir, components, models, params, optimizer, lr_scheduler, dataloader,
+               sampler, batch_maker, eval_set, state, csv_log, math.ceil(max_train_steps / steps_per_epoch))
+
+
+def fill_caches(batch_maker: BatchMaker, items: list[Item], args: argparse.Namespace, accelerator) -> None:
+    components = batch_maker.components
+    model_id = f"{args.pretrained_model_name_or_path}|{args.pretrained_vae_model_name_or_path}|{args.revision}"
+    cache_dir = run_files.cache_dir(args) if args.cache_latents_to_disk else None
+    with accelerator.main_process_first():
+        batch_maker.latent_cache = cache_latents(items, components.vae, args.center_crop, args.random_flip,
+                                                 model_id, cache_dir)
+    if not args.train_text_encoder:
+        batch_maker.text_cache = cache_text([i.example.caption for i in items], components.tokenizers,
+                                            components.text_encoders)
+    release_encoders(components, args, accelerator)
+
+
+def train_loop(run: Run, stop: StopRequest) -> None:
+    state, accelerator, args = run.state, run.accelerator, run.args
     if state.global_step == 0:
-        state.initial_eval_loss = evaluate(unet, components.noise_scheduler, eval_set)
-    progress = tqdm(total=max_train_steps, initial=state.global_step, desc="Training",
+        state.initial_eval_loss = evaluate(run.unet, run.components.noise_scheduler, run.eval_set)
+    progress = tqdm(total=state.max_train_steps, initial=state.global_step, desc="Training",
                     disable=not accelerator.is_local_main_process)
-    for epoch in range(state.global_step // steps_per_epoch, num_epochs):
-        for model in models:
+    for epoch in range(state.global_step // state.steps_per_epoch, run.num_epochs):
+        for model in run.models:
             model.train()
-        skip = (state.global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps
-        loader = accelerator.skip_first_batches(dataloader, skip) if skip > 0 else dataloader
-        sampler.use_epoch(epoch)
+        skip = (state.global_step - epoch * state.steps_per_epoch) * args.gradient_accumulation_steps
+        loader = accelerator.skip_first_batches(run.dataloader, skip) if skip > 0 else run.dataloader
+        run.sampler.use_epoch(epoch)
         epoch_losses: list[float] = []
         window: list[torch.Tensor] = []
         for loader_batch in loader:
-            with accelerator.accumulate(*models):
-                batch = batch_maker(loader_batch)
-                noise = sample_noise(batch.latents, args.noise_offset)
-                steps = components.noise_scheduler.config.num_train_timesteps
-                timesteps = torch.randint(0, steps, (batch.latents.shape[0],), device=device).long()
-                loss = denoising_loss(unet, components.noise_scheduler, batch, noise, timesteps, args.snr_gamma)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            window.append(loss.detach())
+            window.append(train_micro_step(run, loader_batch))
             if not accelerator.sync_gradients:
                 continue
             step_loss = accelerator.gather(torch.stack(window).mean()[None]).mean().item()
             window = []
             state.global_step += 1
-            epoch_losses.append(step_loss)
-            learning_rate = lr_scheduler.get_last_lr()[0]
-            csv_log.append(epoch + 1, state.global_step, step_loss, learning_rate)
+            if math.isfinite(step_loss):
+                epoch_losses.append(step_loss)
+            learning_rate = run.lr_scheduler.get_last_lr()[0]
+            run.csv_log.append(epoch + 1, state.global_step, step_loss, learning_rate)
             accelerator.log({"train_loss": step_loss, "lr": learning_rate}, step=state.global_step)
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{learning_rate:.2e}")
             if args.checkpointing_steps and state.global_step % args.checkpointing_steps == 0:
-                run_files.save_checkpoint(accelerator, args, run_dir, state)
-            if state.global_step >= max_train_steps:
+                run_files.save_checkpoint(accelerator, args, run.run_dir, state)
+            if stop_requested(stop, accelerator):
+                progress.close()
+                stop_now(run, stop)
+            if state.global_step >= state.max_train_steps:
                 break
-        run_files.end_of_epoch(accelerator, args, run_dir, state, epoch + 1, epoch_losses, components, models,
-                               evaluate(unet, components.noise_scheduler, eval_set), csv_log)
-        if state.global_step >= max_train_steps:
+        run_files.end_of_epoch(accelerator, args, run.run_dir, state, epoch + 1, epoch_losses, run.components,
+                               run.models, evaluate(run.unet, run.components.noise_scheduler, run.eval_set),
+                               run.csv_log)
+        if state.global_step >= state.max_train_steps:
             break
     progress.close()
-    run_files.finish(accelerator, args, run_dir, state, components, models, csv_log)
-    accelerator.end_training()
-    return run_dir
+
+
+def train_micro_step(run: Run, loader_batch: dict) -> torch.Tensor:
+    """Forward and backward of one batch; at an accumulation boundary, the optimizer step
+    (skipped, and counted, when the loss or the gradient is not finite)."""
+    args, accelerator, scheduler = run.args, run.accelerator, run.components.noise_scheduler
+    with accelerator.accumulate(*run.models):
+        batch = run.batch_maker(loader_batch)
+        noise = sample_noise(batch.latents, args.noise_offset)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch.latents.shape[0],),
+                                  device=batch.latents.device).long()
+        loss = denoising_loss(run.unet, scheduler, batch, noise, timesteps, args.snr_gamma)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients:
+            norm = accelerator.clip_grad_norm_(run.params, args.max_grad_norm if args.max_grad_norm > 0 else math.inf)
+            if not step_is_finite(run, loss, norm):
+                run.optimizer.zero_grad(set_to_none=True)  # parameters without gradients are not updated
+        run.optimizer.step()
+        run.lr_scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def step_is_finite(run: Run, loss: torch.Tensor, grad_norm) -> bool:
+    """Count steps in a row whose loss or gradient is NaN/Inf; stop training after too many.
+
+    With fp16 loss scaling an infinite gradient alone is the scaler's business (it skips the
+    step and lowers the scale); a non-finite loss never is.
+    """
+    finite_loss = bool(torch.isfinite(run.accelerator.gather(loss.detach()[None])).all())
+    norm = float(grad_norm) if grad_norm is not None else 0.0
+    scaler_handles_it = run.accelerator.scaler is not None
+    if finite_loss and (math.isfinite(norm) or scaler_handles_it):
+        run.nonfinite_in_a_row = 0
+        return True
+    run.nonfinite_in_a_row += 1
+    run.state.skipped_steps += 1
+    logger.warning("Step %d skipped: non-finite %s (%d in a row)", run.state.global_step + 1,
+                   "loss" if not finite_loss else "gradient", run.nonfinite_in_a_row)
+    if run.nonfinite_in_a_row >= run.args.max_nonfinite_steps:
+        raise TrainingError(nonfinite_message(run))
+    return False
+
+
+def nonfinite_message(run: Run) -> str:
+    args = run.args
+    checkpoints = run_files.checkpoints_of(run.run_dir)
+    last = f" The last good resumable state is {checkpoints[-1]}." if checkpoints else ""
+    return (f"training stopped at step {run.state.global_step + 1}: {run.nonfinite_in_a_row} steps in a row had a "
+            f"NaN/Inf loss or gradient, and no weights were updated or saved from them. Likely causes: the SDXL VAE "
+            f"overflowing in fp16 (use --mixed_precision bf16, or --pretrained_vae_model_name_or_path "
+            f"madebyollin/sdxl-vae-fp16-fix), or a learning rate too high for this setup (--learning_rate "
+            f"{args.learning_rate:g}; try 1e-4 or lower).{last}")
+
+
+def out_of_memory_message(args: argparse.Namespace, run_dir: Path) -> str:
+    checkpoints = run_files.checkpoints_of(run_dir)
+    last = f" The last checkpoint, {checkpoints[-1]}, is intact." if checkpoints else ""
+    return (f"out of GPU memory at --resolution {args.resolution}, --train_batch_size {args.train_batch_size}. "
+            "Ways to fit: a smaller --train_batch_size (with --gradient_accumulation_steps to keep the effective "
+            "batch), a lower --resolution, --gradient_checkpointing (on by default), --optimizer adamw8bit, "
+            "--mixed_precision bf16 or fp16, keeping --cache on (the VAE and text encoders then leave the GPU), "
+            f"or a smaller --lora_rank.{last}")
+
+
+def stop_requested(stop: StopRequest, accelerator) -> bool:
+    """True on every process if any process got a stop signal (so all stop at the same step)."""
+    if accelerator.num_processes == 1:
+        return stop.requested
+    flag = torch.tensor([1.0 if stop.requested else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def stop_now(run: Run, stop: StopRequest) -> None:
+    """Save a resumable state and the current LoRA, then end with a message on how to resume."""
+    checkpoint = run_files.save_checkpoint(run.accelerator, run.args, run.run_dir, run.state)
+    run_files.save_model_folder(run.accelerator, run.run_dir / "interrupted_model", run.models, run.args,
+                                run.state, "interrupted_model_info.json", {"step": run.state.global_step})
+    run.accelerator.end_training()
+    command = run_files.command_line()
+    if "--resume_from_checkpoint" not in command:
+        command += f" --resume_from_checkpoint {checkpoint}"
+    raise TrainingInterrupted(
+        f"stopped at step {run.state.global_step} of {run.state.max_train_steps}; state saved in {checkpoint}, "
+        f"current LoRA in {run.run_dir / 'interrupted_model'}.\nResume with:\n  python {command}",
+        stop.signal_number or 15)
 
 
 def release_encoders(components, args: argparse.Namespace, accelerator) -> None:

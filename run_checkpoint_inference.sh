@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Base-vs-LoRA images for every epoch checkpoint of one training run, then the epoch-by-epoch strip.
+#
+# Usage: ./run_checkpoint_inference.sh --run_dir RUN [--output_dir DIR] [--include_final] [--skip_existing]
+#            [--image_index 0] [-- INFERENCE FLAGS...]
+#
+#   --run_dir         a run directory (with experiment_config.json) or a sweep run folder (r4_a8_lr1e-4/)
+#   --output_dir      default: {run_dir}/checkpoint_inference; one folder per checkpoint, epoch_strip.png
+#   --include_final   add final_model after the last checkpoint
+#   --skip_existing   leave out checkpoints whose folder already holds a finished comparison
+#   --image_index     which image (seed) of each prompt the strip shows (default 0)
+#   -- ...            flags for inference_sdxl_ghibli.py: --pretrained_model_name_or_path, --prompts,
+#                     --num_images, --height, --width, --num_inference_steps, --seed, ...
+#
+# The checkpoints (checkpoint_epoch_N/, written every --save_steps epochs) are found in the run
+# directory, in epoch order. The base images are made once, by the first checkpoint's call, and reused
+# by every later call, so each column of the strip differs from the others only by its LoRA.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHON="${PYTHON:-python}"
+RUN_DIR=""
+OUTPUT_DIR=""
+INCLUDE_FINAL=()
+SKIP_EXISTING=0
+IMAGE_INDEX=0
+INFERENCE_ARGS=()
+
+die() { echo "error: $*" >&2; exit 2; }
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
+helper() { PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m utils.sweep_report "$@"; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
+  esac
+  case "$1" in
+    --run_dir|--output_dir|--image_index) [ $# -ge 2 ] || die "$1 needs a value" ;;
+  esac
+  case "$1" in
+    --run_dir) RUN_DIR="$2"; shift 2 ;;
+    --output_dir) OUTPUT_DIR="$2"; shift 2 ;;
+    --include_final) INCLUDE_FINAL=(--include_final); shift ;;
+    --skip_existing) SKIP_EXISTING=1; shift ;;
+    --image_index) IMAGE_INDEX="$2"; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; INFERENCE_ARGS=("$@"); break ;;
+    *) die "unknown flag $1 (flags for inference_sdxl_ghibli.py go after --)" ;;
+  esac
+done
+[ -n "$RUN_DIR" ] || die "--run_dir is required"
+for arg in "${INFERENCE_ARGS[@]}"; do
+  case "${arg%%=*}" in
+    --output_dir|--lora_model_path|--base_results_dir) die "${arg%%=*} is set by this script" ;;
+  esac
+done
+OUTPUT_DIR="${OUTPUT_DIR:-$RUN_DIR/checkpoint_inference}"
+
+series_text="$(helper checkpoints "$RUN_DIR" "${INCLUDE_FINAL[@]}")" || exit $?
+mapfile -t SERIES <<<"$series_text"
+echo "Inference for ${#SERIES[@]} checkpoint(s) of $RUN_DIR into $OUTPUT_DIR" >&2
+
+BASE_DIR=""
+failed=0
+for line in "${SERIES[@]}"; do
+  IFS=$'\t' read -r label lora <<<"$line"
+  folder="$OUTPUT_DIR/$label"
+  BASE_DIR="${BASE_DIR:-$folder}"  # the first call makes the base images, the others reuse them
+  if [ "$SKIP_EXISTING" = 1 ] && compgen -G "$folder/metadata_prompt*.json" >/dev/null; then
+    echo "[$(date +%T)] skip $label (already done)" >&2
+    continue
+  fi
+  echo "[$(date +%T)] $label <- $lora" >&2
+  "$PYTHON" "$ROOT/inference_sdxl_ghibli.py" --lora_model_path "$lora" --output_dir "$folder" \
+    --run_base_inference --base_results_dir "$BASE_DIR" --create_comparison_grid "${INFERENCE_ARGS[@]}" \
+    || { echo "warning: inference failed for $label" >&2; failed=1; }
+done
+
+helper strip --inference_dir "$OUTPUT_DIR" --image_index "$IMAGE_INDEX" || failed=1
+exit "$failed"

@@ -1,0 +1,144 @@
+#!/usr/bin/env bash
+# LoRA rank x alpha sweep of train_sdxl_lora.py: runs spread over GPUs, resumable, with a status JSON per run.
+#
+# Usage: ./run_experiments.sh [--ranks "4 8 16"] [--alphas "4 8 16 32"] [--lr 1e-4]
+#                             [--output_dir output_ghibli/sweep] [--gpus 0,1,2,3] [-- TRAINER FLAGS...]
+#
+#   --ranks, --alphas   the grid (default: the original's 4 8 16 x 4 8 16 32)
+#   --lr                learning rate of every run (default: the original's 1e-4)
+#   --output_dir        the sweep folder; each run trains into {output_dir}/r{R}_a{A}_lr{LR}/ (default
+#                       output_ghibli/sweep)
+#   --gpus              comma-separated GPU ids; one run per GPU at a time (CUDA_VISIBLE_DEVICES).
+#                       Without it the runs go one after another on the default device.
+#   -- ...              everything after -- goes to train_sdxl_lora.py (e.g. --dataset_dir, --num_train_epochs)
+#
+# Each run folder holds status.json (state, real start and end times, exit code, the run directory the
+# trainer made), train.log (the trainer's output) and the run directory itself. The sweep folder holds
+# sweep_summary.json and loss_curves.png. Run the same command again to resume: finished runs are
+# skipped, the others start again (from their latest resumable checkpoint when they saved one with
+# --checkpointing_steps). Ctrl-C or SIGTERM stops every running training and records it as interrupted.
+# Exit status: 0 when every run finished, 1 when one failed, 2 on bad flags, 130/143 when stopped.
+set -euo pipefail
+set -m  # every run in its own process group, so stopping it reaches the whole tree
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHON="${PYTHON:-python}"  # the interpreter (environment variable)
+TRAIN_SCRIPT="${TRAIN_SCRIPT:-$ROOT/train_sdxl_lora.py}"  # the trainer (environment variable), e.g. a fork
+RANKS="4 8 16"
+ALPHAS="4 8 16 32"
+LR="1e-4"
+OUTPUT_DIR="output_ghibli/sweep"
+GPUS=""
+TRAIN_ARGS=()
+
+die() { echo "error: $*" >&2; exit 2; }
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
+helper() { PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m utils.sweep_report "$@"; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
+  esac
+  case "$1" in
+    --ranks|--alphas|--lr|--output_dir|--gpus) [ $# -ge 2 ] || die "$1 needs a value" ;;
+  esac
+  case "$1" in
+    --ranks) RANKS="$2"; shift 2 ;;
+    --alphas) ALPHAS="$2"; shift 2 ;;
+    --lr) LR="$2"; shift 2 ;;
+    --output_dir) OUTPUT_DIR="$2"; shift 2 ;;
+    --gpus) GPUS="$2"; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; TRAIN_ARGS=("$@"); break ;;
+    *) die "unknown flag $1 (flags for train_sdxl_lora.py go after --)" ;;
+  esac
+done
+
+for arg in "${TRAIN_ARGS[@]}"; do
+  case "${arg%%=*}" in
+    --output_dir|--lora_rank|--lora_alpha|--learning_rate)
+      die "${arg%%=*} is set by the sweep; use --output_dir, --ranks, --alphas or --lr before --" ;;
+  esac
+done
+[[ "$GPUS" =~ ^([0-9A-Za-z-]+(,[0-9A-Za-z-]+)*)?$ ]] || die "--gpus '$GPUS': expected ids like 0,1,2,3"
+
+read -r -a RANK_LIST <<<"$RANKS"
+read -r -a ALPHA_LIST <<<"$ALPHAS"
+IFS=',' read -r -a SLOTS <<<"$GPUS"
+[ ${#SLOTS[@]} -gt 0 ] || SLOTS=("")  # one slot on the default device
+GRID=(--sweep_dir "$OUTPUT_DIR" --ranks "${RANK_LIST[@]}" --alphas "${ALPHA_LIST[@]}" --lr "$LR")
+
+mkdir -p "$OUTPUT_DIR"
+plan_text="$(helper plan "${GRID[@]}" -- "${TRAIN_ARGS[@]}")" || exit $?
+PLAN=()
+[ -z "$plan_text" ] || mapfile -t PLAN <<<"$plan_text"
+echo "Sweep in $OUTPUT_DIR: ${#PLAN[@]} run(s) to do on ${GPUS:-the default device}" >&2
+
+# One run: status "running", the trainer, then how it ended. Runs as a background job (own process group).
+run_one() {
+  local rank="$1" alpha="$2" folder="$3" resume="$4" gpu="$5"
+  local log="$folder/train.log" rc=0
+  trap 'true' INT TERM  # the trainer gets the signal too; wait for it, then record the end
+  local cmd=("$PYTHON" "$TRAIN_SCRIPT" --output_dir "$folder" --lora_rank "$rank"
+             --lora_alpha "$alpha" --learning_rate "$LR")
+  if [ "$resume" = 1 ] && [[ " ${TRAIN_ARGS[*]} " != *" --resume_from_checkpoint"* ]]; then
+    cmd+=(--resume_from_checkpoint latest)  # continue an earlier attempt when it left a checkpoint
+  fi
+  cmd+=("${TRAIN_ARGS[@]}")
+  mkdir -p "$folder"
+  helper status-start --file "$folder/status.json" --rank "$rank" --alpha "$alpha" --lr "$LR" --gpu "$gpu" \
+    --log "$log" --process_group "$BASHPID" --command "$(printf '%q ' "${cmd[@]}")" -- "${TRAIN_ARGS[@]}"
+  echo "[$(date +%T)] start r=$rank a=$alpha${gpu:+ on GPU $gpu} -> $folder" >&2
+  if [ -n "$gpu" ]; then
+    CUDA_VISIBLE_DEVICES="$gpu" "${cmd[@]}" >>"$log" 2>&1 || rc=$?
+  else
+    "${cmd[@]}" >>"$log" 2>&1 || rc=$?
+  fi
+  helper status-end --file "$folder/status.json" --exit_code "$rc" || true
+  echo "[$(date +%T)] end   r=$rank a=$alpha: exit code $rc (log: $log)" >&2
+  return "$rc"
+}
+
+declare -A SLOT_PID=()
+
+stop_all() {
+  local code="$1" pid waited=0
+  trap '' INT TERM
+  echo "Stopping the sweep: ending the running trainings..." >&2
+  for pid in "${SLOT_PID[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
+  for pid in "${SLOT_PID[@]}"; do
+    while kill -0 -- "-$pid" 2>/dev/null && [ "$waited" -lt 300 ]; do sleep 0.1; waited=$((waited + 1)); done
+    kill -KILL -- "-$pid" 2>/dev/null || true  # still there after 30 s
+    wait "$pid" 2>/dev/null || true
+  done
+  helper summary "${GRID[@]}" --gpus "$GPUS" --stopped -- "${TRAIN_ARGS[@]}" >&2 || true
+  exit "$code"
+}
+trap 'stop_all 130' INT
+trap 'stop_all 143' TERM
+
+FREE_SLOT=""
+free_slot() {  # sets FREE_SLOT to a slot with no live run, waiting for one when all are busy (no subshell:
+  local i pid  # only this shell can wait for its jobs)
+  while true; do
+    for i in "${!SLOTS[@]}"; do
+      pid="${SLOT_PID[$i]:-}"
+      if [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; then FREE_SLOT="$i"; return; fi
+    done
+    wait -n 2>/dev/null || true
+  done
+}
+
+for line in "${PLAN[@]}"; do
+  IFS=$'\t' read -r rank alpha folder resume <<<"$line"
+  free_slot
+  run_one "$rank" "$alpha" "$folder" "$resume" "${SLOTS[$FREE_SLOT]}" &
+  SLOT_PID[$FREE_SLOT]=$!
+done
+for pid in "${SLOT_PID[@]}"; do wait "$pid" || true; done
+SLOT_PID=()
+
+status=0
+helper losses --sweep_dir "$OUTPUT_DIR" >/dev/null 2>&1 || echo "warning: no loss plot (no finished run yet)" >&2
+helper summary "${GRID[@]}" --gpus "$GPUS" -- "${TRAIN_ARGS[@]}" || status=1
+exit "$status"

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Base-vs-LoRA images for every finished run of a sweep, then the rank x alpha grid, loss curves,
+# CLIP metrics and the verdict.
+#
+# Usage: ./run_inference_experiments.sh [--sweep_dir output_ghibli/sweep] [--output_dir DIR]
+#            [--model final_model|best_model] [--skip_existing] [--no_report] [--no_metrics]
+#            [--clip_model ID] [--style_images DIR] [--alignment_tolerance 2.0] [-- INFERENCE FLAGS...]
+#
+#   --sweep_dir       where run_experiments.sh trained (any folder holding run directories also works)
+#   --output_dir      default: {sweep_dir}/inference; one folder per run (r{R}_a{A}_lr{LR}/), report/
+#   --model           which LoRA folder of each run to use (default final_model)
+#   --skip_existing   leave out runs whose folder already holds a finished comparison
+#   --no_report       images only; --no_metrics: pictures without CLIP metrics
+#   --clip_model, --style_images, --alignment_tolerance   passed to `utils/sweep_report.py report`
+#   -- ...            flags for inference_sdxl_ghibli.py: --pretrained_model_name_or_path, --prompts,
+#                     --num_images, --height, --width, --num_inference_steps, --seed, --guidance_scale, ...
+#
+# The runs are found from the sweep's status files (or the run directories themselves); nothing is
+# hard-coded. Every run gets the same prompts and seeds. The base images are made once, by the first
+# run's call, and every later call reuses them (--base_results_dir); a later call with other prompts,
+# seeds or settings would not match them and would make its own.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+PYTHON="${PYTHON:-python}"
+SWEEP_DIR="output_ghibli/sweep"
+OUTPUT_DIR=""
+MODEL="final_model"
+SKIP_EXISTING=0
+REPORT=1
+REPORT_ARGS=()
+INFERENCE_ARGS=()
+
+die() { echo "error: $*" >&2; exit 2; }
+usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
+helper() { PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m utils.sweep_report "$@"; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
+  esac
+  case "$1" in
+    --sweep_dir|--output_dir|--model|--clip_model|--style_images|--alignment_tolerance)
+      [ $# -ge 2 ] || die "$1 needs a value" ;;
+  esac
+  case "$1" in
+    --sweep_dir) SWEEP_DIR="$2"; shift 2 ;;
+    --output_dir) OUTPUT_DIR="$2"; shift 2 ;;
+    --model) MODEL="$2"; shift 2 ;;
+    --skip_existing) SKIP_EXISTING=1; shift ;;
+    --no_report) REPORT=0; shift ;;
+    --no_metrics) REPORT_ARGS+=(--no_metrics); shift ;;
+    --clip_model|--style_images|--alignment_tolerance) REPORT_ARGS+=("$1" "$2"); shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; INFERENCE_ARGS=("$@"); break ;;
+    *) die "unknown flag $1 (flags for inference_sdxl_ghibli.py go after --)" ;;
+  esac
+done
+for arg in "${INFERENCE_ARGS[@]}"; do
+  case "${arg%%=*}" in
+    --output_dir|--lora_model_path|--base_results_dir) die "${arg%%=*} is set by this script" ;;
+  esac
+done
+OUTPUT_DIR="${OUTPUT_DIR:-$SWEEP_DIR/inference}"
+
+runs_text="$(helper runs "$SWEEP_DIR" --model "$MODEL")" || exit $?
+mapfile -t RUNS <<<"$runs_text"
+echo "Inference for ${#RUNS[@]} run(s) of $SWEEP_DIR into $OUTPUT_DIR" >&2
+
+BASE_DIR=""
+failed=0
+for line in "${RUNS[@]}"; do
+  IFS=$'\t' read -r label lora <<<"$line"
+  folder="$OUTPUT_DIR/$label"
+  BASE_DIR="${BASE_DIR:-$folder}"  # the first run's call makes the base images, the others reuse them
+  if [ "$SKIP_EXISTING" = 1 ] && compgen -G "$folder/metadata_prompt*.json" >/dev/null; then
+    echo "[$(date +%T)] skip $label (already done)" >&2
+    continue
+  fi
+  echo "[$(date +%T)] $label <- $lora" >&2
+  "$PYTHON" "$ROOT/inference_sdxl_ghibli.py" --lora_model_path "$lora" --output_dir "$folder" \
+    --run_base_inference --base_results_dir "$BASE_DIR" --create_comparison_grid "${INFERENCE_ARGS[@]}" \
+    || { echo "warning: inference failed for $label" >&2; failed=1; }
+done
+
+if [ "$REPORT" = 1 ]; then
+  helper report --inference_dir "$OUTPUT_DIR" "${REPORT_ARGS[@]}" || failed=1
+fi
+exit "$failed"

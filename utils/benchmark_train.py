@@ -1,0 +1,509 @@
+"""Training speed and memory: the naive loop against our default path, and each speed/memory lever.
+
+Every variant trains the same model on the same synthetic images with the trainer's own code
+(``BatchMaker``, ``denoising_loss``, ``inject_lora``, ``make_optimizer``, ``cache_latents``,
+accelerate), each in a fresh process so peak memory is its own; rounds are interleaved
+(naive, ours, ..., naive, ours, ...) so background load hits all variants alike.
+
+  naive   the original's loop: VAE and both text encoders run on every step (--no-cache)
+  ours    the default: latents and embeddings cached once, encoders off the accelerator,
+          SDPA attention, fp32 LoRA parameters, frozen weights in the compute dtype
+  levers  ours with one change each: gradient checkpointing toggled, channels-last UNet,
+          encoders kept on the device, 8-bit AdamW, another precision, torch.compile
+
+'naive' against 'ours' is also the caching benchmark (--cache against --no-cache).
+
+    python utils/benchmark_train.py --model small                  # CPU, a few minutes
+    python utils/benchmark_train.py --model sdxl --resolution 1024 --mixed_precision bf16   # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from utils.benchmark_models import DEFAULT_RESOLUTION, MODELS
+
+logger = logging.getLogger("benchmark_train")
+
+RESULT_MARK = "BENCHMARK_RESULT "
+GIB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class Variant:
+    key: str
+    label: str
+    cache: bool = True
+    release_encoders: bool = True
+    gradient_checkpointing: bool | None = None  # None: the run's setting
+    mixed_precision: str | None = None  # None: the run's setting
+    optimizer: str = "adamw"
+    channels_last: bool = False
+    compile: bool = False
+
+
+def all_variants(gradient_checkpointing: bool, mixed_precision: str) -> dict[str, Variant]:
+    other_gc = "on" if not gradient_checkpointing else "off"
+    variants = [
+        Variant("naive", "naive: encoders every step (--no-cache)", cache=False),
+        Variant("ours", "ours: cached, encoders released (default)"),
+        Variant("gc", f"ours, gradient checkpointing {other_gc}", gradient_checkpointing=not gradient_checkpointing),
+        Variant("channels_last", "ours, channels-last UNet", channels_last=True),
+        Variant("encoders_on_device", "ours, encoders kept on the device", release_encoders=False),
+        Variant("adamw8bit", "ours, 8-bit AdamW", optimizer="adamw8bit"),
+        Variant("compile", "ours, torch.compile(UNet)", compile=True),
+    ]
+    for precision in ("bf16", "fp16", "no"):
+        if precision != mixed_precision:
+            name = "fp32" if precision == "no" else precision
+            variants.append(Variant(name, f"ours, {name} weights (LoRA fp32)", mixed_precision=precision))
+    return {v.key: v for v in variants}
+
+
+def skip_reason(variant: Variant, cuda: bool, torch_compile: bool) -> str | None:
+    """Why a variant cannot be measured here, or None."""
+    import importlib.util
+    if variant.key in ("bf16", "fp16") and not cuda:
+        return "mixed precision needs a CUDA device (the trainer falls back to fp32 on CPU)"
+    if variant.key == "fp32" and not cuda:
+        return "already the setting on CPU"
+    if variant.key == "encoders_on_device" and not cuda:
+        return "on CPU there is no device to release the encoders from"
+    if variant.key == "adamw8bit":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            return "bitsandbytes is not installed (pip install bitsandbytes)"
+        if not cuda:
+            return "bitsandbytes 8-bit optimizers need a CUDA device"
+    if variant.key == "compile" and not torch_compile:
+        return "pass --torch_compile to measure it"
+    return None
+
+
+# ----------------------------------------------------------------------------- one variant, in its own process
+
+
+class MemoryMeter:
+    """Peak memory of this process: CUDA allocations on a GPU, resident set size (RSS) on a CPU.
+
+    The training peak is reset when training starts, so it excludes model construction and caching;
+    the process peak includes everything.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.setup_peak = 0
+
+    def start_training(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.setup_peak = torch.cuda.max_memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.setup_peak = _peak_rss()
+            _reset_peak_rss()
+
+    def peaks(self) -> tuple[int, int]:
+        """(training peak, process peak) in bytes."""
+        if self.device.type == "cuda":
+            train = torch.cuda.max_memory_allocated(self.device)
+        else:
+            train = _peak_rss()
+        return train, max(train, self.setup_peak)
+
+
+def _peak_rss() -> int:
+    """VmHWM (Linux), else the lifetime maximum from getrusage."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def _reset_peak_rss() -> None:
+    """Linux resets VmHWM to the current RSS on '5' written to clear_refs; elsewhere the peak stays lifetime."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        logger.warning("cannot reset the peak RSS here: the training peak includes set-up")
+
+
+def trainer_args(config: dict, variant: Variant) -> argparse.Namespace:
+    """The trainer's own flags and defaults, with the benchmark's settings."""
+    from train_sdxl_lora import parse_args
+
+    argv = ["--dataset_dir", config["dataset_dir"], "--resolution", str(config["resolution"]),
+            "--train_batch_size", str(config["train_batch_size"]), "--lr_scheduler", "constant",
+            "--lr_warmup_steps", "0", "--report_to", "none", "--optimizer", variant.optimizer,
+            "--mixed_precision", variant.mixed_precision or config["mixed_precision"]]
+    argv += [] if variant.cache else ["--no-cache"]
+    argv += [] if config["buckets"] else ["--no_buckets"]
+    gradient_checkpointing = variant.gradient_checkpointing
+    if gradient_checkpointing is None:
+        gradient_checkpointing = config["gradient_checkpointing"]
+    argv.append("--gradient_checkpointing" if gradient_checkpointing else "--no-gradient_checkpointing")
+    return parse_args(argv)
+
+
+def build_components(model: str, device: torch.device, weight_dtype: torch.dtype):
+    """What ``utils.sdxl.load_components`` returns, for a random-weight model: frozen UNet and text
+    encoders in the compute dtype, VAE in fp32 (SDXL's VAE overflows in fp16)."""
+    from diffusers import DDPMScheduler
+
+    from utils.benchmark_models import build_pipeline
+    from utils.sdxl import SDXLComponents
+
+    pipe = build_pipeline(model, device, weight_dtype=weight_dtype)
+    components = SDXLComponents(
+        tokenizers=[pipe.tokenizer, pipe.tokenizer_2],
+        text_encoders=[pipe.text_encoder.to(weight_dtype), pipe.text_encoder_2.to(weight_dtype)],
+        vae=pipe.vae.to(torch.float32),
+        unet=pipe.unet.to(weight_dtype),
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+    )
+    for module in [components.vae, components.unet, *components.text_encoders]:
+        module.requires_grad_(False)
+    return components
+
+
+def run_variant(config: dict, variant: Variant) -> dict:
+    """Set up like ``trainer.train`` does, then time warm-up + N optimizer steps of its loop."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    from utils import trainer
+    from utils.ghibli_datasets import load_examples
+    from utils.sdxl import DTYPES, resolve_mixed_precision
+    from utils.train_data import (BucketBatchSampler, IndexDataset, PixelDataset, assign_buckets, cache_latents,
+                                  cache_text)
+
+    args = trainer_args(config, variant)
+    mixed_precision = resolve_mixed_precision(args.mixed_precision)
+    accelerator = Accelerator(mixed_precision=mixed_precision)
+    set_seed(args.seed)
+    weight_dtype, device = DTYPES[mixed_precision], accelerator.device
+    memory = MemoryMeter(device)
+    components = build_components(config["model"], device, weight_dtype)
+    params = trainer.inject_lora(components, args)
+    if variant.channels_last:
+        components.unet.to(memory_format=torch.channels_last)
+
+    items = assign_buckets(load_examples(args.dataset_type, args.dataset_dir), args.resolution,
+                           not args.no_buckets, args.seed)
+    batch_maker = trainer.BatchMaker(components, items, args, weight_dtype, device)
+    started = time.perf_counter()
+    if args.cache:
+        batch_maker.latent_cache = cache_latents(items, components.vae, args.center_crop, args.random_flip,
+                                                 f"benchmark-{config['model']}")
+        batch_maker.text_cache = cache_text([i.example.caption for i in items], components.tokenizers,
+                                            components.text_encoders)
+        if variant.release_encoders:
+            trainer.release_encoders(components, args, accelerator)
+    _synchronize(device)
+    cache_seconds = time.perf_counter() - started
+
+    sampler = BucketBatchSampler([item.bucket for item in items], args.train_batch_size, args.seed)
+    dataset = IndexDataset(len(items)) if args.cache else PixelDataset(items, args.center_crop)
+    dataloader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0,
+                                             generator=torch.Generator().manual_seed(args.seed))
+    optimizer = trainer.make_optimizer(args, params)
+    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer)
+    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(components.unet, optimizer, dataloader,
+                                                                    lr_scheduler)
+    unet.train()
+    model = torch.compile(unet) if variant.compile else unet
+
+    memory.start_training()
+    batches = _forever(dataloader)
+    step_seconds, losses = [], []
+    for _ in range(config["warmup"] + config["steps"]):
+        _synchronize(device)
+        start = time.perf_counter()
+        losses.append(_train_step(accelerator, model, components, batch_maker, next(batches), optimizer,
+                                  lr_scheduler, params, args))
+        step_seconds.append(time.perf_counter() - start)  # .item() in the step has synchronised
+    train_peak, process_peak = memory.peaks()
+    return {
+        "variant": variant.key, "step_seconds": step_seconds[config["warmup"]:],
+        "warmup_seconds": sum(step_seconds[:config["warmup"]]), "cache_seconds": cache_seconds,
+        "train_peak_bytes": train_peak, "process_peak_bytes": process_peak, "losses": losses,
+        "mixed_precision": mixed_precision, "gradient_checkpointing": args.gradient_checkpointing,
+    }
+
+
+def _train_step(accelerator, unet, components, batch_maker, loader_batch, optimizer, lr_scheduler, params,
+                args) -> float:
+    """One optimizer step exactly as ``trainer.train`` runs it (one accumulation step)."""
+    from utils import trainer
+
+    with accelerator.accumulate(unet):
+        batch = batch_maker(loader_batch)
+        noise = trainer.sample_noise(batch.latents, args.noise_offset)
+        steps = components.noise_scheduler.config.num_train_timesteps
+        timesteps = torch.randint(0, steps, (batch.latents.shape[0],), device=batch.latents.device).long()
+        loss = trainer.denoising_loss(unet, components.noise_scheduler, batch, noise, timesteps, args.snr_gamma)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and args.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return accelerator.gather(loss.detach()[None]).mean().item()
+
+
+def _forever(dataloader):
+    while True:
+        yield from dataloader
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- FLOPs, on the meta device
+
+
+def step_flops(model: str, resolution: int, batch_size: int, args: argparse.Namespace) -> dict[str, int]:
+    """FLOPs of one training step's parts, counted on the meta device (no memory, no time).
+
+    unet: UNet + LoRA forward and backward (the model FLOPs of MFU); unet_checkpointed: the same with
+    gradient checkpointing's recomputation; vae / text: the encoders' forward passes the naive loop adds.
+    """
+    from utils import trainer
+    from utils.flops import count_flops
+    from utils.sdxl import encode_prompts, vae_latent_distribution
+
+    components = build_components(model, torch.device("meta"), torch.float32)
+    vae, unet = components.vae, components.unet
+    latent = resolution // 8
+    pixels = torch.zeros(batch_size, 3, resolution, resolution, device="meta")
+    flops = {"vae": count_flops(lambda: vae_latent_distribution(vae, pixels).sample())}
+    flops["text"] = count_flops(lambda: encode_prompts(components.tokenizers, components.text_encoders,
+                                                       ["a village in ghibli style"] * batch_size))
+    lora_args = argparse.Namespace(**{**vars(args), "gradient_checkpointing": False})
+    trainer.inject_lora(components, lora_args)
+    unet.train()
+    text_dim = unet.config.cross_attention_dim
+    pooled_dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    batch = trainer.Batch(torch.zeros(batch_size, 4, latent, latent, device="meta"),
+                          torch.zeros(batch_size, 77, text_dim, device="meta"),
+                          torch.zeros(batch_size, pooled_dim, device="meta"), torch.zeros(batch_size, 6, device="meta"))
+    timesteps = torch.full((batch_size,), 500, device="meta")
+
+    def step():
+        trainer.denoising_loss(unet, components.noise_scheduler, batch, torch.zeros_like(batch.latents),
+                               timesteps).backward()
+
+    flops["unet"] = count_flops(step)
+    unet.enable_gradient_checkpointing()
+    flops["unet_checkpointed"] = count_flops(step)
+    return flops
+
+
+def executed_flops(flops: dict[str, int], result: dict, cache: bool) -> int:
+    unet = flops["unet_checkpointed"] if result["gradient_checkpointing"] else flops["unet"]
+    return unet + (0 if cache else flops["vae"] + flops["text"])
+
+
+# ----------------------------------------------------------------------------- the driver
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=MODELS, default="small",
+                   help="tiny: the test model; small: SDXL topology at 1/4 width (CPU); sdxl: full size (GPU)")
+    p.add_argument("--resolution", type=int, default=None, help="default: tiny 128, small 256, sdxl 1024")
+    p.add_argument("--train_batch_size", type=int, default=1)
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="default: bf16 on a GPU that has it, else fp16; no (fp32) on CPU")
+    p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True,
+                   help="setting of the naive/ours comparison (the trainer's default: on); the 'gc' "
+                        "variant measures the other")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default by model)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default by model)")
+    p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default: 2 on CPU, 1 on GPU)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated subset of: naive, ours, gc, channels_last, encoders_on_device, "
+                        "adamw8bit, compile, bf16, fp16, fp32 (default: all that apply here)")
+    p.add_argument("--torch_compile", action="store_true", help="also measure torch.compile of the UNet")
+    p.add_argument("--num_images", type=int, default=8, help="synthetic training images")
+    p.add_argument("--buckets", action="store_true", help="aspect buckets (default: square crops, one shape)")
+    p.add_argument("--output_json", default=None, help="also write the results here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.resolution is not None and args.resolution % 64:
+        p.error(f"--resolution {args.resolution} must be a multiple of 64")
+    return args
+
+
+DEFAULT_STEPS = {"tiny": (10, 2), "small": (4, 1), "sdxl": (20, 5)}  # (timed, warm-up)
+
+
+def resolve_settings(args: argparse.Namespace, cuda: bool) -> dict:
+    steps, warmup = DEFAULT_STEPS[args.model]
+    if args.mixed_precision is None:
+        args.mixed_precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "no"
+    return {
+        "model": args.model, "resolution": args.resolution or DEFAULT_RESOLUTION[args.model],
+        "train_batch_size": args.train_batch_size, "mixed_precision": args.mixed_precision,
+        "gradient_checkpointing": args.gradient_checkpointing, "steps": args.steps or steps,
+        "warmup": args.warmup if args.warmup is not None else warmup + (3 if args.torch_compile else 0),
+        "buckets": args.buckets, "repeats": args.repeats or (1 if cuda else 2),
+    }
+
+
+def run_in_subprocess(config: dict, variant: Variant) -> dict:
+    payload = json.dumps({"config": config, "variant": asdict(variant)})
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", payload]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    completed = subprocess.run(command, capture_output=True, text=True, env=env)
+    for line in completed.stdout.splitlines():
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK):])
+    raise RuntimeError(f"variant '{variant.key}' failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}")
+
+
+def summarise(results: list[dict]) -> dict:
+    """Across rounds: the fastest round (background load only ever slows a round down) and the spread."""
+    rates = [1.0 / statistics.median(r["step_seconds"]) for r in results]
+    best = results[rates.index(max(rates))]
+    return {
+        "steps_per_second": max(rates), "all_rates": rates, "cache_seconds": min(r["cache_seconds"] for r in results),
+        "wall_seconds": min(r["cache_seconds"] + r["warmup_seconds"] + sum(r["step_seconds"]) for r in results),
+        "train_peak_bytes": max(r["train_peak_bytes"] for r in results),
+        "process_peak_bytes": max(r["process_peak_bytes"] for r in results),
+        "gradient_checkpointing": best["gradient_checkpointing"], "mixed_precision": best["mixed_precision"],
+        "final_loss": best["losses"][-1],
+    }
+
+
+def describe_model(model: str) -> str:
+    from utils.benchmark_models import build_pipeline, count_parameters
+
+    pipe = build_pipeline(model, "meta")
+    sizes = [count_parameters(m) / 1e6 for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2)]
+    kind = {"tiny": "the tests' tiny SDXL", "small": "SDXL topology at 1/4 width, same depth",
+            "sdxl": "SDXL base 1.0 architecture, full size"}[model]
+    return (f"{kind}; random weights; parameters: UNet {sizes[0]:.1f} M, VAE {sizes[1]:.1f} M, "
+            f"text encoders {sizes[2]:.1f} M + {sizes[3]:.1f} M")
+
+
+def report(settings: dict, chosen: list[Variant], skipped: dict[str, str | None], summary: dict[str, dict],
+           flops: dict[str, int], peak, num_images: int) -> dict:
+    """Print the results; return the ratios of ours to naive."""
+    from utils.benchmark_report import flops_text, format_table, mib, rate_text
+
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    batch = settings["train_batch_size"]
+    print(f"SDXL LoRA training benchmark -- model '{settings['model']}': {describe_model(settings['model'])}")
+    print(f"device {device}; {settings['resolution']}x{settings['resolution']}, batch {batch}, mixed precision "
+          f"{settings['mixed_precision']}, gradient checkpointing {'on' if settings['gradient_checkpointing'] else 'off'}"
+          f", {num_images} synthetic images, {'aspect buckets' if settings['buckets'] else 'square crops'}")
+    print(f"timing: {settings['steps']} optimizer steps after {settings['warmup']} warm-up, median step; each "
+          f"variant in a fresh process; {settings['repeats']} interleaved round(s), fastest round shown")
+    print(f"FLOPs per step (torch.utils.flop_counter): UNet+LoRA forward+backward {flops_text(flops['unet'])} "
+          f"(model FLOPs); with checkpointing {flops_text(flops['unet_checkpointed'])}; naive loop adds VAE "
+          f"encode {flops_text(flops['vae'])} + text encoders {flops_text(flops['text'])}")
+    print(f"peak: {peak.tflops:.4g} TFLOP/s ({peak.source}); MFU = model FLOPs x steps/s / peak")
+    print()
+    rows = []
+    for variant in chosen:
+        result = summary[variant.key]
+        rate = result["steps_per_second"]
+        executed = executed_flops(flops, result, variant.cache)
+        rows.append([variant.label, rate_text(rate), rate_text(rate * batch), f"{1000 / rate:.0f}",
+                     f"{result['cache_seconds']:.1f}", f"{result['wall_seconds']:.1f}",
+                     mib(result["train_peak_bytes"]), mib(result["process_peak_bytes"]),
+                     f"{executed * rate / 1e12:.3g}", f"{100 * flops['unet'] * rate / 1e12 / peak.tflops:.1f}%",
+                     " ".join(rate_text(r) for r in result["all_rates"])])
+    memory = "GPU MiB" if cuda else "RSS MiB"
+    print(format_table(["variant", "steps/s", "images/s", "ms/step", "cache s", "wall s", f"train peak {memory}",
+                        f"process peak {memory}", "TFLOP/s", "MFU", "steps/s per round"], rows))
+    for key, reason in skipped.items():
+        if reason:
+            print(f"skipped {key}: {reason}")
+    ratios = {}
+    if "naive" in summary and "ours" in summary:
+        naive, ours = summary["naive"], summary["ours"]
+        ratios = {"speed": ours["steps_per_second"] / naive["steps_per_second"],
+                  "wall": naive["wall_seconds"] / ours["wall_seconds"],
+                  "train_peak": ours["train_peak_bytes"] / naive["train_peak_bytes"],
+                  "process_peak": ours["process_peak_bytes"] / naive["process_peak_bytes"]}
+        print()
+        print("Caching benchmark (--cache vs --no-cache) = 'ours' vs 'naive' above: same model, data and settings.")
+        print(f"ours / naive: {ratios['speed']:.2f}x steps/s and images/s; wall time incl. caching "
+              f"{ratios['wall']:.2f}x faster; peak memory {ratios['train_peak']:.2f}x (training), "
+              f"{ratios['process_peak']:.2f}x (whole process)")
+        saved = 1 / naive["steps_per_second"] - 1 / ours["steps_per_second"]
+        if saved > 0:
+            print(f"caching took {ours['cache_seconds']:.1f} s for {num_images} images and saves {saved:.2f} s per "
+                  f"step: it pays for itself after {ours['cache_seconds'] / saved:.0f} steps")
+    return {"ratios": ratios}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        payload = json.loads(args.worker)
+        result = run_variant(payload["config"], Variant(**payload["variant"]))
+        print(RESULT_MARK + json.dumps(result), flush=True)
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from utils.flops import device_peak
+    from utils.make_tiny_sdxl import make_synthetic_dataset
+    from utils.sdxl import DTYPES
+
+    cuda = torch.cuda.is_available()
+    settings = resolve_settings(args, cuda)
+    variants = all_variants(args.gradient_checkpointing, args.mixed_precision)
+    wanted = args.variants.split(",") if args.variants else list(variants)
+    unknown = [key for key in wanted if key not in variants]
+    if unknown:
+        print(f"error: --variants: unknown {', '.join(unknown)} (choose from {', '.join(variants)})", file=sys.stderr)
+        return 2
+    skipped = {key: skip_reason(variants[key], cuda, args.torch_compile) for key in wanted}
+    chosen = [variants[key] for key in wanted if not skipped[key]]
+
+    device = torch.device("cuda" if cuda else "cpu")
+    peak = device_peak(device, DTYPES[args.mixed_precision] if cuda else torch.float32)
+    with tempfile.TemporaryDirectory(prefix="benchmark_train_") as scratch:
+        config = {**settings, "dataset_dir": str(make_synthetic_dataset(Path(scratch) / "data", args.num_images))}
+        flops = step_flops(settings["model"], settings["resolution"], settings["train_batch_size"],
+                           trainer_args(config, variants["ours"]))
+        rounds: dict[str, list[dict]] = {v.key: [] for v in chosen}
+        for round_index in range(settings["repeats"]):
+            for variant in chosen:
+                logger.info("round %d/%d: %s", round_index + 1, settings["repeats"], variant.label)
+                rounds[variant.key].append(run_in_subprocess(config, variant))
+    summary = {key: summarise(results) for key, results in rounds.items()}
+    ratios = report(settings, chosen, skipped, summary, flops, peak, args.num_images)
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps({"settings": settings, "peak": asdict(peak), "flops": flops,
+                                                      "results": summary, "rounds": rounds, **ratios}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""FLOP counting and the hardware's peak, for model-FLOP utilisation (MFU) in the benchmarks.
+
+FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions and attention;
+elementwise work is not counted, as is usual for MFU). They can be counted on the ``meta`` device,
+which costs neither time nor memory, so the full-size SDXL step is counted on any machine.
+
+Peaks: the vendors' dense (no sparsity) tensor-core figures for bf16/fp16 with fp32 accumulation,
+the way PyTorch runs them; on a CPU, or a GPU not in the table, a measured matmul rate.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+# (substring of torch.cuda.get_device_name(), dense bf16 TFLOP/s, dense fp16 TFLOP/s); first match wins,
+# so the specific names come before the general ones. None: not supported by the chip, or no published
+# figure (then the rate is measured instead).
+GPU_PEAK_TFLOPS: list[tuple[str, float | None, float | None]] = [
+    ("B200", 2250.0, 2250.0),
+    ("H200 NVL", 835.0, 835.0),
+    ("H200", 989.4, 989.4),
+    ("H100 NVL", 835.0, 835.0),
+    ("H100 PCIe", 756.0, 756.0),
+    ("H100", 989.4, 989.4),  # SXM
+    ("H800", 989.4, 989.4),
+    ("A100", 312.0, 312.0),
+    ("A800", 312.0, 312.0),
+    ("L40S", 362.1, 362.1),
+    ("L40", 181.0, 181.0),
+    ("L4", 121.0, 121.0),
+    ("A6000", 154.8, 154.8),  # RTX A6000
+    ("A40", 149.7, 149.7),
+    ("A10G", None, None),  # listed so that "A10" does not match it
+    ("A10", 125.0, 125.0),
+    ("RTX 6000 Ada", 364.2, 364.2),
+    ("RTX 4090", 165.2, 165.2),  # GeForce: fp32 accumulation runs at half the fp16-accumulate rate
+    ("RTX 4080", 97.5, 97.5),
+    ("RTX 3090", 71.0, 71.0),
+    ("RTX 3080", 59.5, 59.5),
+    ("V100", None, 125.0),
+    ("T4", None, 65.0),
+    ("MI300X", 1307.4, 1307.4),
+    ("MI250X", 383.0, 383.0),
+]
+
+
+@dataclass(frozen=True)
+class Peak:
+    tflops: float
+    source: str  # where the number comes from, printed beside it
+
+
+def table_peak(device_name: str, dtype: torch.dtype) -> float | None:
+    """The spec-sheet dense peak for ``device_name`` in bf16 or fp16, or None when not in the table."""
+    for name, bf16, fp16 in GPU_PEAK_TFLOPS:
+        if name.lower() in device_name.lower():
+            return {torch.bfloat16: bf16, torch.float16: fp16}.get(dtype)
+    return None
+
+
+def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int | None = None,
+                          seconds: float = 1.0) -> float:
+    """Best sustained rate of square matmuls on ``device``: the practical peak where no spec applies."""
+    size = size or (8192 if device.type == "cuda" else 1024)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    for repeat in range(1000):
+        _synchronize(device)
+        start = time.perf_counter()
+        torch.mm(a, b)
+        _synchronize(device)
+        if repeat:  # the first call includes one-off set-up
+            best = min(best, time.perf_counter() - start)
+        if repeat >= 3 and time.perf_counter() > deadline:
+            break
+    return 2 * size ** 3 / best / 1e12
+
+
+def device_peak(device: torch.device, dtype: torch.dtype) -> Peak:
+    """The peak to divide achieved FLOP/s by: the spec sheet on a known GPU, else a measured matmul rate."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        spec = table_peak(name, dtype)
+        if spec is not None:
+            return Peak(spec, f"{name}, dense {_dtype_name(dtype)} spec sheet")
+        return Peak(measure_matmul_tflops(device, dtype), f"{name}, measured {_dtype_name(dtype)} matmul")
+    threads = torch.get_num_threads()
+    return Peak(measure_matmul_tflops(device, dtype),
+                f"CPU, measured {_dtype_name(dtype)} 1024x1024 matmul on {threads} thread(s)")
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of the matmuls, convolutions and attention ``fn`` runs (its backward too, if it calls one)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))

@@ -1,0 +1,911 @@
+"""Rank x alpha sweeps: status files, run discovery, pictures, CLIP metrics and the verdict.
+
+The shell scripts call the bookkeeping subcommands; people call ``report`` and ``strip``:
+
+    plan, status, summary   run_experiments.sh: what to run, one status JSON per run, the summary JSON
+    runs, checkpoints       the inference scripts: a sweep's finished runs, a run's epoch checkpoints
+    losses                  one plot overlaying the training loss of every run of a sweep
+    report                  rank x alpha grid, loss curves, CLIP metrics (CSV, Markdown, heat maps), verdict
+    strip                   the epoch-by-epoch strip of a checkpoint series
+
+    python -m utils.sweep_report report --inference_dir output_ghibli/sweep/inference
+    python -m utils.sweep_report strip --inference_dir output_ghibli/sweep/r4_a8_lr1e-4/checkpoint_inference
+
+Heavy libraries (torch, matplotlib, transformers) are imported only by the subcommands that
+draw or measure, so the bookkeeping calls of the shell scripts start in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import re
+import shlex
+import sys
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from utils.atomic import write_json, write_text
+
+logger = logging.getLogger("sweep_report")
+
+STATUS_FILE = "status.json"
+SUMMARY_FILE = "sweep_summary.json"
+WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
+CONFIG_FILE = "experiment_config.json"
+INTERRUPTED_CODES = {130, 143}  # SIGINT, SIGTERM
+SECRET_FLAG_WORDS = ("token", "key", "secret", "password")
+DEFAULT_ALIGNMENT_TOLERANCE = 2.0
+
+
+class SweepError(ValueError):
+    """Bad input to a sweep command; the message names the file or value and the reason."""
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+
+def now_iso() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def read_json(path: Path) -> dict | None:
+    """The JSON object in ``path``, or None when the file does not exist."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as error:
+        raise SweepError(f"{path}: not valid JSON ({error.msg} at line {error.lineno})") from None
+    if not isinstance(data, dict):
+        raise SweepError(f"{path}: expected a JSON object")
+    return data
+
+
+def masked(args: list[str]) -> list[str]:
+    """Command-line arguments with the values of secret-looking flags replaced by '***'."""
+    shown, hide_next = [], False
+    for arg in args:
+        flag = arg.split("=", 1)[0].lstrip("-").lower() if arg.startswith("-") else ""
+        secret = bool(flag) and any(word in flag for word in SECRET_FLAG_WORDS)
+        if hide_next:
+            shown.append("***")
+        elif secret and "=" in arg:
+            shown.append(arg.split("=", 1)[0] + "=***")
+        else:
+            shown.append(arg)
+        hide_next = secret and "=" not in arg and not hide_next
+    return shown
+
+
+def save_image(image, path: Path) -> Path:
+    """Save a PIL image atomically (temporary name, then rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    image.save(temporary)
+    temporary.replace(path)
+    return path
+
+
+def save_figure(figure, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    figure.savefig(temporary)
+    plt.close(figure)
+    temporary.replace(path)
+    return path
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+# ----------------------------------------------------------------------------- sweep plan and status files
+
+
+def run_folder_name(rank: str, alpha: str, learning_rate: str) -> str:
+    return f"r{rank}_a{alpha}_lr{learning_rate}"
+
+
+def _positive(value: str, kind: type, name: str) -> None:
+    try:
+        ok = kind(value) > 0 and math.isfinite(float(value))
+    except ValueError:
+        ok = False
+    if not ok:
+        what = "a positive integer" if kind is int else "a positive number"
+        raise SweepError(f"{name} {value!r}: must be {what}")
+
+
+def validate_grid(ranks: list[str], alphas: list[str], learning_rate: str) -> None:
+    if not ranks or not alphas:
+        raise SweepError("--ranks and --alphas need at least one value each")
+    for rank in ranks:
+        _positive(rank, int, "--ranks value")
+    for alpha in alphas:
+        _positive(alpha, float, "--alphas value")
+    _positive(learning_rate, float, "--lr")
+    for values, name in ((ranks, "--ranks"), (alphas, "--alphas")):
+        if len(set(values)) != len(values):
+            raise SweepError(f"{name} {' '.join(values)!r}: a value is repeated")
+
+
+def is_finished(status: dict | None) -> bool:
+    return bool(status) and status.get("state") == "finished" and status.get("exit_code") == 0
+
+
+def plan_runs(sweep_dir: Path, ranks: list[str], alphas: list[str], learning_rate: str,
+              train_args: list[str]) -> list[tuple[str, str, Path, bool]]:
+    """(rank, alpha, folder, has_earlier_attempt) of every run still to do; finished runs are skipped."""
+    validate_grid(ranks, alphas, learning_rate)
+    todo = []
+    for rank in ranks:
+        for alpha in alphas:
+            folder = sweep_dir / run_folder_name(rank, alpha, learning_rate)
+            status = read_json(folder / STATUS_FILE)
+            if is_finished(status):
+                if status.get("train_args") != masked(train_args):
+                    logger.warning("%s finished earlier with other trainer flags (%s); delete its %s to "
+                                   "train it again", folder.name, " ".join(status.get("train_args") or []),
+                                   STATUS_FILE)
+                logger.info("Skipping %s: finished at %s", folder.name, status.get("ended_at"))
+                continue
+            todo.append((rank, alpha, folder, status is not None))
+    return todo
+
+
+def start_status(status_file: Path, rank: str, alpha: str, learning_rate: str, gpu: str, log: str,
+                 process_group: int | None, train_args: list[str], command: str) -> dict:
+    """Write the status of a run that starts now; earlier attempts move into its history."""
+    previous = read_json(status_file) or {}
+    history = list(previous.get("history", []))
+    if previous:
+        history.append({key: previous.get(key) for key in ("state", "started_at", "ended_at", "exit_code",
+                                                              "run_dir")})
+    status = {
+        "rank": int(rank), "alpha": float(alpha), "learning_rate": float(learning_rate),
+        "state": "running", "started_at": now_iso(), "ended_at": None, "duration_s": None,
+        "exit_code": None, "run_dir": None, "gpu": gpu or None, "process_group": process_group,
+        "attempts": int(previous.get("attempts", 0)) + 1, "log": log,
+        "train_args": masked(train_args), "command": shlex.join(masked(shlex.split(command))), "history": history,
+    }
+    write_json(status_file, status)
+    return status
+
+
+def find_run_dir(folder: Path) -> Path | None:
+    """The trainer's run directory inside a sweep run folder: the one with the newest final model,
+    else the one started last (a failed attempt)."""
+    runs = [p for p in folder.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file()] if folder.is_dir() else []
+    finished = [p for p in runs if (p / "final_model" / WEIGHTS_FILE).is_file()]
+    if finished:
+        return max(finished, key=lambda p: (p / "final_model" / WEIGHTS_FILE).stat().st_mtime)
+    return max(runs, key=lambda p: (p / CONFIG_FILE).stat().st_mtime) if runs else None
+
+
+def end_status(status_file: Path, exit_code: int) -> dict:
+    """Record how a run ended: end time, duration, exit code, state and the run directory it made."""
+    status = read_json(status_file)
+    if status is None:
+        raise SweepError(f"{status_file}: no status to end (the run was never started)")
+    run_dir = find_run_dir(status_file.parent)
+    has_model = run_dir is not None and (run_dir / "final_model" / WEIGHTS_FILE).is_file()
+    if exit_code == 0 and has_model:
+        state = "finished"
+    elif exit_code in INTERRUPTED_CODES:
+        state = "interrupted"
+    else:
+        state = "failed"
+    ended = datetime.now().astimezone()
+    started = datetime.fromisoformat(status["started_at"])
+    status.update(state=state, ended_at=ended.isoformat(timespec="seconds"), exit_code=exit_code,
+                  duration_s=round((ended - started).total_seconds(), 1),
+                  run_dir=str(run_dir.resolve()) if run_dir else None)
+    if exit_code == 0 and not has_model:
+        status["error"] = "the trainer exited 0 but left no final_model"
+    write_json(status_file, status)
+    logger.info("%s: %s (exit code %d) after %.0f s", status_file.parent.name, state, exit_code,
+                status["duration_s"])
+    return status
+
+
+def _final_eval_loss(status: dict) -> float | None:
+    if not status.get("run_dir"):
+        return None
+    info = read_json(Path(status["run_dir"]) / "final_model" / "final_model_info.json") or {}
+    return info.get("final_eval_loss")
+
+
+def write_summary(sweep_dir: Path, ranks: list[str], alphas: list[str], learning_rate: str, gpus: str,
+                  train_args: list[str], stopped: bool) -> dict:
+    """sweep_summary.json: every run of the grid with its status (pending when never started)."""
+    runs, counts = [], {"finished": 0, "failed": 0, "interrupted": 0, "running": 0, "pending": 0}
+    for rank in ranks:
+        for alpha in alphas:
+            folder = sweep_dir / run_folder_name(rank, alpha, learning_rate)
+            status = read_json(folder / STATUS_FILE) or {"rank": int(rank), "alpha": float(alpha),
+                                                         "learning_rate": float(learning_rate), "state": "pending"}
+            entry = {key: status.get(key) for key in ("rank", "alpha", "learning_rate", "state", "exit_code",
+                                                      "started_at", "ended_at", "duration_s", "attempts",
+                                                      "gpu", "run_dir")}
+            entry.update(folder=folder.name, final_eval_loss=_final_eval_loss(status))
+            counts[entry["state"]] = counts.get(entry["state"], 0) + 1
+            runs.append(entry)
+    summary = {
+        "sweep_dir": str(sweep_dir.resolve()), "ranks": [int(r) for r in ranks],
+        "alphas": [float(a) for a in alphas], "learning_rate": float(learning_rate),
+        "gpus": [g for g in gpus.split(",") if g] or None, "train_args": masked(train_args),
+        "updated_at": now_iso(), "stopped_by_signal": stopped, "complete": counts["finished"] == len(runs),
+        "counts": counts, "runs": runs,
+    }
+    write_json(sweep_dir / SUMMARY_FILE, summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- run discovery
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_dir: Path
+    rank: int
+    alpha: float
+    learning_rate: float
+    config: dict = field(compare=False, repr=False)
+
+    @property
+    def label(self) -> str:
+        return f"r{self.rank}_a{self.alpha:g}_lr{self.learning_rate:g}"
+
+
+def load_run(run_dir: Path) -> RunInfo:
+    config = read_json(run_dir / CONFIG_FILE)
+    if config is None:
+        raise SweepError(f"{run_dir}: not a training run (no {CONFIG_FILE})")
+    try:
+        return RunInfo(run_dir, int(config["lora_rank"]), float(config["lora_alpha"]),
+                       float(config["learning_rate"]), config)
+    except (KeyError, TypeError, ValueError) as error:
+        raise SweepError(f"{run_dir / CONFIG_FILE}: missing or bad field {error}") from None
+
+
+def _candidate_run_dirs(root: Path) -> list[Path]:
+    """Run directories at most two levels below ``root`` (a sweep's r*_a*_lr*/<run>/, or <output_dir>/<run>/)."""
+    found = [root] if (root / CONFIG_FILE).is_file() else []
+    for child in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        status = read_json(child / STATUS_FILE)
+        if status is not None:  # a sweep folder: its status names the run, stale attempts are ignored
+            if is_finished(status) and status.get("run_dir"):
+                found.append(Path(status["run_dir"]))
+            continue
+        if (child / CONFIG_FILE).is_file():
+            found.append(child)
+        else:
+            found += sorted(p for p in child.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file())
+    return found
+
+
+def find_runs(root: Path, model: str = "final_model") -> list[RunInfo]:
+    """Finished runs under ``root`` that have ``model``/ (final_model, best_model), sorted by rank, alpha, lr.
+
+    Two runs with the same rank, alpha and learning rate: the newer (by name, which starts with
+    the start time) is kept and the other named in a warning.
+    """
+    if not root.is_dir():
+        raise SweepError(f"{root}: folder not found")
+    by_key: dict[tuple, RunInfo] = {}
+    for run_dir in _candidate_run_dirs(root):
+        if not (run_dir / model / WEIGHTS_FILE).is_file():
+            continue
+        run = load_run(run_dir)
+        key = (run.rank, run.alpha, run.learning_rate)
+        if key in by_key:
+            older, newer = sorted([by_key[key], run], key=lambda r: r.run_dir.name)
+            logger.warning("Two runs for %s: using %s, ignoring %s", run.label, newer.run_dir, older.run_dir)
+            run = newer
+        by_key[key] = run
+    return [by_key[key] for key in sorted(by_key)]
+
+
+def resolve_run_dir(path: Path) -> Path:
+    """A run directory given itself, or a sweep run folder (r4_a8_lr1e-4/) holding one."""
+    if (path / CONFIG_FILE).is_file():
+        return path
+    status = read_json(path / STATUS_FILE)
+    if status and status.get("run_dir"):
+        return Path(status["run_dir"])
+    if not path.is_dir():
+        raise SweepError(f"{path}: folder not found")
+    runs = sorted(p for p in path.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file())
+    if len(runs) != 1:
+        raise SweepError(f"{path}: expected one training run (a folder with {CONFIG_FILE}), found {len(runs)}")
+    return runs[0]
+
+
+def epoch_checkpoints(run_dir: Path, include_final: bool = False) -> list[tuple[str, Path]]:
+    """(label, folder) of the run's checkpoint_epoch_N folders in epoch order, then final_model if asked."""
+    found = []
+    for folder in run_dir.glob("checkpoint_epoch_*"):
+        number = folder.name.rsplit("_", 1)[-1]
+        if number.isdigit() and (folder / WEIGHTS_FILE).is_file():
+            found.append((int(number), f"epoch_{number}", folder))
+    series = [(label, folder) for _, label, folder in sorted(found)]
+    if include_final and (run_dir / "final_model" / WEIGHTS_FILE).is_file():
+        series.append(("final", run_dir / "final_model"))
+    return series
+
+
+# ----------------------------------------------------------------------------- reading inference output
+
+
+@dataclass
+class Generation:
+    """What one inference_sdxl_ghibli.py call left in its folder (its newest call there)."""
+
+    folder: Path
+    lora_path: Path | None
+    prompts: list[str]
+    seeds: list[list[int]]
+    base: list[list[Path]]
+    lora: list[list[Path]]
+
+
+def read_generation(folder: Path) -> Generation | None:
+    """The newest set of metadata_prompt{k}_{ts}.json in ``folder``, or None when there is none."""
+    by_stamp: dict[str, dict[int, dict]] = {}
+    for path in folder.glob("metadata_prompt*_*.json"):
+        match = re.fullmatch(r"metadata_prompt(\d+)_(.+)\.json", path.name)
+        if match:
+            by_stamp.setdefault(match.group(2), {})[int(match.group(1))] = read_json(path)
+    if not by_stamp:
+        return None
+    stamp = max(by_stamp)
+    metas = by_stamp[stamp]
+    if sorted(metas) != list(range(len(metas))):
+        raise SweepError(f"{folder}: metadata files of {stamp} are incomplete (prompts {sorted(metas)})")
+    ordered = [metas[k] for k in range(len(metas))]
+    lora = ordered[0].get("lora_model_path")
+    return Generation(
+        folder=folder, lora_path=Path(lora) if lora else None, prompts=[m["prompt"] for m in ordered],
+        seeds=[m["seeds"] for m in ordered], base=[[folder / n for n in m.get("base_images", [])] for m in ordered],
+        lora=[[folder / n for n in m.get("lora_images", [])] for m in ordered],
+    )
+
+
+def lora_generations(inference_dir: Path) -> list[Generation]:
+    """Every subfolder of ``inference_dir`` that holds LoRA images, checked to share prompts and seeds."""
+    if not inference_dir.is_dir():
+        raise SweepError(f"{inference_dir}: folder not found")
+    found = []
+    for folder in sorted(p for p in inference_dir.iterdir() if p.is_dir()):
+        generation = read_generation(folder)
+        if generation and generation.lora_path and all(generation.lora):
+            found.append(generation)
+    if not found:
+        raise SweepError(f"{inference_dir}: no LoRA images found (no metadata_prompt*.json with lora_images)")
+    reference = found[0]
+    for generation in found[1:]:
+        if generation.prompts != reference.prompts or generation.seeds != reference.seeds:
+            raise SweepError(f"{generation.folder}: generated with other prompts or seeds than "
+                             f"{reference.folder}; compare runs only on the same prompts and seeds")
+    return found
+
+
+def base_images(generations: list[Generation]) -> list[list[Path]]:
+    for generation in generations:
+        if all(generation.base):
+            return generation.base
+    raise SweepError(f"{generations[0].folder.parent}: no base images saved (run with --run_base_inference)")
+
+
+# ----------------------------------------------------------------------------- pictures
+
+
+def _open_cell(path: Path | None, size: tuple[int, int] | None, cell_size: int):
+    from PIL import Image, ImageDraw
+
+    if path is None:
+        image = Image.new("RGB", size or (cell_size, cell_size), (210, 210, 210))
+        ImageDraw.Draw(image).text((8, 8), "missing", fill="black")
+        return image
+    with Image.open(path) as opened:
+        image = opened.convert("RGB")
+    image.thumbnail((cell_size, cell_size))
+    return image
+
+
+def rank_alpha_grid(cells: dict[tuple[int, float], Path], title: str, cell_size: int = 512):
+    """The exp_result.png picture: rows = LoRA rank, columns = LoRA alpha, one image per run."""
+    from utils.grids import labelled_grid
+
+    ranks = sorted({rank for rank, _ in cells})
+    alphas = sorted({alpha for _, alpha in cells})
+    size = _open_cell(next(iter(cells.values())), None, cell_size).size
+    rows = [[_open_cell(cells.get((rank, alpha)), size, cell_size) for alpha in alphas] for rank in ranks]
+    return labelled_grid(rows, [f"rank {r}" for r in ranks], title=title,
+                         column_labels=[f"alpha {a:g}" for a in alphas])
+
+
+def _series_key(label: str) -> tuple[float, str]:
+    match = re.fullmatch(r"checkpoint_epoch_(\d+)", label)
+    return (int(match.group(1)), label) if match else (math.inf, label)
+
+
+def _series_label(model_folder: Path) -> str:
+    match = re.fullmatch(r"checkpoint_epoch_(\d+)", model_folder.name)
+    if match:
+        return f"epoch {match.group(1)}"
+    return {"final_model": "final", "best_model": "best"}.get(model_folder.name, model_folder.name)
+
+
+def epoch_strip(generations: list[Generation], image_index: int = 0, cell_size: int = 256):
+    """Base, then each checkpoint of a series in epoch order; one row per prompt (image ``image_index``)."""
+    from utils.grids import labelled_grid
+
+    ordered = sorted(generations, key=lambda g: _series_key(g.lora_path.name))
+    base = base_images(ordered)
+    rows = []
+    for k in range(len(ordered[0].prompts)):
+        row = [base[k][image_index]] + [g.lora[k][image_index] for g in ordered]
+        rows.append([_open_cell(path, None, cell_size) for path in row])
+    columns = ["base"] + [_series_label(g.lora_path) for g in ordered]
+    run_name = ordered[0].lora_path.parent.name
+    title = f"{run_name}: image {image_index} of each prompt, epoch by epoch (same seeds)"
+    return labelled_grid(rows, [f"prompt {k}" for k in range(len(rows))], title=title, column_labels=columns), columns
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def read_loss_log(run_dir: Path) -> tuple[list[int], list[float]]:
+    log_dir = run_dir / str(load_run(run_dir).config.get("logging_dir") or "logs")
+    path = log_dir / "training_log.csv"
+    if not path.is_file():
+        return [], []
+    with open(path, newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("step") and row.get("loss")]
+    return [int(row["step"]) for row in rows], [float(row["loss"]) for row in rows]
+
+
+def plot_loss_overlay(runs: list[RunInfo], png_path: Path) -> Path:
+    """One figure, one smoothed training-loss line per run (the raw loss faint behind it)."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(8, 5), dpi=100)
+    for run in runs:
+        steps, losses = read_loss_log(run.run_dir)
+        if not steps:
+            logger.warning("%s: no training_log.csv; left out of the loss plot", run.run_dir)
+            continue
+        window = max(1, len(losses) // 20)
+        (line,) = axis.plot(steps, _moving_average(losses, window), label=f"rank {run.rank}, alpha {run.alpha:g}")
+        axis.plot(steps, losses, color=line.get_color(), alpha=0.15)
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("training loss (moving average)")
+    axis.set_title(f"Training loss of {len(runs)} runs")
+    axis.grid(alpha=0.3)
+    if runs:
+        axis.legend(fontsize=8, loc="upper right", ncol=2 if len(runs) > 6 else 1)
+    figure.tight_layout()
+    return save_figure(figure, png_path)
+
+
+# Fixed layout (no tight bbox), so every cell of a heat map sits at a known pixel position.
+HEATMAP_FIGSIZE = (5.0, 4.0)
+HEATMAP_DPI = 100
+HEATMAP_AXES = (0.17, 0.14, 0.60, 0.72)  # left, bottom, width, height as fractions of the figure
+COLORBAR_AXES = (0.81, 0.14, 0.035, 0.72)
+HEATMAP_CMAP = "viridis"
+
+
+def heatmap(values: list[list[float]], ranks: list[int], alphas: list[float], title: str, png_path: Path) -> Path:
+    """Metric over rank (rows) x alpha (columns), each cell annotated with its value; NaN cells grey."""
+    import numpy as np
+    plt = _pyplot()
+
+    data = np.ma.masked_invalid(np.array(values, dtype=float))
+    figure = plt.figure(figsize=HEATMAP_FIGSIZE, dpi=HEATMAP_DPI)
+    axis = figure.add_axes(HEATMAP_AXES)
+    cmap = plt.get_cmap(HEATMAP_CMAP).copy()
+    cmap.set_bad((0.85, 0.85, 0.85))
+    finite = data.compressed()
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+    image = axis.imshow(data, cmap=cmap, vmin=low, vmax=high, aspect="auto", interpolation="nearest")
+    for i in range(data.shape[0]):
+        for j in range(data.shape[1]):
+            value = values[i][j]
+            shade = 0.0 if high == low or math.isnan(value) else (value - low) / (high - low)
+            axis.text(j, i, "n/a" if math.isnan(value) else f"{value:.3g}", ha="center", va="center",
+                      fontsize=9, color="black" if shade > 0.6 else "white")
+    axis.set_xticks(range(len(alphas)), [f"{a:g}" for a in alphas])
+    axis.set_yticks(range(len(ranks)), [str(r) for r in ranks])
+    axis.set_xlabel("LoRA alpha")
+    axis.set_ylabel("LoRA rank")
+    axis.set_title(title, fontsize=10)
+    figure.colorbar(image, cax=figure.add_axes(COLORBAR_AXES))
+    return save_figure(figure, png_path)
+
+
+# ----------------------------------------------------------------------------- metrics and the verdict
+
+# (CSV column, heat-map file stem, title, Markdown format)
+METRICS = [
+    ("alignment", "alignment", "Prompt alignment (CLIP score)", ".2f"),
+    ("style_similarity", "style_similarity", "Style similarity (cosine to training centroid)", ".4f"),
+    ("style_gain", "style_gain", "Style gain over the base model", "+.4f"),
+    ("diversity", "diversity", "Diversity across seeds (cosine distance)", ".4f"),
+]
+CSV_FIELDS = ["run", "rank", "alpha", "learning_rate", "num_images", "alignment", "alignment_base",
+              "alignment_change", "style_similarity", "style_similarity_base", "style_gain", "diversity",
+              "diversity_base", "within_tolerance", "best", "run_dir"]
+
+
+def verdict_rule(tolerance: float) -> str:
+    return (f"Among the runs whose prompt alignment is at most {tolerance:g} CLIP-score points below the base "
+            f"model's, the run with the highest style gain (mean cosine to the training-set centroid, LoRA "
+            f"minus base) wins; a tie goes to the higher alignment. If no run stays within {tolerance:g} "
+            f"points, the run with the highest alignment wins.")
+
+
+def choose_best(rows: list[dict], tolerance: float) -> tuple[dict, str]:
+    """The run that best trades style gain against prompt alignment, and a sentence saying why."""
+    for row in rows:
+        row["within_tolerance"] = row["alignment_change"] >= -tolerance
+    eligible = [row for row in rows if row["within_tolerance"]]
+    if eligible:
+        best = max(eligible, key=lambda r: (r["style_gain"], r["alignment"]))
+        reason = (f"{best['run']} has the highest style gain ({best['style_gain']:+.4f}) of the {len(eligible)} "
+                  f"run(s) whose alignment stays within {tolerance:g} points of the base model "
+                  f"(its change: {best['alignment_change']:+.2f}).")
+        if best["style_gain"] <= 0:
+            reason += " No run moved the images towards the training style (every gain is 0 or less)."
+    else:
+        best = max(rows, key=lambda r: r["alignment"])
+        reason = (f"Every run loses more than {tolerance:g} alignment points; {best['run']} loses the least "
+                  f"({best['alignment_change']:+.2f}).")
+    for row in rows:
+        row["best"] = row is best
+    return best, reason
+
+
+def _style_reference(runs: list[RunInfo], style_images: Path | None) -> list[Path]:
+    """The training images the style is measured against: --style_images, else the runs' dataset."""
+    if style_images:
+        if not style_images.is_dir():
+            raise SweepError(f"{style_images}: style image folder not found")
+        suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+        paths = sorted(p for p in style_images.rglob("*") if p.suffix.lower() in suffixes)
+        if not paths:
+            raise SweepError(f"{style_images}: no images in the style image folder")
+        return paths
+    from utils.ghibli_datasets import DatasetError, load_examples
+
+    config = runs[0].config
+    dataset_dir, dataset_type = config.get("dataset_dir"), config.get("dataset_type", "ghibli")
+    if any(run.config.get("dataset_dir") != dataset_dir for run in runs):
+        logger.warning("The runs were trained on different datasets; the style reference is %s", dataset_dir)
+    try:
+        return [example.image_path for example in load_examples(dataset_type, dataset_dir)]
+    except (DatasetError, FileNotFoundError) as error:
+        raise SweepError(f"style reference: {error} (the dataset recorded in {runs[0].run_dir / CONFIG_FILE}; "
+                         f"pass --style_images)") from None
+
+
+def _open_all(paths: list[list[Path]]):
+    from PIL import Image
+
+    opened = []
+    for group in paths:
+        images = []
+        for path in group:
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        opened.append(images)
+    return opened
+
+
+def measure(runs: list[RunInfo], generations: list[Generation], clip_model: str, style_images: Path | None,
+            tolerance: float, device: str | None) -> tuple[list[dict], dict, str]:
+    """CLIP metrics of every run and of the base images; returns (rows, base scores, verdict reason)."""
+    from tqdm.auto import tqdm
+
+    from utils.style_metrics import ClipEmbedder, score_image_set, style_centroid_of
+
+    embedder = ClipEmbedder(clip_model, device=device)
+    target = style_centroid_of(embedder, _style_reference(runs, style_images))
+    prompts = generations[0].prompts
+    base = score_image_set(embedder, prompts, _open_all(base_images(generations)), target)
+    rows = []
+    for run, generation in tqdm(list(zip(runs, generations)), desc="CLIP metrics"):
+        scores = score_image_set(embedder, prompts, _open_all(generation.lora), target)
+        rows.append({
+            "run": run.label, "rank": run.rank, "alpha": run.alpha, "learning_rate": run.learning_rate,
+            "num_images": scores.num_images, "alignment": scores.alignment, "alignment_base": base.alignment,
+            "alignment_change": scores.alignment - base.alignment, "style_similarity": scores.style,
+            "style_similarity_base": base.style, "style_gain": scores.style - base.style,
+            "diversity": scores.diversity, "diversity_base": base.diversity, "run_dir": str(run.run_dir),
+        })
+    best, reason = choose_best(rows, tolerance)
+    return rows, {"alignment": base.alignment, "style_similarity": base.style, "diversity": base.diversity}, reason
+
+
+def _csv_value(value) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.6f}"
+    return str(value)
+
+
+def write_metrics_csv(rows: list[dict], path: Path) -> Path:
+    lines = [",".join(CSV_FIELDS)]
+    for row in rows:
+        lines.append(",".join(_csv_value(row[name]).replace(",", ";") for name in CSV_FIELDS))
+    write_text(path, "\n".join(lines) + "\n")
+    return path
+
+
+def _fmt(value: float, spec: str) -> str:
+    return "n/a" if math.isnan(value) else format(value, spec)
+
+
+def metrics_markdown(rows: list[dict], base: dict, reason: str, tolerance: float, clip_model: str,
+                     pictures: list[str]) -> str:
+    header = ("| run | rank | alpha | prompt alignment | change vs base | style similarity | style gain "
+              "| diversity | within tolerance |")
+    lines = [
+        "# Rank × alpha sweep: measured verdict", "",
+        f"**Best trade-off: {next(r['run'] for r in rows if r['best'])}.** {reason}", "",
+        f"Rule: {verdict_rule(tolerance)}", "",
+        f"Metrics: CLIP `{clip_model}`. Prompt alignment is the CLIP score (100 × cosine of prompt and "
+        "image, floored at 0); style similarity is the mean cosine between an image's CLIP embedding and "
+        "the centroid of the training images' embeddings; diversity is the mean pairwise cosine distance "
+        "between the seeds of one prompt. Every run uses the same prompts and seeds as the base model.", "",
+        header, "|" + " --- |" * 9,
+        f"| base model | | | {_fmt(base['alignment'], '.2f')} | | {_fmt(base['style_similarity'], '.4f')} | "
+        f"| {_fmt(base['diversity'], '.4f')} | |",
+    ]
+    for row in rows:
+        name = f"**{row['run']}** ★" if row["best"] else row["run"]
+        lines.append(
+            f"| {name} | {row['rank']} | {row['alpha']:g} | {_fmt(row['alignment'], '.2f')} "
+            f"| {_fmt(row['alignment_change'], '+.2f')} | {_fmt(row['style_similarity'], '.4f')} "
+            f"| {_fmt(row['style_gain'], '+.4f')} | {_fmt(row['diversity'], '.4f')} "
+            f"| {'yes' if row['within_tolerance'] else 'no'} |")
+    lines += [""] + [f"![{Path(p).stem}]({p})" for p in pictures]
+    return "\n".join(lines) + "\n"
+
+
+def metric_matrix(rows: list[dict], column: str) -> tuple[list[list[float]], list[int], list[float]]:
+    ranks = sorted({row["rank"] for row in rows})
+    alphas = sorted({row["alpha"] for row in rows})
+    values = {(row["rank"], row["alpha"]): row[column] for row in rows}
+    return [[values.get((r, a), math.nan) for a in alphas] for r in ranks], ranks, alphas
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def runs_of(generations: list[Generation]) -> list[RunInfo]:
+    """The training run behind each generation (its LoRA folder's parent), one per rank and alpha."""
+    runs, seen = [], {}
+    for generation in generations:
+        run = load_run(generation.lora_path.parent)
+        key = (run.rank, run.alpha)
+        if key in seen:
+            raise SweepError(f"{generation.folder} and {seen[key]}: two runs with rank {run.rank} and alpha "
+                             f"{run.alpha:g}; report one sweep (one learning rate) at a time")
+        seen[key] = generation.folder
+        runs.append(run)
+    return runs
+
+
+def build_report(args: argparse.Namespace) -> dict:
+    inference_dir = Path(args.inference_dir)
+    out = Path(args.output_dir) if args.output_dir else inference_dir / "report"
+    generations = lora_generations(inference_dir)
+    runs = runs_of(generations)
+    k, i = args.prompt_index, args.image_index
+    if not 0 <= k < len(generations[0].prompts) or not 0 <= i < len(generations[0].seeds[k]):
+        raise SweepError(f"--prompt_index {k} / --image_index {i}: out of range ({len(generations[0].prompts)} "
+                         f"prompts, {len(generations[0].seeds[0])} images each)")
+    cells = {(run.rank, run.alpha): gen.lora[k][i] for run, gen in zip(runs, generations)}
+    title = f'"{generations[0].prompts[k]}" (seed {generations[0].seeds[k][i]}): rows LoRA rank, columns LoRA alpha'
+    save_image(rank_alpha_grid(cells, title, args.cell_size), out / "exp_result.png")
+    write_json(out / "exp_result.json", {
+        "prompt": generations[0].prompts[k], "seed": generations[0].seeds[k][i],
+        "ranks": sorted({r.rank for r in runs}), "alphas": sorted({r.alpha for r in runs}),
+        "cells": [{"rank": r.rank, "alpha": r.alpha, "run_dir": str(r.run_dir), "image": str(cells[(r.rank, r.alpha)])}
+                  for r in runs],
+    })
+    plot_loss_overlay(runs, out / "loss_curves.png")
+    made = {"grid": str(out / "exp_result.png"), "loss_curves": str(out / "loss_curves.png")}
+    if not args.no_metrics:
+        made.update(report_metrics(runs, generations, args, out))
+    return made
+
+
+def report_metrics(runs: list[RunInfo], generations: list[Generation], args: argparse.Namespace, out: Path) -> dict:
+    from utils.style_metrics import DEFAULT_CLIP_MODEL
+
+    args.clip_model = args.clip_model or DEFAULT_CLIP_MODEL
+    rows, base, reason = measure(runs, generations, args.clip_model, Path(args.style_images) if args.style_images
+                                 else None, args.alignment_tolerance, args.device)
+    write_metrics_csv(rows, out / "metrics.csv")
+    pictures = ["exp_result.png", "loss_curves.png"]
+    for column, stem, title, _ in METRICS:
+        values, ranks, alphas = metric_matrix(rows, column)
+        heatmap(values, ranks, alphas, title, out / f"heatmap_{stem}.png")
+        pictures.append(f"heatmap_{stem}.png")
+    write_text(out / "metrics.md", metrics_markdown(rows, base, reason, args.alignment_tolerance,
+                                                    args.clip_model, pictures))
+    best = next(row for row in rows if row["best"])
+    write_json(out / "verdict.json", {
+        "best_run": best["run"], "rank": best["rank"], "alpha": best["alpha"], "run_dir": best["run_dir"],
+        "reason": reason, "rule": verdict_rule(args.alignment_tolerance),
+        "alignment_tolerance": args.alignment_tolerance, "clip_model": args.clip_model, "base": base,
+        "eligible_runs": [row["run"] for row in rows if row["within_tolerance"]],
+    })
+    print(f"Best trade-off: {best['run']}. {reason}")
+    return {"metrics_csv": str(out / "metrics.csv"), "metrics_md": str(out / "metrics.md"),
+            "verdict": str(out / "verdict.json")}
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _add_bookkeeping_commands(commands) -> None:
+    plan = commands.add_parser("plan", help="print 'rank alpha folder resume' for each run still to do")
+    plan.add_argument("--sweep_dir", required=True)
+    plan.add_argument("--ranks", nargs="+", required=True)
+    plan.add_argument("--alphas", nargs="+", required=True)
+    plan.add_argument("--lr", required=True)
+    plan.add_argument("train_args", nargs=argparse.REMAINDER)
+
+    start = commands.add_parser("status-start", help="record that a run starts now")
+    for name in ("--file", "--rank", "--alpha", "--lr", "--log"):
+        start.add_argument(name, required=True)
+    start.add_argument("--gpu", default="")
+    start.add_argument("--process_group", type=int, default=None)
+    start.add_argument("--command", default="", help="the trainer command line, shell-quoted")
+    start.add_argument("train_args", nargs=argparse.REMAINDER, help="the flags passed through to the trainer")
+
+    end = commands.add_parser("status-end", help="record how a run ended")
+    end.add_argument("--file", required=True)
+    end.add_argument("--exit_code", type=int, required=True)
+
+    summary = commands.add_parser("summary", help="write sweep_summary.json; exit 1 unless every run finished")
+    summary.add_argument("--sweep_dir", required=True)
+    summary.add_argument("--ranks", nargs="+", required=True)
+    summary.add_argument("--alphas", nargs="+", required=True)
+    summary.add_argument("--lr", required=True)
+    summary.add_argument("--gpus", default="")
+    summary.add_argument("--stopped", action="store_true")
+    summary.add_argument("train_args", nargs=argparse.REMAINDER)
+
+    runs = commands.add_parser("runs", help="print 'label<TAB>model folder' for each finished run under a folder")
+    runs.add_argument("root")
+    runs.add_argument("--model", default="final_model", help="final_model or best_model")
+
+    checkpoints = commands.add_parser("checkpoints", help="print 'label<TAB>folder' for a run's epoch checkpoints")
+    checkpoints.add_argument("run_dir")
+    checkpoints.add_argument("--include_final", action="store_true")
+
+    losses = commands.add_parser("losses", help="overlay the training loss of every run under a folder")
+    losses.add_argument("--sweep_dir", required=True)
+    losses.add_argument("--output", default=None, help="PNG path (default: {sweep_dir}/loss_curves.png)")
+
+
+def _add_picture_commands(commands) -> None:
+    report = commands.add_parser("report", help="grid, loss curves, CLIP metrics and the verdict of a sweep")
+    report.add_argument("--inference_dir", required=True, help="the output_dir of run_inference_experiments.sh")
+    report.add_argument("--output_dir", default=None, help="default: {inference_dir}/report")
+    report.add_argument("--prompt_index", type=int, default=0, help="prompt shown in the grid")
+    report.add_argument("--image_index", type=int, default=0, help="image (seed) of that prompt shown in the grid")
+    report.add_argument("--cell_size", type=int, default=512, help="largest side of a grid cell (pixels)")
+    report.add_argument("--clip_model", default=None,
+                        help="Hub id or folder of a CLIP model (default: openai/clip-vit-large-patch14)")
+    report.add_argument("--no_metrics", action="store_true", help="pictures only, no CLIP metrics")
+    report.add_argument("--style_images", default=None,
+                        help="folder of style reference images (default: the runs' training dataset)")
+    report.add_argument("--alignment_tolerance", type=float, default=DEFAULT_ALIGNMENT_TOLERANCE,
+                        help="CLIP-score points of alignment a run may lose against the base and still win")
+    report.add_argument("--device", default=None, help="device for CLIP (default: cuda when available)")
+
+    strip = commands.add_parser("strip", help="the epoch-by-epoch strip of a checkpoint series")
+    strip.add_argument("--inference_dir", required=True, help="the output_dir of run_checkpoint_inference.sh")
+    strip.add_argument("--output", default=None, help="default: {inference_dir}/epoch_strip.png")
+    strip.add_argument("--image_index", type=int, default=0)
+    strip.add_argument("--cell_size", type=int, default=256)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command_name", required=True)
+    _add_bookkeeping_commands(commands)
+    _add_picture_commands(commands)
+    args = parser.parse_args(argv)
+    if getattr(args, "train_args", None) and args.train_args[0] == "--":
+        args.train_args = args.train_args[1:]
+    return args
+
+
+def run_command(args: argparse.Namespace) -> int:
+    name = args.command_name
+    if name == "plan":
+        for rank, alpha, folder, resume in plan_runs(Path(args.sweep_dir), args.ranks, args.alphas, args.lr,
+                                                     args.train_args):
+            print(f"{rank}\t{alpha}\t{folder}\t{int(resume)}")
+    elif name == "status-start":
+        start_status(Path(args.file), args.rank, args.alpha, args.lr, args.gpu, args.log, args.process_group,
+                     args.train_args, args.command)
+    elif name == "status-end":
+        end_status(Path(args.file), args.exit_code)
+    elif name == "summary":
+        summary = write_summary(Path(args.sweep_dir), args.ranks, args.alphas, args.lr, args.gpus,
+                                args.train_args, args.stopped)
+        counts = ", ".join(f"{count} {state}" for state, count in summary["counts"].items() if count)
+        print(f"Sweep: {counts} ({Path(args.sweep_dir) / SUMMARY_FILE})")
+        return 0 if summary["complete"] else 1
+    elif name == "runs":
+        runs = find_runs(Path(args.root), args.model)
+        if not runs:
+            raise SweepError(f"{args.root}: no finished runs with {args.model}/{WEIGHTS_FILE}")
+        for run in runs:
+            print(f"{run.label}\t{(run.run_dir / args.model).resolve()}")
+    elif name == "checkpoints":
+        run_dir = resolve_run_dir(Path(args.run_dir))
+        series = epoch_checkpoints(run_dir, args.include_final)
+        if not series:
+            raise SweepError(f"{run_dir}: no checkpoint_epoch_N folders (train with --save_steps N)")
+        for label, folder in series:
+            print(f"{label}\t{folder.resolve()}")
+    elif name == "losses":
+        output = Path(args.output) if args.output else Path(args.sweep_dir) / "loss_curves.png"
+        print(plot_loss_overlay(find_runs(Path(args.sweep_dir)), output))
+    elif name == "report":
+        for path in build_report(args).values():
+            print(path)
+    elif name == "strip":
+        generations = lora_generations(Path(args.inference_dir))
+        output = Path(args.output) if args.output else Path(args.inference_dir) / "epoch_strip.png"
+        image, columns = epoch_strip(generations, args.image_index, args.cell_size)
+        save_image(image, output)
+        write_json(output.with_suffix(".json"), {"columns": columns, "prompts": generations[0].prompts,
+                                                 "seeds": generations[0].seeds, "image_index": args.image_index})
+        print(output)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        return run_command(args)
+    except (SweepError, FileNotFoundError, NotADirectoryError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
