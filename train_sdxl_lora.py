@@ -10,7 +10,6 @@ Multi-GPU:
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from utils.cli import run_cli

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +17,7 @@ FAST = ["--resolution", "128", "--train_batch_size", "2", "--learning_rate", "1e
         "--lora_rank", "4", "--lora_alpha", "4", "--report_to", "none", "--save_steps", "100"]
 
 
-def train(tiny_model_dir, dataset_dir, output_dir, *extra) -> "Path":
+def train(tiny_model_dir, dataset_dir, output_dir, *extra) -> Path:
     run_script("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir),
                "--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir), *FAST, *extra)
     (run_dir,) = [p for p in output_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]

@@ -18,7 +18,6 @@ import math
 import os
 import shutil
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -231,7 +230,7 @@ def lora_metadata(args: argparse.Namespace, state: TrainState) -> dict:
 
 
 def end_of_epoch(accelerator, args, run_dir: Path, state: TrainState, epoch: int, epoch_losses: list[float],
-                 components, models: list, eval_loss: float | None, csv_log: CsvLog) -> None:
+                 components, models: list, eval_loss: float | None) -> None:
     train_loss = sum(epoch_losses) / len(epoch_losses) if epoch_losses else math.nan
     state.last_eval_loss = eval_loss
     metric, metric_name = (eval_loss, "eval_loss") if eval_loss is not None else (train_loss, "train_loss")
@@ -247,13 +246,14 @@ def end_of_epoch(accelerator, args, run_dir: Path, state: TrainState, epoch: int
     if args.save_steps and epoch % args.save_steps == 0:
         save_model_folder(accelerator, run_dir / f"checkpoint_epoch_{epoch}", models, args, state,
                           "checkpoint_info.json", info)
-        plot_losses(run_dir, args) if accelerator.is_main_process else None
+        if accelerator.is_main_process:
+            plot_losses(run_dir, args)
     if args.validation_prompt and epoch % args.validation_epochs == 0:
         from utils.validation_images import log_validation_images
         log_validation_images(accelerator, args, run_dir, components, models, epoch, state.global_step)
 
 
-def finish(accelerator, args, run_dir: Path, state: TrainState, components, models: list, csv_log: CsvLog) -> None:
+def finish(accelerator, args, run_dir: Path, state: TrainState, models: list) -> None:
     accelerator.wait_for_everyone()
     save_model_folder(accelerator, run_dir / "final_model", models, args, state, "final_model_info.json",
                       {"step": state.global_step, "initial_eval_loss": state.initial_eval_loss,

@@ -314,7 +314,7 @@ def train(args: argparse.Namespace) -> Path:
             train_loop(run, stop)
     except torch.cuda.OutOfMemoryError as error:
         raise TrainingError(out_of_memory_message(args, run.run_dir)) from error
-    run_files.finish(run.accelerator, args, run.run_dir, run.state, run.components, run.models, run.csv_log)
+    run_files.finish(run.accelerator, args, run.run_dir, run.state, run.models)
     run.accelerator.end_training()
     return run.run_dir
 
@@ -447,8 +447,7 @@ def train_loop(run: Run, stop: StopRequest) -> None:
             if state.global_step >= state.max_train_steps:
                 break
         run_files.end_of_epoch(accelerator, args, run.run_dir, state, epoch + 1, epoch_losses, run.components,
-                               run.models, evaluate(run.unet, run.components.noise_scheduler, run.eval_set),
-                               run.csv_log)
+                               run.models, evaluate(run.unet, run.components.noise_scheduler, run.eval_set))
         if state.global_step >= state.max_train_steps:
             break
     progress.close()
