@@ -20,7 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.hub_errors import hub_errors, run_hub_cli  # noqa: E402 (needs the repo root on sys.path)
+from utils.cli import run_cli  # noqa: E402 (needs the repo root on sys.path)
+from utils.hub_errors import hub_errors  # noqa: E402
 
 logger = logging.getLogger("hf_inference")
 DEFAULT_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -72,21 +73,10 @@ def check_source(name: str, flag: str) -> None:
             from error
 
 
-def load_lora(pipe, lora: str, scale: float, weight_name: str | None) -> None:
-    from utils.comparison import ADAPTER_NAME, load_adapter, resolve_lora_source
-
-    if weight_name is None:
-        load_adapter(pipe, lora, scale)
-        return
-    source, _ = resolve_lora_source(lora)
-    pipe.load_lora_weights(source, weight_name=weight_name, adapter_name=ADAPTER_NAME)
-    pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
-
-
 def generate_locally(args: argparse.Namespace, seed: int):
     import torch
 
-    from utils.comparison import GenerationSettings, generate, pick_device
+    from utils.comparison import GenerationSettings, generate, load_adapter, pick_device
     from utils.sdxl import load_pipeline
 
     check_source(args.base_model_id, "--base_model_id")
@@ -98,7 +88,7 @@ def generate_locally(args: argparse.Namespace, seed: int):
         pipe = load_pipeline(args.base_model_id, variant=args.variant, torch_dtype=dtype).to(device)
     if args.lora_model_id:
         with hub_errors(f"LoRA {args.lora_model_id!r}"):
-            load_lora(pipe, args.lora_model_id, args.lora_scale, args.weight_name)
+            load_adapter(pipe, args.lora_model_id, args.lora_scale, args.weight_name)
     settings = GenerationSettings(args.negative_prompt or "", args.steps, args.guidance, args.height, args.width)
     return generate(pipe, args.prompt, [seed], settings)[0]
 
@@ -139,4 +129,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_hub_cli(main))
+    sys.exit(run_cli(main))

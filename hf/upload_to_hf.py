@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.hub_errors import run_hub_cli  # noqa: E402 (needs the repo root on sys.path)
+from utils.cli import run_cli  # noqa: E402 (needs the repo root on sys.path)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,4 +63,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_hub_cli(main))
+    sys.exit(run_cli(main))

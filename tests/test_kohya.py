@@ -30,19 +30,21 @@ DOWN_UP = [(".lora_A.weight", ".lora_B.weight"), (".lora.down.weight", ".lora.up
 # ----------------------------------------------------------------------------- helpers
 
 
-def load_pipe(model_dir):
+@pytest.fixture(scope="module")
+def pipe(tiny_model_dir):
+    """One base pipeline for the module; every test leaves it as it found it (LoRAs unloaded, weights restored)."""
     from diffusers import StableDiffusionXLPipeline
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    pipeline = StableDiffusionXLPipeline.from_pretrained(tiny_model_dir)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
 
 
 def render(pipe) -> tuple[np.ndarray, torch.Tensor]:
-    """An image and the prompt embeddings, for a fixed seed."""
+    """An image (fixed seed, no CFG to keep it cheap) and the prompt embeddings."""
     with torch.no_grad():
         embeddings = pipe.encode_prompt(PROMPT, device="cpu", do_classifier_free_guidance=False)[0]
-        image = pipe(PROMPT, num_inference_steps=2, height=64, width=64, output_type="np",
+        image = pipe(PROMPT, num_inference_steps=2, guidance_scale=1.0, height=64, width=64, output_type="np",
                      generator=torch.Generator().manual_seed(0)).images[0]
     return image, embeddings
 
@@ -80,14 +82,22 @@ def peft_deltas(models: dict) -> dict[tuple[str, str], tuple]:
     return deltas
 
 
-def merge_by_hand(pipe, deltas: dict) -> None:
-    """W <- W + scale * B @ A in the base weights (convolutions flattened to matrices)."""
-    with torch.no_grad():
-        for (component, module), (down, up, scale) in deltas.items():
-            model = getattr(pipe, component)
-            layer = model.get_submodule(module if hasattr(model, "text_model") else module.removeprefix("text_model."))
-            delta = up.flatten(1) @ down.flatten(1)
-            layer.weight += scale * delta.reshape(layer.weight.shape)
+def render_merged_by_hand(pipe, deltas: dict) -> tuple[np.ndarray, torch.Tensor]:
+    """Render with W + scale * B @ A written into the base weights (convolutions flattened to matrices)."""
+    layers = []
+    for (component, module), (down, up, scale) in deltas.items():
+        model = getattr(pipe, component)
+        layer = model.get_submodule(module if hasattr(model, "text_model") else module.removeprefix("text_model."))
+        layers.append((layer, layer.weight.detach().clone(), scale * (up.flatten(1) @ down.flatten(1))))
+    try:
+        with torch.no_grad():
+            for layer, weight, delta in layers:
+                layer.weight += delta.reshape(weight.shape)
+        return render(pipe)
+    finally:
+        with torch.no_grad():
+            for layer, weight, _ in layers:
+                layer.weight.copy_(weight)
 
 
 def assert_close(a, b, tolerance: float = 2e-4) -> None:
@@ -115,20 +125,27 @@ def diffusers_inverse(kohya_names: list[str], unet_config: dict) -> dict[str, st
     return {by_value[float(v)]: k.rsplit(".lora_A", 1)[0] for k, v in state.items() if ".lora_A" in k}
 
 
-def add_random_adapters(pipe, unet_targets: list[str], text_targets: list[str] | None, use_rslora: bool) -> None:
+def with_random_adapter(model, targets: list[str], use_rslora: bool):
+    """A copy of ``model`` with a LoRA (rank 4, alpha 8) whose B is non-zero, as after training."""
+    import copy
+
     from peft import LoraConfig
 
-    torch.manual_seed(7)
-    models = [pipe.unet]
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=unet_targets, use_rslora=use_rslora))
-    for encoder in (pipe.text_encoder, pipe.text_encoder_2) if text_targets else ():
-        encoder.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=text_targets, use_rslora=use_rslora))
-        models.append(encoder)
+    model = copy.deepcopy(model)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_rslora=use_rslora))
+    generator = torch.Generator().manual_seed(7)
     with torch.no_grad():
-        for model in models:
-            for name, parameter in model.named_parameters():
-                if "lora_B" in name:
-                    parameter.normal_(0.0, 0.05)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return model
+
+
+def convert_cli(*argv: str) -> int:
+    """utils/convert_lora.py in-process (one test runs it as a subprocess too)."""
+    from utils.convert_lora import main
+
+    return main([str(a) for a in argv])
 
 
 # ----------------------------------------------------------------------------- names
@@ -186,7 +203,7 @@ def test_block_indices_follow_the_config_of_the_tiny_unet(tiny_model_dir):
 # ----------------------------------------------------------------------------- trained run
 
 
-def test_trained_lora_as_kohya_file_gives_the_same_image(trained_run, tiny_model_dir, tmp_path):
+def test_trained_lora_as_kohya_file_gives_the_same_image(trained_run, pipe, tmp_path):
     from utils.lora_io import TRAINING_METADATA_KEY, read_metadata, read_tensors
 
     source = trained_run / "final_model" / "pytorch_lora_weights.safetensors"
@@ -216,22 +233,19 @@ def test_trained_lora_as_kohya_file_gives_the_same_image(trained_run, tiny_model
     assert meta["sshs_model_hash"] == data_section_sha256(output)
     assert not any("token" in key.lower() for key in meta)
 
-    pipe = load_pipe(tiny_model_dir)
     base = render(pipe)
     original = render_with(pipe, source.parent, source.name)
     converted = render_with(pipe, output.parent, output.name)
-    merge_by_hand(pipe, diffusers_file_deltas(source, TRAINED_ALPHA / TRAINED_RANK))
-    merged = render(pipe)
+    merged = render_merged_by_hand(pipe, diffusers_file_deltas(source, TRAINED_ALPHA / TRAINED_RANK))
     assert np.abs(original[0] - base[0]).max() > 0.02  # the LoRA does change the image
     assert_close(converted[0], original[0])
     assert_close(converted[0], merged[0])
 
 
-def test_inference_cli_takes_a_kohya_file(trained_run, tiny_model_dir, tmp_path):
+def test_inference_cli_takes_a_kohya_file(trained_run, pipe, tiny_model_dir, tmp_path):
     from inference_sdxl_ghibli import DEFAULT_NEGATIVE
     from utils.comparison import GenerationSettings, run_comparison
     from utils.kohya_lora import convert_diffusers_to_kohya
-    from utils.sdxl import load_pipeline
 
     kohya = convert_diffusers_to_kohya(trained_run / "final_model" / "pytorch_lora_weights.safetensors",
                                        tmp_path / "style.safetensors")
@@ -240,9 +254,11 @@ def test_inference_cli_takes_a_kohya_file(trained_run, tiny_model_dir, tmp_path)
                "--width", "64", "--num_inference_steps", "2", "--output_dir", str(tmp_path / "cli"))
     # The same generation in-process from the diffusers folder (the CLI's defaults: guidance 5, seed 42).
     settings = GenerationSettings(DEFAULT_NEGATIVE, 2, 5.0, 64, 64)
-    run_comparison(load_pipeline(str(tiny_model_dir), variant="fp16"), [PROMPT], str(trained_run / "final_model"),
-                   1.0, settings, 1, 42, tmp_path / "reference", str(tiny_model_dir), run_base=False,
-                   create_grid=False)
+    try:
+        run_comparison(pipe, [PROMPT], str(trained_run / "final_model"), 1.0, settings, 1, 42,
+                       tmp_path / "reference", str(tiny_model_dir), run_base=False, create_grid=False)
+    finally:
+        pipe.unload_lora_weights()
     (cli_image,) = (tmp_path / "cli").glob("lora_prompt0_*_0.png")
     (reference,) = (tmp_path / "reference").glob("lora_prompt0_*_0.png")
     difference = np.abs(np.asarray(Image.open(cli_image), dtype=np.int16) -
@@ -254,23 +270,22 @@ def test_inference_cli_takes_a_kohya_file(trained_run, tiny_model_dir, tmp_path)
 
 
 @pytest.fixture(scope="module")
-def text_encoder_lora(tiny_model_dir, tmp_path_factory):
+def text_encoder_lora(pipe, tiny_model_dir, tmp_path_factory):
     """A diffusers file with UNet and both text-encoder LoRAs, trained-like (non-zero B), with rsLoRA."""
     from utils.lora_io import save_lora
 
-    pipe = load_pipe(tiny_model_dir)
-    add_random_adapters(pipe, ["to_q", "to_k", "to_v", "to_out.0"],
-                        ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"], use_rslora=True)
+    models = {"unet": with_random_adapter(pipe.unet, ["to_q", "to_k", "to_v", "to_out.0"], use_rslora=True)}
+    for name in ("text_encoder", "text_encoder_2"):
+        models[name] = with_random_adapter(getattr(pipe, name), ["q_proj", "k_proj", "v_proj", "out_proj", "fc1",
+                                                                 "fc2"], use_rslora=True)
     folder = tmp_path_factory.mktemp("te_lora") / "final_model"
-    path = save_lora(folder, pipe.unet, [pipe.text_encoder, pipe.text_encoder_2],
+    path = save_lora(folder, models["unet"], [models["text_encoder"], models["text_encoder_2"]],
                      {"base_model": str(tiny_model_dir), "lora_rank": 4, "lora_alpha": 8, "use_rslora": True,
                       "resolution": 64, "steps": 3, "train_text_encoder": True})
-    deltas = peft_deltas({"unet": pipe.unet, "text_encoder": pipe.text_encoder,
-                          "text_encoder_2": pipe.text_encoder_2})
-    return path, deltas
+    return path, peft_deltas(models)
 
 
-def test_text_encoders_and_rslora_survive_kohya_and_back(text_encoder_lora, tiny_model_dir, tmp_path):
+def test_text_encoders_and_rslora_survive_kohya_and_back(text_encoder_lora, pipe, tmp_path):
     from utils.kohya_lora import convert_diffusers_to_kohya, read_diffusers_lora
     from utils.lora_io import adapter_config, read_metadata, read_tensors
 
@@ -288,9 +303,9 @@ def test_text_encoders_and_rslora_survive_kohya_and_back(text_encoder_lora, tiny
     assert read_metadata(kohya)["ss_network_train_unet_only"] == "False"
 
     back = tmp_path / "back" / "pytorch_lora_weights.safetensors"
-    run_script("utils/convert_lora.py", str(kohya), "--output", str(back.parent))
-    before = {(m.component, m.module.removeprefix("text_model.")): m for m in read_diffusers_lora(source)[0]}
-    after = {(m.component, m.module.removeprefix("text_model.")): m for m in read_diffusers_lora(back)[0]}
+    assert convert_cli(kohya, "--output", back.parent) == 0
+    before = {(m.component, m.module.removeprefix("text_model.")): m for m in read_diffusers_lora(source).modules}
+    after = {(m.component, m.module.removeprefix("text_model.")): m for m in read_diffusers_lora(back).modules}
     assert before.keys() == after.keys() and len(after) == len(deltas)
     for key, module in before.items():
         assert torch.equal(module.down, after[key].down) and torch.equal(module.up, after[key].up)
@@ -298,31 +313,27 @@ def test_text_encoders_and_rslora_survive_kohya_and_back(text_encoder_lora, tiny
     assert adapter_config(back, "text_encoder_2")["lora_alpha"] == 16
     assert read_metadata(back)["ghibli_training"] == read_metadata(source)["ghibli_training"]
 
-    pipe = load_pipe(tiny_model_dir)
     base = render(pipe)
     original = render_with(pipe, source.parent, source.name)
     converted = render_with(pipe, kohya.parent, kohya.name)
     round_trip = render_with(pipe, back.parent, back.name)
-    merge_by_hand(pipe, deltas)
-    merged = render(pipe)
+    merged = render_merged_by_hand(pipe, deltas)
     assert (original[1] - base[1]).abs().max() > 0.05  # the text-encoder LoRA changes the embeddings
     for result in (converted, round_trip, merged):
         assert_close(result[1], original[1])
         assert_close(result[0], original[0])
 
 
-def test_convolution_and_embedding_layers_convert_too(tiny_model_dir, tmp_path):
+def test_convolution_and_embedding_layers_convert_too(pipe, tiny_model_dir, tmp_path):
     from utils.kohya_lora import KOHYA_WEIGHT_NAME, save_kohya_copy
     from utils.lora_io import read_tensors, save_lora
 
-    pipe = load_pipe(tiny_model_dir)
     targets = ["conv_in", "conv1", "conv2", "conv_shortcut", "time_emb_proj", "conv", "linear_1", "proj_in",
                "proj_out", "ff.net.0.proj", "ff.net.2", "to_q"]
-    add_random_adapters(pipe, targets, None, use_rslora=False)
-    deltas = peft_deltas({"unet": pipe.unet})
+    unet = with_random_adapter(pipe.unet, targets, use_rslora=False)
     folder = tmp_path / "conv_lora"
-    save_lora(folder, pipe.unet, None, {"base_model": str(tiny_model_dir)})
-    kohya = save_kohya_copy(folder, pipe.unet.config)
+    save_lora(folder, unet, None, {"base_model": str(tiny_model_dir)})
+    kohya = save_kohya_copy(folder, unet.config)
     assert kohya == folder / KOHYA_WEIGHT_NAME
     names = {key.split(".")[0] for key in read_tensors(kohya)}
     assert {"lora_unet_input_blocks_0_0", "lora_unet_time_embed_0", "lora_unet_label_emb_0_0",
@@ -330,13 +341,12 @@ def test_convolution_and_embedding_layers_convert_too(tiny_model_dir, tmp_path):
             "lora_unet_input_blocks_3_0_skip_connection", "lora_unet_output_blocks_2_0_emb_layers_1",
             "lora_unet_middle_block_0_in_layers_2", "lora_unet_output_blocks_0_1_transformer_blocks_0_ff_net_2",
             } <= names
+    deltas = peft_deltas({"unet": unet})
     assert len(names) == len(deltas)
 
-    fresh = load_pipe(tiny_model_dir)
-    base = render(fresh)
-    converted = render_with(fresh, folder, KOHYA_WEIGHT_NAME)
-    merge_by_hand(fresh, deltas)
-    merged = render(fresh)
+    base = render(pipe)
+    converted = render_with(pipe, folder, KOHYA_WEIGHT_NAME)
+    merged = render_merged_by_hand(pipe, deltas)
     assert np.abs(merged[0] - base[0]).max() > 0.02
     assert_close(converted[0], merged[0])
 
@@ -344,7 +354,7 @@ def test_convolution_and_embedding_layers_convert_too(tiny_model_dir, tmp_path):
 # ----------------------------------------------------------------------------- bad input
 
 
-def test_unmappable_keys_are_reported_not_dropped(trained_run, tiny_model_dir, tmp_path):
+def test_unmappable_keys_are_reported_not_dropped(trained_run, tiny_model_dir, tmp_path, capsys):
     from safetensors.torch import save_file
 
     from utils.kohya_lora import LoraConversionError, convert_kohya_to_diffusers, load_unet_config
@@ -357,22 +367,22 @@ def test_unmappable_keys_are_reported_not_dropped(trained_run, tiny_model_dir, t
     extra["unet.not_a_block.proj.lora_B.weight"] = torch.zeros(8, 4)
     extra["unet.down_blocks.1.attentions.0.proj_in.lora_B.bias"] = torch.zeros(64)
     save_file(extra, str(tmp_path / "extra.safetensors"), metadata=metadata)
-    result = run_script("utils/convert_lora.py", str(tmp_path / "extra.safetensors"), "--output",
-                        str(tmp_path / "out.safetensors"), check=False)
-    assert result.returncode == 2
-    assert "unet.not_a_block.proj" in result.stderr and "proj_in.lora_B.bias" in result.stderr
+    assert convert_cli(tmp_path / "extra.safetensors", "--output", tmp_path / "out.safetensors") == 2
+    error = capsys.readouterr().err
+    assert "2 key(s) cannot be mapped" in error
+    assert "unet.not_a_block.proj:" in error and "proj_in.lora_B.bias:" in error
     assert not (tmp_path / "out.safetensors").exists()
 
     dora = dict(tensors)
     dora["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_magnitude_vector"] = torch.ones(64)
     save_file(dora, str(tmp_path / "dora.safetensors"), metadata=metadata)
-    result = run_script("utils/convert_lora.py", str(tmp_path / "dora.safetensors"), check=False)
-    assert result.returncode == 2 and "DoRA" in result.stderr
+    assert convert_cli(tmp_path / "dora.safetensors") == 2
+    assert "DoRA" in capsys.readouterr().err
 
     # The tiny model's weights do not fit SDXL's UNet: a wrong base model is caught by shape, not written.
-    result = run_script("utils/convert_lora.py", str(source), "--output", str(tmp_path / "sdxl.safetensors"),
-                        "--pretrained_model_name_or_path", "stabilityai/stable-diffusion-xl-base-1.0", check=False)
-    assert result.returncode == 2 and "do not fit" in result.stderr
+    assert convert_cli(source, "--output", tmp_path / "sdxl.safetensors",
+                       "--pretrained_model_name_or_path", "stabilityai/stable-diffusion-xl-base-1.0") == 2
+    assert "do not fit" in capsys.readouterr().err
 
     kohya = {"lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 64),
              "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(64, 4),
@@ -381,32 +391,33 @@ def test_unmappable_keys_are_reported_not_dropped(trained_run, tiny_model_dir, t
              "lora_unet_input_blocks_9_1_proj_in.lora_up.weight": torch.zeros(64, 4),
              "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.hada_w1_a": torch.zeros(4, 4)}
     save_file(kohya, str(tmp_path / "kohya.safetensors"))
-    with pytest.raises(LoraConversionError) as error:
+    with pytest.raises(LoraConversionError) as raised:
         convert_kohya_to_diffusers(tmp_path / "kohya.safetensors", tmp_path / "k" / "pytorch_lora_weights.safetensors",
                                    load_unet_config(str(tiny_model_dir)))
-    assert {p.split(":")[0] for p in error.value.problems} == {
+    assert {p.split(":")[0] for p in raised.value.problems} == {
         "lora_unet_input_blocks_9_1_proj_in", "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.hada_w1_a"}
+    assert not (tmp_path / "k").exists()
 
 
-def test_peft_adapter_folder_converts_with_its_component(tiny_model_dir, tmp_path):
+def test_peft_adapter_folder_converts_with_its_component(pipe, tmp_path, capsys):
+    import copy
+
     from peft import LoraConfig, get_peft_model
-    from transformers import CLIPTextModelWithProjection
 
     from utils.lora_io import read_tensors
 
-    encoder = CLIPTextModelWithProjection.from_pretrained(tiny_model_dir / "text_encoder_2")
-    model = get_peft_model(encoder, LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"]))
+    model = get_peft_model(copy.deepcopy(pipe.text_encoder_2),
+                           LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"]))
     adapter = tmp_path / "adapter"
     model.save_pretrained(adapter)
     source = read_tensors(adapter / "adapter_model.safetensors")
 
-    result = run_script("utils/convert_lora.py", str(adapter), check=False)
-    assert result.returncode == 2 and "--component" in result.stderr
-    run_script("utils/convert_lora.py", str(adapter), "--component", "text_encoder_2", "--output",
-               str(tmp_path / "te2.safetensors"))
+    assert convert_cli(adapter) == 2
+    assert "--component" in capsys.readouterr().err
+    assert convert_cli(adapter, "--component", "text_encoder_2", "--output", tmp_path / "te2.safetensors") == 0
     tensors = read_tensors(tmp_path / "te2.safetensors")
     assert {key.split(".")[0] for key in tensors} == {
         f"lora_te2_text_model_encoder_layers_{i}_self_attn_{p}_proj" for i in range(3) for p in ("q", "v")}
     assert {float(v) for k, v in tensors.items() if k.endswith(".alpha")} == {6.0}
-    key = "base_model.model.text_model.encoder.layers.1.self_attn.v_proj.lora_B.weight"
-    assert torch.equal(tensors["lora_te2_text_model_encoder_layers_1_self_attn_v_proj.lora_up.weight"], source[key])
+    (key,) = [k for k in source if k.endswith("layers.1.self_attn.v_proj.lora_A.weight")]
+    assert torch.equal(tensors["lora_te2_text_model_encoder_layers_1_self_attn_v_proj.lora_down.weight"], source[key])

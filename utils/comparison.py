@@ -79,9 +79,11 @@ def resolve_lora_source(path: str) -> tuple[str, dict]:
     raise FileNotFoundError(f"{path}: LoRA folder or file not found")
 
 
-def load_adapter(pipe, lora_path: str, scale: float) -> None:
+def load_adapter(pipe, lora_path: str, scale: float, weight_name: str | None = None) -> None:
     """Load a LoRA as a named adapter and set its scale (any value, 0 and 1 included)."""
     source, kwargs = resolve_lora_source(lora_path)
+    if weight_name:
+        kwargs["weight_name"] = weight_name
     pipe.load_lora_weights(source, adapter_name=ADAPTER_NAME, **kwargs)
     pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
 

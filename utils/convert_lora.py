@@ -26,7 +26,7 @@ import torch
 from safetensors import safe_open
 
 from utils.cli import run_cli
-from utils.kohya_lora import (COMPONENTS, KOHYA_WEIGHT_NAME, LoraConversionError, LoraModule,
+from utils.kohya_lora import (COMPONENTS, KOHYA_WEIGHT_NAME, LoraConversionError, LoraModule, ParsedLora,
                               is_kohya_state_dict, modules_from_peft_weights, read_diffusers_lora, read_kohya_lora,
                               unet_config_for, write_diffusers_lora, write_kohya_lora)
 from utils.lora_io import LORA_WEIGHT_NAME, read_metadata, read_tensors
@@ -96,7 +96,7 @@ def _guess_component(folder: Path, keys: list[str], component: str | None) -> st
                                       "unet, text_encoder (CLIP ViT-L) or text_encoder_2 (OpenCLIP bigG)")
 
 
-def read_peft_folder(folder: Path, component: str | None) -> tuple[list[LoraModule], dict[str, str]]:
+def read_peft_folder(folder: Path, component: str | None) -> ParsedLora:
     """LoRA modules of a PEFT adapter folder, or of unet/, text_encoder/, text_encoder_2/ adapter subfolders."""
     adapters = {c: folder / c for c in COMPONENTS if (folder / c / PEFT_CONFIG).is_file()}
     if not adapters:
@@ -110,7 +110,7 @@ def read_peft_folder(folder: Path, component: str | None) -> tuple[list[LoraModu
         weights[chosen] = {k.removeprefix("base_model.model."): v for k, v in tensors.items()}
         config_path = adapter / PEFT_CONFIG
         configs[chosen] = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    return modules_from_peft_weights(folder, weights, configs), {}
+    return modules_from_peft_weights(folder, weights, configs)
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -157,15 +157,14 @@ def convert(args: argparse.Namespace) -> str:
 
     if kind == "kohya":
         config = unet_config_for(read_metadata(source), args.pretrained_model_name_or_path)
-        modules, metadata = read_kohya_lora(source, config)
-        write_diffusers_lora(modules, output, metadata)
+        parsed = read_kohya_lora(source, config)
+        write_diffusers_lora(parsed.modules, output, parsed.metadata)
     else:
-        modules, metadata = read_peft_folder(source, args.component) if kind == "peft" else \
-            read_diffusers_lora(source)
+        parsed = read_peft_folder(source, args.component) if kind == "peft" else read_diffusers_lora(source)
         dtype = getattr(torch, args.dtype) if args.dtype else None
-        config = unet_config_for(metadata, args.pretrained_model_name_or_path)
-        write_kohya_lora(modules, output, config, metadata, args.title, dtype, source)
-    return f"{args.to} LoRA written to {output}: {describe(modules)}"
+        config = unet_config_for(parsed.metadata, args.pretrained_model_name_or_path)
+        write_kohya_lora(parsed, output, config, args.title, dtype, source)
+    return f"{args.to} LoRA written to {output}: {describe(parsed.modules)}"
 
 
 def main(argv: list[str] | None = None) -> int:

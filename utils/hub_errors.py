@@ -7,16 +7,15 @@ plain OSError or ValueError; the original error is then found on the exception c
 
 from __future__ import annotations
 
-import sys
 from contextlib import contextmanager
-from typing import Callable, Iterator
+from typing import Iterator
 
-from utils.cli import run_cli
+from utils.errors import UserError
 
 LOGIN_HINT = "set HF_TOKEN or run `hf auth login`"
 
 
-class HubError(Exception):
+class HubError(UserError):
     """A Hub operation that failed for a reason the user can fix; the message is one line."""
 
 
@@ -84,15 +83,3 @@ def hub_errors(what: str) -> Iterator[None]:
         if message is None:
             raise
         raise HubError(message) from error
-
-
-def run_hub_cli(main: Callable[[], int]) -> int:
-    """``utils.cli.run_cli`` that also ends a HubError with one line on stderr and exit status 2."""
-    def guarded() -> int:
-        try:
-            return main()
-        except HubError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-
-    return run_cli(guarded)

@@ -24,7 +24,7 @@ import os
 import re
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -110,6 +110,15 @@ class LoraModule:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+
+@dataclass
+class ParsedLora:
+    """What a LoRA file holds: its modules, its header, and every key that could not be read as a LoRA weight."""
+
+    modules: list[LoraModule]
+    metadata: dict[str, str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- UNet names
@@ -256,7 +265,7 @@ def _config_alpha(config: Mapping[str, Any], module: str, rank: int) -> float:
 
 
 def modules_from_peft_weights(source: str | os.PathLike, weights: Mapping[str, Mapping[str, torch.Tensor]],
-                              configs: Mapping[str, Mapping[str, Any]]) -> list[LoraModule]:
+                              configs: Mapping[str, Mapping[str, Any]]) -> ParsedLora:
     """LoRA modules from per-component weights in diffusers/PEFT naming and their PEFT configs."""
     if any(config.get("use_dora") for config in configs.values()) or any(
             "lora_magnitude_vector" in key for tensors in weights.values() for key in tensors):
@@ -278,14 +287,12 @@ def modules_from_peft_weights(source: str | os.PathLike, weights: Mapping[str, M
             alpha = float(part["alpha"]) if "alpha" in part else _config_alpha(configs.get(component, {}), module,
                                                                                  rank)
             modules.append(LoraModule(component, module, part["down"], part["up"], alpha))
-    if problems:
-        raise LoraConversionError(source, f"{len(problems)} key(s) cannot be mapped", problems)
-    return modules
+    return ParsedLora(modules, {}, problems)
 
 
-def read_diffusers_lora(path: str | os.PathLike) -> tuple[list[LoraModule], dict[str, str]]:
+def read_diffusers_lora(path: str | os.PathLike) -> ParsedLora:
     """LoRA modules of a diffusers-format file (``unet.``/``text_encoder.``/``text_encoder_2.`` keys) and its header."""
-    tensors, metadata = read_tensors(path), read_metadata(path)
+    tensors = read_tensors(path)
     weights: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
     for key, tensor in tensors.items():
@@ -294,17 +301,17 @@ def read_diffusers_lora(path: str | os.PathLike) -> tuple[list[LoraModule], dict
             weights.setdefault(component, {})[rest] = tensor
         else:
             unknown.append(f"{key}: no unet./text_encoder./text_encoder_2. prefix")
-    if unknown:
-        raise LoraConversionError(path, f"{len(unknown)} key(s) cannot be mapped", unknown)
     configs = {component: adapter_config(path, component) for component in weights}
-    return modules_from_peft_weights(path, weights, configs), metadata
+    parsed = modules_from_peft_weights(path, weights, configs)
+    parsed.metadata, parsed.problems = read_metadata(path), unknown + parsed.problems
+    return parsed
 
 
 # ----------------------------------------------------------------------------- kohya names and files
 
 
-def check_modules(source: str | os.PathLike, modules: list[LoraModule], unet_config: Mapping[str, Any]) -> None:
-    """Every module must exist in the base model (by name) and fit it (by shape); else list them all."""
+def mapping_problems(modules: list[LoraModule], unet_config: Mapping[str, Any]) -> list[str]:
+    """Modules that have no kohya name in this base model, by name or by shape."""
     layers = _unet_layers(_config_key(unet_config))
     problems = []
     for m in modules:
@@ -320,8 +327,7 @@ def check_modules(source: str | os.PathLike, modules: list[LoraModule], unet_con
             problems.append(f"{m.component}.{m.module}: kohya LoRA has no name for this text-encoder module")
         if m.up.shape[1] != m.rank:
             problems.append(f"{m.component}.{m.module}: up and down weights disagree on the rank")
-    if problems:
-        raise LoraConversionError(source, f"{len(problems)} module(s) cannot be mapped to kohya names", problems)
+    return problems
 
 
 def kohya_name(module: LoraModule, unet_config: Mapping[str, Any]) -> str:
@@ -437,15 +443,20 @@ def _atomic_save(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapp
         raise
 
 
-def write_kohya_lora(modules: list[LoraModule], path: str | os.PathLike, unet_config: Mapping[str, Any],
-                     source_metadata: Mapping[str, str] | None = None, title: str | None = None,
-                     dtype: torch.dtype | None = None, source: str | os.PathLike = "LoRA") -> Path:
-    """Write modules as a kohya-format file (atomically), with ``ss_*`` metadata and the weights' hashes."""
-    if not modules:
+def write_kohya_lora(parsed: ParsedLora, path: str | os.PathLike, unet_config: Mapping[str, Any],
+                     title: str | None = None, dtype: torch.dtype | None = None,
+                     source: str | os.PathLike = "LoRA") -> Path:
+    """Write a LoRA as a kohya-format file (atomically), with ``ss_*`` metadata and the weights' hashes.
+
+    Nothing is written when any key or module cannot be mapped: all of them are listed in the error.
+    """
+    problems = parsed.problems + mapping_problems(parsed.modules, unet_config)
+    if problems:
+        raise LoraConversionError(source, f"{len(problems)} key(s) cannot be mapped to kohya names", problems)
+    if not parsed.modules:
         raise LoraConversionError(source, "holds no LoRA weights")
-    check_modules(source, modules, unet_config)
-    tensors = kohya_tensors(modules, unet_config, dtype)
-    metadata = kohya_metadata(modules, source_metadata or {}, title)
+    tensors = kohya_tensors(parsed.modules, unet_config, dtype)
+    metadata = kohya_metadata(parsed.modules, parsed.metadata, title)
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = safetensors_hashes(tensors, metadata)
     path = Path(path)
     _atomic_save(tensors, path, metadata)
@@ -456,9 +467,9 @@ def convert_diffusers_to_kohya(source: str | os.PathLike, destination: str | os.
                                unet_config: Mapping[str, Any] | None = None, title: str | None = None,
                                dtype: torch.dtype | None = None) -> Path:
     """A diffusers-format LoRA file -> a kohya-format file. ``unet_config`` defaults to the recorded base model's."""
-    modules, metadata = read_diffusers_lora(source)
-    unet_config = unet_config if unet_config is not None else unet_config_for(metadata)
-    return write_kohya_lora(modules, destination, unet_config, metadata, title, dtype, source)
+    parsed = read_diffusers_lora(source)
+    unet_config = unet_config if unet_config is not None else unet_config_for(parsed.metadata)
+    return write_kohya_lora(parsed, destination, unet_config, title, dtype, source)
 
 
 def save_kohya_copy(folder: str | os.PathLike, unet_config: Mapping[str, Any] | None = None,
@@ -497,9 +508,9 @@ def _diffusers_module(name: str, unet_modules: Mapping[str, str]) -> tuple[str, 
     return None
 
 
-def read_kohya_lora(path: str | os.PathLike, unet_config: Mapping[str, Any]) -> tuple[list[LoraModule], dict]:
-    """LoRA modules of a kohya-format SDXL file, in diffusers naming; every key must map."""
-    tensors, metadata = read_tensors(path), read_metadata(path)
+def read_kohya_lora(path: str | os.PathLike, unet_config: Mapping[str, Any]) -> ParsedLora:
+    """LoRA modules of a kohya-format SDXL file, in diffusers naming; every key must map, else all are listed."""
+    tensors = read_tensors(path)
     unet_modules = {name: module for module, name in unet_kohya_names(unet_config).items()}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     problems = []
@@ -525,7 +536,7 @@ def read_kohya_lora(path: str | os.PathLike, unet_config: Mapping[str, Any]) -> 
         problems.append("no lora_down/lora_up weights at all")
     if problems:
         raise LoraConversionError(path, f"{len(problems)} key(s) cannot be mapped", problems)
-    return modules, metadata
+    return ParsedLora(modules, read_metadata(path))
 
 
 def peft_adapter_config(modules: list[LoraModule]) -> dict[str, Any]:
@@ -578,5 +589,5 @@ def convert_kohya_to_diffusers(source: str | os.PathLike, destination: str | os.
                                unet_config: Mapping[str, Any] | None = None) -> Path:
     """A kohya-format SDXL LoRA file -> a diffusers-format file; the ``ss_*`` header is carried over."""
     unet_config = unet_config if unet_config is not None else unet_config_for(read_metadata(source))
-    modules, metadata = read_kohya_lora(source, unet_config)
-    return write_diffusers_lora(modules, destination, metadata)
+    parsed = read_kohya_lora(source, unet_config)
+    return write_diffusers_lora(parsed.modules, destination, parsed.metadata)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import yaml
 
+CONVERT_HINT = "`python utils/convert_lora.py <folder>` (this project) writes `kohya_lora.safetensors`."
 TAGS = ["text-to-image", "stable-diffusion-xl", "lora", "diffusers", "template:sd-lora"]
 
 
@@ -95,7 +96,7 @@ python hf/hf_inference.py --base_model_id {base} --lora_model_id {facts.repo_id}
 Download {kohya} into `ComfyUI/models/loras/` (ComfyUI) or `stable-diffusion-webui/models/Lora/`
 (AUTOMATIC1111 / Forge). In ComfyUI, add a *Load LoRA* node between the SDXL checkpoint loader and the
 sampler; in AUTOMATIC1111, add `<lora:{kohya_stem(facts)}:0.8>` to the prompt. Use an SDXL base checkpoint.
-{"" if facts.kohya_weight_name else "If your UI does not read the diffusers-format file, convert it to the kohya format first."}
+{"" if facts.kohya_weight_name else "If your UI does not read the diffusers-format file, convert it first: " + CONVERT_HINT}
 """
 
 

@@ -651,7 +651,7 @@ def _csv_value(value) -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.6f}"
+        return "nan" if math.isnan(value) else f"{value:.8g}"
     return str(value)
 
 

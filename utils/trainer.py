@@ -60,6 +60,11 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainingError("--validation_split must be in [0, 1)")
     if not 0.0 <= args.caption_dropout < 1.0:
         raise TrainingError("--caption_dropout must be in [0, 1)")
+    if args.push_to_hub:
+        from utils.hub_publish import check_hub_target
+        if not args.hub_model_id:
+            raise TrainingError("--push_to_hub needs --hub_model_id namespace/name")
+        check_hub_target(args.hub_model_id)
 
 
 def _require(module: str, message: str) -> None:
@@ -316,6 +321,9 @@ def train(args: argparse.Namespace) -> Path:
         raise TrainingError(out_of_memory_message(args, run.run_dir)) from error
     run_files.finish(run.accelerator, args, run.run_dir, run.state, run.models)
     run.accelerator.end_training()
+    if args.push_to_hub and run.accelerator.is_main_process:
+        from utils.hub_publish import push_run_to_hub
+        push_run_to_hub(run.run_dir, args.hub_model_id, private=args.hub_private)
     return run.run_dir
 
 

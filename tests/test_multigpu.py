@@ -1,0 +1,158 @@
+"""train_sdxl_lora.py under `accelerate launch` with two processes (DDP over gloo on the CPU).
+
+`accelerate launch --cpu --num_processes 2` starts a single process unless MPI is used, so the
+two ranks are started the way a multi-GPU launch starts them (torch.distributed.run, one process
+per rank), with ACCELERATE_USE_CPU=1 so that accelerate runs them on the CPU.
+
+Which images each rank trained on is read from the trainer's per-step debug line
+("process R step S images [...] loss L"), shown with SDXL_LORA_LOG_LEVEL=DEBUG.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import socket
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_script
+from utils.lora_io import LORA_WEIGHT_NAME, read_tensors
+
+NUM_IMAGES = 12  # the tiny_dataset_dir fixture
+BATCH = 4
+STEPS_PER_EPOCH = 2  # the images fall in buckets of 4+2+2+4 at 256 px: 4 batches, 2 per rank
+EPOCHS = 3
+STEP_LINE = re.compile(r"process (\d+) step (\d+) images \[([\d, ]*)\] loss ([-\d.e+naninf]+)")
+
+# 256 px puts the synthetic images in three aspect buckets, so some batches are shorter than
+# --train_batch_size: the case where sharding by a fixed batch size loses or mixes images.
+ARGS = ["--resolution", "256", "--train_batch_size", str(BATCH), "--num_train_epochs", str(EPOCHS),
+        "--learning_rate", "1e-2", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
+        "--lora_rank", "4", "--lora_alpha", "4", "--checkpointing_steps", "3", "--save_steps", "1",
+        "--report_to", "none"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_two_processes(tiny_model_dir: Path, dataset_dir: Path, output_dir: Path, *extra: str) -> str:
+    """Run the training CLI on two ranks; return its combined output."""
+    result = run_script(
+        "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+        "train_sdxl_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir),
+        "--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir), *ARGS, *extra,
+        env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "SDXL_LORA_LOG_LEVEL": "DEBUG"},
+        timeout=900)
+    return result.stdout + result.stderr
+
+
+def step_records(output: str) -> dict[int, dict[int, tuple[list[int], float]]]:
+    """step -> rank -> (image indices, that rank's loss), from the trainer's debug lines."""
+    records: dict[int, dict[int, tuple[list[int], float]]] = defaultdict(dict)
+    for rank, step, images, loss in STEP_LINE.findall(output):
+        records[int(step)][int(rank)] = ([int(i) for i in images.split(",") if i.strip()], float(loss))
+    return records
+
+
+def csv_rows(run_dir: Path) -> list[dict]:
+    with open(run_dir / "logs" / "training_log.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def only_run_dir(output_dir: Path) -> Path:
+    runs = [p for p in output_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(runs) == 1, f"expected one run directory for both ranks, found {[p.name for p in runs]}"
+    return runs[0]
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("ddp_runs")
+    output = launch_two_processes(tiny_model_dir, tiny_dataset_dir, output_dir)
+    return only_run_dir(output_dir), output
+
+
+def test_each_epoch_is_split_into_disjoint_halves(two_rank_run):
+    _, output = two_rank_run
+    records = step_records(output)
+    assert sorted(records) == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1)), output[-3000:]
+    for epoch in range(EPOCHS):
+        seen = {0: [], 1: []}
+        for step in range(epoch * STEPS_PER_EPOCH + 1, (epoch + 1) * STEPS_PER_EPOCH + 1):
+            assert set(records[step]) == {0, 1}, f"step {step}: not every rank trained"
+            for rank, (images, _) in records[step].items():
+                seen[rank] += images
+        assert not set(seen[0]) & set(seen[1]), f"epoch {epoch + 1}: ranks shared images {seen}"
+        assert sorted(seen[0] + seen[1]) == list(range(NUM_IMAGES)), f"epoch {epoch + 1}: {seen}"
+
+
+def test_loss_log_has_every_step_once_with_the_mean_over_ranks(two_rank_run):
+    run_dir, output = two_rank_run
+    records = step_records(output)
+    rows = csv_rows(run_dir)
+    assert [int(row["step"]) for row in rows] == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
+    assert [int(row["epoch"]) for row in rows] == [1 + i // STEPS_PER_EPOCH for i in range(len(rows))]
+    for row in rows:
+        rank_losses = [loss for _, loss in records[int(row["step"])].values()]
+        assert float(row["loss"]) == pytest.approx(sum(rank_losses) / 2, rel=1e-4, abs=1e-6)
+    config = json.loads((run_dir / "experiment_config.json").read_text())
+    assert config["num_processes"] == 2
+    assert config["effective_batch_size"] == 2 * BATCH
+
+
+def test_the_lora_is_written_once_and_loads(two_rank_run, tiny_model_dir):
+    from diffusers import StableDiffusionXLPipeline
+
+    run_dir, output = two_rank_run
+    assert output.count("Finished: ") == 1, "the final save ran on more than one rank"
+    folder = run_dir / "final_model"
+    assert sorted(p.name for p in folder.iterdir()) == sorted([LORA_WEIGHT_NAME, "final_model_info.json"])
+    assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")], "temporary files left behind"
+    weights = read_tensors(folder / LORA_WEIGHT_NAME)
+    assert any(key.endswith("lora_B.weight") and value.abs().max() > 0 for key, value in weights.items())
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dir))
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    embeds, pooled = torch.randn(1, 77, 64), torch.randn(1, 32)
+    cond = {"text_embeds": pooled, "time_ids": torch.tensor([[128.0, 128, 0, 0, 128, 128]])}
+    with torch.no_grad():
+        before = pipe.unet(latents, 500, embeds, added_cond_kwargs=cond).sample
+        pipe.load_lora_weights(str(folder))
+        after = pipe.unet(latents, 500, embeds, added_cond_kwargs=cond).sample
+    assert pipe.get_active_adapters(), "no adapter active after load_lora_weights"
+    assert not torch.allclose(before, after, atol=1e-6), "the loaded LoRA does not change the UNet"
+
+
+def test_resume_under_two_processes_matches_the_straight_run(two_rank_run, tiny_model_dir, tiny_dataset_dir,
+                                                             tmp_path):
+    straight, straight_output = two_rank_run
+    copy = tmp_path / "resumed" / straight.name
+    shutil.copytree(straight, copy)
+    shutil.rmtree(copy / "final_model")  # so that the comparison below sees what the resumed run wrote
+    output = launch_two_processes(tiny_model_dir, tiny_dataset_dir, tmp_path / "resumed",
+                                  "--resume_from_checkpoint", str(copy / "checkpoints" / "checkpoint-3"))
+    assert only_run_dir(tmp_path / "resumed") == copy
+    resumed_records, straight_records = step_records(output), step_records(straight_output)
+    assert sorted(resumed_records) == [4, 5, 6]
+    for step in (4, 5, 6):  # the same images on the same ranks after the restart, mid-epoch included
+        assert ({r: images for r, (images, _) in resumed_records[step].items()}
+                == {r: images for r, (images, _) in straight_records[step].items()})
+    resumed_rows, straight_rows = csv_rows(copy), csv_rows(straight)
+    assert [row["step"] for row in resumed_rows] == [row["step"] for row in straight_rows]
+    for resumed_row, straight_row in zip(resumed_rows, straight_rows):
+        assert float(resumed_row["loss"]) == pytest.approx(float(straight_row["loss"]), rel=1e-4, abs=1e-6)
+    expected = read_tensors(straight / "final_model" / LORA_WEIGHT_NAME)
+    resumed = read_tensors(copy / "final_model" / LORA_WEIGHT_NAME)
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        torch.testing.assert_close(resumed[key], expected[key], rtol=1e-5, atol=1e-6)
