@@ -210,3 +210,30 @@ def test_clear_one_line_errors(trained_run, hub, tmp_path):
     no_token = run_script("hf/upload_to_hf.py", "--model_path", str(trained_run), "--repo_name", "tester/x",
                           env=hub_env(hub, tmp_path, token=None), check=False, timeout=60)
     assert "no Hugging Face token" in error_line(no_token)
+
+
+def test_train_push_to_hub_publishes_and_writes_the_token_nowhere(tiny_model_dir, tiny_dataset_dir, hub, tmp_path):
+    """train_sdxl_lora.py --push_to_hub: the token (from HF_TOKEN) is in no local or uploaded file."""
+    env = hub_env(hub, tmp_path)
+    output = tmp_path / "runs"
+    run_script("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir),
+               "--dataset_dir", str(tiny_dataset_dir), "--output_dir", str(output), "--resolution", "128",
+               "--max_train_steps", "2", "--lr_warmup_steps", "0", "--checkpointing_steps", "1",
+               "--push_to_hub", "--hub_model_id", "tester/pushed-lora", "--report_to", "tensorboard",
+               env=env, timeout=300)
+    files = hub.files("tester/pushed-lora")
+    assert LORA_WEIGHT_NAME in files and "README.md" in files
+    for name, data in files.items():
+        assert TOKEN.encode() not in data, name
+    written = [p for p in output.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".safetensors" for p in written) and any("tfevents" in p.name for p in written)
+    for path in written:
+        assert TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_push_to_hub_checks_the_target_before_training(tiny_model_dir, tiny_dataset_dir, hub, tmp_path):
+    result = run_script("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir),
+                        "--dataset_dir", str(tiny_dataset_dir), "--output_dir", str(tmp_path / "runs"),
+                        "--push_to_hub", "--hub_model_id", "not a repo id", env=hub_env(hub, tmp_path), check=False)
+    assert "hub_model_id" in error_line(result)
+    assert not (tmp_path / "runs").exists()

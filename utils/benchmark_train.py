@@ -151,124 +151,60 @@ def trainer_args(config: dict, variant: Variant) -> argparse.Namespace:
     """The trainer's own flags and defaults, with the benchmark's settings."""
     from train_sdxl_lora import parse_args
 
-    argv = ["--dataset_dir", config["dataset_dir"], "--resolution", str(config["resolution"]),
-            "--train_batch_size", str(config["train_batch_size"]), "--lr_scheduler", "constant",
-            "--lr_warmup_steps", "0", "--report_to", "none", "--optimizer", variant.optimizer,
-            "--mixed_precision", variant.mixed_precision or config["mixed_precision"]]
-    argv += [] if variant.cache else ["--no-cache"]
-    argv += [] if config["buckets"] else ["--no_buckets"]
     gradient_checkpointing = variant.gradient_checkpointing
     if gradient_checkpointing is None:
         gradient_checkpointing = config["gradient_checkpointing"]
-    argv.append("--gradient_checkpointing" if gradient_checkpointing else "--no-gradient_checkpointing")
+    argv = ["--pretrained_model_name_or_path", config["model_dir"], "--dataset_dir", config["dataset_dir"],
+            "--output_dir", config["output_dir"], "--resolution", str(config["resolution"]),
+            "--train_batch_size", str(config["train_batch_size"]), "--max_train_steps", "1000000",
+            "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--report_to", "none",
+            "--optimizer", variant.optimizer, "--mixed_precision", variant.mixed_precision or config["mixed_precision"],
+            "--gradient_checkpointing" if gradient_checkpointing else "--no-gradient_checkpointing"]
+    argv += [] if variant.cache else ["--no-cache"]
+    argv += [] if config["buckets"] else ["--no_buckets"]
     return parse_args(argv)
 
 
-def build_components(model: str, device: torch.device, weight_dtype: torch.dtype):
-    """What ``utils.sdxl.load_components`` returns, for a random-weight model: frozen UNet and text
-    encoders in the compute dtype, VAE in fp32 (SDXL's VAE overflows in fp16)."""
-    from diffusers import DDPMScheduler
-
-    from utils.benchmark_models import build_pipeline
-    from utils.sdxl import SDXLComponents
-
-    pipe = build_pipeline(model, device, weight_dtype=weight_dtype)
-    components = SDXLComponents(
-        tokenizers=[pipe.tokenizer, pipe.tokenizer_2],
-        text_encoders=[pipe.text_encoder.to(weight_dtype), pipe.text_encoder_2.to(weight_dtype)],
-        vae=pipe.vae.to(torch.float32),
-        unet=pipe.unet.to(weight_dtype),
-        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
-    )
-    for module in [components.vae, components.unet, *components.text_encoders]:
-        module.requires_grad_(False)
-    return components
-
-
 def run_variant(config: dict, variant: Variant) -> dict:
-    """Set up like ``trainer.train`` does, then time warm-up + N optimizer steps of its loop."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
-
+    """Set up with the trainer's ``prepare_run``, then time warm-up + N of its optimizer steps."""
     from utils import trainer
     from utils.ghibli_datasets import load_examples
-    from utils.sdxl import DTYPES, resolve_mixed_precision
-    from utils.train_data import (BucketBatchSampler, IndexDataset, PixelDataset, assign_buckets, cache_latents,
-                                  cache_text)
 
     args = trainer_args(config, variant)
-    mixed_precision = resolve_mixed_precision(args.mixed_precision)
-    accelerator = Accelerator(mixed_precision=mixed_precision)
-    set_seed(args.seed)
-    weight_dtype, device = DTYPES[mixed_precision], accelerator.device
-    memory = MemoryMeter(device)
-    components = build_components(config["model"], device, weight_dtype)
-    params = trainer.inject_lora(components, args)
-    if variant.channels_last:
-        components.unet.to(memory_format=torch.channels_last)
-
-    items = assign_buckets(load_examples(args.dataset_type, args.dataset_dir), args.resolution,
-                           not args.no_buckets, args.seed)
-    batch_maker = trainer.BatchMaker(components, items, args, weight_dtype, device)
+    trainer.check_args(args)
     started = time.perf_counter()
-    if args.cache:
-        batch_maker.latent_cache = cache_latents(items, components.vae, args.center_crop, args.random_flip,
-                                                 f"benchmark-{config['model']}")
-        batch_maker.text_cache = cache_text([i.example.caption for i in items], components.tokenizers,
-                                            components.text_encoders)
-        if variant.release_encoders:
-            trainer.release_encoders(components, args, accelerator)
+    run = trainer.prepare_run(args, load_examples(args.dataset_type, args.dataset_dir))
+    device = run.accelerator.device
+    if variant.channels_last:
+        run.unet.to(memory_format=torch.channels_last)
+    if not variant.release_encoders:
+        for module in [run.components.vae, *run.components.text_encoders]:
+            module.to(device)
+    if variant.compile:
+        run.models[0] = torch.compile(run.models[0])
     _synchronize(device)
-    cache_seconds = time.perf_counter() - started
+    setup_seconds = time.perf_counter() - started
 
-    sampler = BucketBatchSampler([item.bucket for item in items], args.train_batch_size, args.seed)
-    dataset = IndexDataset(len(items)) if args.cache else PixelDataset(items, args.center_crop)
-    dataloader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=0,
-                                             generator=torch.Generator().manual_seed(args.seed))
-    optimizer = trainer.make_optimizer(args, params)
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer)
-    unet, optimizer, dataloader, lr_scheduler = accelerator.prepare(components.unet, optimizer, dataloader,
-                                                                    lr_scheduler)
-    unet.train()
-    model = torch.compile(unet) if variant.compile else unet
-
+    memory = MemoryMeter(device)
     memory.start_training()
-    batches = _forever(dataloader)
+    for model in run.models:
+        model.train()
+    batches = _forever(run.dataloader)
     step_seconds, losses = [], []
     for _ in range(config["warmup"] + config["steps"]):
         _synchronize(device)
         start = time.perf_counter()
-        losses.append(_train_step(accelerator, model, components, batch_maker, next(batches), optimizer,
-                                  lr_scheduler, params, args))
-        step_seconds.append(time.perf_counter() - start)  # .item() in the step has synchronised
+        loss = trainer.train_micro_step(run, next(batches))
+        losses.append(run.accelerator.gather(loss[None]).mean().item())  # as the training loop logs it
+        step_seconds.append(time.perf_counter() - start)
     train_peak, process_peak = memory.peaks()
     return {
         "variant": variant.key, "step_seconds": step_seconds[config["warmup"]:],
-        "warmup_seconds": sum(step_seconds[:config["warmup"]]), "cache_seconds": cache_seconds,
+        "warmup_seconds": sum(step_seconds[:config["warmup"]]), "setup_seconds": setup_seconds,
         "train_peak_bytes": train_peak, "process_peak_bytes": process_peak, "losses": losses,
-        "mixed_precision": mixed_precision, "gradient_checkpointing": args.gradient_checkpointing,
+        "mixed_precision": run.accelerator.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing,
+        "weight_dtype": str(run.unet.dtype),
     }
-
-
-def _train_step(accelerator, unet, components, batch_maker, loader_batch, optimizer, lr_scheduler, params,
-                args) -> float:
-    """One optimizer step exactly as ``trainer.train`` runs it (one accumulation step)."""
-    from utils import trainer
-
-    with accelerator.accumulate(unet):
-        batch = batch_maker(loader_batch)
-        noise = trainer.sample_noise(batch.latents, args.noise_offset)
-        steps = components.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (batch.latents.shape[0],), device=batch.latents.device).long()
-        loss = trainer.denoising_loss(unet, components.noise_scheduler, batch, noise, timesteps, args.snr_gamma)
-        accelerator.backward(loss)
-        if accelerator.sync_gradients and args.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    return accelerator.gather(loss.detach()[None]).mean().item()
 
 
 def _forever(dataloader):
@@ -294,7 +230,16 @@ def step_flops(model: str, resolution: int, batch_size: int, args: argparse.Name
     from utils.flops import count_flops
     from utils.sdxl import encode_prompts, vae_latent_distribution
 
-    components = build_components(model, torch.device("meta"), torch.float32)
+    from diffusers import DDPMScheduler
+
+    from utils.benchmark_models import build_pipeline
+    from utils.sdxl import SDXLComponents
+
+    pipe = build_pipeline(model, "meta")
+    components = SDXLComponents([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
+                                pipe.vae, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config))
+    for module in [pipe.vae, pipe.unet, pipe.text_encoder, pipe.text_encoder_2]:
+        module.requires_grad_(False)
     vae, unet = components.vae, components.unet
     latent = resolution // 8
     pixels = torch.zeros(batch_size, 3, resolution, resolution, device="meta")
@@ -389,13 +334,30 @@ def summarise(results: list[dict]) -> dict:
     rates = [1.0 / statistics.median(r["step_seconds"]) for r in results]
     best = results[rates.index(max(rates))]
     return {
-        "steps_per_second": max(rates), "all_rates": rates, "cache_seconds": min(r["cache_seconds"] for r in results),
-        "wall_seconds": min(r["cache_seconds"] + r["warmup_seconds"] + sum(r["step_seconds"]) for r in results),
+        "steps_per_second": max(rates), "all_rates": rates, "setup_seconds": min(r["setup_seconds"] for r in results),
+        "wall_seconds": min(r["setup_seconds"] + r["warmup_seconds"] + sum(r["step_seconds"]) for r in results),
         "train_peak_bytes": max(r["train_peak_bytes"] for r in results),
         "process_peak_bytes": max(r["process_peak_bytes"] for r in results),
         "gradient_checkpointing": best["gradient_checkpointing"], "mixed_precision": best["mixed_precision"],
         "final_loss": best["losses"][-1],
     }
+
+
+def save_model(model: str, folder: Path, device: torch.device) -> Path:
+    """The random-weight pipeline as a diffusers folder, so every variant loads it the trainer's way.
+
+    The full-size model is built on the GPU (seconds instead of minutes on a CPU) and saved as the
+    fp16 variant, the way SDXL ships.
+    """
+    from utils.benchmark_models import build_pipeline
+
+    if model == "sdxl":
+        build_pipeline(model, device, weight_dtype=torch.float16).save_pretrained(folder, variant="fp16")
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    else:
+        build_pipeline(model).save_pretrained(folder)
+    return folder
 
 
 def describe_model(model: str) -> str:
@@ -434,12 +396,12 @@ def report(settings: dict, chosen: list[Variant], skipped: dict[str, str | None]
         rate = result["steps_per_second"]
         executed = executed_flops(flops, result, variant.cache)
         rows.append([variant.label, rate_text(rate), rate_text(rate * batch), f"{1000 / rate:.0f}",
-                     f"{result['cache_seconds']:.1f}", f"{result['wall_seconds']:.1f}",
+                     f"{result['setup_seconds']:.1f}", f"{result['wall_seconds']:.1f}",
                      mib(result["train_peak_bytes"]), mib(result["process_peak_bytes"]),
                      f"{executed * rate / 1e12:.3g}", f"{100 * flops['unet'] * rate / 1e12 / peak.tflops:.1f}%",
                      " ".join(rate_text(r) for r in result["all_rates"])])
     memory = "GPU MiB" if cuda else "RSS MiB"
-    print(format_table(["variant", "steps/s", "images/s", "ms/step", "cache s", "wall s", f"train peak {memory}",
+    print(format_table(["variant", "steps/s", "images/s", "ms/step", "setup s", "wall s", f"train peak {memory}",
                         f"process peak {memory}", "TFLOP/s", "MFU", "steps/s per round"], rows))
     for key, reason in skipped.items():
         if reason:
@@ -457,9 +419,10 @@ def report(settings: dict, chosen: list[Variant], skipped: dict[str, str | None]
               f"{ratios['wall']:.2f}x faster; peak memory {ratios['train_peak']:.2f}x (training), "
               f"{ratios['process_peak']:.2f}x (whole process)")
         saved = 1 / naive["steps_per_second"] - 1 / ours["steps_per_second"]
-        if saved > 0:
-            print(f"caching took {ours['cache_seconds']:.1f} s for {num_images} images and saves {saved:.2f} s per "
-                  f"step: it pays for itself after {ours['cache_seconds'] / saved:.0f} steps")
+        caching = ours["setup_seconds"] - naive["setup_seconds"]
+        if saved > 0 and caching > 0:
+            print(f"caching {num_images} images cost about {caching:.1f} s of set-up and saves {saved:.2f} s per "
+                  f"step: it pays for itself after about {caching / saved:.0f} steps")
     return {"ratios": ratios}
 
 
@@ -489,7 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if cuda else "cpu")
     peak = device_peak(device, DTYPES[args.mixed_precision] if cuda else torch.float32)
     with tempfile.TemporaryDirectory(prefix="benchmark_train_") as scratch:
-        config = {**settings, "dataset_dir": str(make_synthetic_dataset(Path(scratch) / "data", args.num_images))}
+        config = {**settings, "dataset_dir": str(make_synthetic_dataset(Path(scratch) / "data", args.num_images)),
+                  "model_dir": str(save_model(settings["model"], Path(scratch) / "model", device)),
+                  "output_dir": str(Path(scratch) / "runs")}
         flops = step_flops(settings["model"], settings["resolution"], settings["train_batch_size"],
                            trainer_args(config, variants["ours"]))
         rounds: dict[str, list[dict]] = {v.key: [] for v in chosen}
