@@ -59,6 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base_results_dir", default=None,
                    help="reuse base images saved there for the same prompt, seeds and settings")
     p.add_argument("--create_comparison_grid", action="store_true")
+    p.add_argument("--allow_pickle", action="store_true",
+                   help="allow pickle-based weights (.bin/.pt/.ckpt), which can run code when loaded")
     args = p.parse_args(argv)
     args.prompts = [args.prompt] if args.prompt else (args.prompts or DEFAULT_PROMPTS)
     return args
@@ -72,12 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     from utils.sdxl import load_pipeline
 
     if args.lora_model_path:
-        resolve_lora_source(args.lora_model_path)  # fail on a bad path before loading SDXL
+        resolve_lora_source(args.lora_model_path, args.allow_pickle)  # fail on a bad path before loading SDXL
     if not args.lora_model_path and not args.run_base_inference:
         raise FileNotFoundError("nothing to do: give --lora_model_path and/or --run_base_inference")
     device = pick_device(args.device)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    pipe = load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, dtype).to(device)
+    pipe = load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, dtype,
+                         allow_pickle=args.allow_pickle).to(device)
     settings = GenerationSettings(args.negative_prompt, args.num_inference_steps, args.guidance_scale,
                                   args.height, args.width)
     run_comparison(
@@ -85,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.output_dir), args.pretrained_model_name_or_path,
         run_base=args.run_base_inference or args.create_comparison_grid,
         base_results_dir=Path(args.base_results_dir) if args.base_results_dir else None,
-        create_grid=args.create_comparison_grid,
+        create_grid=args.create_comparison_grid, allow_pickle=args.allow_pickle,
     )
     print(f"Images written to {args.output_dir}")
     return 0

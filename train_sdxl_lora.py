@@ -26,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--revision", default=None)
     model.add_argument("--variant", default="fp16",
                        help="weights variant; falls back to the regular weights when the model has none")
+    model.add_argument("--allow_pickle", action="store_true",
+                       help="allow pickle-based weights (.bin/.ckpt), which can run code when loaded")
 
     data = p.add_argument_group("data")
     add_dataset_arguments(data)

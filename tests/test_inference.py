@@ -80,3 +80,17 @@ def test_bad_lora_path_is_a_one_line_error(tiny_model_dir, tmp_path):
     result = run_script("inference_sdxl_ghibli.py", "--pretrained_model_name_or_path", str(tiny_model_dir),
                         "--lora_model_path", str(tmp_path / "absent"), "--prompt", "x", check=False)
     assert result.returncode == 2 and "absent" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_pickle_lora_is_refused_unless_allowed(trained_run, tiny_model_dir, tmp_path):
+    import torch
+
+    from utils.lora_io import LORA_WEIGHT_NAME, read_tensors
+    pickled = tmp_path / "pytorch_lora_weights.bin"
+    torch.save(read_tensors(trained_run / "final_model" / LORA_WEIGHT_NAME), pickled)
+    refused = run_script("inference_sdxl_ghibli.py", "--pretrained_model_name_or_path", str(tiny_model_dir),
+                         "--lora_model_path", str(pickled), "--prompt", "x", check=False)
+    assert refused.returncode == 2 and "pickle" in refused.stderr and "--allow_pickle" in refused.stderr
+    allowed = infer(tiny_model_dir, tmp_path / "out", "--lora_model_path", str(pickled), "--allow_pickle",
+                    "--prompt", "a house in ghibli style")
+    assert len(allowed["lora_images"]) == 2

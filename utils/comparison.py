@@ -62,26 +62,33 @@ def generate(pipe, prompt: str, seeds: list[int], settings: GenerationSettings) 
     ).images
 
 
-def resolve_lora_source(path: str) -> tuple[str, dict]:
+PICKLE_WARNING = ("is a pickle-based file, which can run arbitrary code when loaded; convert it to .safetensors "
+                  "or pass --allow_pickle if you trust its source")
+
+
+def resolve_lora_source(path: str, allow_pickle: bool = False) -> tuple[str, dict]:
     """``load_lora_weights`` arguments for a folder, a single LoRA file, or a Hub id."""
     candidate = Path(path)
     if candidate.is_file():
-        return str(candidate.parent), {"weight_name": candidate.name}
+        if candidate.suffix != ".safetensors" and not allow_pickle:
+            raise UserError(f"{candidate} {PICKLE_WARNING}")
+        return str(candidate.parent), {"weight_name": candidate.name, "use_safetensors": not allow_pickle}
     if candidate.is_dir():
         files = sorted(candidate.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"{candidate}: no .safetensors LoRA file in this folder")
         if not (candidate / "pytorch_lora_weights.safetensors").is_file() and len(files) == 1:
-            return str(candidate), {"weight_name": files[0].name}
-        return str(candidate), {}
+            return str(candidate), {"weight_name": files[0].name, "use_safetensors": True}
+        return str(candidate), {"use_safetensors": True}
     if path.count("/") == 1 and not path.startswith((".", "/")):
-        return path, {}  # a Hub repo id
+        return path, {"use_safetensors": not allow_pickle}  # a Hub repo id
     raise FileNotFoundError(f"{path}: LoRA folder or file not found")
 
 
-def load_adapter(pipe, lora_path: str, scale: float, weight_name: str | None = None) -> None:
+def load_adapter(pipe, lora_path: str, scale: float, weight_name: str | None = None,
+                 allow_pickle: bool = False) -> None:
     """Load a LoRA as a named adapter and set its scale (any value, 0 and 1 included)."""
-    source, kwargs = resolve_lora_source(lora_path)
+    source, kwargs = resolve_lora_source(lora_path, allow_pickle)
     if weight_name:
         kwargs["weight_name"] = weight_name
     pipe.load_lora_weights(source, adapter_name=ADAPTER_NAME, **kwargs)
@@ -104,7 +111,8 @@ def find_reusable_base(base_dir: Path, prompt: str, seeds: list[int], settings: 
 
 def run_comparison(pipe, prompts: list[str], lora_path: str | None, lora_scale: float, settings: GenerationSettings,
                    num_images: int, seed: int, output_dir: Path, base_model: str, run_base: bool = True,
-                   base_results_dir: Path | None = None, create_grid: bool = True) -> list[Path]:
+                   base_results_dir: Path | None = None, create_grid: bool = True,
+                   allow_pickle: bool = False) -> list[Path]:
     """Generate, save and (optionally) grid base and LoRA images for every prompt; return metadata paths."""
     output_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime("%Y%m%d_%H%M%S")
@@ -118,7 +126,7 @@ def run_comparison(pipe, prompts: list[str], lora_path: str | None, lora_scale: 
         base_names = _save_all(base or [], output_dir, f"base_prompt{k}_{stamp}")
         records.append({"prompt": prompt, "seeds": seeds, "base": base, "base_images": base_names})
     if lora_path:
-        load_adapter(pipe, lora_path, lora_scale)
+        load_adapter(pipe, lora_path, lora_scale, allow_pickle=allow_pickle)
         for k, record in enumerate(tqdm(records, desc="LoRA images")):
             record["lora"] = generate(pipe, record["prompt"], record["seeds"], settings)
             record["lora_images"] = _save_all(record["lora"], output_dir, f"lora_prompt{k}_{stamp}")

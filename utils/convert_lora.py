@@ -4,7 +4,7 @@ AUTOMATIC1111/Forge and InvokeAI load.
     python utils/convert_lora.py output_ghibli/<run>/final_model           # -> final_model/kohya_lora.safetensors
     python utils/convert_lora.py my_lora.safetensors --output ghibli_style.safetensors
     python utils/convert_lora.py ghibli_style.safetensors --output ghibli_diffusers/   # kohya -> diffusers
-    python utils/convert_lora.py peft_adapter/ --component text_encoder    # adapter_model.safetensors + adapter_config.json
+    python utils/convert_lora.py peft_adapter/ --component text_encoder    # adapter_model + adapter_config
 
 The input format is detected. Module names of the UNet come from the base model's unet/config.json
 (--pretrained_model_name_or_path, by default the base model recorded in the file, else SDXL base 1.0).

@@ -272,6 +272,9 @@ def modules_from_peft_weights(source: str | os.PathLike, weights: Mapping[str, M
         raise LoraConversionError(source, DORA_MESSAGE)
     modules, problems = [], []
     for component, tensors in weights.items():
+        if not configs.get(component) and not any(key.endswith(".alpha") for key in tensors):
+            logger.warning("%s: no alpha recorded for %s; assuming alpha = rank (scale 1), as diffusers does",
+                           source, component)
         parts: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in tensors.items():
             split = _split_diffusers_key(component, key)

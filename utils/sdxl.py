@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from utils.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -44,7 +46,7 @@ def resolve_variant(model: str, variant: str | None) -> str | None:
 
 
 def is_single_file(model: str) -> bool:
-    return os.path.isfile(model) and Path(model).suffix in (".safetensors", ".ckpt")
+    return os.path.isfile(model)
 
 
 @dataclass
@@ -62,6 +64,7 @@ def load_components(
     variant: str | None = None,
     weight_dtype: torch.dtype = torch.float32,
     vae_model: str | None = None,
+    allow_pickle: bool = False,
 ) -> SDXLComponents:
     """Load the parts of an SDXL model needed for training, frozen, in ``weight_dtype``.
 
@@ -71,7 +74,7 @@ def load_components(
     """
     from diffusers import DDPMScheduler
 
-    pipe = load_pipeline(model, revision=revision, variant=variant, vae_model=vae_model)
+    pipe = load_pipeline(model, revision=revision, variant=variant, vae_model=vae_model, allow_pickle=allow_pickle)
     cast = [pipe.unet, pipe.text_encoder, pipe.text_encoder_2] + ([pipe.vae] if vae_model else [])
     for module in cast:
         if module.dtype != weight_dtype:
@@ -96,15 +99,25 @@ def load_pipeline(
     variant: str | None = None,
     torch_dtype: torch.dtype = torch.float32,
     vae_model: str | None = None,
+    allow_pickle: bool = False,
 ):
-    """Load a StableDiffusionXLPipeline from a folder, a Hub id or a single ``.safetensors`` file."""
+    """Load a StableDiffusionXLPipeline from a folder, a Hub id or a single ``.safetensors`` file.
+
+    Pickle-based weights (.bin, .ckpt) can run code when loaded, so they are refused unless
+    ``allow_pickle``.
+    """
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
+    safe_only = None if allow_pickle else True
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if vae_model:
-        kwargs["vae"] = AutoencoderKL.from_pretrained(vae_model, dtype=torch_dtype)
+        kwargs["vae"] = AutoencoderKL.from_pretrained(vae_model, dtype=torch_dtype, use_safetensors=safe_only)
     if is_single_file(model):
+        if Path(model).suffix != ".safetensors" and not allow_pickle:
+            raise UserError(f"{model} is a pickle-based checkpoint, which can run arbitrary code when loaded; "
+                            "use a .safetensors file or pass --allow_pickle if you trust its source")
         return StableDiffusionXLPipeline.from_single_file(model, **kwargs)
+    kwargs["use_safetensors"] = safe_only
     variant = resolve_variant(model, variant)
     try:
         return StableDiffusionXLPipeline.from_pretrained(model, revision=revision, variant=variant, **kwargs)

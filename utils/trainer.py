@@ -347,7 +347,7 @@ def prepare_run(args: argparse.Namespace, examples: list[Example]) -> Run:
     weight_dtype = DTYPES[mixed_precision]
 
     components = load_components(args.pretrained_model_name_or_path, args.revision, args.variant,
-                                 weight_dtype, args.pretrained_vae_model_name_or_path)
+                                 weight_dtype, args.pretrained_vae_model_name_or_path, args.allow_pickle)
     if args.prediction_type:
         components.noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     device = accelerator.device
