@@ -74,27 +74,35 @@ PLAN=()
 [ -z "$plan_text" ] || mapfile -t PLAN <<<"$plan_text"
 echo "Sweep in $OUTPUT_DIR: ${#PLAN[@]} run(s) to do on ${GPUS:-the default device}" >&2
 
+# Bookkeeping that must finish even while the sweep is being stopped: the command ignores INT and TERM.
+immune() { ( trap '' INT TERM; "$@" ); }
+
 # One run: status "running", the trainer, then how it ended. Runs as a background job (own process group).
 run_one() {
   local rank="$1" alpha="$2" folder="$3" resume="$4" gpu="$5"
-  local log="$folder/train.log" rc=0
-  trap 'true' INT TERM  # the trainer gets the signal too; wait for it, then record the end
-  local cmd=("$PYTHON" "$TRAIN_SCRIPT" --output_dir "$folder" --lora_rank "$rank"
-             --lora_alpha "$alpha" --learning_rate "$LR")
+  local log="$folder/train.log" rc=0 stop=0
+  trap 'stop=1' INT TERM  # the trainer gets the signal too; let it end, then record how it ended
+  local cmd=("$PYTHON" "$TRAIN_SCRIPT" --output_dir "$folder" --lora_rank "$rank" --lora_alpha "$alpha"
+             --learning_rate "$LR")
   if [ "$resume" = 1 ] && [[ " ${TRAIN_ARGS[*]} " != *" --resume_from_checkpoint"* ]]; then
     cmd+=(--resume_from_checkpoint latest)  # continue an earlier attempt when it left a checkpoint
   fi
   cmd+=("${TRAIN_ARGS[@]}")
   mkdir -p "$folder"
-  helper status-start --file "$folder/status.json" --rank "$rank" --alpha "$alpha" --lr "$LR" --gpu "$gpu" \
-    --log "$log" --process_group "$BASHPID" --command "$(printf '%q ' "${cmd[@]}")" -- "${TRAIN_ARGS[@]}"
-  echo "[$(date +%T)] start r=$rank a=$alpha${gpu:+ on GPU $gpu} -> $folder" >&2
-  if [ -n "$gpu" ]; then
-    CUDA_VISIBLE_DEVICES="$gpu" "${cmd[@]}" >>"$log" 2>&1 || rc=$?
+  immune helper status-start --file "$folder/status.json" --rank "$rank" --alpha "$alpha" --lr "$LR" \
+    --gpu "$gpu" --log "$log" --process_group "$BASHPID" --command "$(printf '%q ' "${cmd[@]}")" \
+    -- "${TRAIN_ARGS[@]}" || true
+  if [ "$stop" = 1 ]; then
+    rc=143  # stopped before the trainer started
   else
-    "${cmd[@]}" >>"$log" 2>&1 || rc=$?
+    echo "[$(date +%T)] start r=$rank a=$alpha${gpu:+ on GPU $gpu} -> $folder" >&2
+    if [ -n "$gpu" ]; then
+      CUDA_VISIBLE_DEVICES="$gpu" "${cmd[@]}" >>"$log" 2>&1 || rc=$?
+    else
+      "${cmd[@]}" >>"$log" 2>&1 || rc=$?
+    fi
   fi
-  helper status-end --file "$folder/status.json" --exit_code "$rc" || true
+  immune helper status-end --file "$folder/status.json" --exit_code "$rc" || true
   echo "[$(date +%T)] end   r=$rank a=$alpha: exit code $rc (log: $log)" >&2
   return "$rc"
 }
@@ -102,13 +110,23 @@ run_one() {
 declare -A SLOT_PID=()
 
 stop_all() {
-  local code="$1" pid waited=0
+  local code="$1" pid tick alive
   trap '' INT TERM
   echo "Stopping the sweep: ending the running trainings..." >&2
   for pid in "${SLOT_PID[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || true; done
+  for ((tick = 1; tick <= 300; tick++)); do  # up to 30 s; the signal is repeated each second in case a
+    alive=0                                  # trainer started just after the first one
+    for pid in "${SLOT_PID[@]}"; do
+      if kill -0 -- "-$pid" 2>/dev/null; then
+        alive=1
+        if [ $((tick % 10)) = 0 ]; then kill -TERM -- "-$pid" 2>/dev/null || true; fi
+      fi
+    done
+    [ "$alive" = 1 ] || break
+    sleep 0.1
+  done
   for pid in "${SLOT_PID[@]}"; do
-    while kill -0 -- "-$pid" 2>/dev/null && [ "$waited" -lt 300 ]; do sleep 0.1; waited=$((waited + 1)); done
-    kill -KILL -- "-$pid" 2>/dev/null || true  # still there after 30 s
+    kill -KILL -- "-$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
   helper summary "${GRID[@]}" --gpus "$GPUS" --stopped -- "${TRAIN_ARGS[@]}" >&2 || true

@@ -56,6 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     output.add_argument("--checkpoints_total_limit", type=int, default=None)
     output.add_argument("--resume_from_checkpoint", default=None,
                         help="a checkpoint folder, a run folder, or 'latest'")
+    output.add_argument("--save_kohya", action="store_true",
+                        help="also write kohya_lora.safetensors (ComfyUI/A1111 format) in every model folder")
     output.add_argument("--push_to_hub", action="store_true",
                         help="upload final_model with a model card at the end (token: HF_TOKEN or `hf auth login`)")
     output.add_argument("--hub_model_id", default=None, help="namespace/name of the Hub repo")

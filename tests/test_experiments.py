@@ -269,6 +269,20 @@ def test_epoch_strip_shows_base_then_checkpoints_in_order(sweep, sweep_inference
     assert xs == sorted(xs) and len(set(xs)) == 3
 
 
+def test_checkpoints_are_listed_in_epoch_order(tmp_path):
+    from utils.sweep_report import epoch_checkpoints
+
+    for epoch in (10, 2, 1):
+        folder = tmp_path / f"checkpoint_epoch_{epoch}"
+        folder.mkdir()
+        (folder / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    (tmp_path / "checkpoint_epoch_3").mkdir()  # no weights: an unfinished save is left out
+    (tmp_path / "final_model").mkdir()
+    (tmp_path / "final_model" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    assert [label for label, _ in epoch_checkpoints(tmp_path)] == ["epoch_1", "epoch_2", "epoch_10"]
+    assert [label for label, _ in epoch_checkpoints(tmp_path, include_final=True)][-1] == "final"
+
+
 # ----------------------------------------------------------------------------- metrics and the verdict
 
 

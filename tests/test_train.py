@@ -74,7 +74,7 @@ def test_trained_alpha_over_rank_scale_survives_saving(trained_run, tiny_model_d
     pipe.load_lora_weights(trained_run / "final_model")
     pipe.fuse_lora(lora_scale=1.0)
     after = pipe.unet.get_submodule(module_path).base_layer.weight.detach()
-    down, up = tensors[f"unet.{module_path}.lora.down.weight"], tensors[f"unet.{module_path}.lora.up.weight"]
+    down, up = tensors[f"unet.{module_path}.lora_A.weight"], tensors[f"unet.{module_path}.lora_B.weight"]
     expected = (TRAINED_ALPHA / TRAINED_RANK) * up @ down
     assert expected.abs().max() > 1e-4  # the LoRA did move
     torch.testing.assert_close(after - before, expected, atol=1e-6, rtol=1e-4)

@@ -69,9 +69,12 @@ def test_text_encoder_lora_loads_and_changes_prompt_embeddings(tiny_model_dir, t
     from diffusers import StableDiffusionXLPipeline
 
     run_dir = train(tiny_model_dir, tiny_dataset_dir, tmp_path / "te", "--max_train_steps", "4",
-                    "--train_text_encoder")
+                    "--train_text_encoder", "--save_kohya")
     keys = read_tensors(run_dir / "final_model" / LORA_WEIGHT_NAME).keys()
     assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("text_encoder_2.") for k in keys)
+    kohya_keys = read_tensors(run_dir / "final_model" / "kohya_lora.safetensors").keys()
+    for prefix in ("lora_unet_", "lora_te1_", "lora_te2_"):
+        assert any(k.startswith(prefix) and k.endswith(".alpha") for k in kohya_keys), prefix
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_model_dir)
     before = pipe.encode_prompt("a village in ghibli style", do_classifier_free_guidance=False)
     pipe.load_lora_weights(run_dir / "final_model")

@@ -293,6 +293,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "adamw8bit, compile, bf16, fp16, fp32 (default: all that apply here)")
     p.add_argument("--torch_compile", action="store_true", help="also measure torch.compile of the UNet")
     p.add_argument("--num_images", type=int, default=8, help="synthetic training images")
+    p.add_argument("--num_threads", type=int, default=None,
+                   help="CPU threads per process (default: 1 on CPU, where a busy shared machine makes "
+                        "multi-threaded timings erratic; torch's default with a GPU)")
     p.add_argument("--buckets", action="store_true", help="aspect buckets (default: square crops, one shape)")
     p.add_argument("--output_json", default=None, help="also write the results here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -302,7 +305,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-DEFAULT_STEPS = {"tiny": (10, 2), "small": (4, 1), "sdxl": (20, 5)}  # (timed, warm-up)
+DEFAULT_STEPS = {"tiny": (None, 2), "small": (None, 1), "sdxl": (20, 5)}  # (timed, warm-up); None: one epoch
 
 
 def resolve_settings(args: argparse.Namespace, cuda: bool) -> dict:
@@ -312,16 +315,19 @@ def resolve_settings(args: argparse.Namespace, cuda: bool) -> dict:
     return {
         "model": args.model, "resolution": args.resolution or DEFAULT_RESOLUTION[args.model],
         "train_batch_size": args.train_batch_size, "mixed_precision": args.mixed_precision,
-        "gradient_checkpointing": args.gradient_checkpointing, "steps": args.steps or steps,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "steps": args.steps or steps or -(-args.num_images // args.train_batch_size),
         "warmup": args.warmup if args.warmup is not None else warmup + (3 if args.torch_compile else 0),
         "buckets": args.buckets, "repeats": args.repeats or (1 if cuda else 2),
+        "num_threads": args.num_threads or (torch.get_num_threads() if cuda else 1),
     }
 
 
 def run_in_subprocess(config: dict, variant: Variant) -> dict:
     payload = json.dumps({"config": config, "variant": asdict(variant)})
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", payload]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": str(config["num_threads"])}
     completed = subprocess.run(command, capture_output=True, text=True, env=env)
     for line in completed.stdout.splitlines():
         if line.startswith(RESULT_MARK):
@@ -377,7 +383,7 @@ def report(settings: dict, chosen: list[Variant], skipped: dict[str, str | None]
     from utils.benchmark_report import flops_text, format_table, mib, rate_text
 
     cuda = torch.cuda.is_available()
-    device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} threads)"
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} thread(s) per process)"
     batch = settings["train_batch_size"]
     print(f"SDXL LoRA training benchmark -- model '{settings['model']}': {describe_model(settings['model'])}")
     print(f"device {device}; {settings['resolution']}x{settings['resolution']}, batch {batch}, mixed precision "
@@ -430,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
         payload = json.loads(args.worker)
+        torch.set_num_threads(payload["config"]["num_threads"])
         result = run_variant(payload["config"], Variant(**payload["variant"]))
         print(RESULT_MARK + json.dumps(result), flush=True)
         return 0
@@ -450,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [variants[key] for key in wanted if not skipped[key]]
 
     device = torch.device("cuda" if cuda else "cpu")
+    torch.set_num_threads(settings["num_threads"])
     peak = device_peak(device, DTYPES[args.mixed_precision] if cuda else torch.float32)
     with tempfile.TemporaryDirectory(prefix="benchmark_train_") as scratch:
         config = {**settings, "dataset_dir": str(make_synthetic_dataset(Path(scratch) / "data", args.num_images)),

@@ -119,6 +119,7 @@ class ParsedLora:
     modules: list[LoraModule]
     metadata: dict[str, str] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    use_rslora: bool = False  # the alphas were converted from rsLoRA's alpha/sqrt(rank) scale
 
 
 # ----------------------------------------------------------------------------- UNet names
@@ -290,7 +291,7 @@ def modules_from_peft_weights(source: str | os.PathLike, weights: Mapping[str, M
             alpha = float(part["alpha"]) if "alpha" in part else _config_alpha(configs.get(component, {}), module,
                                                                                  rank)
             modules.append(LoraModule(component, module, part["down"], part["up"], alpha))
-    return ParsedLora(modules, {}, problems)
+    return ParsedLora(modules, {}, problems, any(config.get("use_rslora") for config in configs.values()))
 
 
 def read_diffusers_lora(path: str | os.PathLike) -> ParsedLora:
@@ -359,17 +360,6 @@ def safetensors_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[st
             hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8])
 
 
-def file_weights_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a safetensors file's data section: equals ``sshs_model_hash`` when the weights are untouched."""
-    with open(path, "rb") as handle:
-        header_size = int.from_bytes(handle.read(8), "little")
-        handle.seek(8 + header_size)
-        digest = hashlib.sha256()
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _most_common(values: Iterable[float]) -> float:
     return Counter(values).most_common(1)[0][0]
 
@@ -378,12 +368,11 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:.6g}"
 
 
-def kohya_metadata(modules: list[LoraModule], source_metadata: Mapping[str, str],
-                   title: str | None = None) -> dict[str, str]:
+def kohya_metadata(modules: list[LoraModule], source_metadata: Mapping[str, str], title: str | None = None,
+                   rslora: bool = False) -> dict[str, str]:
     """The ``ss_*``/``modelspec.*`` header kohya's trainer writes, filled from our training metadata."""
     training = json.loads(source_metadata.get(TRAINING_METADATA_KEY) or "{}")
     components = {m.component for m in modules}
-    rslora = bool(training.get("use_rslora"))
     dim, alpha = _most_common(m.rank for m in modules), _most_common(m.alpha for m in modules)
     comment = f"{title or 'SDXL LoRA'}; converted from the diffusers/PEFT format"
     if rslora:
@@ -459,7 +448,7 @@ def write_kohya_lora(parsed: ParsedLora, path: str | os.PathLike, unet_config: M
     if not parsed.modules:
         raise LoraConversionError(source, "holds no LoRA weights")
     tensors = kohya_tensors(parsed.modules, unet_config, dtype)
-    metadata = kohya_metadata(parsed.modules, parsed.metadata, title)
+    metadata = kohya_metadata(parsed.modules, parsed.metadata, title, parsed.use_rslora)
     metadata["sshs_model_hash"], metadata["sshs_legacy_hash"] = safetensors_hashes(tensors, metadata)
     path = Path(path)
     _atomic_save(tensors, path, metadata)

@@ -8,11 +8,12 @@ restores the trained alpha/rank scale instead of silently using 1.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import safe_open
@@ -26,21 +27,28 @@ TRAINING_METADATA_KEY = "ghibli_training"
 
 
 def _adapter_layers(model) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The LoRA weights of a PEFT-injected model, in diffusers naming, and its adapter config."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """The LoRA weights of a PEFT-injected model (PEFT ``lora_A``/``lora_B`` keys) and its adapter config.
+
+    The keys are not converted to the older ``lora.down``/``lora.up`` names: that conversion renames
+    only attention layers, and diffusers decides a file's format from its first key, so a mixed
+    file would silently lose the attention LoRA when loaded.
+    """
     from peft.utils import get_peft_model_state_dict
 
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    layers = get_peft_model_state_dict(model)
     layers = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in layers.items()}
     return layers, model.peft_config["default"].to_dict()
 
 
 def save_lora(folder: str | os.PathLike, unet, text_encoders: list | None = None,
-              training_metadata: dict[str, Any] | None = None) -> Path:
+              training_metadata: dict[str, Any] | None = None,
+              extra_files: Callable[[Path], None] | None = None) -> Path:
     """Write ``folder/pytorch_lora_weights.safetensors`` atomically (a temp folder renamed into place).
 
     ``text_encoders`` are saved too when given (both SDXL encoders, when trained).
-    ``training_metadata`` is stored as JSON in the safetensors header; it must hold no secrets.
+    ``training_metadata`` is stored as JSON in the safetensors header, with a hash of the
+    weights; it must hold no secrets. ``extra_files(staging_folder)`` may add files (e.g. a
+    kohya-format copy) before the folder is swapped into place.
     """
     from diffusers import StableDiffusionXLPipeline
 
@@ -56,11 +64,26 @@ def save_lora(folder: str | os.PathLike, unet, text_encoders: list | None = None
 
     def write(staging: Path) -> None:
         StableDiffusionXLPipeline.save_lora_weights(staging, **kwargs)
+        extra = {"sshs_model_hash": file_weights_sha256(staging / LORA_WEIGHT_NAME)}
         if training_metadata:
-            add_metadata(staging / LORA_WEIGHT_NAME, {TRAINING_METADATA_KEY: json.dumps(training_metadata)})
+            extra[TRAINING_METADATA_KEY] = json.dumps(training_metadata)
+        add_metadata(staging / LORA_WEIGHT_NAME, extra)
+        if extra_files:
+            extra_files(staging)
 
     replace_dir(folder, write)
     return folder / LORA_WEIGHT_NAME
+
+
+def file_weights_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a safetensors file's data section (kohya's ``sshs_model_hash``): unchanged by header edits."""
+    with open(path, "rb") as handle:
+        header_size = int.from_bytes(handle.read(8), "little")
+        handle.seek(8 + header_size)
+        digest = hashlib.sha256()
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

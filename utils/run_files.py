@@ -194,7 +194,11 @@ def save_model_folder(accelerator, folder: Path, models: list, args, state: Trai
     if not accelerator.is_main_process:
         return
     unet, text_encoders = unwrapped(accelerator, models)
-    save_lora(folder, unet, text_encoders, training_metadata=lora_metadata(args, state))
+    kohya_copy = None
+    if args.save_kohya:
+        from utils.kohya_lora import save_kohya_copy
+        kohya_copy = lambda staging: save_kohya_copy(staging, unet.config, title=folder.parent.name)  # noqa: E731
+    save_lora(folder, unet, text_encoders, training_metadata=lora_metadata(args, state), extra_files=kohya_copy)
     if info_name:
         write_json(folder / info_name, info)
 

@@ -60,6 +60,9 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainingError("--validation_split must be in [0, 1)")
     if not 0.0 <= args.caption_dropout < 1.0:
         raise TrainingError("--caption_dropout must be in [0, 1)")
+    if args.save_kohya and args.use_dora:
+        raise TrainingError("--save_kohya cannot be combined with --use_dora: the kohya format has no exact "
+                            "equivalent of PEFT's DoRA magnitudes")
     if args.push_to_hub:
         from utils.hub_publish import check_hub_target
         if not args.hub_model_id:
