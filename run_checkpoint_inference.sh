@@ -13,8 +13,9 @@
 #                     --num_images, --height, --width, --num_inference_steps, --seed, ...
 #
 # The checkpoints (checkpoint_epoch_N/, written every --save_steps epochs) are found in the run
-# directory, in epoch order. The base images are made once, by the first checkpoint's call, and reused
-# by every later call, so each column of the strip differs from the others only by its LoRA.
+# directory and taken in epoch order. One Python process loads the pipeline once; the base images are
+# made once, in the first checkpoint's folder, and reused for every later one, so the columns of the
+# strip differ from each other only by their LoRA.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -22,7 +23,7 @@ PYTHON="${PYTHON:-python}"
 RUN_DIR=""
 OUTPUT_DIR=""
 INCLUDE_FINAL=()
-SKIP_EXISTING=0
+SKIP=()
 IMAGE_INDEX=0
 INFERENCE_ARGS=()
 
@@ -41,7 +42,7 @@ while [ $# -gt 0 ]; do
     --run_dir) RUN_DIR="$2"; shift 2 ;;
     --output_dir) OUTPUT_DIR="$2"; shift 2 ;;
     --include_final) INCLUDE_FINAL=(--include_final); shift ;;
-    --skip_existing) SKIP_EXISTING=1; shift ;;
+    --skip_existing) SKIP=(--skip_existing); shift ;;
     --image_index) IMAGE_INDEX="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     --) shift; INFERENCE_ARGS=("$@"); break ;;
@@ -49,32 +50,17 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ -n "$RUN_DIR" ] || die "--run_dir is required"
-for arg in "${INFERENCE_ARGS[@]}"; do
-  case "${arg%%=*}" in
-    --output_dir|--lora_model_path|--base_results_dir) die "${arg%%=*} is set by this script" ;;
-  esac
-done
 OUTPUT_DIR="${OUTPUT_DIR:-$RUN_DIR/checkpoint_inference}"
 
 series_text="$(helper checkpoints "$RUN_DIR" "${INCLUDE_FINAL[@]}")" || exit $?
-mapfile -t SERIES <<<"$series_text"
-echo "Inference for ${#SERIES[@]} checkpoint(s) of $RUN_DIR into $OUTPUT_DIR" >&2
+LORAS=()
+while IFS=$'\t' read -r label lora; do LORAS+=(--lora "$label=$lora"); done <<<"$series_text"
+echo "Images for $((${#LORAS[@]} / 2)) checkpoint(s) of $RUN_DIR into $OUTPUT_DIR" >&2
 
-BASE_DIR=""
+# One pipeline for all: the first LoRA's folder gets the base images, every later LoRA reuses them.
 failed=0
-for line in "${SERIES[@]}"; do
-  IFS=$'\t' read -r label lora <<<"$line"
-  folder="$OUTPUT_DIR/$label"
-  BASE_DIR="${BASE_DIR:-$folder}"  # the first call makes the base images, the others reuse them
-  if [ "$SKIP_EXISTING" = 1 ] && compgen -G "$folder/metadata_prompt*.json" >/dev/null; then
-    echo "[$(date +%T)] skip $label (already done)" >&2
-    continue
-  fi
-  echo "[$(date +%T)] $label <- $lora" >&2
-  "$PYTHON" "$ROOT/inference_sdxl_ghibli.py" --lora_model_path "$lora" --output_dir "$folder" \
-    --run_base_inference --base_results_dir "$BASE_DIR" --create_comparison_grid "${INFERENCE_ARGS[@]}" \
-    || { echo "warning: inference failed for $label" >&2; failed=1; }
-done
+helper generate --output_dir "$OUTPUT_DIR" "${SKIP[@]}" "${LORAS[@]}" -- "${INFERENCE_ARGS[@]}" || failed=$?
+[ "$failed" != 2 ] || exit 2  # bad flags or files: nothing was generated
 
 helper strip --inference_dir "$OUTPUT_DIR" --image_index "$IMAGE_INDEX" || failed=1
 exit "$failed"

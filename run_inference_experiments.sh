@@ -16,9 +16,11 @@
 #                     --num_images, --height, --width, --num_inference_steps, --seed, --guidance_scale, ...
 #
 # The runs are found from the sweep's status files (or the run directories themselves); nothing is
-# hard-coded. Every run gets the same prompts and seeds. The base images are made once, by the first
-# run's call, and every later call reuses them (--base_results_dir); a later call with other prompts,
-# seeds or settings would not match them and would make its own.
+# hard-coded. One Python process loads the SDXL pipeline once and, for every run, loads its LoRA,
+# generates and deletes it again; the flags after -- are read by inference_sdxl_ghibli.py's own parser,
+# so every run gets the same prompts, seeds and settings. The base images are made once, in the first
+# run's folder, and reused from there by every later run (the --base_results_dir mechanism), also by a
+# later call with the same settings.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -26,7 +28,7 @@ PYTHON="${PYTHON:-python}"
 SWEEP_DIR="output_ghibli/sweep"
 OUTPUT_DIR=""
 MODEL="final_model"
-SKIP_EXISTING=0
+SKIP=()
 REPORT=1
 REPORT_ARGS=()
 INFERENCE_ARGS=()
@@ -47,7 +49,7 @@ while [ $# -gt 0 ]; do
     --sweep_dir) SWEEP_DIR="$2"; shift 2 ;;
     --output_dir) OUTPUT_DIR="$2"; shift 2 ;;
     --model) MODEL="$2"; shift 2 ;;
-    --skip_existing) SKIP_EXISTING=1; shift ;;
+    --skip_existing) SKIP=(--skip_existing); shift ;;
     --no_report) REPORT=0; shift ;;
     --no_metrics) REPORT_ARGS+=(--no_metrics); shift ;;
     --clip_model|--style_images|--alignment_tolerance) REPORT_ARGS+=("$1" "$2"); shift 2 ;;
@@ -56,32 +58,17 @@ while [ $# -gt 0 ]; do
     *) die "unknown flag $1 (flags for inference_sdxl_ghibli.py go after --)" ;;
   esac
 done
-for arg in "${INFERENCE_ARGS[@]}"; do
-  case "${arg%%=*}" in
-    --output_dir|--lora_model_path|--base_results_dir) die "${arg%%=*} is set by this script" ;;
-  esac
-done
 OUTPUT_DIR="${OUTPUT_DIR:-$SWEEP_DIR/inference}"
 
 runs_text="$(helper runs "$SWEEP_DIR" --model "$MODEL")" || exit $?
-mapfile -t RUNS <<<"$runs_text"
-echo "Inference for ${#RUNS[@]} run(s) of $SWEEP_DIR into $OUTPUT_DIR" >&2
+LORAS=()
+while IFS=$'\t' read -r label lora; do LORAS+=(--lora "$label=$lora"); done <<<"$runs_text"
+echo "Images for $((${#LORAS[@]} / 2)) run(s) of $SWEEP_DIR into $OUTPUT_DIR" >&2
 
-BASE_DIR=""
+# One pipeline for all: the first LoRA's folder gets the base images, every later LoRA reuses them.
 failed=0
-for line in "${RUNS[@]}"; do
-  IFS=$'\t' read -r label lora <<<"$line"
-  folder="$OUTPUT_DIR/$label"
-  BASE_DIR="${BASE_DIR:-$folder}"  # the first run's call makes the base images, the others reuse them
-  if [ "$SKIP_EXISTING" = 1 ] && compgen -G "$folder/metadata_prompt*.json" >/dev/null; then
-    echo "[$(date +%T)] skip $label (already done)" >&2
-    continue
-  fi
-  echo "[$(date +%T)] $label <- $lora" >&2
-  "$PYTHON" "$ROOT/inference_sdxl_ghibli.py" --lora_model_path "$lora" --output_dir "$folder" \
-    --run_base_inference --base_results_dir "$BASE_DIR" --create_comparison_grid "${INFERENCE_ARGS[@]}" \
-    || { echo "warning: inference failed for $label" >&2; failed=1; }
-done
+helper generate --output_dir "$OUTPUT_DIR" "${SKIP[@]}" "${LORAS[@]}" -- "${INFERENCE_ARGS[@]}" || failed=$?
+[ "$failed" != 2 ] || exit 2  # bad flags or files: nothing was generated
 
 if [ "$REPORT" = 1 ]; then
   helper report --inference_dir "$OUTPUT_DIR" "${REPORT_ARGS[@]}" || failed=1

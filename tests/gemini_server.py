@@ -25,10 +25,12 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from PIL import Image
+
+from tests.local_server import LocalServer
 
 GENERATE_PATH = re.compile(r"^/(v1|v1beta|v1alpha)/models/([^/:]+):generateContent$")
 STATUS_NAMES = {400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 429: "RESOURCE_EXHAUSTED",
@@ -69,7 +71,7 @@ def caption_for(color: tuple[int, int, int] | None) -> str:
     return f"A calm scene painted in rgb {color[0]} {color[1]} {color[2]}, in Ghibli style."
 
 
-class GeminiServer:
+class GeminiServer(LocalServer):
     """A scriptable stand-in for the Gemini API, served from a background thread."""
 
     def __init__(self, delay: float = 0.0) -> None:
@@ -81,31 +83,11 @@ class GeminiServer:
         self._budget: int | None = None
         self._gate = threading.Event()
         self._gate.set()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._httpd.daemon_threads = True
-        self._httpd.block_on_close = False
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start(self) -> "GeminiServer":
-        self._thread.start()
-        return self
+        super().__init__()
 
     def stop(self) -> None:
         self.resume()
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-    def __enter__(self) -> "GeminiServer":
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        super().stop()
 
     def fail_next(self, count: int, status: int = 503, headers: dict[str, str] | None = None,
                   retry_delay: str | None = None, stall: float = 0.0, message: str = "scripted failure") -> None:

@@ -35,12 +35,14 @@ import json
 import re
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 from PIL import Image
+
+from tests.local_server import LocalServer
 
 API_MODEL = re.compile(r"^/api/models/([^/]+/[^/]+?)(?:/(revision|tree|preupload|commit|branch)/([^/]+)(/.*)?)?$")
 RESOLVE = re.compile(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
@@ -87,7 +89,7 @@ class Recorded:
     body: bytes
 
 
-class HubServer:
+class HubServer(LocalServer):
     """An in-memory stand-in for the Hub, served from a background thread."""
 
     def __init__(self, token: str = "hf_test_token", user: str = "tester") -> None:
@@ -98,30 +100,7 @@ class HubServer:
         self.inference_requests: list[dict[str, Any]] = []
         self._counter = itertools.count(1)
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
-        self._httpd.daemon_threads = True
-        self._httpd.block_on_close = False
-        self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def start(self) -> "HubServer":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
-
-    def __enter__(self) -> "HubServer":
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
+        super().__init__()
 
     def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         """What a repo holds at a revision (a copy), for the tests' assertions."""

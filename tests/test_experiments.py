@@ -247,6 +247,26 @@ def test_grid_places_each_run_at_its_rank_and_alpha(sweep_inference):
     assert grid.shape[1] == right + 4  # the grid's right margin
 
 
+def test_one_pipeline_for_all_runs_gives_the_images_of_separate_calls(sweep_inference, tiny_model_dir, tmp_path):
+    """The last run's images, made after three other LoRAs were loaded and deleted, match a fresh CLI call."""
+    folders = sorted(p for p in sweep_inference.iterdir() if p.name.startswith("r"))
+    assert [p.name for p in folders] == ["r2_a2_lr0.01", "r2_a8_lr0.01", "r4_a2_lr0.01", "r4_a8_lr0.01"]
+    metas = [json.loads(next(folder.glob("metadata_prompt1_*.json")).read_text()) for folder in folders]
+    assert all(m["seeds"] == [44, 45] and m["prompt"] == PROMPTS[1] for m in metas)
+    first_base = [pixels(folders[0] / name) for name in metas[0]["base_images"]]
+    for folder, meta in zip(folders[1:], metas[1:]):  # base images made once, reused bit for bit
+        assert all(np.array_equal(a, pixels(folder / n)) for a, n in zip(first_base, meta["base_images"]))
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "inference_sdxl_ghibli.py"), "--pretrained_model_name_or_path", str(tiny_model_dir),
+         "--lora_model_path", metas[-1]["lora_model_path"], "--output_dir", str(tmp_path), *INFERENCE_FLAGS],
+        cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    alone = json.loads(next(tmp_path.glob("metadata_prompt1_*.json")).read_text())
+    for mine, theirs in zip(metas[-1]["lora_images"], alone["lora_images"]):
+        assert np.array_equal(pixels(folders[-1] / mine), pixels(tmp_path / theirs))
+    assert not np.array_equal(pixels(folders[-1] / metas[-1]["lora_images"][0]), first_base[0])
+
+
 def test_epoch_strip_shows_base_then_checkpoints_in_order(sweep, sweep_inference, tiny_model_dir):
     run_folder = sweep["dir"] / f"r{RANKS[0]}_a{ALPHAS[1]}_lr{LR}"
     out = sweep["work"] / "checkpoints"
