@@ -8,15 +8,18 @@
 #   --lr                learning rate of every run (default: the original's 1e-4)
 #   --output_dir        the sweep folder; each run trains into {output_dir}/r{R}_a{A}_lr{LR}/ (default
 #                       output_ghibli/sweep)
-#   --gpus              comma-separated GPU ids; one run per GPU at a time (CUDA_VISIBLE_DEVICES).
-#                       Without it the runs go one after another on the default device.
+#   --gpus              comma-separated GPU ids; one run per GPU at a time (CUDA_VISIBLE_DEVICES); an id
+#                       given twice (0,0,1,1) runs two at a time on that GPU. Without it the runs go one
+#                       after another on the default device.
 #   -- ...              everything after -- goes to train_sdxl_lora.py (e.g. --dataset_dir, --num_train_epochs)
+#   Environment: PYTHON (the interpreter, default python), TRAIN_SCRIPT (default train_sdxl_lora.py).
 #
 # Each run folder holds status.json (state, real start and end times, exit code, the run directory the
 # trainer made), train.log (the trainer's output) and the run directory itself. The sweep folder holds
 # sweep_summary.json and loss_curves.png. Run the same command again to resume: finished runs are
 # skipped, the others start again (from their latest resumable checkpoint when they saved one with
 # --checkpointing_steps). Ctrl-C or SIGTERM stops every running training and records it as interrupted.
+# A lock (flock) keeps a second sweep out of a folder while the first one runs.
 # Exit status: 0 when every run finished, 1 when one failed, 2 on bad flags, 130/143 when stopped.
 set -euo pipefail
 set -m  # every run in its own process group, so stopping it reaches the whole tree
@@ -69,6 +72,10 @@ IFS=',' read -r -a SLOTS <<<"$GPUS"
 GRID=(--sweep_dir "$OUTPUT_DIR" --ranks "${RANK_LIST[@]}" --alphas "${ALPHA_LIST[@]}" --lr "$LR")
 
 mkdir -p "$OUTPUT_DIR"
+if command -v flock >/dev/null; then  # one sweep per folder at a time (the lock lives as long as its runs)
+  exec 9>"$OUTPUT_DIR/.sweep.lock"
+  flock -n 9 || die "another sweep is running in $OUTPUT_DIR"
+fi
 plan_text="$(helper plan "${GRID[@]}" -- "${TRAIN_ARGS[@]}")" || exit $?
 PLAN=()
 [ -z "$plan_text" ] || mapfile -t PLAN <<<"$plan_text"
@@ -109,6 +116,7 @@ run_one() {
 
 declare -A SLOT_PID=()
 
+# shellcheck disable=SC2329  # called by the traps below
 stop_all() {
   local code="$1" pid tick alive
   trap '' INT TERM

@@ -57,31 +57,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def check_source(name: str, flag: str) -> None:
-    """A name that is neither an existing path nor a possible Hub id fails here, before any download."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    if os.path.exists(name):
-        return
-    try:
-        if name.count("/") != 1 or name.startswith((".", "/", "~")):
-            raise HFValidationError("expected namespace/name")
-        validate_repo_id(name)
-    except HFValidationError as error:
-        raise FileNotFoundError(f"{flag} {name}: no such local path, and not a Hub repo id (namespace/name)") \
-            from error
-
-
 def generate_locally(args: argparse.Namespace, seed: int):
     import torch
 
     from utils.comparison import GenerationSettings, generate, load_adapter, pick_device
-    from utils.sdxl import load_pipeline
+    from utils.sdxl import check_model_source, load_pipeline
 
-    check_source(args.base_model_id, "--base_model_id")
+    check_model_source(args.base_model_id, "--base_model_id")
     if args.lora_model_id:
-        check_source(args.lora_model_id, "--lora_model_id")
+        check_model_source(args.lora_model_id, "--lora_model_id")
     device = pick_device(args.device)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
     with hub_errors(f"base model {args.base_model_id!r}"):

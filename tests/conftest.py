@@ -17,6 +17,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One thread per process: tests run training subprocesses beside the pytest process on 2 cores,
+# and torch's default of one thread per core oversubscribes them (measured 4x slower under load).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Settings of the shared run: alpha differs from rank on purpose (the scale must survive saving).
 TRAINED_RANK = 4

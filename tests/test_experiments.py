@@ -26,6 +26,7 @@ from tests.conftest import ROOT
 RANKS, ALPHAS, LR = ["2", "4"], ["2", "8"], "1e-2"
 PROMPTS = ["a village in ghibli style", "a cat on a roof"]
 IMAGE_SIZE = 64
+WEIGHTS = "pytorch_lora_weights.safetensors"
 TRAIN_FLAGS = ["--resolution", "64", "--train_batch_size", "2", "--num_train_epochs", "2", "--save_steps", "1",
                "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--report_to", "none",
                "--mixed_precision", "no", "--no-gradient_checkpointing"]
@@ -33,9 +34,14 @@ INFERENCE_FLAGS = ["--prompts", *PROMPTS, "--num_images", "2", "--height", str(I
                    str(IMAGE_SIZE), "--num_inference_steps", "2"]
 
 
+# One thread per process: on a shared 2-core machine, torch's thread pools oversubscribe the cores and
+# a 6-second tiny training can take ten times as long.
+ENV = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+
+
 def bash(script: str, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout, env={**os.environ, "PYTHON": sys.executable, **(env or {})})
+                          timeout=timeout, env={**ENV, **(env or {})})
 
 
 def processes_mentioning(text: str) -> list[int]:
@@ -96,14 +102,16 @@ def sweep(tiny_model_dir, tmp_path_factory) -> dict:
             "--", "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_dir", str(dataset),
             *TRAIN_FLAGS]
     first, second = (RANKS[0], ALPHAS[0]), (RANKS[0], ALPHAS[1])
-    process = subprocess.Popen(["bash", str(ROOT / "run_experiments.sh"), *args], cwd=ROOT, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                               env={**os.environ, "PYTHON": sys.executable})
+    output = work / "first_attempt.log"
+    with open(output, "w") as log:
+        process = subprocess.Popen(["bash", str(ROOT / "run_experiments.sh"), *args], cwd=ROOT, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True, env=ENV)
     try:
         wait_for(lambda: (read_status(sweep_dir, *first) or {}).get("state") == "finished", 240, "the first run")
         wait_for(lambda: (read_status(sweep_dir, *second) or {}).get("state") == "running", 60, "the second run")
         process.send_signal(signal.SIGTERM)  # to the script only: its trap must stop the training
-        stopped_output, _ = process.communicate(timeout=60)
+        process.wait(timeout=60)
+        left_running = processes_mentioning(str(sweep_dir))
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
@@ -111,7 +119,7 @@ def sweep(tiny_model_dir, tmp_path_factory) -> dict:
             os.kill(pid, signal.SIGKILL)
     record = {
         "dir": sweep_dir, "work": work, "dataset": dataset, "stopped_code": process.returncode,
-        "stopped_output": stopped_output, "left_running": processes_mentioning(str(sweep_dir)),
+        "stopped_output": output.read_text(), "left_running": left_running,
         "after_stop": {(r, a): read_status(sweep_dir, r, a) for r in RANKS for a in ALPHAS},
         "summary_after_stop": json.loads((sweep_dir / "sweep_summary.json").read_text()),
     }
@@ -159,10 +167,11 @@ def test_sweep_stops_cleanly_and_resumes_without_retraining(sweep):
             folder = sweep_dir / f"r{rank}_a{alpha}_lr{LR}"
             assert status["state"] == "finished" and status["exit_code"] == 0
             assert status["started_at"] <= status["ended_at"] and status["duration_s"] >= 0
-            trained = [p for p in folder.iterdir() if (p / "final_model" / "pytorch_lora_weights.safetensors").is_file()]
+            trained = [p for p in folder.iterdir() if (p / "final_model" / WEIGHTS).is_file()]
             assert [Path(status["run_dir"])] == trained, "each run trained to the end exactly once"
             config = json.loads((trained[0] / "experiment_config.json").read_text())
-            assert (config["lora_rank"], config["lora_alpha"], config["learning_rate"]) == (int(rank), float(alpha), 0.01)
+            assert (config["lora_rank"], config["lora_alpha"]) == (int(rank), float(alpha))
+            assert config["learning_rate"] == 0.01
             with open(trained[0] / "logs" / "training_log.csv", newline="") as handle:
                 steps = [int(row["step"]) for row in csv.DictReader(handle)]
             assert steps == [1, 2, 3, 4]
@@ -249,7 +258,7 @@ def test_grid_places_each_run_at_its_rank_and_alpha(sweep_inference):
 
 def test_one_pipeline_for_all_runs_gives_the_images_of_separate_calls(sweep_inference, tiny_model_dir, tmp_path):
     """The last run's images, made after three other LoRAs were loaded and deleted, match a fresh CLI call."""
-    folders = sorted(p for p in sweep_inference.iterdir() if p.name.startswith("r"))
+    folders = sorted(p for p in sweep_inference.iterdir() if re.fullmatch(r"r\d+_a.*", p.name))
     assert [p.name for p in folders] == ["r2_a2_lr0.01", "r2_a8_lr0.01", "r4_a2_lr0.01", "r4_a8_lr0.01"]
     metas = [json.loads(next(folder.glob("metadata_prompt1_*.json")).read_text()) for folder in folders]
     assert all(m["seeds"] == [44, 45] and m["prompt"] == PROMPTS[1] for m in metas)
@@ -259,7 +268,7 @@ def test_one_pipeline_for_all_runs_gives_the_images_of_separate_calls(sweep_infe
     result = subprocess.run(
         [sys.executable, str(ROOT / "inference_sdxl_ghibli.py"), "--pretrained_model_name_or_path", str(tiny_model_dir),
          "--lora_model_path", metas[-1]["lora_model_path"], "--output_dir", str(tmp_path), *INFERENCE_FLAGS],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
     alone = json.loads(next(tmp_path.glob("metadata_prompt1_*.json")).read_text())
     for mine, theirs in zip(metas[-1]["lora_images"], alone["lora_images"]):
@@ -295,10 +304,10 @@ def test_checkpoints_are_listed_in_epoch_order(tmp_path):
     for epoch in (10, 2, 1):
         folder = tmp_path / f"checkpoint_epoch_{epoch}"
         folder.mkdir()
-        (folder / "pytorch_lora_weights.safetensors").write_bytes(b"")
+        (folder / WEIGHTS).write_bytes(b"")
     (tmp_path / "checkpoint_epoch_3").mkdir()  # no weights: an unfinished save is left out
     (tmp_path / "final_model").mkdir()
-    (tmp_path / "final_model" / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    (tmp_path / "final_model" / WEIGHTS).write_bytes(b"")
     assert [label for label, _ in epoch_checkpoints(tmp_path)] == ["epoch_1", "epoch_2", "epoch_10"]
     assert [label for label, _ in epoch_checkpoints(tmp_path, include_final=True)][-1] == "final"
 
@@ -354,13 +363,17 @@ def test_metrics_table_heatmaps_and_verdict_agree_with_the_csv(sweep_inference):
     for column in ("alignment", "style_similarity", "diversity"):
         assert len({r[column] for r in rows}) > 1, f"{column} is constant across runs"
     for r in rows:
+        assert 0 < float(r["alignment_change_se"]) < 100
         assert float(r["style_gain"]) == pytest.approx(float(r["style_similarity"]) - float(r["style_similarity_base"]),
                                                        abs=1e-6)
     verdict = json.loads((report / "verdict.json").read_text())
     eligible = [r for r in rows if float(r["alignment_change"]) >= -verdict["alignment_tolerance"]]
-    expected = max(eligible or rows, key=lambda r: (float(r["style_gain"]), float(r["alignment"])) if eligible
-                   else float(r["alignment"]))
-    assert verdict["best_run"] == expected["run"] and [r["run"] for r in rows if r["best"] == "yes"] == [expected["run"]]
+    if eligible:
+        expected = max(eligible, key=lambda r: (float(r["style_gain"]), float(r["alignment"])))
+    else:
+        expected = max(rows, key=lambda r: float(r["alignment"]))
+    assert verdict["best_run"] == expected["run"]
+    assert [r["run"] for r in rows if r["best"] == "yes"] == [expected["run"]]
 
     markdown = (report / "metrics.md").read_text()
     assert f"Best trade-off: {expected['run']}" in markdown and "Rule:" in markdown

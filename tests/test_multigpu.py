@@ -24,9 +24,7 @@ import torch
 from tests.conftest import run_script
 from utils.lora_io import LORA_WEIGHT_NAME, read_tensors
 
-NUM_IMAGES = 12  # the tiny_dataset_dir fixture
 BATCH = 4
-STEPS_PER_EPOCH = 2  # the images fall in buckets of 4+2+2+4 at 256 px: 4 batches, 2 per rank
 EPOCHS = 3
 STEP_LINE = re.compile(r"process (\d+) step (\d+) images \[([\d, ]*)\] loss ([-\d.e+naninf]+)")
 
@@ -82,30 +80,42 @@ def two_rank_run(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
     return only_run_dir(output_dir), output
 
 
+def run_config(run_dir: Path) -> dict:
+    return json.loads((run_dir / "experiment_config.json").read_text())
+
+
 def test_each_epoch_is_split_into_disjoint_halves(two_rank_run):
-    _, output = two_rank_run
+    run_dir, output = two_rank_run
+    config = run_config(run_dir)
+    per_epoch, num_images = config["steps_per_epoch"], config["num_train_images"]
+    assert config["max_train_steps"] == EPOCHS * per_epoch
     records = step_records(output)
-    assert sorted(records) == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1)), output[-3000:]
+    assert sorted(records) == list(range(1, EPOCHS * per_epoch + 1)), output[-3000:]
     for epoch in range(EPOCHS):
-        seen = {0: [], 1: []}
-        for step in range(epoch * STEPS_PER_EPOCH + 1, (epoch + 1) * STEPS_PER_EPOCH + 1):
+        seen: dict[int, list[int]] = {0: [], 1: []}
+        batch_sizes = []
+        for step in range(epoch * per_epoch + 1, (epoch + 1) * per_epoch + 1):
             assert set(records[step]) == {0, 1}, f"step {step}: not every rank trained"
             for rank, (images, _) in records[step].items():
                 seen[rank] += images
+                batch_sizes.append(len(images))
+        assert min(batch_sizes) < BATCH, "no short bucket batch: the test no longer covers that case"
         assert not set(seen[0]) & set(seen[1]), f"epoch {epoch + 1}: ranks shared images {seen}"
-        assert sorted(seen[0] + seen[1]) == list(range(NUM_IMAGES)), f"epoch {epoch + 1}: {seen}"
+        assert sorted(seen[0] + seen[1]) == list(range(num_images)), f"epoch {epoch + 1}: {seen}"
 
 
 def test_loss_log_has_every_step_once_with_the_mean_over_ranks(two_rank_run):
     run_dir, output = two_rank_run
     records = step_records(output)
     rows = csv_rows(run_dir)
-    assert [int(row["step"]) for row in rows] == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
-    assert [int(row["epoch"]) for row in rows] == [1 + i // STEPS_PER_EPOCH for i in range(len(rows))]
+    config = run_config(run_dir)
+    per_epoch = config["steps_per_epoch"]
+    assert [int(row["step"]) for row in rows] == list(range(1, EPOCHS * per_epoch + 1))
+    assert [int(row["epoch"]) for row in rows] == [1 + i // per_epoch for i in range(len(rows))]
     for row in rows:
         rank_losses = [loss for _, loss in records[int(row["step"])].values()]
+        assert len(rank_losses) == 2
         assert float(row["loss"]) == pytest.approx(sum(rank_losses) / 2, rel=1e-4, abs=1e-6)
-    config = json.loads((run_dir / "experiment_config.json").read_text())
     assert config["num_processes"] == 2
     assert config["effective_batch_size"] == 2 * BATCH
 
@@ -137,6 +147,7 @@ def test_the_lora_is_written_once_and_loads(two_rank_run, tiny_model_dir):
 def test_resume_under_two_processes_matches_the_straight_run(two_rank_run, tiny_model_dir, tiny_dataset_dir,
                                                              tmp_path):
     straight, straight_output = two_rank_run
+    assert 3 % run_config(straight)["steps_per_epoch"], "checkpoint-3 should fall inside an epoch"
     copy = tmp_path / "resumed" / straight.name
     shutil.copytree(straight, copy)
     shutil.rmtree(copy / "final_model")  # so that the comparison below sees what the resumed run wrote
@@ -144,8 +155,9 @@ def test_resume_under_two_processes_matches_the_straight_run(two_rank_run, tiny_
                                   "--resume_from_checkpoint", str(copy / "checkpoints" / "checkpoint-3"))
     assert only_run_dir(tmp_path / "resumed") == copy
     resumed_records, straight_records = step_records(output), step_records(straight_output)
-    assert sorted(resumed_records) == [4, 5, 6]
-    for step in (4, 5, 6):  # the same images on the same ranks after the restart, mid-epoch included
+    later_steps = list(range(4, run_config(straight)["max_train_steps"] + 1))
+    assert sorted(resumed_records) == later_steps
+    for step in later_steps:  # the same images on the same ranks after the restart, mid-epoch included
         assert ({r: images for r, (images, _) in resumed_records[step].items()}
                 == {r: images for r, (images, _) in straight_records[step].items()})
     resumed_rows, straight_rows = csv_rows(copy), csv_rows(straight)

@@ -81,7 +81,7 @@ class Meter:
     """Wall time and peak memory (CUDA allocations, or RSS on CPU) of one stretch of work."""
 
     def __init__(self, device: torch.device):
-        from utils.benchmark_train import MemoryMeter
+        from utils.benchmark_steps import MemoryMeter
         self.memory = MemoryMeter(device)
         self.device = device
 

@@ -82,7 +82,10 @@ def build_pipeline(model: str, device: str | torch.device = "cpu", seed: int = 0
         raise ValueError(f"unknown model '{model}' (choose from {', '.join(MODELS)})")
     torch.manual_seed(seed)
     if model == "tiny":
-        return build_tiny_sdxl(seed).to(device)
+        pipe = build_tiny_sdxl(seed).to(device)
+        for module in (pipe.unet, pipe.text_encoder, pipe.text_encoder_2):
+            module.to(weight_dtype)
+        return pipe
     if model == "small":
         unet_config, vae_config, text_1, text_2 = small_configs()
     else:

@@ -1,9 +1,10 @@
 """Training speed and memory: the naive loop against our default path, and each speed/memory lever.
 
 Every variant trains the same model on the same synthetic images with the trainer's own code
-(``BatchMaker``, ``denoising_loss``, ``inject_lora``, ``make_optimizer``, ``cache_latents``,
-accelerate), each in a fresh process so peak memory is its own; rounds are interleaved
-(naive, ours, ..., naive, ours, ...) so background load hits all variants alike.
+(``prepare_run`` and ``train_micro_step``: loading, LoRA, caches, accelerate), each in a fresh
+process so peak memory is its own; rounds are interleaved (naive, ours, ..., naive, ours, ...) so
+background load hits all variants alike, and a last run alternates naive and cached steps in one
+process for a speed ratio that background load cannot skew.
 
   naive   the original's loop: VAE and both text encoders run on every step (--no-cache)
   ours    the default: latents and embeddings cached once, encoders off the accelerator,
@@ -27,8 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -37,184 +37,11 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 
 from utils.benchmark_models import DEFAULT_RESOLUTION, MODELS
+from utils.benchmark_steps import Variant, all_variants, skip_reason, trainer_args
 
 logger = logging.getLogger("benchmark_train")
 
 RESULT_MARK = "BENCHMARK_RESULT "
-GIB = 1024 ** 3
-
-
-@dataclass(frozen=True)
-class Variant:
-    key: str
-    label: str
-    cache: bool = True
-    release_encoders: bool = True
-    gradient_checkpointing: bool | None = None  # None: the run's setting
-    mixed_precision: str | None = None  # None: the run's setting
-    optimizer: str = "adamw"
-    channels_last: bool = False
-    compile: bool = False
-
-
-def all_variants(gradient_checkpointing: bool, mixed_precision: str) -> dict[str, Variant]:
-    other_gc = "on" if not gradient_checkpointing else "off"
-    variants = [
-        Variant("naive", "naive: encoders every step (--no-cache)", cache=False),
-        Variant("ours", "ours: cached, encoders released (default)"),
-        Variant("gc", f"ours, gradient checkpointing {other_gc}", gradient_checkpointing=not gradient_checkpointing),
-        Variant("channels_last", "ours, channels-last UNet", channels_last=True),
-        Variant("encoders_on_device", "ours, encoders kept on the device", release_encoders=False),
-        Variant("adamw8bit", "ours, 8-bit AdamW", optimizer="adamw8bit"),
-        Variant("compile", "ours, torch.compile(UNet)", compile=True),
-    ]
-    for precision in ("bf16", "fp16", "no"):
-        if precision != mixed_precision:
-            name = "fp32" if precision == "no" else precision
-            variants.append(Variant(name, f"ours, {name} weights (LoRA fp32)", mixed_precision=precision))
-    return {v.key: v for v in variants}
-
-
-def skip_reason(variant: Variant, cuda: bool, torch_compile: bool) -> str | None:
-    """Why a variant cannot be measured here, or None."""
-    import importlib.util
-    if variant.key in ("bf16", "fp16") and not cuda:
-        return "mixed precision needs a CUDA device (the trainer falls back to fp32 on CPU)"
-    if variant.key == "fp32" and not cuda:
-        return "already the setting on CPU"
-    if variant.key == "encoders_on_device" and not cuda:
-        return "on CPU there is no device to release the encoders from"
-    if variant.key == "adamw8bit":
-        if importlib.util.find_spec("bitsandbytes") is None:
-            return "bitsandbytes is not installed (pip install bitsandbytes)"
-        if not cuda:
-            return "bitsandbytes 8-bit optimizers need a CUDA device"
-    if variant.key == "compile" and not torch_compile:
-        return "pass --torch_compile to measure it"
-    return None
-
-
-# ----------------------------------------------------------------------------- one variant, in its own process
-
-
-class MemoryMeter:
-    """Peak memory of this process: CUDA allocations on a GPU, resident set size (RSS) on a CPU.
-
-    The training peak is reset when training starts, so it excludes model construction and caching;
-    the process peak includes everything.
-    """
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.setup_peak = 0
-
-    def start_training(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            self.setup_peak = torch.cuda.max_memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            self.setup_peak = _peak_rss()
-            _reset_peak_rss()
-
-    def peaks(self) -> tuple[int, int]:
-        """(training peak, process peak) in bytes."""
-        if self.device.type == "cuda":
-            train = torch.cuda.max_memory_allocated(self.device)
-        else:
-            train = _peak_rss()
-        return train, max(train, self.setup_peak)
-
-
-def _peak_rss() -> int:
-    """VmHWM (Linux), else the lifetime maximum from getrusage."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    import resource
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def _reset_peak_rss() -> None:
-    """Linux resets VmHWM to the current RSS on '5' written to clear_refs; elsewhere the peak stays lifetime."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        logger.warning("cannot reset the peak RSS here: the training peak includes set-up")
-
-
-def trainer_args(config: dict, variant: Variant) -> argparse.Namespace:
-    """The trainer's own flags and defaults, with the benchmark's settings."""
-    from train_sdxl_lora import parse_args
-
-    gradient_checkpointing = variant.gradient_checkpointing
-    if gradient_checkpointing is None:
-        gradient_checkpointing = config["gradient_checkpointing"]
-    argv = ["--pretrained_model_name_or_path", config["model_dir"], "--dataset_dir", config["dataset_dir"],
-            "--output_dir", config["output_dir"], "--resolution", str(config["resolution"]),
-            "--train_batch_size", str(config["train_batch_size"]), "--max_train_steps", "1000000",
-            "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--report_to", "none",
-            "--optimizer", variant.optimizer, "--mixed_precision", variant.mixed_precision or config["mixed_precision"],
-            "--gradient_checkpointing" if gradient_checkpointing else "--no-gradient_checkpointing"]
-    argv += [] if variant.cache else ["--no-cache"]
-    argv += [] if config["buckets"] else ["--no_buckets"]
-    return parse_args(argv)
-
-
-def run_variant(config: dict, variant: Variant) -> dict:
-    """Set up with the trainer's ``prepare_run``, then time warm-up + N of its optimizer steps."""
-    from utils import trainer
-    from utils.ghibli_datasets import load_examples
-
-    args = trainer_args(config, variant)
-    trainer.check_args(args)
-    started = time.perf_counter()
-    run = trainer.prepare_run(args, load_examples(args.dataset_type, args.dataset_dir))
-    device = run.accelerator.device
-    if variant.channels_last:
-        run.unet.to(memory_format=torch.channels_last)
-    if not variant.release_encoders:
-        for module in [run.components.vae, *run.components.text_encoders]:
-            module.to(device)
-    if variant.compile:
-        run.models[0] = torch.compile(run.models[0])
-    _synchronize(device)
-    setup_seconds = time.perf_counter() - started
-
-    memory = MemoryMeter(device)
-    memory.start_training()
-    for model in run.models:
-        model.train()
-    batches = _forever(run.dataloader)
-    step_seconds, losses = [], []
-    for _ in range(config["warmup"] + config["steps"]):
-        _synchronize(device)
-        start = time.perf_counter()
-        loss = trainer.train_micro_step(run, next(batches))
-        losses.append(run.accelerator.gather(loss[None]).mean().item())  # as the training loop logs it
-        step_seconds.append(time.perf_counter() - start)
-    train_peak, process_peak = memory.peaks()
-    return {
-        "variant": variant.key, "step_seconds": step_seconds[config["warmup"]:],
-        "warmup_seconds": sum(step_seconds[:config["warmup"]]), "setup_seconds": setup_seconds,
-        "train_peak_bytes": train_peak, "process_peak_bytes": process_peak, "losses": losses,
-        "mixed_precision": run.accelerator.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing,
-        "weight_dtype": str(run.unet.dtype),
-    }
-
-
-def _forever(dataloader):
-    while True:
-        yield from dataloader
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------- FLOPs, on the meta device
@@ -226,14 +53,12 @@ def step_flops(model: str, resolution: int, batch_size: int, args: argparse.Name
     unet: UNet + LoRA forward and backward (the model FLOPs of MFU); unet_checkpointed: the same with
     gradient checkpointing's recomputation; vae / text: the encoders' forward passes the naive loop adds.
     """
-    from utils import trainer
-    from utils.flops import count_flops
-    from utils.sdxl import encode_prompts, vae_latent_distribution
-
     from diffusers import DDPMScheduler
 
+    from utils import trainer
     from utils.benchmark_models import build_pipeline
-    from utils.sdxl import SDXLComponents
+    from utils.flops import count_flops
+    from utils.sdxl import SDXLComponents, encode_prompts, vae_latent_distribution
 
     pipe = build_pipeline(model, "meta")
     components = SDXLComponents([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
@@ -297,6 +122,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="CPU threads per process (default: 1 on CPU, where a busy shared machine makes "
                         "multi-threaded timings erratic; torch's default with a GPU)")
     p.add_argument("--buckets", action="store_true", help="aspect buckets (default: square crops, one shape)")
+    p.add_argument("--paired", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time naive and ours alternating step by step in one process (default on): "
+                        "the speed ratio that background load cannot skew")
+    p.add_argument("--flops_only", action="store_true",
+                   help="only count the FLOPs of a step (on the meta device: instant, any model, no GPU)")
     p.add_argument("--output_json", default=None, help="also write the results here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -323,8 +153,9 @@ def resolve_settings(args: argparse.Namespace, cuda: bool) -> dict:
     }
 
 
-def run_in_subprocess(config: dict, variant: Variant) -> dict:
-    payload = json.dumps({"config": config, "variant": asdict(variant)})
+def run_in_subprocess(config: dict, variant: Variant | None) -> dict:
+    """One variant (or, with None, the paired naive/ours run) in a fresh Python process."""
+    payload = json.dumps({"config": config, "variant": asdict(variant) if variant else None})
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", payload]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": str(config["num_threads"])}
@@ -332,7 +163,21 @@ def run_in_subprocess(config: dict, variant: Variant) -> dict:
     for line in completed.stdout.splitlines():
         if line.startswith(RESULT_MARK):
             return json.loads(line[len(RESULT_MARK):])
-    raise RuntimeError(f"variant '{variant.key}' failed (exit {completed.returncode}):\n{completed.stderr[-4000:]}")
+    name = variant.key if variant else "paired"
+    logger.error("benchmark run '%s' failed (exit %d):\n%s", name, completed.returncode, completed.stderr[-3000:])
+    lines = [line for line in completed.stderr.splitlines() if line.strip()]
+    return {"failed": lines[-1] if lines else f"exit status {completed.returncode}"}
+
+
+def worker(payload: dict) -> dict:
+    from utils.benchmark_steps import run_paired, run_variant
+
+    config = payload["config"]
+    torch.set_num_threads(config["num_threads"])
+    logging.basicConfig(level=logging.WARNING)
+    if payload["variant"] is None:
+        return run_paired(config)
+    return run_variant(config, Variant(**payload["variant"]))
 
 
 def summarise(results: list[dict]) -> dict:
@@ -366,6 +211,20 @@ def save_model(model: str, folder: Path, device: torch.device) -> Path:
     return folder
 
 
+def print_flops(settings: dict) -> None:
+    from train_sdxl_lora import parse_args as trainer_parse_args
+    from utils.benchmark_report import flops_text
+
+    flops = step_flops(settings["model"], settings["resolution"], settings["train_batch_size"],
+                       trainer_parse_args([]))
+    print(f"model '{settings['model']}': {describe_model(settings['model'])}")
+    print(f"one training step at {settings['resolution']}x{settings['resolution']}, batch "
+          f"{settings['train_batch_size']} (torch.utils.flop_counter on the meta device):")
+    print(f"  UNet+LoRA forward+backward {flops_text(flops['unet'])}; with gradient checkpointing "
+          f"{flops_text(flops['unet_checkpointed'])}")
+    print(f"  the naive loop adds: VAE encode {flops_text(flops['vae'])}, text encoders {flops_text(flops['text'])}")
+
+
 def describe_model(model: str) -> str:
     from utils.benchmark_models import build_pipeline, count_parameters
 
@@ -378,7 +237,7 @@ def describe_model(model: str) -> str:
 
 
 def report(settings: dict, chosen: list[Variant], skipped: dict[str, str | None], summary: dict[str, dict],
-           flops: dict[str, int], peak, num_images: int) -> dict:
+           flops: dict[str, int], peak, num_images: int, paired: dict | None) -> dict:
     """Print the results; return the ratios of ours to naive."""
     from utils.benchmark_report import flops_text, format_table, mib, rate_text
 
@@ -421,9 +280,17 @@ def report(settings: dict, chosen: list[Variant], skipped: dict[str, str | None]
                   "process_peak": ours["process_peak_bytes"] / naive["process_peak_bytes"]}
         print()
         print("Caching benchmark (--cache vs --no-cache) = 'ours' vs 'naive' above: same model, data and settings.")
-        print(f"ours / naive: {ratios['speed']:.2f}x steps/s and images/s; wall time incl. caching "
-              f"{ratios['wall']:.2f}x faster; peak memory {ratios['train_peak']:.2f}x (training), "
-              f"{ratios['process_peak']:.2f}x (whole process)")
+        print(f"ours / naive, separate processes: {ratios['speed']:.2f}x steps/s and images/s; peak memory "
+              f"{ratios['train_peak']:.2f}x (training), {ratios['process_peak']:.2f}x (whole process); wall time "
+              f"of the whole run (set-up with model loading and caching, then all steps): naive "
+              f"{naive['wall_seconds']:.1f} s, ours {ours['wall_seconds']:.1f} s")
+        if paired:
+            ratios["paired_speed"] = paired["median_ratio"]
+            spread = sorted(paired["pair_ratios"])
+            print(f"ours / naive, alternating steps in one process: {paired['median_ratio']:.2f}x steps/s "
+                  f"(median of {len(spread)} step pairs, range {spread[0]:.2f}-{spread[-1]:.2f}; naive "
+                  f"{1000 * statistics.median(paired['step_seconds']['naive']):.0f} ms, ours "
+                  f"{1000 * statistics.median(paired['step_seconds']['ours']):.0f} ms per step)")
         saved = 1 / naive["steps_per_second"] - 1 / ours["steps_per_second"]
         caching = ours["setup_seconds"] - naive["setup_seconds"]
         if saved > 0 and caching > 0:
@@ -435,10 +302,7 @@ def report(settings: dict, chosen: list[Variant], skipped: dict[str, str | None]
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        payload = json.loads(args.worker)
-        torch.set_num_threads(payload["config"]["num_threads"])
-        result = run_variant(payload["config"], Variant(**payload["variant"]))
-        print(RESULT_MARK + json.dumps(result), flush=True)
+        print(RESULT_MARK + json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from utils.flops import device_peak
@@ -456,6 +320,12 @@ def main(argv: list[str] | None = None) -> int:
     skipped = {key: skip_reason(variants[key], cuda, args.torch_compile) for key in wanted}
     chosen = [variants[key] for key in wanted if not skipped[key]]
 
+    if args.flops_only:
+        print_flops(settings)
+        return 0
+    if args.model == "sdxl" and not cuda:
+        logger.warning("full-size SDXL on a CPU needs about 16 GB of memory per process and minutes per step; "
+                       "--model small or --flops_only suit a CPU")
     device = torch.device("cuda" if cuda else "cpu")
     torch.set_num_threads(settings["num_threads"])
     peak = device_peak(device, DTYPES[args.mixed_precision] if cuda else torch.float32)
@@ -468,13 +338,24 @@ def main(argv: list[str] | None = None) -> int:
         rounds: dict[str, list[dict]] = {v.key: [] for v in chosen}
         for round_index in range(settings["repeats"]):
             for variant in chosen:
+                if any("failed" in r for r in rounds[variant.key]):
+                    continue  # e.g. out of memory: it will not fit in the next round either
                 logger.info("round %d/%d: %s", round_index + 1, settings["repeats"], variant.label)
                 rounds[variant.key].append(run_in_subprocess(config, variant))
-    summary = {key: summarise(results) for key, results in rounds.items()}
-    ratios = report(settings, chosen, skipped, summary, flops, peak, args.num_images)
+        paired = None
+        if args.paired and "naive" in rounds and "ours" in rounds:
+            logger.info("paired run: naive and ours steps alternating in one process")
+            paired = run_in_subprocess(config, None)
+            paired = None if "failed" in paired else paired
+    failed = {key: results[-1]["failed"] for key, results in rounds.items() if "failed" in results[-1]}
+    summary = {key: summarise(results) for key, results in rounds.items() if key not in failed}
+    chosen = [variant for variant in chosen if variant.key not in failed]
+    skipped.update({key: f"failed: {reason}" for key, reason in failed.items()})
+    ratios = report(settings, chosen, skipped, summary, flops, peak, args.num_images, paired)
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({"settings": settings, "peak": asdict(peak), "flops": flops,
-                                                      "results": summary, "rounds": rounds, **ratios}, indent=2))
+                                                      "results": summary, "rounds": rounds, "paired": paired,
+                                                      **ratios}, indent=2))
     return 0
 
 

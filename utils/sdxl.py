@@ -45,6 +45,22 @@ def resolve_variant(model: str, variant: str | None) -> str | None:
     return None
 
 
+def check_model_source(name: str, flag: str) -> None:
+    """A name that is neither an existing path nor a possible Hub id fails here, before any download."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if os.path.exists(name):
+        return
+    try:
+        if name.count("/") != 1 or name.startswith((".", "/", "~")):
+            raise HFValidationError("expected namespace/name")
+        validate_repo_id(name)
+    except HFValidationError as error:
+        raise FileNotFoundError(f"{flag} {name}: no such local path, and not a Hub repo id (namespace/name)") \
+            from error
+
+
 def is_single_file(model: str) -> bool:
     return os.path.isfile(model)
 
@@ -108,6 +124,7 @@ def load_pipeline(
     """
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
+    check_model_source(model, "model")
     safe_only = None if allow_pickle else True
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if vae_model:

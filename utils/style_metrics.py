@@ -66,6 +66,16 @@ def clip_scores(text_embedding: torch.Tensor, image_embeddings: torch.Tensor) ->
     return 100.0 * (image_embeddings @ text_embedding).clamp(min=0)
 
 
+def paired_standard_error(values: list[float], reference: list[float]) -> float:
+    """Standard error of the mean of ``values[i] - reference[i]`` (same prompt and seed); NaN below two pairs."""
+    if len(values) != len(reference):
+        raise ValueError("paired_standard_error: both lists need one value per image")
+    differences = torch.tensor(values, dtype=torch.float64) - torch.tensor(reference, dtype=torch.float64)
+    if differences.numel() < 2:
+        return math.nan
+    return float(differences.std() / math.sqrt(differences.numel()))
+
+
 def centroid(embeddings: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(embeddings.mean(dim=0), dim=-1)
 
@@ -87,6 +97,7 @@ def diversity(image_embeddings: torch.Tensor) -> float:
 @dataclass(frozen=True)
 class ImageSetScores:
     alignment: float  # mean CLIP score against each image's prompt
+    per_image_alignment: list[float]  # in prompt order, then seed order, for paired comparisons
     style: float  # mean cosine to the training-set centroid
     diversity: float  # mean over prompts of the pairwise cosine distance between seeds
     num_images: int
@@ -105,8 +116,10 @@ def score_image_set(embedder: ClipEmbedder, prompts: list[str], images_per_promp
         similarities.append(embeddings @ style_centroid)
         diversities.append(diversity(embeddings))
     finite = [d for d in diversities if not math.isnan(d)]
+    scores = torch.cat(alignments)
     return ImageSetScores(
-        alignment=float(torch.cat(alignments).mean()),
+        alignment=float(scores.mean()),
+        per_image_alignment=scores.tolist(),
         style=float(torch.cat(similarities).mean()),
         diversity=sum(finite) / len(finite) if finite else math.nan,
         num_images=sum(len(images) for images in images_per_prompt),

@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.atomic import write_json, write_text
+from utils.cli import setup_logging
 from utils.sweep_runs import (CONFIG_FILE, SUMMARY_FILE, WEIGHTS_FILE, Generation, RunInfo, SweepError,
                               base_images, end_status, epoch_checkpoints, find_runs, generate_series,
                               load_run, lora_generations, plan_runs, resolve_run_dir, start_status,
@@ -96,29 +97,26 @@ def rank_alpha_grid(cells: dict[tuple[int, float], Path], title: str, cell_size:
                          column_labels=[f"alpha {a:g}" for a in alphas])
 
 
-def _series_key(label: str) -> tuple[float, str]:
-    match = re.fullmatch(r"checkpoint_epoch_(\d+)", label)
-    return (int(match.group(1)), label) if match else (math.inf, label)
-
-
-def _series_label(model_folder: Path) -> str:
+def _series_position(model_folder: Path) -> tuple[float, str]:
+    """Sort key and column label of a LoRA folder in a series: epochs in number order, then final, best."""
     match = re.fullmatch(r"checkpoint_epoch_(\d+)", model_folder.name)
     if match:
-        return f"epoch {match.group(1)}"
-    return {"final_model": "final", "best_model": "best"}.get(model_folder.name, model_folder.name)
+        return int(match.group(1)), f"epoch {match.group(1)}"
+    label = {"final_model": "final", "best_model": "best"}.get(model_folder.name, model_folder.name)
+    return math.inf, label
 
 
 def epoch_strip(generations: list[Generation], image_index: int = 0, cell_size: int = 256):
     """Base, then each checkpoint of a series in epoch order; one row per prompt (image ``image_index``)."""
     from utils.grids import labelled_grid
 
-    ordered = sorted(generations, key=lambda g: _series_key(g.lora_path.name))
+    ordered = sorted(generations, key=lambda g: _series_position(g.lora_path))
     base = base_images(ordered)
     rows = []
     for k in range(len(ordered[0].prompts)):
         row = [base[k][image_index]] + [g.lora[k][image_index] for g in ordered]
         rows.append([_open_cell(path, None, cell_size) for path in row])
-    columns = ["base"] + [_series_label(g.lora_path) for g in ordered]
+    columns = ["base"] + [_series_position(g.lora_path)[1] for g in ordered]
     run_name = ordered[0].lora_path.parent.name
     title = f"{run_name}: image {image_index} of each prompt, epoch by epoch (same seeds)"
     return labelled_grid(rows, [f"prompt {k}" for k in range(len(rows))], title=title, column_labels=columns), columns
@@ -176,14 +174,14 @@ HEATMAP_CMAP = "viridis"
 
 def heatmap(values: list[list[float]], ranks: list[int], alphas: list[float], title: str, png_path: Path) -> Path:
     """Metric over rank (rows) x alpha (columns), each cell annotated with its value; NaN cells grey."""
+    import matplotlib
     import numpy as np
     plt = _pyplot()
 
     data = np.ma.masked_invalid(np.array(values, dtype=float))
     figure = plt.figure(figsize=HEATMAP_FIGSIZE, dpi=HEATMAP_DPI)
     axis = figure.add_axes(HEATMAP_AXES)
-    cmap = plt.get_cmap(HEATMAP_CMAP).copy()
-    cmap.set_bad((0.85, 0.85, 0.85))
+    cmap = matplotlib.colormaps[HEATMAP_CMAP].with_extremes(bad=(0.85, 0.85, 0.85))
     finite = data.compressed()
     low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
     image = axis.imshow(data, cmap=cmap, vmin=low, vmax=high, aspect="auto", interpolation="nearest")
@@ -212,8 +210,8 @@ METRICS = [
     ("diversity", "diversity", "Diversity across seeds (cosine distance)", ".4f"),
 ]
 CSV_FIELDS = ["run", "rank", "alpha", "learning_rate", "num_images", "alignment", "alignment_base",
-              "alignment_change", "style_similarity", "style_similarity_base", "style_gain", "diversity",
-              "diversity_base", "within_tolerance", "best", "run_dir"]
+              "alignment_change", "alignment_change_se", "style_similarity", "style_similarity_base",
+              "style_gain", "diversity", "diversity_base", "within_tolerance", "best", "run_dir"]
 
 
 def verdict_rule(tolerance: float) -> str:
@@ -285,9 +283,12 @@ def measure(runs: list[RunInfo], generations: list[Generation], clip_model: str,
     """CLIP metrics of every run and of the base images; returns (rows, base scores, verdict reason)."""
     from tqdm.auto import tqdm
 
-    from utils.style_metrics import ClipEmbedder, score_image_set, style_centroid_of
+    from utils.style_metrics import ClipEmbedder, paired_standard_error, score_image_set, style_centroid_of
 
-    embedder = ClipEmbedder(clip_model, device=device)
+    try:
+        embedder = ClipEmbedder(clip_model, device=device)
+    except OSError as error:  # transformers' "not found / no network" errors; their first line says which
+        raise SweepError(f"--clip_model {clip_model}: {str(error).splitlines()[0]}") from None
     target = style_centroid_of(embedder, _style_reference(runs, style_images))
     prompts = generations[0].prompts
     base = score_image_set(embedder, prompts, _open_all(base_images(generations)), target)
@@ -297,7 +298,9 @@ def measure(runs: list[RunInfo], generations: list[Generation], clip_model: str,
         rows.append({
             "run": run.label, "rank": run.rank, "alpha": run.alpha, "learning_rate": run.learning_rate,
             "num_images": scores.num_images, "alignment": scores.alignment, "alignment_base": base.alignment,
-            "alignment_change": scores.alignment - base.alignment, "style_similarity": scores.style,
+            "alignment_change": scores.alignment - base.alignment,
+            "alignment_change_se": paired_standard_error(scores.per_image_alignment, base.per_image_alignment),
+            "style_similarity": scores.style,
             "style_similarity_base": base.style, "style_gain": scores.style - base.style,
             "diversity": scores.diversity, "diversity_base": base.diversity, "run_dir": str(run.run_dir),
         })
@@ -337,6 +340,8 @@ def metrics_markdown(rows: list[dict], base: dict, reason: str, tolerance: float
         "image, floored at 0); style similarity is the mean cosine between an image's CLIP embedding and "
         "the centroid of the training images' embeddings; diversity is the mean pairwise cosine distance "
         "between the seeds of one prompt. Every run uses the same prompts and seeds as the base model.", "",
+        "The change in alignment is paired (each LoRA image against the base image of the same prompt and "
+        "seed); ± is its standard error, so a change within about two of them is noise.", "",
         header, "|" + " --- |" * 9,
         f"| base model | | | {_fmt(base['alignment'], '.2f')} | | {_fmt(base['style_similarity'], '.4f')} | "
         f"| {_fmt(base['diversity'], '.4f')} | |",
@@ -345,7 +350,8 @@ def metrics_markdown(rows: list[dict], base: dict, reason: str, tolerance: float
         name = f"**{row['run']}** ★" if row["best"] else row["run"]
         lines.append(
             f"| {name} | {row['rank']} | {row['alpha']:g} | {_fmt(row['alignment'], '.2f')} "
-            f"| {_fmt(row['alignment_change'], '+.2f')} | {_fmt(row['style_similarity'], '.4f')} "
+            f"| {_fmt(row['alignment_change'], '+.2f')} ± {_fmt(row['alignment_change_se'], '.2f')} "
+            f"| {_fmt(row['style_similarity'], '.4f')} "
             f"| {_fmt(row['style_gain'], '+.4f')} | {_fmt(row['diversity'], '.4f')} "
             f"| {'yes' if row['within_tolerance'] else 'no'} |")
     lines += [""] + [f"![{Path(p).stem}]({p})" for p in pictures]
@@ -376,26 +382,34 @@ def runs_of(generations: list[Generation]) -> list[RunInfo]:
     return runs
 
 
+def write_grid(runs: list[RunInfo], generations: list[Generation], prompt_index: int, image_index: int,
+               cell_size: int, out: Path) -> Path:
+    """exp_result.png (rows rank, columns alpha) and exp_result.json (which run and image is in each cell)."""
+    reference = generations[0]
+    if not 0 <= prompt_index < len(reference.prompts) or not 0 <= image_index < len(reference.seeds[0]):
+        raise SweepError(f"--prompt_index {prompt_index} / --image_index {image_index}: out of range "
+                         f"({len(reference.prompts)} prompts, {len(reference.seeds[0])} images each)")
+    prompt, seed = reference.prompts[prompt_index], reference.seeds[prompt_index][image_index]
+    cells = {(run.rank, run.alpha): gen.lora[prompt_index][image_index] for run, gen in zip(runs, generations)}
+    title = f'"{prompt}" (seed {seed}): rows LoRA rank, columns LoRA alpha'
+    save_image(rank_alpha_grid(cells, title, cell_size), out / "exp_result.png")
+    write_json(out / "exp_result.json", {
+        "prompt": prompt, "seed": seed, "ranks": sorted({r.rank for r in runs}),
+        "alphas": sorted({r.alpha for r in runs}),
+        "cells": [{"rank": r.rank, "alpha": r.alpha, "run_dir": str(r.run_dir),
+                   "image": str(cells[(r.rank, r.alpha)])} for r in runs],
+    })
+    return out / "exp_result.png"
+
+
 def build_report(args: argparse.Namespace) -> dict:
     inference_dir = Path(args.inference_dir)
     out = Path(args.output_dir) if args.output_dir else inference_dir / "report"
     generations = lora_generations(inference_dir)
-    runs = runs_of(generations)
-    k, i = args.prompt_index, args.image_index
-    if not 0 <= k < len(generations[0].prompts) or not 0 <= i < len(generations[0].seeds[k]):
-        raise SweepError(f"--prompt_index {k} / --image_index {i}: out of range ({len(generations[0].prompts)} "
-                         f"prompts, {len(generations[0].seeds[0])} images each)")
-    cells = {(run.rank, run.alpha): gen.lora[k][i] for run, gen in zip(runs, generations)}
-    title = f'"{generations[0].prompts[k]}" (seed {generations[0].seeds[k][i]}): rows LoRA rank, columns LoRA alpha'
-    save_image(rank_alpha_grid(cells, title, args.cell_size), out / "exp_result.png")
-    write_json(out / "exp_result.json", {
-        "prompt": generations[0].prompts[k], "seed": generations[0].seeds[k][i],
-        "ranks": sorted({r.rank for r in runs}), "alphas": sorted({r.alpha for r in runs}),
-        "cells": [{"rank": r.rank, "alpha": r.alpha, "run_dir": str(r.run_dir), "image": str(cells[(r.rank, r.alpha)])}
-                  for r in runs],
-    })
-    plot_loss_overlay(runs, out / "loss_curves.png")
-    made = {"grid": str(out / "exp_result.png"), "loss_curves": str(out / "loss_curves.png")}
+    pairs = sorted(zip(runs_of(generations), generations), key=lambda pair: (pair[0].rank, pair[0].alpha))
+    runs, generations = [run for run, _ in pairs], [generation for _, generation in pairs]
+    made = {"grid": str(write_grid(runs, generations, args.prompt_index, args.image_index, args.cell_size, out)),
+            "loss_curves": str(plot_loss_overlay(runs, out / "loss_curves.png"))}
     if not args.no_metrics:
         made.update(report_metrics(runs, generations, args, out))
     return made
@@ -516,69 +530,96 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def run_command(args: argparse.Namespace) -> int:
-    name = args.command_name
-    if name == "plan":
-        for rank, alpha, folder, resume in plan_runs(Path(args.sweep_dir), args.ranks, args.alphas, args.lr,
-                                                     args.train_args):
-            print(f"{rank}\t{alpha}\t{folder}\t{int(resume)}")
-    elif name == "status-start":
-        start_status(Path(args.file), args.rank, args.alpha, args.lr, args.gpu, args.log, args.process_group,
-                     args.train_args, args.command)
-    elif name == "status-end":
-        end_status(Path(args.file), args.exit_code)
-    elif name == "summary":
-        summary = write_summary(Path(args.sweep_dir), args.ranks, args.alphas, args.lr, args.gpus,
-                                args.train_args, args.stopped)
-        counts = ", ".join(f"{count} {state}" for state, count in summary["counts"].items() if count)
-        print(f"Sweep: {counts} ({Path(args.sweep_dir) / SUMMARY_FILE})")
-        return 0 if summary["complete"] else 1
-    elif name == "runs":
-        runs = find_runs(Path(args.root), args.model)
-        if not runs:
-            raise SweepError(f"{args.root}: no finished runs with {args.model}/{WEIGHTS_FILE}")
-        for run in runs:
-            print(f"{run.label}\t{(run.run_dir / args.model).resolve()}")
-    elif name == "checkpoints":
-        run_dir = resolve_run_dir(Path(args.run_dir))
-        series = epoch_checkpoints(run_dir, args.include_final)
-        if not series:
-            raise SweepError(f"{run_dir}: no checkpoint_epoch_N folders (train with --save_steps N)")
-        for label, folder in series:
-            print(f"{label}\t{folder.resolve()}")
-    elif name == "generate":
-        pairs = [tuple(item.split("=", 1)) for item in args.lora]
-        if any(len(pair) != 2 or not all(pair) for pair in pairs):
-            raise SweepError(f"--lora {args.lora}: expected LABEL=PATH")
-        failed = generate_series(pairs, Path(args.output_dir), args.inference_args, args.skip_existing)
-        if failed:
-            print(f"error: no images for {', '.join(failed)} (see the log above)", file=sys.stderr)
-            return 1
-        print(f"Images for {len(pairs)} LoRA(s) in {args.output_dir}")
-    elif name == "losses":
-        output = Path(args.output) if args.output else Path(args.sweep_dir) / "loss_curves.png"
-        print(plot_loss_overlay(find_runs(Path(args.sweep_dir)), output))
-    elif name == "report":
-        for path in build_report(args).values():
-            print(path)
-    elif name == "strip":
-        generations = lora_generations(Path(args.inference_dir))
-        output = Path(args.output) if args.output else Path(args.inference_dir) / "epoch_strip.png"
-        image, columns = epoch_strip(generations, args.image_index, args.cell_size)
-        save_image(image, output)
-        write_json(output.with_suffix(".json"), {"columns": columns, "prompts": generations[0].prompts,
-                                                 "seeds": generations[0].seeds, "image_index": args.image_index})
-        print(output)
+def _plan(args: argparse.Namespace) -> int:
+    for rank, alpha, folder, resume in plan_runs(Path(args.sweep_dir), args.ranks, args.alphas, args.lr,
+                                                 args.train_args):
+        print(f"{rank}\t{alpha}\t{folder}\t{int(resume)}")
     return 0
+
+
+def _status_start(args: argparse.Namespace) -> int:
+    start_status(Path(args.file), args.rank, args.alpha, args.lr, args.gpu, args.log, args.process_group,
+                 args.train_args, args.command)
+    return 0
+
+
+def _status_end(args: argparse.Namespace) -> int:
+    end_status(Path(args.file), args.exit_code)
+    return 0
+
+
+def _summary(args: argparse.Namespace) -> int:
+    summary = write_summary(Path(args.sweep_dir), args.ranks, args.alphas, args.lr, args.gpus, args.train_args,
+                            args.stopped)
+    counts = ", ".join(f"{count} {state}" for state, count in summary["counts"].items() if count)
+    print(f"Sweep: {counts} ({Path(args.sweep_dir) / SUMMARY_FILE})")
+    return 0 if summary["complete"] else 1
+
+
+def _runs(args: argparse.Namespace) -> int:
+    runs = find_runs(Path(args.root), args.model)
+    if not runs:
+        raise SweepError(f"{args.root}: no finished runs with {args.model}/{WEIGHTS_FILE}")
+    for run in runs:
+        print(f"{run.label}\t{(run.run_dir / args.model).resolve()}")
+    return 0
+
+
+def _checkpoints(args: argparse.Namespace) -> int:
+    run_dir = resolve_run_dir(Path(args.run_dir))
+    series = epoch_checkpoints(run_dir, args.include_final)
+    if not series:
+        raise SweepError(f"{run_dir}: no checkpoint_epoch_N folders (train with --save_steps N)")
+    for label, folder in series:
+        print(f"{label}\t{folder.resolve()}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    pairs = [tuple(item.split("=", 1)) for item in args.lora]
+    if any(len(pair) != 2 or not all(pair) for pair in pairs):
+        raise SweepError(f"--lora {args.lora}: expected LABEL=PATH")
+    failed = generate_series(pairs, Path(args.output_dir), args.inference_args, args.skip_existing)
+    if failed:
+        print(f"error: no images for {', '.join(failed)} (see the log above)", file=sys.stderr)
+        return 1
+    print(f"Images for {len(pairs)} LoRA(s) in {args.output_dir}")
+    return 0
+
+
+def _losses(args: argparse.Namespace) -> int:
+    output = Path(args.output) if args.output else Path(args.sweep_dir) / "loss_curves.png"
+    print(plot_loss_overlay(find_runs(Path(args.sweep_dir)), output))
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    for path in build_report(args).values():
+        print(path)
+    return 0
+
+
+def _strip(args: argparse.Namespace) -> int:
+    generations = lora_generations(Path(args.inference_dir))
+    output = Path(args.output) if args.output else Path(args.inference_dir) / "epoch_strip.png"
+    image, columns = epoch_strip(generations, args.image_index, args.cell_size)
+    save_image(image, output)
+    write_json(output.with_suffix(".json"), {"columns": columns, "prompts": generations[0].prompts,
+                                             "seeds": generations[0].seeds, "image_index": args.image_index})
+    print(output)
+    return 0
+
+
+COMMANDS = {"plan": _plan, "status-start": _status_start, "status-end": _status_end, "summary": _summary,
+            "runs": _runs, "checkpoints": _checkpoints, "generate": _generate, "losses": _losses,
+            "report": _report, "strip": _strip}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    setup_logging()
     try:
-        return run_command(args)
+        return COMMANDS[args.command_name](args)
     except (SweepError, FileNotFoundError, NotADirectoryError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -22,8 +22,8 @@ from utils import run_files
 from utils.errors import UserError
 from utils.ghibli_datasets import Example, load_training_examples
 from utils.interrupts import StopRequest, TrainingInterrupted
-from utils.sdxl import (DTYPES, encode_prompts, load_components, resolve_mixed_precision, scale_latents,
-                        vae_latent_distribution)
+from utils.sdxl import (DTYPES, check_model_source, encode_prompts, load_components, resolve_mixed_precision,
+                        scale_latents, vae_latent_distribution)
 from utils.train_data import (BucketBatchSampler, IndexDataset, Item, PixelDataset, assign_buckets, cache_latents,
                               cache_text, orientation_time_ids, prepare_item)
 
@@ -43,6 +43,7 @@ class TrainingError(UserError):
 
 def check_args(args: argparse.Namespace) -> None:
     """Flag combinations that cannot work, refused before anything is loaded."""
+    check_model_source(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
     if args.enable_xformers_memory_efficient_attention:
         from diffusers.utils.import_utils import is_xformers_available
         if not is_xformers_available():
