@@ -172,7 +172,7 @@ def test_bad_datasets_give_one_line_errors(tmp_path, tiny_model_dir, tiny_datase
     empty = tmp_path / "empty"
     (empty / "images").mkdir(parents=True)
     (empty / "captions.json").write_text("{}")
-    assert "no examples" in _train_error(tmp_path, tiny_model_dir, empty)
+    assert "no usable images" in _train_error(tmp_path, tiny_model_dir, empty)
 
     missing = tmp_path / "missing"
     (missing / "images").mkdir(parents=True)
