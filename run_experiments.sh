@@ -12,7 +12,9 @@
 #                       given twice (0,0,1,1) runs two at a time on that GPU. Without it the runs go one
 #                       after another on the default device.
 #   -- ...              everything after -- goes to train_sdxl_lora.py (e.g. --dataset_dir, --num_train_epochs)
-#   Environment: PYTHON (the interpreter, default python), TRAIN_SCRIPT (default train_sdxl_lora.py).
+#   Environment: PYTHON (the interpreter, default python), TRAIN_SCRIPT (default train_sdxl_lora.py),
+#   TRAIN_LAUNCHER (what starts each training, default $PYTHON; e.g. "accelerate launch --multi_gpu
+#   --num_processes 4" for one run on all GPUs, with no --gpus).
 #
 # Each run folder holds status.json (state, real start and end times, exit code, the run directory the
 # trainer made), train.log (the trainer's output) and the run directory itself. The sweep folder holds
@@ -27,6 +29,7 @@ set -m  # every run in its own process group, so stopping it reaches the whole t
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PYTHON="${PYTHON:-python}"  # the interpreter (environment variable)
 TRAIN_SCRIPT="${TRAIN_SCRIPT:-$ROOT/train_sdxl_lora.py}"  # the trainer (environment variable), e.g. a fork
+read -r -a LAUNCHER <<<"${TRAIN_LAUNCHER:-$PYTHON}"  # e.g. "accelerate launch --multi_gpu": one run on all GPUs
 RANKS="4 8 16"
 ALPHAS="4 8 16 32"
 LR="1e-4"
@@ -89,7 +92,7 @@ run_one() {
   local rank="$1" alpha="$2" folder="$3" resume="$4" gpu="$5"
   local log="$folder/train.log" rc=0 stop=0
   trap 'stop=1' INT TERM  # the trainer gets the signal too; let it end, then record how it ended
-  local cmd=("$PYTHON" "$TRAIN_SCRIPT" --output_dir "$folder" --lora_rank "$rank" --lora_alpha "$alpha"
+  local cmd=("${LAUNCHER[@]}" "$TRAIN_SCRIPT" --output_dir "$folder" --lora_rank "$rank" --lora_alpha "$alpha"
              --learning_rate "$LR")
   if [ "$resume" = 1 ] && [[ " ${TRAIN_ARGS[*]} " != *" --resume_from_checkpoint"* ]]; then
     cmd+=(--resume_from_checkpoint latest)  # continue an earlier attempt when it left a checkpoint

@@ -15,6 +15,10 @@ def setup_logging(level: int = logging.INFO) -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     # transformers warns at import that torchvision is absent; the project does not use it.
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    # SDXL_LORA_LOG_LEVEL=DEBUG: per-step details from the project's own modules (e.g. which images
+    # each process trained on), without the libraries' debug output.
+    if os.environ.get("SDXL_LORA_LOG_LEVEL"):
+        logging.getLogger("utils").setLevel(os.environ["SDXL_LORA_LOG_LEVEL"].upper())
 
 
 def run_cli(main: Callable[[], int]) -> int:

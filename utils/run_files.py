@@ -339,6 +339,7 @@ def save_checkpoint(accelerator, args, run_dir: Path, state: TrainState) -> Path
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()  # every process has written its part (its RNG state) before the rename
     if accelerator.is_main_process:
         write_json(staging / "training_state.json", asdict(state))
         shutil.rmtree(final, ignore_errors=True)

@@ -49,10 +49,16 @@ def prepare_item(item: Item, center_crop: bool) -> Prepared:
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):
-    """Batches whose images all share one bucket; order reshuffled each epoch from ``seed + epoch``."""
+    """Batches whose images all share one bucket; order reshuffled each epoch from ``seed + epoch``.
+
+    There is deliberately no ``batch_size`` attribute: accelerate then shards the batches across
+    processes whole, round robin, whatever their length. Given a ``batch_size`` it assumes fixed-size
+    batches and mishandles the shorter last batch of each bucket (images dropped, buckets mixed in one
+    batch, unequal step counts per process, which hangs DDP).
+    """
 
     def __init__(self, buckets: list[tuple[int, int]], batch_size: int, seed: int, drop_last: bool = False):
-        self.buckets, self.batch_size, self.seed, self.drop_last = buckets, batch_size, seed, drop_last
+        self.buckets, self.images_per_batch, self.seed, self.drop_last = buckets, batch_size, seed, drop_last
         self.epoch = 0
 
     def use_epoch(self, epoch: int) -> None:
@@ -69,9 +75,9 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         for bucket in sorted(groups):
             indices = groups[bucket]
             rng.shuffle(indices)
-            for start in range(0, len(indices), self.batch_size):
-                batch = indices[start:start + self.batch_size]
-                if len(batch) == self.batch_size or not self.drop_last:
+            for start in range(0, len(indices), self.images_per_batch):
+                batch = indices[start:start + self.images_per_batch]
+                if len(batch) == self.images_per_batch or not self.drop_last:
                     batches.append(batch)
         rng.shuffle(batches)
         return batches

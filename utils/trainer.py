@@ -334,12 +334,13 @@ def train(args: argparse.Namespace) -> Path:
 def prepare_run(args: argparse.Namespace, examples: list[Example]) -> Run:
     """Load the model, add LoRA, cache, build data, optimizer and schedule; resume if asked."""
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import ProjectConfiguration, parse_flag_from_env, set_seed
     from diffusers.optimization import get_scheduler
 
     train_examples, held_out = split_examples(examples, args.validation_split, args.seed)
     mixed_precision = resolve_mixed_precision(args.mixed_precision)
-    run_dir = run_files.open_run_dir(PartialState(), args)
+    # The CPU flag Accelerator reads too: without it, a multi-process CPU launch becomes N separate runs.
+    run_dir = run_files.open_run_dir(PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")), args)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=mixed_precision,
@@ -437,12 +438,17 @@ def train_loop(run: Run, stop: StopRequest) -> None:
         run.sampler.use_epoch(epoch)
         epoch_losses: list[float] = []
         window: list[torch.Tensor] = []
+        window_images: list[int] = []
         for loader_batch in loader:
             window.append(train_micro_step(run, loader_batch))
+            window_images += loader_batch["index"].tolist()
             if not accelerator.sync_gradients:
                 continue
-            step_loss = accelerator.gather(torch.stack(window).mean()[None]).mean().item()
-            window = []
+            local_loss = torch.stack(window).mean()
+            step_loss = accelerator.gather(local_loss[None]).mean().item()
+            logger.debug("process %d step %d images %s loss %.6f", accelerator.process_index, state.global_step + 1,
+                         window_images, local_loss.item())
+            window, window_images = [], []
             state.global_step += 1
             if math.isfinite(step_loss):
                 epoch_losses.append(step_loss)
