@@ -37,9 +37,8 @@ OUTPUT_DIR="output_ghibli/sweep"
 GPUS=""
 TRAIN_ARGS=()
 
-die() { echo "error: $*" >&2; exit 2; }
-usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
-helper() { PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m utils.sweep_report "$@"; }
+# shellcheck source=utils/sweep_common.sh
+. "$ROOT/utils/sweep_common.sh"
 
 while [ $# -gt 0 ]; do
   case "$1" in
