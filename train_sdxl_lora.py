@@ -102,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     speed = p.add_argument_group("speed and memory")
     speed.add_argument("--mixed_precision", default="fp16", choices=["no", "fp16", "bf16"],
                        help="falls back to fp32 without CUDA")
+    speed.add_argument("--allow_tf32", action="store_true",
+                       help="let Ampere+ GPUs use TF32 for fp32 matmuls and convolutions (faster, slightly less exact)")
     speed.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True)
     speed.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                        help="use xformers (default: PyTorch SDPA)")

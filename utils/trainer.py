@@ -350,6 +350,9 @@ def prepare_run(args: argparse.Namespace, examples: list[Example]) -> Run:
     logger.info("Run directory: %s", run_dir)
     set_seed(args.seed)
     weight_dtype = DTYPES[mixed_precision]
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
     components = load_components(args.pretrained_model_name_or_path, args.revision, args.variant,
                                  weight_dtype, args.pretrained_vae_model_name_or_path, args.allow_pickle)
