@@ -127,3 +127,15 @@ def test_min_snr_weights_follow_the_formula():
                                torch.clamp(snr, max=gamma) / (snr + 1))
     weights = min_snr_weights(DDPMScheduler(beta_schedule="scaled_linear"), timesteps, gamma)
     assert weights[0] < 1 and weights[-1] == 1  # low-noise steps are damped, high-noise steps kept
+
+
+def test_bucket_assignment_reads_the_upright_size_without_decoding(tmp_path):
+    from utils.buckets import load_rgb, upright_size
+
+    image = Image.new("RGB", (300, 100), (10, 20, 30))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotated 90°: shown as 100 wide, 300 tall
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    image.save(tmp_path / "plain.png")
+    assert upright_size(tmp_path / "rotated.jpg") == load_rgb(tmp_path / "rotated.jpg").size == (100, 300)
+    assert upright_size(tmp_path / "plain.png") == (300, 100)

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from utils.buckets import Prepared, load_rgb, make_buckets, nearest_bucket, prepare_image
+from utils.buckets import Prepared, load_rgb, make_buckets, nearest_bucket, prepare_image, upright_size
 from utils.ghibli_datasets import Example
 from utils.sdxl import encode_prompts, time_ids, vae_latent_distribution
 
@@ -37,8 +37,7 @@ def assign_buckets(examples: list[Example], resolution: int, use_buckets: bool, 
     buckets = make_buckets(resolution) if use_buckets else [(resolution, resolution)]
     items = []
     for index, example in enumerate(examples):
-        with load_rgb(example.image_path) as image:
-            bucket = nearest_bucket(*image.size, buckets)
+        bucket = nearest_bucket(*upright_size(example.image_path), buckets)
         items.append(Item(example, bucket, seed * 100_003 + index))
     return items
 
