@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.cli import run_cli  # noqa: E402 (needs the repo root on sys.path)
+from utils.grids import save_image  # noqa: E402
 from utils.hub_errors import hub_errors  # noqa: E402
 
 logger = logging.getLogger("hf_inference")
@@ -88,14 +89,6 @@ def generate_remotely(args: argparse.Namespace, seed: int):
         return client.text_to_image(args.prompt, negative_prompt=args.negative_prompt, height=args.height,
                                     width=args.width, num_inference_steps=args.steps,
                                     guidance_scale=args.guidance, seed=seed)
-
-
-def save_image(image, output: Path) -> None:
-    """Write next to the target, then rename, so a crash never leaves half an image."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(f".{output.stem}.tmp{output.suffix or '.png'}")
-    image.save(temporary)
-    os.replace(temporary, output)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,20 +13,38 @@ from pathlib import Path
 from typing import Any, Callable
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
+def replace_file(path: str | os.PathLike, fill: Callable[[Path], None]) -> Path:
+    """Write a file's new content with ``fill(temporary_path)``, then rename it over ``path``.
+
+    The temporary name sits beside ``path`` (same file system), starts with a dot and keeps the
+    suffix, so writers that choose a format by extension (PIL, safetensors) still work.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
+    os.close(descriptor)
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        fill(Path(temporary))
         os.chmod(temporary, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    def fill(temporary: Path) -> None:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    replace_file(path, fill)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    replace_file(path, lambda temporary: temporary.write_bytes(data))
 
 
 def _umask() -> int:

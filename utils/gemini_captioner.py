@@ -25,12 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import numpy as np
 import yaml
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from utils.atomic import write_json
+from utils.preflight import open_rgb
 
 logger = logging.getLogger(__name__)
 
@@ -112,23 +112,10 @@ def list_images(image_dir: str | os.PathLike) -> list[Path]:
     return images
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        values = np.asarray(image, dtype=np.float32)
-        top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
-        return Image.fromarray(np.clip(values / top * 255.0, 0, 255).astype(np.uint8)).convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 def encode_image(path: Path, max_side: int, quality: int = 90) -> bytes:
     """The image upright, in RGB, its longest side at most ``max_side``, as JPEG bytes."""
     try:
-        with Image.open(path) as opened:
-            image = _to_rgb(ImageOps.exif_transpose(opened))
+        image = open_rgb(path)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
         raise CaptionFailure(f"cannot read image ({error})") from None
     if max_side > 0 and max(image.size) > max_side:

@@ -24,10 +24,11 @@ import io
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from utils.atomic import write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -302,10 +303,7 @@ def store_bytes(data: bytes, cache_dir: Path, name: str | None = None) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     path = cache_dir / (hashlib.sha256(data).hexdigest() + _guess_suffix(data, name))
     if not path.is_file():
-        descriptor, temporary = tempfile.mkstemp(dir=cache_dir, prefix=".", suffix=".tmp")
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-        os.replace(temporary, path)
+        write_bytes(path, data)
     return path
 
 

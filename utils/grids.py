@@ -8,6 +8,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from utils.atomic import replace_file
+
 LABEL_HEIGHT = 22
 MARGIN = 4
 
@@ -52,6 +54,20 @@ def comparison_grid(base_images: list[Image.Image], lora_images: list[Image.Imag
     return labelled_grid([base_images, lora_images], ["Base", lora_label], title=prompt)
 
 
+def save_image(image: Image.Image, path: Path) -> Path:
+    """Save a PIL image atomically; PNG when the name has no suffix."""
+    return replace_file(path, lambda temporary: image.save(temporary, format=None if Path(path).suffix else "PNG"))
+
+
+def save_figure(figure, path: Path) -> Path:
+    """Save a matplotlib figure atomically and release it."""
+    import matplotlib.pyplot as plt
+
+    replace_file(path, lambda temporary: figure.savefig(temporary))
+    plt.close(figure)
+    return Path(path)
+
+
 def plot_loss_curve(csv_path: Path, png_path: Path) -> Path:
     """Training loss per step (and its moving average) from training_log.csv."""
     import matplotlib
@@ -73,9 +89,4 @@ def plot_loss_curve(csv_path: Path, png_path: Path) -> Path:
     axis.legend()
     axis.grid(alpha=0.3)
     figure.tight_layout()
-    png_path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = png_path.with_name(png_path.stem + ".tmp.png")
-    figure.savefig(temporary)
-    plt.close(figure)
-    temporary.replace(png_path)
-    return png_path
+    return save_figure(figure, png_path)

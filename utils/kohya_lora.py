@@ -32,6 +32,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file
 
+from utils.atomic import replace_file
 from utils.lora_io import (ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME, TRAINING_METADATA_KEY, adapter_config,
                            read_metadata, read_tensors)
 
@@ -424,15 +425,7 @@ def kohya_metadata(modules: list[LoraModule], source_metadata: Mapping[str, str]
 
 
 def _atomic_save(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(descriptor)
-    try:
-        save_file(dict(tensors), temporary, metadata=dict(metadata))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    replace_file(path, lambda temporary: save_file(dict(tensors), str(temporary), metadata=dict(metadata)))
 
 
 def write_kohya_lora(parsed: ParsedLora, path: str | os.PathLike, unet_config: Mapping[str, Any],

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -19,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from utils.atomic import replace_dir
+from utils.atomic import replace_dir, replace_file
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key for the PEFT config
@@ -101,9 +100,7 @@ def add_metadata(path: str | os.PathLike, extra: dict[str, str]) -> None:
     path = Path(path)
     tensors, metadata = read_tensors(path), read_metadata(path)
     metadata.update(extra)
-    temporary = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(temporary), metadata=metadata)
-    os.replace(temporary, path)
+    replace_file(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
 
 
 def adapter_config(path: str | os.PathLike, component: str = "unet") -> dict[str, Any]:
@@ -111,10 +108,3 @@ def adapter_config(path: str | os.PathLike, component: str = "unet") -> dict[str
     packed = json.loads(read_metadata(path).get(ADAPTER_METADATA_KEY, "{}"))
     prefix = f"{component}."
     return {key[len(prefix):]: value for key, value in packed.items() if key.startswith(prefix)}
-
-
-def copy_lora(source: str | os.PathLike, destination: str | os.PathLike) -> Path:
-    """Copy a saved model folder (e.g. into ``best_model/``) atomically."""
-    destination = Path(destination)
-    replace_dir(destination, lambda staging: shutil.copytree(source, staging, dirs_exist_ok=True))
-    return destination

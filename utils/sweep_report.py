@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from utils.atomic import write_json, write_text
 from utils.cli import setup_logging
+from utils.grids import save_figure, save_image
 from utils.sweep_runs import (CONFIG_FILE, SUMMARY_FILE, WEIGHTS_FILE, Generation, RunInfo, SweepError,
                               base_images, end_status, epoch_checkpoints, find_runs, generate_series,
                               load_run, lora_generations, plan_runs, resolve_run_dir, start_status,
@@ -40,26 +41,6 @@ from utils.sweep_runs import (CONFIG_FILE, SUMMARY_FILE, WEIGHTS_FILE, Generatio
 logger = logging.getLogger("sweep_report")
 
 DEFAULT_ALIGNMENT_TOLERANCE = 2.0
-
-
-def save_image(image, path: Path) -> Path:
-    """Save a PIL image atomically (temporary name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    image.save(temporary)
-    temporary.replace(path)
-    return path
-
-
-def save_figure(figure, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    figure.savefig(temporary)
-    plt.close(figure)
-    temporary.replace(path)
-    return path
 
 
 def _pyplot():

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from utils.atomic import replace_file
 from utils.buckets import Prepared, load_rgb, make_buckets, nearest_bucket, prepare_image, upright_size
 from utils.ghibli_datasets import Example
 from utils.sdxl import encode_prompts, time_ids, vae_latent_distribution
@@ -167,10 +168,8 @@ def cache_latents(items: list[Item], vae, center_crop: bool, flip: bool, model_i
         parameters.append(params)
         all_time_ids.append(orientation_time_ids(prepared))
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_suffix(".tmp")
-            save_file({"parameters": parameters[-1].contiguous(), "time_ids": all_time_ids[-1]}, str(temporary))
-            temporary.replace(path)
+            stored = {"parameters": parameters[-1].contiguous(), "time_ids": all_time_ids[-1]}
+            replace_file(path, lambda temporary: save_file(stored, str(temporary)))
     return LatentCache(parameters, all_time_ids)
 
 
