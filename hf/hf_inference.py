@@ -7,6 +7,10 @@ Example:
         --lora_model_id moving-j/sdxl-base-1.0-ghibli-lora-r4 --seed 42 --output generated_image.png
 With --remote, a hosted endpoint generates the image (huggingface_hub.InferenceClient) instead.
 Private repos: set HF_TOKEN or run `hf auth login`.
+
+From Python, the original's function: ``generate_image_with_hf_api(prompt, base_model_id=...,
+lora_model_id=None, token=None, num_inference_steps=50, guidance_scale=7.5, negative_prompt=None)``
+returns the PIL image.
 """
 
 from __future__ import annotations
@@ -16,7 +20,12 @@ import logging
 import os
 import random
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -58,24 +67,63 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def generate_locally(args: argparse.Namespace, seed: int):
+@contextmanager
+def hub_token(token: str | None) -> Iterator[None]:
+    """Use ``token`` for the Hub requests inside the block (read from HF_TOKEN at each request), never saving it."""
+    if not token:
+        yield
+        return
+    previous = os.environ.get("HF_TOKEN")
+    os.environ["HF_TOKEN"] = token
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("HF_TOKEN", None)
+        else:
+            os.environ["HF_TOKEN"] = previous
+
+
+def generate_image_with_hf_api(prompt: str, base_model_id: str = DEFAULT_BASE, lora_model_id: str | None = None,
+                               token: str | None = None, num_inference_steps: int = 50,
+                               guidance_scale: float = 7.5, negative_prompt: str | None = None, *,
+                               seed: int | None = None, height: int | None = None, width: int | None = None,
+                               lora_scale: float = 1.0, weight_name: str | None = None, device: str | None = None,
+                               variant: str | None = "fp16") -> Image.Image:
+    """One image (PIL) from an SDXL base model and an optional LoRA, each a Hub id or a local path.
+
+    ``token`` (default: HF_TOKEN or the saved login) is used for this call only and never saved.
+    ``seed`` None draws a random one (logged); ``height``/``width`` None use the model's own size.
+    Raises a one-line HubError/UserError/FileNotFoundError for a model that cannot be found.
+    """
     import torch
 
     from utils.comparison import GenerationSettings, generate, load_adapter, pick_device
     from utils.sdxl import check_model_source, load_pipeline
 
-    check_model_source(args.base_model_id, "--base_model_id")
-    if args.lora_model_id:
-        check_model_source(args.lora_model_id, "--lora_model_id")
-    device = pick_device(args.device)
+    check_model_source(base_model_id, "--base_model_id")
+    if lora_model_id:
+        check_model_source(lora_model_id, "--lora_model_id")
+    if seed is None:
+        seed = random.SystemRandom().randrange(2**32)
+        logger.info("seed %d", seed)
+    device = pick_device(device)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    with hub_errors(f"base model {args.base_model_id!r}"):
-        pipe = load_pipeline(args.base_model_id, variant=args.variant, torch_dtype=dtype).to(device)
-    if args.lora_model_id:
-        with hub_errors(f"LoRA {args.lora_model_id!r}"):
-            load_adapter(pipe, args.lora_model_id, args.lora_scale, args.weight_name)
-    settings = GenerationSettings(args.negative_prompt or "", args.steps, args.guidance, args.height, args.width)
-    return generate(pipe, args.prompt, [seed], settings)[0]
+    with hub_token(token):
+        with hub_errors(f"base model {base_model_id!r}"):
+            pipe = load_pipeline(base_model_id, variant=variant, torch_dtype=dtype).to(device)
+        if lora_model_id:
+            with hub_errors(f"LoRA {lora_model_id!r}"):
+                load_adapter(pipe, lora_model_id, lora_scale, weight_name)
+    settings = GenerationSettings(negative_prompt or "", num_inference_steps, guidance_scale, height, width)
+    return generate(pipe, prompt, [seed], settings)[0]
+
+
+def generate_locally(args: argparse.Namespace, seed: int):
+    return generate_image_with_hf_api(args.prompt, args.base_model_id, args.lora_model_id, None, args.steps,
+                                      args.guidance, args.negative_prompt, seed=seed, height=args.height,
+                                      width=args.width, lora_scale=args.lora_scale, weight_name=args.weight_name,
+                                      device=args.device, variant=args.variant)
 
 
 def generate_remotely(args: argparse.Namespace, seed: int):

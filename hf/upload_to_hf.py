@@ -7,18 +7,44 @@ images and the run's config without secrets; nothing else in the folder is sent.
 Example:
     export HF_TOKEN=...        # or: hf auth login
     python hf/upload_to_hf.py --model_path output_ghibli/<run> --repo_name you/sdxl-ghibli-lora-r4
+
+From Python, the original's function: ``upload_model_to_hf(model_path, repo_name, token, private=False)``
+(token None: HF_TOKEN or the saved login) returns the repo URL.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.cli import run_cli  # noqa: E402 (needs the repo root on sys.path)
+
+logger = logging.getLogger("upload_to_hf")
+
+
+def upload_model_to_hf(model_path: str | os.PathLike, repo_name: str, token: str | None, private: bool = False,
+                       *, license_name: str | None = None, base_model: str | None = None,
+                       instance_prompt: str | None = None, sample_images: list[str] | None = None,
+                       commit_message: str | None = None) -> str:
+    """Publish a run directory or model folder to the Hub repo ``repo_name``; return the repo URL.
+
+    Only the LoRA file(s), a model card, sample images and the run's config without secrets are
+    sent (see utils/hub_publish.py); the repo is created (private if asked) when missing.
+    ``token`` None means HF_TOKEN or the saved login; it is never saved. The keyword-only
+    arguments are those of upload_to_hf.py's flags. Raises a one-line HubError/FileNotFoundError.
+    """
+    from utils.hub_publish import DEFAULT_LICENSE, publish
+
+    result = publish(model_path, repo_name, token=token, private=private,
+                     license_name=license_name or DEFAULT_LICENSE, base_model=base_model,
+                     instance_prompt=instance_prompt, sample_images=sample_images, commit_message=commit_message)
+    logger.info("Published to %s", result.url)
+    return result.url
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx2").setLevel(logging.WARNING)
     from utils.hub_publish import publish
 
+    if args.token:
+        logger.warning("--token is visible to other users in the process list; prefer HF_TOKEN or `hf auth login`.")
     result = publish(args.model_path, args.repo_name, token=args.token, private=args.private,
                      license_name=args.license, base_model=args.base_model, instance_prompt=args.instance_prompt,
                      sample_images=args.sample_images, commit_message=args.commit_message,

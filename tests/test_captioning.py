@@ -17,16 +17,18 @@ from typing import Callable
 import pytest
 from PIL import Image
 
+from tests.conftest import run_script
 from tests.gemini_server import GeminiServer
 from utils import creat_text_caption, merge_captions
-from utils.gemini_captioner import (CaptionFailure, GeminiCaptioner, RetryPolicy, cut_at_word, encode_image,
-                                    parse_retry_after, shape_caption)
+from utils.gemini_captioner import (CaptionError, CaptionFailure, GeminiCaptioner, RetryPolicy, cut_at_word,
+                                    encode_image, parse_retry_after, shape_caption)
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "test-key-Zq81xVv0-do-not-print"
 COLORS = [(230, 40, 40), (40, 200, 60), (40, 60, 220), (220, 200, 40), (200, 40, 200),
           (40, 200, 200), (120, 120, 120), (250, 150, 60)]
 GENERATE = re.compile(r"^/v1(beta)?/models/gemini-2\.5-flash:generateContent$")
+ORIGINAL_PROMPT = "Describe the input image in 1\u20132 sentences. Make sure to mention that the image is in 'Ghibli style'."
 
 
 def make_images(folder: Path, count: int, size: tuple[int, int] = (96, 64)) -> dict[str, tuple[int, int, int]]:
@@ -57,6 +59,11 @@ def image_of(color: tuple[int, int, int] | None, images: dict[str, tuple[int, in
 
 def read(path: Path) -> dict[str, str]:
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def prompt_of(request) -> str:
+    """The text sent with the image."""
+    return " ".join(part["text"] for content in request.body["contents"] for part in content["parts"] if "text" in part)
 
 
 @pytest.fixture
@@ -244,22 +251,92 @@ def test_ctrl_c_saves_the_request_in_flight_and_stops(tmp_path, server):
     assert any("interrupted: 3 captions are saved" in line for line in log)
 
 
-def test_api_key_from_vault_file_is_never_shown(tmp_path, server):
-    make_images(tmp_path / "images", 2)
+def test_original_defaults_and_key_file_and_the_key_is_never_shown(tmp_path, server):
+    """No flags, in a folder laid out as the original expects: ghibli_2/ -> ghibli_2_captions.json,
+    the key from vault/key.yaml's google_api_key, the original's prompt and temperature 0.5."""
+    images = make_images(tmp_path / "ghibli_2", 3)
     (tmp_path / "vault").mkdir()
-    (tmp_path / "vault" / "key.yaml").write_text(f"key: {KEY}\n")
-    output = tmp_path / "captions.json"
+    (tmp_path / "vault" / "key.yaml").write_text(f"google_api_key: {KEY}\nother_service: unrelated\n")
     # A server that echoes the key in an error message must not get it printed either.
     server.fail_next(1, status=400, message=f"API key {KEY} not valid")
+    command = [sys.executable, str(REPO / "utils" / "creat_text_caption.py"), "--no_progress", "--workers", "1",
+               "--max_retries", "0"]
 
-    run = subprocess.run(caption_command(tmp_path / "images", output, "--workers", "1", "--max_retries", "0"),
-                         env=cli_env(server), cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    run = subprocess.run(command, env=cli_env(server), cwd=tmp_path, capture_output=True, text=True, timeout=60)
 
     assert run.returncode == 1
     assert {r.headers["x-goog-api-key"] for r in server.requests} == {KEY}
+    assert {prompt_of(r) for r in server.requests} == {ORIGINAL_PROMPT}
+    assert {r.body["generationConfig"]["temperature"] for r in server.requests} == {0.5}
     assert "failed img_00.png: HTTP 400 INVALID_ARGUMENT: API key *** not valid" in run.stdout
+    output = tmp_path / "ghibli_2_captions.json"
+    assert sorted(read(output)) == ["img_01.png", "img_02.png"]
+    assert all(close(color_in(caption), images[name]) for name, caption in read(output).items())
     shown = run.stdout + run.stderr + output.read_text()
     assert KEY not in shown and KEY[:12] not in shown
+
+
+def test_key_file_google_api_key_is_used_when_no_environment_variable(tmp_path, monkeypatch, caplog):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
+    monkeypatch.delenv("GEMINI_API_KEY", raising=False)
+    assert creat_text_caption.load_api_key() is None  # no key anywhere: None, as the original
+    assert "no Gemini API key" in caplog.text
+
+    (tmp_path / "vault").mkdir()
+    key_file = tmp_path / "vault" / "key.yaml"
+    key_file.write_text(f"google_api_key: {KEY}\n")
+    assert creat_text_caption.load_api_key() == KEY
+    monkeypatch.setenv("GEMINI_API_KEY", "from-the-environment")  # the environment keeps priority
+    assert creat_text_caption.load_api_key() == "from-the-environment"
+    monkeypatch.delenv("GEMINI_API_KEY")
+
+    key_file.write_text(f"key: {KEY}\n")  # this project's earlier field is still read
+    assert creat_text_caption.load_api_key() == KEY
+    key_file.write_text(f"api_key: {KEY}\n")
+    caplog.clear()
+    assert creat_text_caption.load_api_key() is None
+    assert "vault/key.yaml: no 'google_api_key' field" in caplog.text and KEY not in caplog.text
+
+
+def test_original_functions_caption_through_gemini(tmp_path, server, key_env):
+    images = make_images(tmp_path / "images", 3)
+    output = tmp_path / "out" / "captions.json"
+
+    captions = creat_text_caption.process_images(str(tmp_path / "images"), "Say the colour.", str(output), 0.3)
+
+    assert captions == read(output) and sorted(captions) == sorted(images)
+    assert all(close(color_in(caption), images[name]) for name, caption in captions.items())
+    assert {prompt_of(r) for r in server.requests} == {"Say the colour."}
+    assert {r.body["generationConfig"]["temperature"] for r in server.requests} == {0.3}
+
+    server.reset()
+    caption = creat_text_caption.generate_caption(tmp_path / "images" / "img_01.png", "Describe it.")
+    assert close(color_in(caption), COLORS[1]) and caption == caption.strip()
+    assert server.requests[0].body["generationConfig"]["temperature"] == 0.9  # the original's default
+
+    server.reset()
+    server.fail_next(1, status=400, message="bad image")
+    assert creat_text_caption.generate_caption(tmp_path / "images" / "img_01.png", "Describe it.") is None
+
+    server.reset()
+    creat_text_caption.process_images(tmp_path / "images", "Say the colour.", output, model="gemini-2.0-flash",
+                                      overwrite=True)
+    assert {r.path.rsplit("/", 1)[-1] for r in server.requests} == {"gemini-2.0-flash:generateContent"}
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert creat_text_caption.process_images(empty, "x") == {}  # logged, nothing written, as the original
+
+
+def test_original_functions_without_a_key_raise_one_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
+    monkeypatch.delenv("GEMINI_API_KEY", raising=False)
+    make_images(tmp_path / "images", 1)
+    with pytest.raises(CaptionError, match="no Gemini API key"):
+        creat_text_caption.process_images(tmp_path / "images", "x", tmp_path / "c.json")
+    assert not (tmp_path / "c.json").exists()
 
 
 def test_bad_input_gives_one_line_errors(tmp_path, server, monkeypatch, capsys):
@@ -344,3 +421,37 @@ def test_merge_reports_duplicates_and_later_file_wins(tmp_path, capsys):
     c.write_text("[1, 2]")
     assert merge_captions.main(["--file1", str(a), "--file2", str(c), "--output", str(output)]) == 2
     assert capsys.readouterr().err.strip() == f'error: {c}: expected a {{"file name": "caption"}} object, got list'
+
+
+def test_original_merge_functions_second_file_wins(tmp_path, caplog):
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_text(json.dumps({"a.png": "old a", "b.png": "only in the first"}))
+    second.write_text(json.dumps({"a.png": "new a", "c.png": "only in the second"}, ensure_ascii=False))
+    output = tmp_path / "merged.json"
+
+    merged = merge_captions.merge_captions(str(first), str(second), str(output))
+
+    assert merged == read(output) == {"a.png": "new a", "b.png": "only in the first", "c.png": "only in the second"}
+    assert list(read(output)) == ["a.png", "b.png", "c.png"]  # the first file's order, then the new names
+    assert "duplicate 'a.png'" in caplog.text
+    assert merge_captions.load_json_file(first) == {"a.png": "old a", "b.png": "only in the first"}
+    assert merge_captions.load_json_file(tmp_path / "missing.json") is None
+    assert merge_captions.merge_captions(first, tmp_path / "missing.json", tmp_path / "none.json") is None
+    assert not (tmp_path / "none.json").exists()
+    assert "missing.json: file not found" in caplog.text
+
+
+def test_merge_with_no_flags_uses_the_original_files(tmp_path):
+    (tmp_path / "ghibli").mkdir()
+    (tmp_path / "ghibli" / "ghibli_captions_simplified.json").write_text(json.dumps({"1.png": "one", "2.png": "two"}))
+    (tmp_path / "ghibli_2_captions.json").write_text(json.dumps({"2.png": "TWO", "3.png": "three"}))
+
+    result = run_script(str(REPO / "utils" / "merge_captions.py"), cwd=tmp_path, timeout=60)
+
+    assert read(tmp_path / "ghibli" / "merged_captions.json") == {"1.png": "one", "2.png": "TWO", "3.png": "three"}
+    assert "duplicate '2.png'" in result.stdout and "merged 3 captions from 2 files" in result.stdout
+
+    (tmp_path / "ghibli_2_captions.json").unlink()  # a missing input: one line and a non-zero exit
+    missing = run_script(str(REPO / "utils" / "merge_captions.py"), cwd=tmp_path, check=False, timeout=60)
+    assert missing.returncode == 2
+    assert missing.stderr.strip() == "error: ghibli_2_captions.json: file not found"

@@ -184,6 +184,51 @@ def test_pull_request_and_login_store_token(trained_run, hub, tmp_path):
     assert summaries[-1] == "Try new card" and summaries[0].startswith(f"Upload LoRA (rank {TRAINED_RANK}")
 
 
+ORIGINAL_API_SCRIPT = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from hf.hf_inference import generate_image_with_hf_api
+from hf.upload_to_hf import upload_model_to_hf
+
+model_path, token, output = sys.argv[2:5]
+print(upload_model_to_hf(model_path, "tester/original-api-lora", token, True))
+image = generate_image_with_hf_api("a village in ghibli style", "tester/tiny-sdxl", "tester/original-api-lora", token,
+                                   3, 5.0, "blurry", seed=1234, height=64, width=64)
+image.save(output)
+"""
+
+
+def test_original_functions_upload_and_generate_from_hub_ids(trained_run, tiny_model_dir, hub, tmp_path):
+    """upload_model_to_hf and generate_image_with_hf_api called as the original's users call them,
+    the token given as an argument (no HF_TOKEN, no saved login): used, and saved nowhere."""
+    if "tester/tiny-sdxl" not in hub.repos:
+        upload_base_model(hub, tiny_model_dir, "tester/tiny-sdxl", hub_env(hub, tmp_path))
+    env = hub_env(hub, tmp_path, token=None)
+    hub_png = tmp_path / "original_api.png"
+
+    result = run_script("-c", ORIGINAL_API_SCRIPT, str(ROOT), str(trained_run), TOKEN, str(hub_png), env=env,
+                        timeout=240)
+
+    assert f"{hub.base_url}/tester/original-api-lora" in result.stdout
+    assert hub.repos["tester/original-api-lora"].private  # the original ignored private=True
+    files = hub.files("tester/original-api-lora")
+    assert files[LORA_WEIGHT_NAME] == (trained_run / "final_model" / LORA_WEIGHT_NAME).read_bytes()
+    assert not (tmp_path / "hf_home" / "token").exists()  # the original's login() saved the token
+    assert TOKEN not in result.stdout + result.stderr
+
+    from hf.hf_inference import generate_image_with_hf_api  # the same call on local paths, in this process
+    local = generate_image_with_hf_api("a village in ghibli style", str(tiny_model_dir),
+                                       str(trained_run / "final_model"), None, 3, 5.0, "blurry", seed=1234,
+                                       height=64, width=64)
+    base = generate_image_with_hf_api("a village in ghibli style", str(tiny_model_dir), None, None, 3, 5.0,
+                                      "blurry", seed=1234, height=64, width=64)
+    from_hub = np.asarray(Image.open(hub_png), dtype=np.int16)
+    local, base = (np.asarray(image, dtype=np.int16) for image in (local, base))
+    assert from_hub.shape == local.shape == (64, 64, 3)
+    assert np.abs(from_hub - local).max() <= 1  # same image from Hub ids as from local paths
+    assert np.abs(local - base).mean() > 1.0  # and the LoRA was applied
+
+
 def test_remote_generation_goes_through_inference_client(hub, tmp_path):
     output = tmp_path / "remote.png"
     run_script("hf/hf_inference.py", "--remote", "--endpoint_url", f"{hub.base_url}/inference/sdxl-ghibli",

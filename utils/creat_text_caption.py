@@ -1,11 +1,15 @@
-"""Caption every image in a folder with Gemini, into captions.json ({"file name": "caption"}).
+"""Caption every image in a folder with Gemini, into a JSON file ({"file name": "caption"}).
 
 Each caption is saved the moment it arrives, so an interrupted run loses nothing and a
 rerun only captions the images still missing (--overwrite redoes them all).
 
-    export GEMINI_API_KEY=...
+    export GEMINI_API_KEY=...          # or vault/key.yaml with "google_api_key: ..."
+    python utils/creat_text_caption.py          # ghibli_2/ -> ghibli_2_captions.json, as the original
     python utils/creat_text_caption.py --image-dir dataset_ghibli/images \\
         --output dataset_ghibli/captions.json --workers 4 --prefix "ghibli style,"
+
+From Python, the original's functions: ``load_api_key()``, ``generate_caption(image_path, prompt,
+temperature=0.9)`` and ``process_images(image_dir, prompt, output_file="captions.json", temperature=0.9)``.
 """
 
 from __future__ import annotations
@@ -23,11 +27,75 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from utils.cli import setup_logging
-from utils.gemini_captioner import (DEFAULT_MODEL, DEFAULT_PROMPT, CaptionError, CaptionJob, CaptionStore,
-                                    GeminiCaptioner, RetryPolicy, caption_images, list_images,
-                                    resolve_api_key)
+from utils.gemini_captioner import (DEFAULT_MODEL, DEFAULT_PROMPT, CaptionError, CaptionFailure, CaptionJob,
+                                    CaptionStore, GeminiCaptioner, RetryPolicy, caption_images, encode_image,
+                                    list_images, resolve_api_key, shape_caption)
 
 logger = logging.getLogger("creat_text_caption")
+
+# The original's CLI defaults; its functions default to temperature 0.9 and captions.json.
+DEFAULT_IMAGE_DIR = "ghibli_2"
+DEFAULT_OUTPUT = "ghibli_2_captions.json"
+MAX_IMAGE_SIDE = 1024
+
+
+# --- the original's Python API ---------------------------------------------
+
+def load_api_key() -> str | None:
+    """The Gemini API key (GOOGLE_API_KEY / GEMINI_API_KEY, else vault/key.yaml's google_api_key), or None."""
+    try:
+        return resolve_api_key()
+    except CaptionError as error:
+        logger.error("%s", error)
+        return None
+
+
+def _captioner(prompt: str, temperature: float, model: str) -> GeminiCaptioner:
+    return GeminiCaptioner(api_key=resolve_api_key(), model=model, prompt=prompt, temperature=temperature,
+                           base_url=os.environ.get("GEMINI_BASE_URL") or None)
+
+
+def generate_caption(image_path: str | os.PathLike, prompt: str, temperature: float = 0.9, *,
+                     model: str = DEFAULT_MODEL) -> str | None:
+    """Gemini's caption for one image, or None when it could not be made (the reason is logged).
+
+    Raises CaptionError when there is no API key.
+    """
+    captioner = _captioner(prompt, temperature, model)
+    path = Path(image_path)
+    try:
+        return shape_caption(captioner.caption(encode_image(path, MAX_IMAGE_SIDE), name=path.name))
+    except CaptionFailure as error:
+        logger.error("%s: caption failed: %s", path.name, error)
+        return None
+
+
+def process_images(image_dir: str | os.PathLike, prompt: str, output_file: str | os.PathLike = "captions.json",
+                   temperature: float = 0.9, *, model: str = DEFAULT_MODEL, workers: int = 4,
+                   overwrite: bool = False) -> dict[str, str]:
+    """Caption the images of ``image_dir`` into ``output_file`` ({"file name": "caption"}); return its captions.
+
+    Each caption is saved as it arrives; images already in ``output_file`` are kept and skipped
+    unless ``overwrite``. A folder without images is logged and gives {} (as the original, which
+    printed a message and returned). Raises CaptionError when there is no API key.
+    """
+    try:
+        images = list_images(image_dir)
+    except CaptionError as error:
+        logger.error("%s", error)
+        return {}
+    store = CaptionStore(output_file)
+    captioner = _captioner(prompt, temperature, model)
+    summary = caption_images(images, store, captioner, CaptionJob(workers=workers, overwrite=overwrite))
+    first, *failures = summary.lines()
+    logger.info("%s", first)
+    for line in failures:
+        logger.warning("%s", line)
+    logger.info("%d captions in %s", len(store), output_file)
+    return store.snapshot()
+
+
+# --- the command line ------------------------------------------------------
 
 
 def _positive_int(text: str) -> int:
@@ -60,10 +128,11 @@ def _temperature(text: str) -> float:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Caption images with Gemini into a captions JSON file.")
-    parser.add_argument("--image-dir", "--image_dir", dest="image_dir", required=True,
-                        help="folder of images to caption")
+    parser.add_argument("--image-dir", "--image_dir", dest="image_dir", default=DEFAULT_IMAGE_DIR,
+                        help=f"folder of images to caption (default {DEFAULT_IMAGE_DIR})")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="instruction sent with every image")
-    parser.add_argument("--output", default="captions.json", help='captions file, {"file name": "caption"}')
+    parser.add_argument("--output", default=DEFAULT_OUTPUT,
+                        help=f'captions file, {{"file name": "caption"}} (default {DEFAULT_OUTPUT})')
     parser.add_argument("--temperature", type=_temperature, default=0.5, help="sampling temperature, 0 to 2")
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"Gemini model (default {DEFAULT_MODEL})")
     parser.add_argument("--workers", type=_positive_int, default=4, help="requests in flight at once")
@@ -84,6 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (the original's main()); returns the exit status."""
     args = parse_args(argv)
     images = list_images(args.image_dir)
     api_key = resolve_api_key()

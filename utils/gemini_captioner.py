@@ -34,14 +34,17 @@ from utils.preflight import open_rgb
 
 logger = logging.getLogger(__name__)
 
+# The original used gemini-2.0-flash, which Google has deprecated with gemini-2.5-flash as its
+# replacement (ai.google.dev/gemini-api/docs/deprecations); --model gemini-2.0-flash still works.
+ORIGINAL_MODEL = "gemini-2.0-flash"
 DEFAULT_MODEL = "gemini-2.5-flash"
-DEFAULT_PROMPT = (
-    "Describe this image in one or two sentences for an image-generation training caption. "
-    "State that it is in 'Ghibli style'."
-)
+# The original's prompt, word for word (a default value of its CLI).
+DEFAULT_PROMPT = ("Describe the input image in 1–2 sentences. "
+                  "Make sure to mention that the image is in 'Ghibli style'.")
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 KEY_ENV_VARS = ("GOOGLE_API_KEY", "GEMINI_API_KEY")  # the SDK's own order of precedence
 KEY_FILE = Path("vault") / "key.yaml"
+KEY_FIELDS = ("google_api_key", "key")  # the original's field, then this project's earlier one
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 
 
@@ -72,7 +75,11 @@ TRANSPORT_ERRORS = _transport_errors()
 # --- API key ---------------------------------------------------------------
 
 def resolve_api_key(key_files: Sequence[Path] | None = None) -> str:
-    """The Gemini API key from GOOGLE_API_KEY / GEMINI_API_KEY, else from a vault/key.yaml ``key`` field."""
+    """The Gemini API key from GOOGLE_API_KEY / GEMINI_API_KEY, else from the original's vault/key.yaml.
+
+    The key file is looked for in the working directory, then in the repository root; its
+    ``google_api_key`` field holds the key (as in the original; a ``key`` field is read too).
+    """
     for name in KEY_ENV_VARS:
         value = os.environ.get(name, "").strip()
         if value:
@@ -82,19 +89,22 @@ def resolve_api_key(key_files: Sequence[Path] | None = None) -> str:
     for path in key_files:
         if Path(path).is_file():
             return _key_from_yaml(Path(path))
-    raise CaptionError("no Gemini API key: set GEMINI_API_KEY (or GOOGLE_API_KEY) in the environment")
+    raise CaptionError("no Gemini API key: set GEMINI_API_KEY (or GOOGLE_API_KEY) in the environment, "
+                       f"or put 'google_api_key: ...' in {KEY_FILE}")
 
 
 def _key_from_yaml(path: Path) -> str:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as error:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         # The YAML error text can quote the file's content, which is the secret; name the type only.
         raise CaptionError(f"{path}: cannot read the API key file ({type(error).__name__})") from None
-    key = data.get("key") if isinstance(data, dict) else None
-    if not isinstance(key, str) or not key.strip():
-        raise CaptionError(f"{path}: no 'key' field with the API key")
-    return key.strip()
+    fields = data if isinstance(data, dict) else {}
+    for name in KEY_FIELDS:
+        key = fields.get(name)
+        if isinstance(key, str) and key.strip():
+            return key.strip()
+    raise CaptionError(f"{path}: no 'google_api_key' field with the API key")
 
 
 # --- images and captions ---------------------------------------------------

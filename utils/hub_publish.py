@@ -253,11 +253,10 @@ def ensure_no_secret(plan: UploadPlan, secrets: list[str]) -> None:
 
 
 def resolve_token(cli_token: str | None = None) -> str:
-    """The token from --token, else HF_TOKEN, else huggingface_hub's login store."""
+    """The token given (--token or a function argument), else HF_TOKEN, else huggingface_hub's login store."""
     from huggingface_hub import get_token
 
     if cli_token:
-        logger.warning("--token is visible to other users in the process list; prefer HF_TOKEN or `hf auth login`.")
         return cli_token
     token = get_token()
     if not token:

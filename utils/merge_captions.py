@@ -3,22 +3,37 @@
 When a file name appears in more than one input, the later file wins; every such
 duplicate is reported with the files it came from and which value was kept.
 
+    python utils/merge_captions.py     # ghibli/ghibli_captions_simplified.json + ghibli_2_captions.json
+                                       #   -> ghibli/merged_captions.json, as the original
     python utils/merge_captions.py --file1 a.json --file2 b.json --output captions.json
     python utils/merge_captions.py --files a.json b.json c.json --output captions.json
+
+From Python, the original's functions: ``load_json_file(file_path)`` and
+``merge_captions(file1_path, file2_path, output_path)``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.atomic import write_json
+
+logger = logging.getLogger("merge_captions")
+
+# The original's defaults.
+DEFAULT_FILE1 = Path("ghibli") / "ghibli_captions_simplified.json"
+DEFAULT_FILE2 = Path("ghibli_2_captions.json")
+DEFAULT_OUTPUT = Path("ghibli") / "merged_captions.json"
 
 
 class MergeError(Exception):
@@ -41,13 +56,17 @@ class Duplicate:
         return f"duplicate {self.name!r} in {files} ({kind}); kept the value from {self.winner}"
 
 
-def read_captions(path: Path) -> dict[str, str]:
+def read_json(path: Path) -> Any:
     if not path.is_file():
         raise MergeError(f"{path}: file not found")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise MergeError(f"{path}: not valid JSON ({error})") from None
+
+
+def read_captions(path: Path) -> dict[str, str]:
+    data = read_json(path)
     if not isinstance(data, dict):
         raise MergeError(f'{path}: expected a {{"file name": "caption"}} object, got {type(data).__name__}')
     for name, caption in data.items():
@@ -68,32 +87,86 @@ def merge(paths: list[Path]) -> tuple[dict[str, str], list[Duplicate]]:
     return merged, duplicates
 
 
+def write_merged(paths: list[Path], output: Path) -> tuple[dict[str, str], list[Duplicate]]:
+    """Merge ``paths`` into ``output`` (written atomically); raises MergeError before writing on bad input."""
+    merged, duplicates = merge(paths)
+    write_json(output, merged)
+    return merged, duplicates
+
+
+def summary_line(merged: dict[str, str], paths: list[Path], duplicates: list[Duplicate], output: Path) -> str:
+    return (f"merged {len(merged)} captions from {len(paths)} files into {output}; "
+            f"{len(duplicates)} duplicates (the later file wins)")
+
+
+# --- the original's Python API ---------------------------------------------
+
+def load_json_file(file_path: str | os.PathLike) -> Any | None:
+    """The JSON content of ``file_path``, or None when it is missing or not JSON (the reason is logged)."""
+    try:
+        return read_json(Path(file_path))
+    except MergeError as error:
+        logger.error("%s", error)
+        return None
+
+
+def merge_captions(file1_path: str | os.PathLike, file2_path: str | os.PathLike,
+                   output_path: str | os.PathLike) -> dict[str, str] | None:
+    """Merge two captions files into ``output_path`` (the second file wins) and return the merged captions.
+
+    As in the original, a file that cannot be read is reported (logged) and None is returned,
+    with nothing written.
+    """
+    paths, output = [Path(file1_path), Path(file2_path)], Path(output_path)
+    try:
+        merged, duplicates = write_merged(paths, output)
+    except MergeError as error:
+        logger.error("%s", error)
+        return None
+    for duplicate in duplicates:
+        logger.warning("%s", duplicate.describe())
+    logger.info("%s", summary_line(merged, paths, duplicates, output))
+    return merged
+
+
+# --- the command line ------------------------------------------------------
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Merge captions JSON files; later files win on duplicates.")
-    parser.add_argument("--file1", type=Path, help="first captions file")
-    parser.add_argument("--file2", type=Path, help="second captions file")
+    parser.add_argument("--file1", type=Path, default=None,
+                        help=f"first captions file (default {DEFAULT_FILE1}, unless --files or positional files are given)")
+    parser.add_argument("--file2", type=Path, default=None,
+                        help=f"second captions file (default {DEFAULT_FILE2}, unless --files or positional files are given)")
     parser.add_argument("--files", type=Path, nargs="+", default=[], help="more captions files, in order")
     parser.add_argument("more", type=Path, nargs="*", help="more captions files, in order")
-    parser.add_argument("--output", type=Path, required=True, help="merged captions file")
-    args = parser.parse_args(argv)
-    args.inputs = [p for p in (args.file1, args.file2) if p is not None] + args.files + args.more
-    if len(args.inputs) < 2:
-        parser.error("give at least two files to merge (--file1/--file2, --files or positional)")
-    return args
+    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
+                        help=f"merged captions file (default {DEFAULT_OUTPUT})")
+    return parser.parse_args(argv)
+
+
+def input_files(args: argparse.Namespace) -> list[Path]:
+    """--file1, --file2, --files, then positional files; the original's two files when no list is given."""
+    listed = args.files + args.more
+    file1 = args.file1 if args.file1 is not None or listed else DEFAULT_FILE1
+    file2 = args.file2 if args.file2 is not None or listed else DEFAULT_FILE2
+    return [path for path in (file1, file2) if path is not None] + listed
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (the original's main()); returns the exit status."""
     args = parse_args(argv)
+    inputs = input_files(args)
+    if len(inputs) < 2:
+        print("error: give at least two files to merge (--file1/--file2, --files or positional)", file=sys.stderr)
+        return 2
     try:
-        merged, duplicates = merge(args.inputs)
+        merged, duplicates = write_merged(inputs, args.output)
     except MergeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     for duplicate in duplicates:
         print(duplicate.describe())
-    write_json(args.output, merged)
-    print(f"merged {len(merged)} captions from {len(args.inputs)} files into {args.output}; "
-          f"{len(duplicates)} duplicates (the later file wins)")
+    print(summary_line(merged, inputs, duplicates, args.output))
     return 0
 
 
