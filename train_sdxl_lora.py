@@ -31,10 +31,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     data = p.add_argument_group("data")
     add_dataset_arguments(data)
-    data.add_argument("--resolution", type=int, default=512, help="side of the square training area (pixels)")
+    data.add_argument("--resolution", type=int, default=512,
+                      help="side of the square training area in pixels, a multiple of 8 (default: %(default)s)")
     data.add_argument("--no_buckets", action="store_true",
-                      help="square crops instead of aspect-ratio buckets")
-    data.add_argument("--center_crop", action="store_true", help="center crops (default: seeded random crops)")
+                      help="the original's square training: resize the short side to --resolution and crop the "
+                           "centre, instead of aspect-ratio buckets")
+    crops = data.add_mutually_exclusive_group()
+    crops.add_argument("--center_crop", dest="center_crop", action="store_true", default=True,
+                       help="crop the centre of each image, as the original did (the default)")
+    crops.add_argument("--random_crop", dest="center_crop", action="store_false",
+                       help="seeded random crops instead of centre crops")
     data.add_argument("--random_flip", action="store_true", help="mirror images at random")
     data.add_argument("--caption_dropout", type=float, default=0.0,
                       help="probability of training a step on the empty (unconditional) prompt")

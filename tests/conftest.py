@@ -24,13 +24,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # Settings of the shared run: alpha differs from rank on purpose (the scale must survive saving).
 TRAINED_RANK = 4
 TRAINED_ALPHA = 16.0
+# 4 epochs of 12 steps (12 images, batch 1): 48 optimizer steps, checkpoint_epoch_1 and _3 (--save_steps 2).
 SHARED_RUN_ARGS = [
-    "--resolution", "128", "--train_batch_size", "2", "--num_train_epochs", "8",
+    "--resolution", "128", "--train_batch_size", "1", "--num_train_epochs", "4",
     "--learning_rate", "1e-2", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
     "--lora_rank", str(TRAINED_RANK), "--lora_alpha", str(TRAINED_ALPHA), "--random_flip",
     "--checkpointing_steps", "12", "--save_steps", "2", "--report_to", "none",
     "--validation_prompt", "a village in ghibli style", "--num_validation_images", "1",
-    "--validation_epochs", "4", "--validation_steps", "2",
+    "--validation_epochs", "2", "--validation_steps", "2",
 ]
 
 
@@ -56,6 +57,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_dataset_dir(tmp_path_factory) -> Path:
     from utils.make_tiny_sdxl import make_synthetic_dataset
     return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "dataset_ghibli", num_images=12)
+
+
+@pytest.fixture(scope="session")
+def tiny_product_dataset_dir(tmp_path_factory) -> Path:
+    """A small dataset in the original's product layout (captions.json, products/, styled/{id}.png)."""
+    from utils.make_tiny_sdxl import make_synthetic_product_dataset
+    return make_synthetic_product_dataset(tmp_path_factory.mktemp("data") / "dataset_product", num_images=4)
 
 
 @pytest.fixture(scope="session")

@@ -17,8 +17,8 @@ from PIL import Image
 
 from tests.conftest import run_script
 from utils import check_dataset, convert_dataset, preflight
-from utils.ghibli_datasets import (DatasetError, add_dataset_arguments, list_dataset, load_examples,
-                                   load_training_examples)
+from utils.ghibli_datasets import (DatasetError, GhibliDataset, ProductImageDataset, add_dataset_arguments,
+                                   list_dataset, load_examples, load_training_examples)
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -65,12 +65,15 @@ def write_ghibli(folder: Path, content: dict) -> Path:
 
 
 def write_product(folder: Path, content: dict) -> Path:
+    """The original's product layout: the styled image (the training target) is styled/{id}.png."""
     (folder / "products").mkdir(parents=True)
+    (folder / "styled").mkdir(parents=True)
     entries = {}
     for index, (name, (data, caption)) in enumerate(content.items()):
-        (folder / "styled" / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / "styled" / name).write_bytes(data)
-        entries[f"item{index}"] = {"product": name, "prompt": caption}
+        product = f"product_{Path(name).name}"
+        (folder / "products" / product).write_bytes(encoded(noisy((64, 64), 100 + index), "PNG"))
+        (folder / "styled" / f"item{index}.png").write_bytes(data)
+        entries[f"item{index}"] = {"product": product, "prompt": caption}
     (folder / "captions.json").write_text(json.dumps(entries))
     return folder
 
@@ -329,3 +332,48 @@ def test_dataset_flags_keep_the_original_defaults():
     assert (args.image_column, args.caption_column) == ("image", None)
     with pytest.raises(DatasetError, match="does not go with --dataset_type kohya"):
         load_training_examples(parse("--dataset_name", "x.parquet", "--dataset_type", "kohya"))
+
+
+# ----------------------------------------------------------------------------- the original's product layout and Datasets
+
+
+def test_a_missing_styled_image_or_product_image_is_named(tmp_path):
+    dataset = write_product(tmp_path / "product", CONTENT)
+    (dataset / "styled" / "item1.png").unlink()
+    (dataset / "products" / "product_gray.png").unlink()
+    report = preflight.check(list_dataset("product", dataset))
+    assert sorted(map(str, report.problems)) == [
+        "styled/item1.png: caption without image (file not found)",
+        "styled/item2.png: product image products/product_gray.png not found"]
+    assert [e.caption for e in report.examples] == ["rolling green hills in ghibli style"]
+    result = run_script("utils/check_dataset.py", "--dataset_dir", str(dataset), check=False, timeout=120)
+    assert result.returncode == 1 and "styled/item1.png: caption without image (file not found)" in result.stdout
+
+
+def test_the_original_dataset_classes_yield_the_original_items(tmp_path):
+    import inspect
+
+    from torch.utils.data import Dataset
+
+    for cls in (GhibliDataset, ProductImageDataset):
+        assert issubclass(cls, Dataset)
+        assert list(inspect.signature(cls).parameters)[:2] == ["dataset_dir", "transform"]
+        assert inspect.signature(cls).parameters["transform"].default is None
+
+    ghibli = GhibliDataset(write_ghibli(tmp_path / "ghibli", CONTENT))
+    items = [ghibli[i] for i in range(len(ghibli))]
+    assert all(set(item) == {"image", "text"} and item["image"].mode == "RGB" for item in items)
+    by_text = {item["text"]: item["image"] for item in items}
+    assert by_text["rolling green hills in ghibli style"].size == (96, 80)
+    assert by_text["  a grey sky over a meadow \n"].size == (72, 72)  # grayscale source, RGB item
+
+    product = ProductImageDataset(write_product(tmp_path / "product", CONTENT), transform=lambda image: image.size)
+    assert len(product) == 3
+    item = product[0]
+    assert set(item) == {"image", "product_image", "text"}
+    assert item == {"image": (96, 80), "product_image": (64, 64), "text": "rolling green hills in ghibli style"}
+    empty = tmp_path / "empty"
+    (empty / "images").mkdir(parents=True)
+    (empty / "captions.json").write_text(json.dumps({"gone.png": "a cat"}))
+    with pytest.raises(ValueError, match="no images with captions"):  # the original raised ValueError too
+        GhibliDataset(empty)

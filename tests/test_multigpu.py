@@ -62,8 +62,8 @@ def step_records(output: str) -> dict[int, dict[int, tuple[list[int], float]]]:
     return records
 
 
-def csv_rows(run_dir: Path) -> list[dict]:
-    with open(run_dir / "logs" / "training_log.csv", newline="") as handle:
+def csv_rows(run_dir: Path, name: str = "training_steps.csv") -> list[dict]:
+    with open(run_dir / "logs" / name, newline="") as handle:
         return list(csv.DictReader(handle))
 
 
@@ -111,7 +111,12 @@ def test_loss_log_has_every_step_once_with_the_mean_over_ranks(two_rank_run):
     config = run_config(run_dir)
     per_epoch = config["steps_per_epoch"]
     assert [int(row["step"]) for row in rows] == list(range(1, EPOCHS * per_epoch + 1))
-    assert [int(row["epoch"]) for row in rows] == [1 + i // per_epoch for i in range(len(rows))]
+    assert [int(row["epoch"]) for row in rows] == [i // per_epoch for i in range(len(rows))]
+    epoch_rows = csv_rows(run_dir, "training_log.csv")
+    assert [(int(r["epoch"]), int(r["step"])) for r in epoch_rows] == [(e, (e + 1) * per_epoch) for e in range(EPOCHS)]
+    for epoch_row in epoch_rows:
+        step_losses = [float(r["loss"]) for r in rows if r["epoch"] == epoch_row["epoch"]]
+        assert float(epoch_row["loss"]) == pytest.approx(sum(step_losses) / len(step_losses))
     for row in rows:
         rank_losses = [loss for _, loss in records[int(row["step"])].values()]
         assert len(rank_losses) == 2
@@ -160,10 +165,11 @@ def test_resume_under_two_processes_matches_the_straight_run(two_rank_run, tiny_
     for step in later_steps:  # the same images on the same ranks after the restart, mid-epoch included
         assert ({r: images for r, (images, _) in resumed_records[step].items()}
                 == {r: images for r, (images, _) in straight_records[step].items()})
-    resumed_rows, straight_rows = csv_rows(copy), csv_rows(straight)
-    assert [row["step"] for row in resumed_rows] == [row["step"] for row in straight_rows]
-    for resumed_row, straight_row in zip(resumed_rows, straight_rows):
-        assert float(resumed_row["loss"]) == pytest.approx(float(straight_row["loss"]), rel=1e-4, abs=1e-6)
+    for name in ("training_steps.csv", "training_log.csv"):
+        resumed_rows, straight_rows = csv_rows(copy, name), csv_rows(straight, name)
+        assert [row["step"] for row in resumed_rows] == [row["step"] for row in straight_rows], name
+        for resumed_row, straight_row in zip(resumed_rows, straight_rows):
+            assert float(resumed_row["loss"]) == pytest.approx(float(straight_row["loss"]), rel=1e-4, abs=1e-6)
     expected = read_tensors(straight / "final_model" / LORA_WEIGHT_NAME)
     resumed = read_tensors(copy / "final_model" / LORA_WEIGHT_NAME)
     assert expected.keys() == resumed.keys()

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.conftest import ROOT, run_script
@@ -38,8 +39,13 @@ def wait_for(condition, process, timeout=300.0) -> None:
 
 
 def csv_rows(output_dir: Path) -> int:
-    runs = [p for p in output_dir.glob("*/logs/training_log.csv")]
+    runs = [p for p in output_dir.glob("*/logs/training_steps.csv")]
     return len(CsvLog.read(runs[0])) if runs else 0
+
+
+def log_rows(run_dir: Path, name: str) -> list[tuple[int, int, float]]:
+    """(epoch, step, loss) of each row of logs/{name}."""
+    return [(int(r["epoch"]), int(r["step"]), float(r["loss"])) for r in CsvLog.read(run_dir / "logs" / name)]
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -64,11 +70,18 @@ def test_sigterm_saves_state_and_resume_matches_an_uninterrupted_run(tiny_model_
     stopped_at = int(checkpoints_of(run_dir)[-1].name.split("-")[1])
     assert 3 <= stopped_at < 16
     assert (run_dir / "interrupted_model" / LORA_WEIGHT_NAME).is_file()
-    assert len(CsvLog.read(run_dir / "logs" / "training_log.csv")) == stopped_at
+    # 12 images in batches of 2: epochs end at steps 6 and 12, and the 16th step ends the partial epoch 2.
+    assert [step for _, step, _ in log_rows(run_dir, "training_steps.csv")] == list(range(1, stopped_at + 1))
+    assert [step for _, step, _ in log_rows(run_dir, "training_log.csv")] == [s for s in (6, 12) if s <= stopped_at]
 
     run_script(*command(tiny_model_dir, tiny_dataset_dir, output, "--resume_from_checkpoint", "latest")[1:])
     assert_same_weights(straight / "final_model" / LORA_WEIGHT_NAME, run_dir / "final_model" / LORA_WEIGHT_NAME)
-    assert len(CsvLog.read(run_dir / "logs" / "training_log.csv")) == 16
+    for name, expected in (("training_steps.csv", [(i // 6, i + 1) for i in range(16)]),
+                           ("training_log.csv", [(0, 6), (1, 12), (2, 16)])):
+        resumed, uninterrupted = log_rows(run_dir, name), log_rows(straight, name)
+        assert [(epoch, step) for epoch, step, _ in resumed] == expected, name
+        assert [(epoch, step) for epoch, step, _ in uninterrupted] == expected, name
+        assert [loss for *_, loss in resumed] == pytest.approx([loss for *_, loss in uninterrupted], rel=1e-5)
 
 
 def only_run_dir_after(_result, output_dir: Path) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -24,14 +25,17 @@ def train(tiny_model_dir, dataset_dir, output_dir, *extra) -> Path:
     return run_dir
 
 
+def rows(run_dir, name: str = "training_steps.csv") -> list[dict]:
+    with open(run_dir / "logs" / name, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
 def losses(run_dir) -> list[float]:
-    with open(run_dir / "logs" / "training_log.csv", newline="") as handle:
-        return [float(row["loss"]) for row in csv.DictReader(handle)]
+    return [float(row["loss"]) for row in rows(run_dir)]
 
 
 def learning_rates(run_dir) -> list[float]:
-    with open(run_dir / "logs" / "training_log.csv", newline="") as handle:
-        return [float(row["learning_rate"]) for row in csv.DictReader(handle)]
+    return [float(row["learning_rate"]) for row in rows(run_dir)]
 
 
 def test_cached_run_matches_uncached_run(tiny_model_dir, tiny_dataset_dir, tmp_path):
@@ -60,6 +64,17 @@ def test_resumed_run_ends_with_the_same_weights(tiny_model_dir, tiny_dataset_dir
     for key in expected:
         torch.testing.assert_close(resumed[key], expected[key], rtol=1e-5, atol=1e-6)
     assert losses(copy) == pytest.approx(losses(straight), rel=1e-5)
+    # The per-epoch log too: epoch 1 (steps 4-6) was cut by the checkpoint at step 4, and its mean still
+    # covers all three of its steps; epoch 2 is the partial last one.
+    resumed_epochs, straight_epochs = rows(copy, "training_log.csv"), rows(straight, "training_log.csv")
+    assert [(r["epoch"], r["step"]) for r in resumed_epochs] == [("0", "3"), ("1", "6"), ("2", "8")]
+    assert [(r["epoch"], r["step"]) for r in straight_epochs] == [("0", "3"), ("1", "6"), ("2", "8")]
+    assert [float(r["loss"]) for r in resumed_epochs] == pytest.approx([float(r["loss"]) for r in straight_epochs],
+                                                                       rel=1e-5)
+    # A checkpoint at an epoch's last step is written after that epoch's own work (log row, eval).
+    state = json.loads((straight / "checkpoints" / "checkpoint-8" / "training_state.json").read_text())
+    final = json.loads((straight / "final_model" / "final_model_info.json").read_text())
+    assert state["last_eval_loss"] == final["final_eval_loss"]
     # The schedule counts optimizer steps: 12 images / batch 2 / accumulation 2 = 3 steps per epoch,
     # 8 steps in all, and the linear schedule reaches 0 at the last one.
     assert len(learning_rates(straight)) == 8 and learning_rates(straight)[-1] == 0.0
@@ -139,3 +154,56 @@ def test_bucket_assignment_reads_the_upright_size_without_decoding(tmp_path):
     image.save(tmp_path / "plain.png")
     assert upright_size(tmp_path / "rotated.jpg") == load_rgb(tmp_path / "rotated.jpg").size == (100, 300)
     assert upright_size(tmp_path / "plain.png") == (300, 100)
+
+
+def test_product_dataset_in_the_original_layout_trains_at_resolution_72(tiny_model_dir, tiny_product_dataset_dir,
+                                                                         tmp_path):
+    """captions.json {"id": {"product", "prompt"}} + products/ + styled/{id}.png, at a multiple of 8 only."""
+    run_dir = train(tiny_model_dir, tiny_product_dataset_dir, tmp_path / "product", "--dataset_type", "product",
+                    "--resolution", "72", "--max_train_steps", "2")
+    assert "_product_r4_" in run_dir.name
+    config = json.loads((run_dir / "experiment_config.json").read_text())
+    assert config["num_train_images"] == 4 and config["resolution"] == 72
+    assert [int(r["step"]) for r in rows(run_dir)] == [1, 2]
+    assert (run_dir / "final_model" / LORA_WEIGHT_NAME).is_file()
+
+
+def test_resolution_must_be_a_multiple_of_8(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    result = run_script("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir),
+                        "--dataset_dir", str(tiny_dataset_dir), "--output_dir", str(tmp_path / "out"),
+                        "--resolution", "100", check=False, timeout=120)
+    assert result.returncode == 2
+    assert "error: --resolution 100 must be a positive multiple of 8" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_square_training_crops_the_centre_at_exactly_the_resolution(tmp_path):
+    """The original's Resize(resolution) + CenterCrop(resolution); random crops only with --random_crop."""
+    from train_sdxl_lora import parse_args
+    from utils.buckets import make_buckets
+    from utils.ghibli_datasets import Example
+    from utils.train_data import PixelDataset, assign_buckets
+
+    assert parse_args([]).center_crop is True
+    assert parse_args(["--center_crop"]).center_crop is True
+    assert parse_args(["--random_crop"]).center_crop is False
+    with pytest.raises(SystemExit):
+        parse_args(["--center_crop", "--random_crop"])
+
+    Image.new("RGB", (300, 100), (200, 100, 50)).save(tmp_path / "wide.png")
+    Image.new("RGB", (90, 270), (20, 100, 50)).save(tmp_path / "tall.png")
+    examples = [Example(tmp_path / "wide.png", "wide"), Example(tmp_path / "tall.png", "tall")]
+    items = assign_buckets(examples, 72, use_buckets=False, seed=0)
+    assert [item.bucket for item in items] == [(72, 72), (72, 72)]
+    centred = PixelDataset(items, center_crop=True)
+    wide, tall = centred[0], centred[1]
+    assert wide["pixels"].shape == tall["pixels"].shape == (3, 72, 72)
+    # (original h, w, crop top, crop left, target h, w): short side resized to 72, the centre kept.
+    assert wide["time_ids"][0].tolist() == [100, 300, 0, (216 - 72) // 2, 72, 72]
+    assert tall["time_ids"][0].tolist() == [270, 90, (216 - 72) // 2, 0, 72, 72]
+    random_lefts = {PixelDataset(assign_buckets(examples, 72, False, seed), center_crop=False)[0]["time_ids"][0][3]
+                    .item() for seed in range(6)}
+    assert len(random_lefts) > 1
+    # With buckets, square images still train at exactly the resolution, other sides are multiples of 64.
+    buckets = make_buckets(800)
+    assert (800, 800) in buckets and all(w % 64 == 0 and h % 64 == 0 for w, h in buckets if w != h)

@@ -2,7 +2,9 @@
 
 SDXL was trained on many aspect ratios. Each image goes to the bucket (width,
 height; sides multiples of 64; area about resolution²) whose aspect ratio is
-closest to its own, is resized to cover it and cropped to it. The SDXL
+closest to its own, is resized to cover it and cropped to it. The square bucket
+is always exactly resolution × resolution (any multiple of 8, as the original
+accepted), so square images train at the size asked for. The SDXL
 micro-conditioning records the real original size and the crop.
 """
 
@@ -33,9 +35,10 @@ class Prepared:
 
 
 def make_buckets(resolution: int, step: int = 64, max_aspect: float = 4.0) -> list[tuple[int, int]]:
-    """(width, height) pairs with sides multiples of ``step`` and area at most resolution²."""
+    """(width, height) pairs with sides multiples of ``step`` and area at most resolution², plus the
+    square (resolution, resolution) itself."""
     area = resolution * resolution
-    buckets = set()
+    buckets = {(resolution, resolution)}
     width = step
     while width <= resolution * max_aspect:
         height = (area // width) // step * step

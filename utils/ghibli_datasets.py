@@ -2,8 +2,9 @@
 
 Layouts:
   ghibli    dataset_dir/images/* + dataset_dir/captions.json  {"file name": "caption"}   (the original)
-  product   dataset_dir/products/, styled/, captions.json      {"id": {"product": file, "prompt": text}}
-            (training uses the styled image and its prompt)
+  product   dataset_dir/captions.json {"id": {"product": file, "prompt": text}}, the product image at
+            products/{product} and the styled image at styled/{id}.png (the original's layout;
+            training uses the styled image and its prompt, as the original did)
   kohya     images anywhere under dataset_dir, each with a same-name .txt caption beside it
   metadata  an image folder with metadata.jsonl or metadata.csv: a file_name column and a
             caption column (text or caption), as the `datasets` imagefolder loader reads it
@@ -13,6 +14,7 @@ Layouts:
 
 Listing a dataset only reads captions and file names; utils/preflight.py then decodes every
 image and decides which entries are usable. ``load_training_examples`` does both for training.
+``GhibliDataset`` and ``ProductImageDataset`` are the original's torch Datasets, built on the listing.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from torch.utils.data import Dataset
 
 from utils.atomic import write_bytes
 
@@ -56,6 +60,7 @@ class Entry:
     label: str  # how reports name it: a path relative to the dataset folder, or a row of a dataset
     image_path: Path | None
     caption: Any  # a str when the layout has one; None for an image without a caption
+    product_path: Path | None = None  # product layout: the product image beside the styled one
 
 
 @dataclass(frozen=True)
@@ -163,18 +168,39 @@ def list_ghibli(dataset_dir: Path) -> Listing:
 
 
 def list_product(dataset_dir: Path) -> Listing:
+    """The original's product layout: entry ``id`` trains on ``styled/{id}.png`` with its prompt;
+    its ``products/{product}`` image must exist too (the original skipped pairs without one)."""
     captions_file = dataset_dir / "captions.json"
-    styled_dir = dataset_dir / "styled"
-    if not styled_dir.is_dir():
-        raise DatasetError(f"{styled_dir}: styled images folder not found")
+    styled_dir, products_dir = dataset_dir / "styled", dataset_dir / "products"
+    for folder, what in ((styled_dir, "styled images"), (products_dir, "product images")):
+        if not folder.is_dir():
+            raise DatasetError(f"{folder}: {what} folder not found (the product layout is captions.json, "
+                               f"products/ and styled/)")
     listing = Listing("product", str(dataset_dir))
-    names: dict[str, Any] = {}
+    named: set[Path] = set()
     for key, entry in _read_json(captions_file).items():
-        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str):
-            listing.problems.append(Problem(key, f"entry in {captions_file.name} needs a 'prompt' string"))
+        styled_name = f"{key}.png"
+        if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str) \
+                or not isinstance(entry.get("product"), str):
+            listing.problems.append(Problem(key, f"entry in {captions_file.name} needs 'product' and 'prompt' "
+                                                 f"strings"))
             continue
-        names[str(entry.get("styled") or entry.get("product") or key)] = entry["prompt"]
-    _named_entries(listing, names, styled_dir, dataset_dir, captions_file)
+        try:
+            styled = _inside(styled_dir, styled_name, captions_file)
+            product = _inside(products_dir, entry["product"], captions_file)
+        except DatasetError as error:
+            listing.problems.append(Problem(key, str(error)))
+            continue
+        named.add(styled)
+        label = _label(styled, dataset_dir)
+        if styled.is_file() and not product.is_file():
+            listing.problems.append(Problem(label, f"product image {_label(product, dataset_dir)} not found"))
+            continue
+        listing.entries.append(Entry(styled_name, label, styled, entry["prompt"], product))
+    for path in _image_files(styled_dir):
+        if path.resolve() not in named:
+            listing.entries.append(Entry(path.relative_to(styled_dir).as_posix(), _label(path, dataset_dir), path,
+                                         None))
     return listing
 
 
@@ -434,7 +460,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser | Any, default_type: s
                           default_policy: str = "skip") -> None:
     """The dataset flags shared by training, the preflight check and the converter."""
     parser.add_argument("--dataset_type", default=default_type, choices=[*DATASET_TYPES, "auto"],
-                        help="ghibli: images/ + captions.json; product: styled/ + captions.json; kohya: images "
+                        help="ghibli: images/ + captions.json; product: captions.json + products/ + styled/{id}.png; "
+                             "kohya: images "
                              "with same-name .txt captions; metadata: metadata.jsonl/csv image folder; hf: a "
                              "`datasets` source; auto: tell from the files (default: %(default)s)")
     parser.add_argument("--dataset_dir", default="dataset_ghibli")
@@ -484,3 +511,68 @@ def load_training_examples(args: argparse.Namespace) -> list[Example]:
     preflight.log_report(report, policy)
     preflight.enforce(report, policy)
     return report.examples
+
+
+# ----------------------------------------------------------------------------- the original's torch Datasets
+
+
+def _captioned_entries(listing: Listing) -> list[Entry]:
+    """Entries with a caption and an existing image; the others are logged and left out (as the original did)."""
+    for problem in listing.problems:
+        logger.warning("%s: %s (left out)", listing.source, problem)
+    kept = []
+    for entry in listing.entries:
+        if entry.caption is None:
+            continue
+        if entry.image_path is None or not entry.image_path.is_file():
+            logger.warning("%s: %s: image not found (left out)", listing.source, entry.label)
+            continue
+        kept.append(entry)
+    if not kept:
+        raise DatasetError(f"{listing.source}: no images with captions found ({listing.dataset_type} layout)")
+    return kept
+
+
+class _ListedDataset:
+    """Shared part of the original's Datasets: entries from today's listing, images opened as RGB."""
+
+    def __init__(self, listing: Listing, transform=None):
+        self.dataset_dir = Path(listing.source)
+        self.transform = transform
+        self.entries = _captioned_entries(listing)
+        logger.info("Loaded %d %s examples from %s", len(self.entries), listing.dataset_type, listing.source)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def _image(self, path: Path):
+        from utils.preflight import open_rgb  # preflight builds on this module's classes
+        image = open_rgb(path)
+        return self.transform(image) if self.transform else image
+
+
+class GhibliDataset(_ListedDataset, Dataset):
+    """The original's Ghibli dataset: ``images/*`` + ``captions.json``; items ``{"image", "text"}``.
+
+    ``image`` is an RGB PIL image, or ``transform(image)`` when a transform is given.
+    """
+
+    def __init__(self, dataset_dir, transform=None):
+        super().__init__(list_ghibli(Path(dataset_dir)), transform)
+
+    def __getitem__(self, index: int) -> dict:
+        entry = self.entries[index]
+        return {"image": self._image(entry.image_path), "text": entry.caption}
+
+
+class ProductImageDataset(_ListedDataset, Dataset):
+    """The original's product dataset: items ``{"image", "product_image", "text"}``, where ``image`` is
+    ``styled/{id}.png`` (the training target) and ``product_image`` is ``products/{product}``."""
+
+    def __init__(self, dataset_dir, transform=None):
+        super().__init__(list_product(Path(dataset_dir)), transform)
+
+    def __getitem__(self, index: int) -> dict:
+        entry = self.entries[index]
+        return {"image": self._image(entry.image_path), "product_image": self._image(entry.product_path),
+                "text": entry.caption}

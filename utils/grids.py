@@ -68,8 +68,18 @@ def save_figure(figure, path: Path) -> Path:
     return Path(path)
 
 
+def find_loss_log(log_dir: Path) -> Path | None:
+    """The run's per-step loss log (``training_steps.csv``), else the original's per-epoch
+    ``training_log.csv`` (all that a run of the original, or an older run, has)."""
+    for name in ("training_steps.csv", "training_log.csv"):
+        if (Path(log_dir) / name).is_file():
+            return Path(log_dir) / name
+    return None
+
+
 def plot_loss_curve(csv_path: Path, png_path: Path) -> Path:
-    """Training loss per step (and its moving average) from training_log.csv."""
+    """Training loss against the optimizer step (and its moving average) from a loss log: one row per
+    step (training_steps.csv) or one per epoch (training_log.csv, the epoch's mean)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -78,12 +88,15 @@ def plot_loss_curve(csv_path: Path, png_path: Path) -> Path:
         rows = [row for row in csv.DictReader(handle) if row.get("step")]
     steps = [int(row["step"]) for row in rows]
     losses = [float(row["loss"]) for row in rows]
+    unit = "epoch" if Path(csv_path).name == "training_log.csv" else "step"
     window = max(1, len(losses) // 20)
     smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
               for i in range(len(losses))]
     figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
-    axis.plot(steps, losses, alpha=0.35, label="loss per step")
-    axis.plot(steps, smooth, label=f"moving average ({window} steps)")
+    axis.plot(steps, losses, alpha=0.35 if window > 1 else 1.0, marker="o" if unit == "epoch" else None,
+              label=f"loss per {unit}" + (" (mean)" if unit == "epoch" else ""))
+    if window > 1:
+        axis.plot(steps, smooth, label=f"moving average ({window} {unit}s)")
     axis.set_xlabel("optimizer step")
     axis.set_ylabel("training loss")
     axis.legend()

@@ -61,8 +61,8 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars)))
 
 
-def build_tokenizer_files() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """A CLIP BPE vocabulary and merge list: every byte character, plus one token per word in WORDS."""
+def build_tokenizer_files(words: tuple[str, ...] | list[str] = WORDS) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A CLIP BPE vocabulary and merge list: every byte character, plus one token per word in ``words``."""
     vocab: dict[str, int] = {}
 
     def add(token: str) -> None:
@@ -74,7 +74,7 @@ def build_tokenizer_files() -> tuple[dict[str, int], list[tuple[str, str]]]:
     for char in _bytes_to_unicode().values():
         add(char + "</w>")
     merges: list[tuple[str, str]] = []
-    for word in WORDS:
+    for word in words:
         pieces = list(word[:-1]) + [word[-1] + "</w>"]
         current = pieces[0]
         for piece in pieces[1:]:
@@ -218,6 +218,27 @@ def make_synthetic_dataset(dataset_dir: str | os.PathLike, num_images: int = 12,
         captions[name] = caption
     (dataset_dir / "captions.json").write_text(json.dumps(captions, indent=2, ensure_ascii=False))
     logger.info("Synthetic dataset with %d images written to %s", num_images, dataset_dir)
+    return dataset_dir
+
+
+def make_synthetic_product_dataset(dataset_dir: str | os.PathLike, num_images: int = 4, seed: int = 0) -> Path:
+    """Write a synthetic dataset in the original's product layout: ``captions.json``
+    ``{"id": {"product": file, "prompt": text}}``, ``products/{product}`` and ``styled/{id}.png``."""
+    dataset_dir = Path(dataset_dir)
+    (dataset_dir / "products").mkdir(parents=True, exist_ok=True)
+    (dataset_dir / "styled").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    captions = {}
+    for index in range(num_images):
+        styled, caption = _synthetic_image(index, SYNTHETIC_SIZES[index % len(SYNTHETIC_SIZES)], rng)
+        product = Image.new("RGB", (96, 96), "white")
+        ImageDraw.Draw(product).rectangle((24, 16, 72, 80), fill=SYNTHETIC_SKIES[index % len(SYNTHETIC_SKIES)][1])
+        image_id, product_name = f"item_{index:03d}", f"product_{index:03d}.jpg"
+        product.save(dataset_dir / "products" / product_name)
+        styled.save(dataset_dir / "styled" / f"{image_id}.png")
+        captions[image_id] = {"product": product_name, "prompt": caption}
+    (dataset_dir / "captions.json").write_text(json.dumps(captions, indent=2, ensure_ascii=False))
+    logger.info("Synthetic product dataset with %d pairs written to %s", num_images, dataset_dir)
     return dataset_dir
 
 

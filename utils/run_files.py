@@ -1,11 +1,15 @@
-"""The run directory of a training: its name, config, CSV log, model folders, checkpoints and resume.
+"""The run directory of a training: its name, config, CSV logs, model folders, checkpoints and resume.
 
     {output_dir}/{YYYYmmdd_HHMMSS}_{dataset_type}_r{rank}_a{alpha}_lr{lr}[_N]/
-        experiment_config.json
-        logs/training_log.csv, logs/loss_curve.png, tensorboard events
-        best_model/ (+ best_model_info.json), checkpoint_epoch_{N}/ (+ checkpoint_info.json), final_model/
+        experiment_config.json           every flag + experiment_name and timestamp (the original's)
+        logs/training_log.csv            the original's: one row per epoch (0-based), loss = the epoch's mean
+        logs/training_steps.csv          the same columns, one row per optimizer step (an addition)
+        logs/loss_curve.png, tensorboard events
+        best_model/ (+ best_model_info.json)
+        checkpoint_epoch_{E}/ (+ checkpoint_info.json), E the 0-based epoch, saved when (E + 1) % save_steps == 0
+        final_model/ (+ final_model_info.json)
         checkpoints/checkpoint-{step}/   resumable accelerate state
-        validation/epoch_{N}_{k}.png
+        validation/epoch_{N}_{k}.png     N counts finished epochs
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ logger = logging.getLogger(__name__)
 
 SECRET_ARGS = {"hub_token", "token"}
 CHECKPOINT_PREFIX = "checkpoint-"
+EPOCH_LOG = "training_log.csv"  # the original's per-epoch log
+STEP_LOG = "training_steps.csv"  # one row per optimizer step
+TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"  # the original's, in the logs and info files
+RUN_STAMP_FORMAT = "%Y%m%d_%H%M%S"  # the original's, in the run folder's name and experiment_config.json
 
 
 @dataclass
@@ -44,6 +52,7 @@ class TrainState:
     initial_eval_loss: float | None = None
     last_eval_loss: float | None = None
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
+    epoch_losses: list = field(default_factory=list)  # finite step losses of the current epoch so far
     dataset_info: dict = field(default_factory=dict)  # image count and caption tag frequencies
 
 
@@ -51,7 +60,7 @@ class TrainState:
 
 
 def run_name(args: argparse.Namespace, now: datetime | None = None) -> str:
-    stamp = (now or datetime.now()).strftime("%Y%m%d_%H%M%S")
+    stamp = (now or datetime.now()).strftime(RUN_STAMP_FORMAT)
     return f"{stamp}_{args.dataset_type}_r{args.lora_rank}_a{args.lora_alpha}_lr{args.learning_rate}"
 
 
@@ -118,6 +127,16 @@ def tracker_config(args: argparse.Namespace) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in public_args(args).items()}
 
 
+def run_timestamp(run_dir: Path) -> str:
+    """The run's start as the original wrote it (``YYYYmmdd_HHMMSS``), read from the folder's name."""
+    stamp = run_dir.name[:len("YYYYmmdd_HHMMSS")]
+    try:
+        datetime.strptime(stamp, RUN_STAMP_FORMAT)
+        return stamp
+    except ValueError:
+        return datetime.now().strftime(RUN_STAMP_FORMAT)
+
+
 def write_experiment_config(accelerator, run_dir: Path, args, state: TrainState, num_images: int,
                             num_held_out: int, mixed_precision: str) -> None:
     if not accelerator.is_main_process:
@@ -126,6 +145,7 @@ def write_experiment_config(accelerator, run_dir: Path, args, state: TrainState,
     import peft
 
     config = public_args(args)
+    config.update(experiment_name=run_dir.name, timestamp=run_timestamp(run_dir))
     config.update(
         num_train_images=num_images,
         num_held_out_images=num_held_out,
@@ -142,7 +162,12 @@ def write_experiment_config(accelerator, run_dir: Path, args, state: TrainState,
 
 
 class CsvLog:
-    """``logs/training_log.csv``: one row per optimizer step, flushed as it is written."""
+    """A CSV log under ``logs/`` with the original's columns, written by the main process a row at a time.
+
+    ``training_log.csv`` gets one row per epoch, ``training_steps.csv`` one per optimizer step. On resume,
+    rows written after the checkpoint's step belong to the lost future and are dropped, so the run
+    writes each of them again exactly once.
+    """
 
     FIELDS = ["epoch", "step", "loss", "learning_rate", "timestamp"]
 
@@ -152,7 +177,6 @@ class CsvLog:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = self.read(path) if path.exists() else []
-        # On resume, rows written after the checkpoint belong to the lost future: drop them.
         rows = [row for row in rows if int(row["step"]) <= keep_until_step]
         with open(path, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=self.FIELDS)
@@ -168,15 +192,24 @@ class CsvLog:
         if not self.enabled:
             return
         with open(self.path, "a", newline="") as handle:
-            csv.writer(handle).writerow([epoch, step, f"{loss:.6f}", f"{learning_rate:.8g}",
-                                         datetime.now().isoformat(timespec="seconds")])
+            csv.writer(handle).writerow([epoch, step, loss, learning_rate, log_timestamp()])
+
+
+def log_timestamp() -> str:
+    return datetime.now().strftime(TIMESTAMP_FORMAT)
+
+
+def open_logs(run_dir: Path, args: argparse.Namespace, enabled: bool, keep_until_step: int) -> tuple[CsvLog, CsvLog]:
+    """(per-epoch log, per-step log) of the run, cut back to ``keep_until_step``."""
+    folder = run_dir / args.logging_dir
+    return (CsvLog(folder / EPOCH_LOG, enabled, keep_until_step), CsvLog(folder / STEP_LOG, enabled, keep_until_step))
 
 
 def plot_losses(run_dir: Path, args: argparse.Namespace) -> None:
-    from utils.grids import plot_loss_curve
+    from utils.grids import find_loss_log, plot_loss_curve
 
-    log = run_dir / args.logging_dir / "training_log.csv"
-    if log.exists():
+    log = find_loss_log(run_dir / args.logging_dir)
+    if log is not None:
         plot_loss_curve(log, run_dir / args.logging_dir / "loss_curve.png")
 
 
@@ -233,28 +266,36 @@ def lora_metadata(args: argparse.Namespace, state: TrainState) -> dict:
     }
 
 
-def end_of_epoch(accelerator, args, run_dir: Path, state: TrainState, epoch: int, epoch_losses: list[float],
-                 components, models: list, eval_loss: float | None) -> None:
-    train_loss = sum(epoch_losses) / len(epoch_losses) if epoch_losses else math.nan
+def end_of_epoch(accelerator, args, run_dir: Path, state: TrainState, epoch: int, learning_rate: float,
+                 eval_loss: float | None, epoch_log: CsvLog, components, models: list) -> None:
+    """After epoch ``epoch`` (0-based): the original's log row, best_model/ and checkpoint_epoch_{epoch}/,
+    then the loss plot and validation images."""
+    losses = state.epoch_losses
+    train_loss = sum(losses) / len(losses) if losses else math.nan
     state.last_eval_loss = eval_loss
     metric, metric_name = (eval_loss, "eval_loss") if eval_loss is not None else (train_loss, "train_loss")
     logger.info("epoch %d: mean train loss %.5f, fixed-noise eval loss %s", epoch, train_loss,
                 f"{eval_loss:.5f}" if eval_loss is not None else "n/a")
     if eval_loss is not None:
         accelerator.log({"eval_loss": eval_loss}, step=state.global_step)
-    info = {"epoch": epoch, "step": state.global_step, "train_loss": train_loss, "eval_loss": eval_loss}
+    timestamp = log_timestamp()
+    epoch_log.append(epoch, state.global_step, train_loss, learning_rate)
+    extra = {"step": state.global_step, "train_loss": train_loss, "eval_loss": eval_loss}
     if math.isfinite(metric) and metric < state.best_metric:
         state.best_metric, state.best_epoch = metric, epoch
-        save_model_folder(accelerator, run_dir / "best_model", models, args, state, "best_model_info.json",
-                          {**info, "selected_by": metric_name})
-    if args.save_steps and epoch % args.save_steps == 0:
+        info = {"epoch": epoch, "loss": train_loss, "learning_rate": learning_rate, "timestamp": timestamp,
+                **extra, "selected_by": metric_name}
+        save_model_folder(accelerator, run_dir / "best_model", models, args, state, "best_model_info.json", info)
+    if args.save_steps and (epoch + 1) % args.save_steps == 0:
+        info = {"epoch": epoch, "global_step": state.global_step, "loss": train_loss, "learning_rate": learning_rate,
+                "timestamp": timestamp, **extra}
         save_model_folder(accelerator, run_dir / f"checkpoint_epoch_{epoch}", models, args, state,
                           "checkpoint_info.json", info)
         if accelerator.is_main_process:
             plot_losses(run_dir, args)
-    if args.validation_prompt and epoch % args.validation_epochs == 0:
+    if args.validation_prompt and (epoch + 1) % args.validation_epochs == 0:
         from utils.validation_images import log_validation_images
-        log_validation_images(accelerator, args, run_dir, components, models, epoch, state.global_step)
+        log_validation_images(accelerator, args, run_dir, components, models, epoch + 1, state.global_step)
 
 
 def finish(accelerator, args, run_dir: Path, state: TrainState, models: list) -> None:
@@ -377,4 +418,5 @@ def resume(accelerator, args, run_dir: Path, state: TrainState) -> None:
     accelerator.load_state(path)
     for key in ("global_step", "best_metric", "best_epoch", "initial_eval_loss", "last_eval_loss", "skipped_steps"):
         setattr(state, key, saved[key])
+    state.epoch_losses = list(saved.get("epoch_losses", []))
     logger.info("Resumed from %s at step %d", path, state.global_step)

@@ -55,8 +55,9 @@ def check_args(args: argparse.Namespace) -> None:
         _require("prodigyopt", "--optimizer prodigy needs prodigyopt: pip install prodigyopt")
     for tracker in _trackers(args.report_to):
         _require(tracker, f"--report_to {args.report_to} needs {tracker}: pip install {tracker}")
-    if args.resolution % 64:
-        raise TrainingError(f"--resolution {args.resolution} must be a multiple of 64")
+    if args.resolution < 8 or args.resolution % 8:
+        raise TrainingError(f"--resolution {args.resolution} must be a positive multiple of 8 (the VAE's "
+                            f"downscale factor)")
     if not 0.0 <= args.validation_split < 1.0:
         raise TrainingError("--validation_split must be in [0, 1)")
     if not 0.0 <= args.caption_dropout < 1.0:
@@ -304,7 +305,8 @@ class Run:
     batch_maker: BatchMaker
     eval_set: EvalSet
     state: object
-    csv_log: object
+    epoch_log: object  # logs/training_log.csv, the original's: one row per epoch
+    step_log: object  # logs/training_steps.csv: one row per optimizer step
     num_epochs: int
     nonfinite_in_a_row: int = 0
 
@@ -405,13 +407,12 @@ def prepare_run(args: argparse.Namespace, examples: list[Example]) -> Run:
     run_files.write_experiment_config(accelerator, run_dir, args, state, len(items), len(held_out), mixed_precision)
     if accelerator.is_main_process and _trackers(args.report_to):
         accelerator.init_trackers("sdxl_lora", config=run_files.tracker_config(args))
-    csv_log = run_files.CsvLog(run_dir / args.logging_dir / "training_log.csv", accelerator.is_main_process,
-                               keep_until_step=state.global_step)
+    epoch_log, step_log = run_files.open_logs(run_dir, args, accelerator.is_main_process, state.global_step)
     logger.info("%d training images (%d held out), %d optimizer steps, batch %d x %d accumulation x %d processes",
                 len(items), len(held_out), max_train_steps, args.train_batch_size,
                 args.gradient_accumulation_steps, accelerator.num_processes)
     return Run(args, accelerator, run_dir, components, models, params, optimizer, lr_scheduler, dataloader,
-               sampler, batch_maker, eval_set, state, csv_log, math.ceil(max_train_steps / steps_per_epoch))
+               sampler, batch_maker, eval_set, state, epoch_log, step_log, math.ceil(max_train_steps / steps_per_epoch))
 
 
 def fill_caches(batch_maker: BatchMaker, items: list[Item], args: argparse.Namespace, accelerator) -> None:
@@ -428,18 +429,26 @@ def fill_caches(batch_maker: BatchMaker, items: list[Item], args: argparse.Names
 
 
 def train_loop(run: Run, stop: StopRequest) -> None:
+    """Epochs are 0-based, as in the original. A step that ends an epoch is checkpointed (or stopped at)
+    only after the epoch's own work (log row, best_model, checkpoint_epoch_N): a resumable state then
+    never lies between an epoch's last step and its end-of-epoch files."""
     state, accelerator, args = run.state, run.accelerator, run.args
     if state.global_step == 0:
         state.initial_eval_loss = evaluate(run.unet, run.components.noise_scheduler, run.eval_set)
     progress = tqdm(total=state.max_train_steps, initial=state.global_step, desc="Training",
                     disable=not accelerator.is_local_main_process)
     for epoch in range(state.global_step // state.steps_per_epoch, run.num_epochs):
+        if state.global_step >= state.max_train_steps:  # resumed from the last step's checkpoint
+            break
         for model in run.models:
             model.train()
         skip = (state.global_step - epoch * state.steps_per_epoch) * args.gradient_accumulation_steps
         loader = accelerator.skip_first_batches(run.dataloader, skip) if skip > 0 else run.dataloader
+        if skip == 0:
+            state.epoch_losses = []  # on a mid-epoch resume they come from the checkpoint
         run.sampler.use_epoch(epoch)
-        epoch_losses: list[float] = []
+        epoch_end = min((epoch + 1) * state.steps_per_epoch, state.max_train_steps)
+        deferred = False
         window: list[torch.Tensor] = []
         window_images: list[int] = []
         for loader_batch in loader:
@@ -454,24 +463,34 @@ def train_loop(run: Run, stop: StopRequest) -> None:
             window, window_images = [], []
             state.global_step += 1
             if math.isfinite(step_loss):
-                epoch_losses.append(step_loss)
+                state.epoch_losses.append(step_loss)
             learning_rate = run.lr_scheduler.get_last_lr()[0]
-            run.csv_log.append(epoch + 1, state.global_step, step_loss, learning_rate)
+            run.step_log.append(epoch, state.global_step, step_loss, learning_rate)
             accelerator.log({"train_loss": step_loss, "lr": learning_rate}, step=state.global_step)
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{learning_rate:.2e}")
-            if args.checkpointing_steps and state.global_step % args.checkpointing_steps == 0:
-                run_files.save_checkpoint(accelerator, args, run.run_dir, state)
-            if stop_requested(stop, accelerator):
-                progress.close()
-                stop_now(run, stop)
+            deferred = state.global_step >= epoch_end
+            if not deferred:
+                checkpoint_or_stop(run, stop, progress)
             if state.global_step >= state.max_train_steps:
                 break
-        run_files.end_of_epoch(accelerator, args, run.run_dir, state, epoch + 1, epoch_losses, run.components,
-                               run.models, evaluate(run.unet, run.components.noise_scheduler, run.eval_set))
+        eval_loss = evaluate(run.unet, run.components.noise_scheduler, run.eval_set)
+        run_files.end_of_epoch(accelerator, args, run.run_dir, state, epoch, run.lr_scheduler.get_last_lr()[0],
+                               eval_loss, run.epoch_log, run.components, run.models)
+        if deferred:
+            checkpoint_or_stop(run, stop, progress)
         if state.global_step >= state.max_train_steps:
             break
     progress.close()
+
+
+def checkpoint_or_stop(run: Run, stop: StopRequest, progress) -> None:
+    """After an optimizer step: the resumable state every --checkpointing_steps, and the stop on a signal."""
+    if run.args.checkpointing_steps and run.state.global_step % run.args.checkpointing_steps == 0:
+        run_files.save_checkpoint(run.accelerator, run.args, run.run_dir, run.state)
+    if stop_requested(stop, run.accelerator):
+        progress.close()
+        stop_now(run, stop)
 
 
 def train_micro_step(run: Run, loader_batch: dict) -> torch.Tensor:
