@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# LoRA rank x alpha sweep of train_sdxl_lora.py: runs spread over GPUs, resumable, with a status JSON per run.
+# LoRA rank x alpha sweep of train_sdxl_lora.py: runs spread over GPUs, resumable, with a record per run.
 #
-# Usage: ./run_experiments.sh [--ranks "4 8 16"] [--alphas "4 8 16 32"] [--lr 1e-4]
-#                             [--output_dir output_ghibli/sweep] [--gpus 0,1,2,3] [-- TRAINER FLAGS...]
+# Usage: ./run_experiments.sh [--ranks "4 8 16"] [--alphas "4 8 16 32"] [--lr 1e-4] [--output_dir output_ghibli]
+#                             [--results_dir experiment_results] [--gpus 0,1,2,3] [-- TRAINER FLAGS...]
+#
+# With no arguments it is the original's sweep: ranks 4 8 16 x alphas 4 8 16 32 at learning rate 1e-4,
+# each a plain training with the trainer's defaults.
 #
 #   --ranks, --alphas   the grid (default: the original's 4 8 16 x 4 8 16 32)
 #   --lr                learning rate of every run (default: the original's 1e-4)
-#   --output_dir        the sweep folder; each run trains into {output_dir}/r{R}_a{A}_lr{LR}/ (default
-#                       output_ghibli/sweep)
+#   --output_dir        where the trainer makes each run's folder, {ts}_{type}_r{R}_a{A}_lr{LR}/
+#                       (default: the trainer's own, output_ghibli)
+#   --results_dir       the sweep's records (default experiment_results): experiment_{R}_{A}.json and
+#                       summary.json as the original's, plus runs/r{R}_a{A}_lr{LR}/status.json (state, real
+#                       start and end times, exit code, the run folder, earlier attempts) and train.log,
+#                       loss_curves.png and the lock. One results folder holds one learning rate.
 #   --gpus              comma-separated GPU ids; one run per GPU at a time (CUDA_VISIBLE_DEVICES); an id
 #                       given twice (0,0,1,1) runs two at a time on that GPU. Without it the runs go one
 #                       after another on the default device.
@@ -16,12 +23,10 @@
 #   TRAIN_LAUNCHER (what starts each training, default $PYTHON; e.g. "accelerate launch --multi_gpu
 #   --num_processes 4" for one run on all GPUs, with no --gpus).
 #
-# Each run folder holds status.json (state, real start and end times, exit code, the run directory the
-# trainer made), train.log (the trainer's output) and the run directory itself. The sweep folder holds
-# sweep_summary.json and loss_curves.png. Run the same command again to resume: finished runs are
-# skipped, the others start again (from their latest resumable checkpoint when they saved one with
+# Run the same command again to resume: finished runs are skipped, the others start again (in the run
+# folder of their earlier attempt, from its latest resumable checkpoint, when it saved one with
 # --checkpointing_steps). Ctrl-C or SIGTERM stops every running training and records it as interrupted.
-# A lock (flock) keeps a second sweep out of a folder while the first one runs.
+# A lock (flock) keeps a second sweep out of a results folder while the first one runs.
 # Exit status: 0 when every run finished, 1 when one failed, 2 on bad flags, 130/143 when stopped.
 set -euo pipefail
 set -m  # every run in its own process group, so stopping it reaches the whole tree
@@ -33,8 +38,10 @@ read -r -a LAUNCHER <<<"${TRAIN_LAUNCHER:-$PYTHON}"  # e.g. "accelerate launch -
 RANKS="4 8 16"
 ALPHAS="4 8 16 32"
 LR="1e-4"
-OUTPUT_DIR="output_ghibli/sweep"
+OUTPUT_DIR="output_ghibli"
+RESULTS_DIR="experiment_results"
 GPUS=""
+START_TIME="$(date '+%Y-%m-%d %H:%M:%S')"  # the sweep's start, recorded before any run
 TRAIN_ARGS=()
 
 # shellcheck source=utils/sweep_common.sh
@@ -45,13 +52,14 @@ while [ $# -gt 0 ]; do
     --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
   esac
   case "$1" in
-    --ranks|--alphas|--lr|--output_dir|--gpus) [ $# -ge 2 ] || die "$1 needs a value" ;;
+    --ranks|--alphas|--lr|--output_dir|--results_dir|--gpus) [ $# -ge 2 ] || die "$1 needs a value" ;;
   esac
   case "$1" in
     --ranks) RANKS="$2"; shift 2 ;;
     --alphas) ALPHAS="$2"; shift 2 ;;
     --lr) LR="$2"; shift 2 ;;
     --output_dir) OUTPUT_DIR="$2"; shift 2 ;;
+    --results_dir) RESULTS_DIR="$2"; shift 2 ;;
     --gpus) GPUS="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     --) shift; TRAIN_ARGS=("$@"); break ;;
@@ -71,36 +79,36 @@ read -r -a RANK_LIST <<<"$RANKS"
 read -r -a ALPHA_LIST <<<"$ALPHAS"
 IFS=',' read -r -a SLOTS <<<"$GPUS"
 [ ${#SLOTS[@]} -gt 0 ] || SLOTS=("")  # one slot on the default device
-GRID=(--sweep_dir "$OUTPUT_DIR" --ranks "${RANK_LIST[@]}" --alphas "${ALPHA_LIST[@]}" --lr "$LR")
+GRID=(--results_dir "$RESULTS_DIR" --ranks "${RANK_LIST[@]}" --alphas "${ALPHA_LIST[@]}" --lr "$LR")
 
-mkdir -p "$OUTPUT_DIR"
+mkdir -p "$RESULTS_DIR" "$OUTPUT_DIR"
 if command -v flock >/dev/null; then  # one sweep per folder at a time (the lock lives as long as its runs)
-  exec 9>"$OUTPUT_DIR/.sweep.lock"
-  flock -n 9 || die "another sweep is running in $OUTPUT_DIR"
+  exec 9>"$RESULTS_DIR/.sweep.lock"
+  flock -n 9 || die "another sweep is running with $RESULTS_DIR"
 fi
 plan_text="$(helper plan "${GRID[@]}" -- "${TRAIN_ARGS[@]}")" || exit $?
 PLAN=()
 [ -z "$plan_text" ] || mapfile -t PLAN <<<"$plan_text"
-echo "Sweep in $OUTPUT_DIR: ${#PLAN[@]} run(s) to do on ${GPUS:-the default device}" >&2
+echo "Sweep started $START_TIME: ${#PLAN[@]} run(s) to do into $OUTPUT_DIR on ${GPUS:-the default device}, records in $RESULTS_DIR" >&2
 
 # Bookkeeping that must finish even while the sweep is being stopped: the command ignores INT and TERM.
 immune() { ( trap '' INT TERM; "$@" ); }
 
 # One run: status "running", the trainer, then how it ended. Runs as a background job (own process group).
 run_one() {
-  local rank="$1" alpha="$2" folder="$3" resume="$4" gpu="$5"
+  local rank="$1" alpha="$2" folder="$3" number="$4" resume="$5" gpu="$6"
   local log="$folder/train.log" rc=0 stop=0
   trap 'stop=1' INT TERM  # the trainer gets the signal too; let it end, then record how it ended
-  local cmd=("${LAUNCHER[@]}" "$TRAIN_SCRIPT" --output_dir "$folder" --lora_rank "$rank" --lora_alpha "$alpha"
+  local cmd=("${LAUNCHER[@]}" "$TRAIN_SCRIPT" --output_dir "$OUTPUT_DIR" --lora_rank "$rank" --lora_alpha "$alpha"
              --learning_rate "$LR")
-  if [ "$resume" = 1 ] && [[ " ${TRAIN_ARGS[*]} " != *" --resume_from_checkpoint"* ]]; then
-    cmd+=(--resume_from_checkpoint latest)  # continue an earlier attempt when it left a checkpoint
+  if [ -n "$resume" ] && [[ " ${TRAIN_ARGS[*]} " != *" --resume_from_checkpoint"* ]]; then
+    cmd+=(--resume_from_checkpoint "$resume")  # continue the earlier attempt's run from its checkpoint
   fi
   cmd+=("${TRAIN_ARGS[@]}")
   mkdir -p "$folder"
   immune helper status-start --file "$folder/status.json" --rank "$rank" --alpha "$alpha" --lr "$LR" \
-    --gpu "$gpu" --log "$log" --process_group "$BASHPID" --command "$(printf '%q ' "${cmd[@]}")" \
-    -- "${TRAIN_ARGS[@]}" || true
+    --number "$number" --output_dir "$OUTPUT_DIR" --gpu "$gpu" --log "$log" --process_group "$BASHPID" \
+    --command "$(printf '%q ' "${cmd[@]}")" -- "${TRAIN_ARGS[@]}" || true
   if [ "$stop" = 1 ]; then
     rc=143  # stopped before the trainer started
   else
@@ -139,7 +147,7 @@ stop_all() {
     kill -KILL -- "-$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
-  helper summary "${GRID[@]}" --gpus "$GPUS" --stopped -- "${TRAIN_ARGS[@]}" >&2 || true
+  helper summary "${GRID[@]}" --start_time "$START_TIME" --gpus "$GPUS" --stopped -- "${TRAIN_ARGS[@]}" >&2 || true
   exit "$code"
 }
 trap 'stop_all 130' INT
@@ -158,15 +166,15 @@ free_slot() {  # sets FREE_SLOT to a slot with no live run, waiting for one when
 }
 
 for line in "${PLAN[@]}"; do
-  IFS=$'\t' read -r rank alpha folder resume <<<"$line"
+  IFS=$'\t' read -r rank alpha folder number resume <<<"$line"
   free_slot
-  run_one "$rank" "$alpha" "$folder" "$resume" "${SLOTS[$FREE_SLOT]}" &
+  run_one "$rank" "$alpha" "$folder" "$number" "$resume" "${SLOTS[$FREE_SLOT]}" &
   SLOT_PID[$FREE_SLOT]=$!
 done
 for pid in "${SLOT_PID[@]}"; do wait "$pid" || true; done
 SLOT_PID=()
 
 status=0
-helper losses --sweep_dir "$OUTPUT_DIR" >/dev/null 2>&1 || echo "warning: no loss plot (no finished run yet)" >&2
-helper summary "${GRID[@]}" --gpus "$GPUS" -- "${TRAIN_ARGS[@]}" || status=1
+helper losses --results_dir "$RESULTS_DIR" >/dev/null 2>&1 || echo "warning: no loss plot (no finished run yet)" >&2
+helper summary "${GRID[@]}" --start_time "$START_TIME" --gpus "$GPUS" -- "${TRAIN_ARGS[@]}" || status=1
 exit "$status"

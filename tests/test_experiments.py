@@ -1,8 +1,11 @@
-"""Rank x alpha sweeps: interrupt and resume, GPU slots, the grid, the epoch strip, CLIP metrics and the verdict.
+"""Rank x alpha sweeps: the original's folders and records, interrupt and resume, GPU slots, the grid, the
+epoch strip, CLIP metrics and the verdict.
 
-One 2 x 2 sweep of the tiny SDXL model runs through run_experiments.sh (stopped with SIGTERM after its
-first run, then restarted), run_inference_experiments.sh and run_checkpoint_inference.sh; the tests
-below read what it left.
+The scripts run as the original's user runs them: in a working folder, with no flags but the tiny
+model's (after --). run_experiments.sh trains rank 4 x alphas 4, 8 into output_ghibli/ (stopped with
+SIGTERM after its first run, then restarted, then run once more to show it skips finished runs), then
+rank 2 is added to the same records; run_inference_experiments.sh and run_checkpoint_inference.sh read
+what it left.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from PIL import Image
 
 from tests.conftest import ROOT
 
-RANKS, ALPHAS, LR = ["2", "4"], ["2", "8"], "1e-2"
 PROMPTS = ["a village in ghibli style", "a cat on a roof"]
 IMAGE_SIZE = 64
 WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -32,6 +34,8 @@ TRAIN_FLAGS = ["--resolution", "64", "--train_batch_size", "2", "--num_train_epo
                "--mixed_precision", "no", "--no-gradient_checkpointing"]
 INFERENCE_FLAGS = ["--prompts", *PROMPTS, "--num_images", "2", "--height", str(IMAGE_SIZE), "--width",
                    str(IMAGE_SIZE), "--num_inference_steps", "2"]
+ORIGINAL_RECORD_KEYS = ["experiment_number", "lora_rank", "lora_alpha", "learning_rate", "start_time", "status"]
+TIME = re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
 
 
 # One thread per process: on a shared 2-core machine, torch's thread pools oversubscribe the cores and
@@ -39,8 +43,9 @@ INFERENCE_FLAGS = ["--prompts", *PROMPTS, "--num_images", "2", "--height", str(I
 ENV = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
 
 
-def bash(script: str, *args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(ROOT / script), *args], cwd=ROOT, capture_output=True, text=True,
+def bash(script: str, *args: str, env: dict | None = None, timeout: int = 300,
+         cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / script), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**ENV, **(env or {})})
 
 
@@ -57,8 +62,8 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
-def read_status(sweep_dir: Path, rank: str, alpha: str) -> dict | None:
-    path = sweep_dir / f"r{rank}_a{alpha}_lr{LR}" / "status.json"
+def read_status(work: Path, rank: str, alpha: str, lr: str = "1e-4") -> dict | None:
+    path = work / "experiment_results" / "runs" / f"r{rank}_a{alpha}_lr{lr}" / "status.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -84,6 +89,11 @@ def pixels(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
 
 
+def run_folders(work: Path) -> list[Path]:
+    """What the original's user sees: ``ls -d output_ghibli/*/``."""
+    return sorted(p for p in (work / "output_ghibli").iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory) -> Path:
     from utils.make_tiny_clip import save_tiny_clip
@@ -92,96 +102,148 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def sweep(tiny_model_dir, tmp_path_factory) -> dict:
-    """A 2 x 2 sweep, stopped with SIGTERM once the first run finished and the second started, then rerun."""
+    """rank 4 x alphas 4, 8 with no sweep flags: stopped by SIGTERM during the second run, rerun, rerun again;
+    then ranks 2 4 x alphas 4 8 into the same records (only rank 2 trains)."""
     from utils.make_tiny_sdxl import make_synthetic_dataset
 
     work = tmp_path_factory.mktemp("sweep")
     dataset = make_synthetic_dataset(work / "data", num_images=4)
-    sweep_dir = work / "sweep"
-    args = ["--ranks", " ".join(RANKS), "--alphas", " ".join(ALPHAS), "--lr", LR, "--output_dir", str(sweep_dir),
-            "--", "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_dir", str(dataset),
+    tail = ["--", "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_dir", str(dataset),
             *TRAIN_FLAGS]
-    first, second = (RANKS[0], ALPHAS[0]), (RANKS[0], ALPHAS[1])
+    args = ["--ranks", "4", "--alphas", "4 8", *tail]
+    first, second = ("4", "4"), ("4", "8")
     output = work / "first_attempt.log"
     with open(output, "w") as log:
-        process = subprocess.Popen(["bash", str(ROOT / "run_experiments.sh"), *args], cwd=ROOT, stdout=log,
+        process = subprocess.Popen(["bash", str(ROOT / "run_experiments.sh"), *args], cwd=work, stdout=log,
                                    stderr=subprocess.STDOUT, start_new_session=True, env=ENV)
     try:
-        wait_for(lambda: (read_status(sweep_dir, *first) or {}).get("state") == "finished", 240, "the first run")
-        wait_for(lambda: (read_status(sweep_dir, *second) or {}).get("state") == "running", 60, "the second run")
+        wait_for(lambda: (read_status(work, *first) or {}).get("state") == "finished", 240, "the first run")
+        second_log = work / "experiment_results" / "runs" / "r4_a8_lr1e-4" / "train.log"
+        wait_for(lambda: second_log.is_file() and "Run directory:" in second_log.read_text(), 120,
+                 "the second run's folder")
         process.send_signal(signal.SIGTERM)  # to the script only: its trap must stop the training
         process.wait(timeout=60)
-        left_running = processes_mentioning(str(sweep_dir))
+        left_running = processes_mentioning(str(dataset))
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
-        for pid in processes_mentioning(str(sweep_dir)):
+        for pid in processes_mentioning(str(dataset)):
             os.kill(pid, signal.SIGKILL)
     record = {
-        "dir": sweep_dir, "work": work, "dataset": dataset, "stopped_code": process.returncode,
-        "stopped_output": output.read_text(), "left_running": left_running,
-        "after_stop": {(r, a): read_status(sweep_dir, r, a) for r in RANKS for a in ALPHAS},
-        "summary_after_stop": json.loads((sweep_dir / "sweep_summary.json").read_text()),
+        "work": work, "dataset": dataset, "stopped_code": process.returncode, "stopped_output": output.read_text(),
+        "left_running": left_running, "after_stop": {ra: read_status(work, *ra) for ra in (first, second)},
+        "summary_after_stop": json.loads((work / "experiment_results" / "summary.json").read_text()),
     }
-    record["rerun"] = bash("run_experiments.sh", *args)
+    record["rerun"] = bash("run_experiments.sh", *args, cwd=work)
+    record["records_after_rerun"] = {ra: json.loads((work / "experiment_results" / f"experiment_{ra[0]}_{ra[1]}.json")
+                                                    .read_text()) for ra in (first, second)}
+    record["folders_after_rerun"] = run_folders(work)
+    record["third"] = bash("run_experiments.sh", *args, cwd=work)
+    record["folders_after_third"] = run_folders(work)
+    record["grown"] = bash("run_experiments.sh", "--ranks", "2 4", "--alphas", "4 8", *tail, cwd=work)
     return record
 
 
 @pytest.fixture(scope="module")
 def sweep_inference(sweep, tiny_model_dir, tiny_clip_dir) -> Path:
-    out = sweep["work"] / "inference"
-    result = bash("run_inference_experiments.sh", "--sweep_dir", str(sweep["dir"]), "--output_dir", str(out),
-                  "--clip_model", str(tiny_clip_dir), "--", "--pretrained_model_name_or_path", str(tiny_model_dir),
-                  *INFERENCE_FLAGS)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    """run_inference_experiments.sh with no flags but the model's, then again for the CLIP metrics."""
+    work = sweep["work"]
+    plain = bash("run_inference_experiments.sh", "--", "--pretrained_model_name_or_path", str(tiny_model_dir),
+                 *INFERENCE_FLAGS, cwd=work, env={"HF_HUB_OFFLINE": "1"})
+    assert plain.returncode == 0, plain.stdout[-2000:] + plain.stderr[-4000:]
+    out = work / "output_visualization_additional_2"
+    sweep["inference_plain"] = plain
+    sweep["inference_plain_files"] = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    metrics = bash("run_inference_experiments.sh", "--skip_existing", "--clip_model", str(tiny_clip_dir), "--",
+                   "--pretrained_model_name_or_path", str(tiny_model_dir), *INFERENCE_FLAGS, cwd=work)
+    assert metrics.returncode == 0, metrics.stdout[-2000:] + metrics.stderr[-4000:]
+    sweep["inference_metrics"] = metrics
     return out
 
 
 # ----------------------------------------------------------------------------- the sweep
 
 
-def test_sweep_stops_cleanly_and_resumes_without_retraining(sweep):
-    sweep_dir, after_stop = sweep["dir"], sweep["after_stop"]
-    first, second = (RANKS[0], ALPHAS[0]), (RANKS[0], ALPHAS[1])
+def test_sweep_trains_into_output_ghibli_with_the_originals_records(sweep):
+    work = sweep["work"]
+    assert sweep["rerun"].returncode == 0, sweep["rerun"].stderr[-3000:]
+    folders = sweep["folders_after_rerun"]
+    assert len(folders) == 2, [p.name for p in folders]  # the interrupted run continued in its own folder
+    for folder in folders:
+        assert re.fullmatch(r"\d{8}_\d{6}_ghibli_r4_a(4|8)\.0_lr0\.0001(_\d+)?", folder.name), folder.name
+        assert (folder / "final_model" / WEIGHTS).is_file()
+    records = sweep["records_after_rerun"]
+    for number, (ra, record) in enumerate(records.items(), start=1):
+        assert list(record)[:6] == ORIGINAL_RECORD_KEYS
+        assert record["experiment_number"] == number and record["lora_rank"] == 4
+        assert record["lora_alpha"] == int(ra[1]) and record["learning_rate"] == 1e-4
+        assert record["status"] == "성공" and TIME.fullmatch(record["start_time"])
+        assert record["start_time"] <= record["end_time"]
+        assert Path(record["run_dir"]) in [p.resolve() for p in folders]
+    summary = json.loads((work / "experiment_results" / "summary.json").read_text())
+    assert list(summary)[:3] == ["total_experiments", "start_time", "end_time"]
+    assert TIME.fullmatch(summary["start_time"]) and summary["start_time"] <= summary["end_time"]
+    # Nothing of the sweep's own bookkeeping sits among the run folders.
+    assert sorted(p.name for p in (work / "experiment_results").iterdir()) == [
+        ".sweep.lock", "experiment_2_4.json", "experiment_2_8.json", "experiment_4_4.json", "experiment_4_8.json",
+        "loss_curves.png", "runs", "summary.json"]
+
+
+def test_sweep_records_its_start_before_the_runs(sweep):
+    summary = sweep["summary_after_stop"]
+    first = sweep["after_stop"][("4", "4")]
+    assert summary["total_experiments"] == 2 and summary["stopped_by_signal"] is True
+    started = time.mktime(time.strptime(summary["start_time"], "%Y-%m-%d %H:%M:%S"))
+    from datetime import datetime
+    assert started <= datetime.fromisoformat(first["started_at"]).timestamp()
+
+
+def test_sweep_stops_cleanly_and_resumes_in_the_same_run_folder(sweep):
+    work, after_stop = sweep["work"], sweep["after_stop"]
+    first, second = ("4", "4"), ("4", "8")
     assert sweep["stopped_code"] == 143, sweep["stopped_output"][-3000:]
     assert sweep["left_running"] == [], "a training outlived the stopped sweep"
     assert after_stop[first]["state"] == "finished" and after_stop[first]["exit_code"] == 0
     assert after_stop[second]["state"] == "interrupted" and after_stop[second]["exit_code"] == 143
-    assert after_stop[second]["ended_at"] >= after_stop[second]["started_at"]
-    assert [after_stop[(r, a)] for r in RANKS for a in ALPHAS if (r, a) not in (first, second)] == [None, None]
-    stopped = sweep["summary_after_stop"]
-    assert stopped["stopped_by_signal"] and not stopped["complete"]
-    assert (stopped["counts"]["finished"], stopped["counts"]["interrupted"], stopped["counts"]["pending"]) == (1, 1, 2)
+    resumed = read_status(work, *second)
+    assert resumed["attempts"] == 2 and resumed["history"][0]["state"] == "interrupted"
+    if after_stop[second]["run_dir"]:  # stopped while training: it saved a checkpoint and continues there
+        assert resumed["run_dir"] == after_stop[second]["run_dir"], "resumed in the interrupted run's folder"
+        assert "--resume_from_checkpoint" in resumed["command"]
+    else:  # stopped while loading: its empty run folder was removed, the rerun trained from the start
+        assert "--resume_from_checkpoint" not in resumed["command"]
+    with open(Path(resumed["run_dir"]) / "experiment_config.json") as handle:
+        assert json.load(handle)["lora_alpha"] == 8.0
+    # The interrupted attempt's record said so; the rerun's says success.
+    assert sweep["records_after_rerun"][second]["status"] == "성공"
 
-    rerun = sweep["rerun"]
-    assert rerun.returncode == 0, rerun.stderr[-4000:]
-    assert "Skipping r2_a2_lr1e-2" in rerun.stderr
-    summary = json.loads((sweep_dir / "sweep_summary.json").read_text())
-    assert summary["complete"] and summary["counts"]["finished"] == 4 and not summary["stopped_by_signal"]
-    assert summary["ranks"] == [2, 4] and summary["alphas"] == [2.0, 8.0] and summary["learning_rate"] == 0.01
-    assert (sweep_dir / "loss_curves.png").is_file()
 
-    for rank in RANKS:
-        for alpha in ALPHAS:
-            status = read_status(sweep_dir, rank, alpha)
-            folder = sweep_dir / f"r{rank}_a{alpha}_lr{LR}"
-            assert status["state"] == "finished" and status["exit_code"] == 0
-            assert status["started_at"] <= status["ended_at"] and status["duration_s"] >= 0
-            trained = [p for p in folder.iterdir() if (p / "final_model" / WEIGHTS).is_file()]
-            assert [Path(status["run_dir"])] == trained, "each run trained to the end exactly once"
-            config = json.loads((trained[0] / "experiment_config.json").read_text())
-            assert (config["lora_rank"], config["lora_alpha"]) == (int(rank), float(alpha))
-            assert config["learning_rate"] == 0.01
-            with open(trained[0] / "logs" / "training_log.csv", newline="") as handle:
-                steps = [int(row["step"]) for row in csv.DictReader(handle)]
-            assert steps == [1, 2, 3, 4]
-            entry = next(run for run in summary["runs"] if run["folder"] == folder.name)
-            assert entry["state"] == "finished" and entry["run_dir"] == status["run_dir"]
-    # The run that had finished before the stop was skipped, not trained again.
-    assert read_status(sweep_dir, *first) == after_stop[first]
-    interrupted = read_status(sweep_dir, *second)
-    assert interrupted["attempts"] == 2 and interrupted["history"][0]["state"] == "interrupted"
-    assert interrupted["started_at"] >= after_stop[second]["ended_at"]
+def test_a_rerun_skips_finished_runs(sweep):
+    third, work = sweep["third"], sweep["work"]
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert "0 run(s) to do" in third.stderr and third.stderr.count("Skipping r4_a") == 2
+    assert sweep["folders_after_third"] == sweep["folders_after_rerun"]
+    grown = sweep["grown"]
+    assert grown.returncode == 0, grown.stderr[-3000:]
+    assert "2 run(s) to do" in grown.stderr
+    assert len(run_folders(work)) == 4
+    numbers = {ra: json.loads((work / "experiment_results" / f"experiment_{ra}.json").read_text())["experiment_number"]
+               for ra in ("2_4", "2_8")}
+    assert numbers == {"2_4": 1, "2_8": 2}
+    for rank in ("2", "4"):
+        for alpha in ("4", "8"):
+            status = read_status(work, rank, alpha)
+            run_dir = Path(status["run_dir"])
+            from utils.sweep_report import read_loss_log
+            steps, losses = read_loss_log(run_dir)
+            assert steps == [1, 2, 3, 4] and all(np.isfinite(losses))
+
+
+def test_a_results_folder_holds_one_learning_rate(sweep):
+    result = bash("run_experiments.sh", "--ranks", "4", "--alphas", "4", "--lr", "1e-3", cwd=sweep["work"])
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: experiment_results/experiment_4_4.json: "
+                                                             "recorded for learning rate 0.0001")
 
 
 def test_runs_spread_over_gpus_one_at_a_time(tmp_path):
@@ -191,46 +253,115 @@ def test_runs_spread_over_gpus_one_at_a_time(tmp_path):
         "import argparse, json, os, time, pathlib\n"
         "p = argparse.ArgumentParser(); [p.add_argument(f) for f in ('--output_dir', '--lora_rank', "
         "'--lora_alpha', '--learning_rate')]\n"
-        "a = p.parse_args(); start = time.time(); time.sleep(1.0)\n"
-        "run = pathlib.Path(a.output_dir) / 'run'; (run / 'final_model').mkdir(parents=True)\n"
+        "a = p.parse_args(); start = time.time()\n"
+        "run = pathlib.Path(a.output_dir) / f'stub_r{a.lora_rank}_a{a.lora_alpha}'; run.mkdir(parents=True)\n"
+        "print(f'Run directory: {run}', flush=True); time.sleep(1.0)\n"
+        "(run / 'final_model').mkdir()\n"
         "(run / 'final_model' / 'pytorch_lora_weights.safetensors').write_bytes(b'')\n"
         "(run / 'experiment_config.json').write_text(json.dumps({'lora_rank': int(a.lora_rank), "
         "'lora_alpha': float(a.lora_alpha), 'learning_rate': float(a.learning_rate)}))\n"
-        "(pathlib.Path(a.output_dir) / 'ran.json').write_text(json.dumps({'gpu': "
+        "(run / 'ran.json').write_text(json.dumps({'gpu': "
         "os.environ.get('CUDA_VISIBLE_DEVICES'), 'start': start, 'end': time.time()}))\n")
     result = bash("run_experiments.sh", "--ranks", "4 8 16", "--alphas", "4", "--gpus", "0,1",
-                  "--output_dir", str(tmp_path / "sweep"), env={"TRAIN_SCRIPT": str(stub)}, timeout=60)
+                  env={"TRAIN_SCRIPT": str(stub)}, timeout=60, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    ran = [json.loads(p.read_text()) for p in sorted((tmp_path / "sweep").glob("*/ran.json"))]
+    ran = [json.loads(p.read_text()) for p in sorted((tmp_path / "output_ghibli").glob("*/ran.json"))]
     assert len(ran) == 3 and {r["gpu"] for r in ran} == {"0", "1"}
     for i, a in enumerate(ran):
         for b in ran[i + 1:]:
             overlap = a["start"] < b["end"] and b["start"] < a["end"]
             assert not (overlap and a["gpu"] == b["gpu"]), "two runs shared a GPU"
     assert any(a["start"] < b["end"] and b["start"] < a["end"] for i, a in enumerate(ran) for b in ran[i + 1:])
-    statuses = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/status.json")]
+    statuses = [json.loads(p.read_text()) for p in (tmp_path / "experiment_results" / "runs").glob("*/status.json")]
     assert sorted(s["gpu"] for s in statuses) == sorted(r["gpu"] for r in ran)
+    assert sorted(Path(s["run_dir"]).name for s in statuses) == ["stub_r16_a4", "stub_r4_a4", "stub_r8_a4"]
+
+
+def test_an_interrupted_run_resumes_in_its_own_run_folder(tmp_path):
+    """A stand-in trainer: its first attempt saves a resumable state and waits to be stopped; the rerun must
+    hand it back that run folder (--resume_from_checkpoint), and the records follow."""
+    stub = tmp_path / "stub_trainer.py"
+    stub.write_text(
+        "import argparse, json, pathlib, signal, sys, time\n"
+        "p = argparse.ArgumentParser(); [p.add_argument(f) for f in ('--output_dir', '--lora_rank', "
+        "'--lora_alpha', '--learning_rate', '--resume_from_checkpoint')]\n"
+        "a = p.parse_args()\n"
+        "run = pathlib.Path(a.resume_from_checkpoint or pathlib.Path(a.output_dir) / f'run_r{a.lora_rank}')\n"
+        "run.mkdir(parents=True, exist_ok=True); print(f'Run directory: {run}', flush=True)\n"
+        "(run / 'experiment_config.json').write_text(json.dumps({'lora_rank': int(a.lora_rank), "
+        "'lora_alpha': float(a.lora_alpha), 'learning_rate': float(a.learning_rate)}))\n"
+        "if not a.resume_from_checkpoint:\n"
+        "    (run / 'checkpoints' / 'checkpoint-1').mkdir(parents=True)\n"
+        "    (run / 'checkpoints' / 'checkpoint-1' / 'training_state.json').write_text('{}')\n"
+        "    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)); time.sleep(60)\n"
+        "(run / 'final_model').mkdir()\n"
+        "(run / 'final_model' / 'pytorch_lora_weights.safetensors').write_bytes(b'')\n")
+    env = {**ENV, "TRAIN_SCRIPT": str(stub)}
+    with open(tmp_path / "first.log", "w") as log:
+        process = subprocess.Popen(["bash", str(ROOT / "run_experiments.sh"), "--ranks", "4", "--alphas", "4"],
+                                   cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for(lambda: (tmp_path / "output_ghibli" / "run_r4" / "checkpoints").is_dir(), 30, "the checkpoint")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 143
+    finally:
+        if process.poll() is None:
+            process.kill()
+    stopped = json.loads((tmp_path / "experiment_results" / "experiment_4_4.json").read_text())
+    assert stopped["status"] == "실패" and stopped["state"] == "interrupted"
+    result = bash("run_experiments.sh", "--ranks", "4", "--alphas", "4", env={"TRAIN_SCRIPT": str(stub)},
+                  cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    status = read_status(tmp_path, "4", "4")
+    run = (tmp_path / "output_ghibli" / "run_r4").resolve()
+    assert status["run_dir"] == str(run) and f"--resume_from_checkpoint {run}" in status["command"]
+    record = json.loads((tmp_path / "experiment_results" / "experiment_4_4.json").read_text())
+    assert record["status"] == "성공" and record["run_dir"] == str(run) and record["attempts"] == 2
+    assert [p.name for p in run_folders(tmp_path)] == ["run_r4"]
 
 
 def test_bad_flags_end_with_one_line_errors(tmp_path):
-    result = bash("run_experiments.sh", "--ranks", "4 x", "--output_dir", str(tmp_path / "s"))
+    result = bash("run_experiments.sh", "--ranks", "4 x", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (
         "error: --ranks value 'x': must be a positive integer")
-    result = bash("run_experiments.sh", "--output_dir", str(tmp_path / "s"), "--", "--lora_rank", "4")
+    result = bash("run_experiments.sh", "--", "--lora_rank", "4", cwd=tmp_path)
     assert result.returncode == 2 and "--lora_rank is set by the sweep" in result.stderr
-    result = bash("run_inference_experiments.sh", "--sweep_dir", str(tmp_path))
+    result = bash("run_inference_experiments.sh", "--sweep_dir", str(tmp_path), cwd=tmp_path)
     assert result.returncode == 2 and f"error: {tmp_path}: no finished runs" in result.stderr
-    result = bash("run_checkpoint_inference.sh", "--run_dir", str(tmp_path / "nowhere"))
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    result = bash("run_inference_experiments.sh", cwd=fresh)
+    assert result.returncode == 2 and "error: output_ghibli: folder not found" in result.stderr
+    result = bash("run_checkpoint_inference.sh", "--run_dir", str(tmp_path / "nowhere"), cwd=fresh)
     assert result.returncode == 2 and "nowhere: folder not found" in result.stderr
+    (fresh / "output_ghibli").mkdir()
+    result = bash("run_checkpoint_inference.sh", cwd=fresh)
+    assert result.returncode == 2 and "output_ghibli: no run with checkpoint_epoch_N folders" in result.stderr
 
 
-# ----------------------------------------------------------------------------- pictures
+# ----------------------------------------------------------------------------- inference over the runs
+
+
+def test_inference_experiments_write_the_originals_folders(sweep, sweep_inference):
+    runs = run_folders(sweep["work"])
+    files = sweep["inference_plain_files"]
+    for run in runs:
+        names = [f.split("/", 1)[1] for f in files if f.startswith(run.name + "/")]
+        for kind in ("base", "lora"):
+            assert len([n for n in names if re.fullmatch(rf"{kind}_prompt[12]_\d{{8}}_\d{{6}}_[12]\.png", n)]) == 4
+        assert len([n for n in names if re.fullmatch(r"comparison_grid_prompt[12]_\d{8}_\d{6}\.png", n)]) == 2
+        assert len([n for n in names if re.fullmatch(r"metadata_prompt[12]_\d{8}_\d{6}\.json", n)]) == 2
+    assert {f.split("/")[0] for f in files} == {r.name for r in runs} | {"base_model_results", "report"}
+    assert {"report/exp_result.png", "report/loss_curves.png"} <= set(files)
+    # Offline, the default CLIP model cannot load: one warning, the pictures are still made.
+    assert "No CLIP metrics" in sweep["inference_plain"].stderr
+    assert sweep["inference_metrics"].stderr.count("Skipping") == 4
 
 
 def test_grid_places_each_run_at_its_rank_and_alpha(sweep_inference):
     report = sweep_inference / "report"
     layout = json.loads((report / "exp_result.json").read_text())
-    assert layout["ranks"] == [2, 4] and layout["alphas"] == [2.0, 8.0] and layout["prompt"] == PROMPTS[0]
+    assert layout["ranks"] == [2, 4] and layout["alphas"] == [4.0, 8.0] and layout["prompt"] == PROMPTS[0]
     grid = pixels(report / "exp_result.png")
     positions = {}
     for cell in layout["cells"]:
@@ -239,9 +370,9 @@ def test_grid_places_each_run_at_its_rank_and_alpha(sweep_inference):
         positions[(cell["rank"], cell["alpha"])] = find_tile(grid, tile)
     assert len(set(positions.values())) == 4, "four distinct cells"
     for rank in (2, 4):
-        assert positions[(rank, 2.0)][0] == positions[(rank, 8.0)][0]  # one row per rank
-        assert positions[(rank, 2.0)][1] < positions[(rank, 8.0)][1]
-    for alpha in (2.0, 8.0):
+        assert positions[(rank, 4.0)][0] == positions[(rank, 8.0)][0]  # one row per rank
+        assert positions[(rank, 4.0)][1] < positions[(rank, 8.0)][1]
+    for alpha in (4.0, 8.0):
         assert positions[(2, alpha)][1] == positions[(4, alpha)][1]  # one column per alpha
         assert positions[(2, alpha)][0] < positions[(4, alpha)][0]
     left = min(x for _, x in positions.values())
@@ -256,46 +387,70 @@ def test_grid_places_each_run_at_its_rank_and_alpha(sweep_inference):
     assert grid.shape[1] == right + 4  # the grid's right margin
 
 
-def test_one_pipeline_for_all_runs_gives_the_images_of_separate_calls(sweep_inference, tiny_model_dir, tmp_path):
+def test_one_pipeline_for_all_runs_gives_the_images_of_separate_calls(sweep, sweep_inference, tiny_model_dir,
+                                                                      tmp_path):
     """The last run's images, made after three other LoRAs were loaded and deleted, match a fresh CLI call."""
-    folders = sorted(p for p in sweep_inference.iterdir() if re.fullmatch(r"r\d+_a.*", p.name))
-    assert [p.name for p in folders] == ["r2_a2_lr0.01", "r2_a8_lr0.01", "r4_a2_lr0.01", "r4_a8_lr0.01"]
-    metas = [json.loads(next(folder.glob("metadata_prompt1_*.json")).read_text()) for folder in folders]
-    assert all(m["seeds"] == [44, 45] and m["prompt"] == PROMPTS[1] for m in metas)
-    first_base = [pixels(folders[0] / name) for name in metas[0]["base_images"]]
-    for folder, meta in zip(folders[1:], metas[1:]):  # base images made once, reused bit for bit
-        assert all(np.array_equal(a, pixels(folder / n)) for a, n in zip(first_base, meta["base_images"]))
+    folders = [sweep_inference / run.name for run in run_folders(sweep["work"])]
+    metas = [json.loads(next(folder.glob("metadata_prompt2_*.json")).read_text()) for folder in folders]
+    assert all(m["seeds"] == [44, 45] and m["prompt"] == PROMPTS[1] and m["prompt_idx"] == 2 for m in metas)
+    base_dir = sweep_inference / "base_model_results"
+    base_meta = json.loads(next(base_dir.glob("metadata_prompt2_*.json")).read_text())
+    first_base = [pixels(base_dir / name) for name in base_meta["base_model_images"]]
+    for folder, meta in zip(folders, metas):  # base images made once, reused bit for bit
+        assert all(np.array_equal(a, pixels(folder / n)) for a, n in zip(first_base, meta["base_model_images"]))
     result = subprocess.run(
         [sys.executable, str(ROOT / "inference_sdxl_ghibli.py"), "--pretrained_model_name_or_path", str(tiny_model_dir),
          "--lora_model_path", metas[-1]["lora_model_path"], "--output_dir", str(tmp_path), *INFERENCE_FLAGS],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, env=ENV)
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=ENV)
     assert result.returncode == 0, result.stderr[-3000:]
-    alone = json.loads(next(tmp_path.glob("metadata_prompt1_*.json")).read_text())
-    for mine, theirs in zip(metas[-1]["lora_images"], alone["lora_images"]):
+    alone = json.loads(next(tmp_path.glob("metadata_prompt2_*.json")).read_text())
+    for mine, theirs in zip(metas[-1]["lora_model_images"], alone["lora_model_images"]):
         assert np.array_equal(pixels(folders[-1] / mine), pixels(tmp_path / theirs))
-    assert not np.array_equal(pixels(folders[-1] / metas[-1]["lora_images"][0]), first_base[0])
+    assert not np.array_equal(pixels(folders[-1] / metas[-1]["lora_model_images"][0]), first_base[0])
 
 
-def test_epoch_strip_shows_base_then_checkpoints_in_order(sweep, sweep_inference, tiny_model_dir):
-    run_folder = sweep["dir"] / f"r{RANKS[0]}_a{ALPHAS[1]}_lr{LR}"
-    out = sweep["work"] / "checkpoints"
-    result = bash("run_checkpoint_inference.sh", "--run_dir", str(run_folder), "--output_dir", str(out), "--",
-                  "--pretrained_model_name_or_path", str(tiny_model_dir), *INFERENCE_FLAGS)
+def test_checkpoint_inference_with_no_flags_writes_the_originals_folders(sweep, sweep_inference, tiny_model_dir):
+    work = sweep["work"]
+    result = bash("run_checkpoint_inference.sh", "--", "--pretrained_model_name_or_path", str(tiny_model_dir),
+                  *INFERENCE_FLAGS, cwd=work)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["epoch_1", "epoch_2"]
+    newest = max(run_folders(work), key=lambda run: max(
+        (p / WEIGHTS).stat().st_mtime for p in run.glob("checkpoint_epoch_*")))
+    out = work / "output_visualization" / f"{newest.name}_checkpoints"
+    epochs = sorted(int(p.name.rsplit("_", 1)[1]) for p in newest.glob("checkpoint_epoch_*"))
+    assert len(epochs) == 2
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(f"epoch_{n}" for n in epochs)
+    base_dir = work / "output_visualization" / "base_model_results"
+    assert len(list(base_dir.glob("base_prompt[12]_*_[12].png"))) == 4
     layout = json.loads((out / "epoch_strip.json").read_text())
-    assert layout["columns"] == ["base", "epoch 1", "epoch 2"] and layout["prompts"] == PROMPTS
-    metas = {name: json.loads(next((out / name).glob("metadata_prompt0_*.json")).read_text())
-             for name in ("epoch_1", "epoch_2")}
+    assert layout["columns"] == ["base"] + [f"epoch {n}" for n in epochs] and layout["prompts"] == PROMPTS
+    names = [f"epoch_{n}" for n in epochs]
+    metas = {name: json.loads(next((out / name).glob("metadata_prompt1_*.json")).read_text()) for name in names}
+    assert all(m["lora_model_path"].endswith(f"checkpoint_epoch_{name[6:]}") for name, m in metas.items())
     # Same seeds, and the base images were made once and reused: identical pixels in both folders.
-    assert metas["epoch_1"]["seeds"] == metas["epoch_2"]["seeds"] == [42, 43]
-    assert np.array_equal(pixels(out / "epoch_1" / metas["epoch_1"]["base_images"][0]),
-                          pixels(out / "epoch_2" / metas["epoch_2"]["base_images"][0]))
+    assert metas[names[0]]["seeds"] == metas[names[1]]["seeds"] == [42, 43]
+    assert np.array_equal(pixels(out / names[0] / metas[names[0]]["base_model_images"][0]),
+                          pixels(out / names[1] / metas[names[1]]["base_model_images"][0]))
     strip = pixels(out / "epoch_strip.png")
-    xs = [find_tile(strip, pixels(out / "epoch_1" / metas["epoch_1"]["base_images"][0]))[1],
-          find_tile(strip, pixels(out / "epoch_1" / metas["epoch_1"]["lora_images"][0]))[1],
-          find_tile(strip, pixels(out / "epoch_2" / metas["epoch_2"]["lora_images"][0]))[1]]
+    xs = [find_tile(strip, pixels(out / names[0] / metas[names[0]]["base_model_images"][0]))[1],
+          find_tile(strip, pixels(out / names[0] / metas[names[0]]["lora_model_images"][0]))[1],
+          find_tile(strip, pixels(out / names[1] / metas[names[1]]["lora_model_images"][0]))[1]]
     assert xs == sorted(xs) and len(set(xs)) == 3
+
+
+def test_the_scripts_default_prompts_are_the_originals():
+    """25 prompts in run_checkpoint_inference.sh, 5 in run_inference_experiments.sh (the last 5 of the 25),
+    the first 16 the inference script's default."""
+    from inference_sdxl_ghibli import DEFAULT_PROMPTS
+
+    def prompts_of(script: str) -> list[str]:
+        code = f'. <(sed -n "/^PROMPTS=(/,/^)/p" {ROOT / script}); printf "%s\\n" "${{PROMPTS[@]}}"'
+        return subprocess.run(["bash", "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+
+    checkpoint, experiments = prompts_of("run_checkpoint_inference.sh"), prompts_of("run_inference_experiments.sh")
+    assert len(checkpoint) == 25 and checkpoint[:16] == DEFAULT_PROMPTS and checkpoint[-5:] == experiments
+    assert checkpoint[16] == "A couple studying in a Japanese cafe in Ghibli style."
+    assert experiments[0].startswith("The image is a full shot of Kiki from Kiki's Delivery Service")
 
 
 def test_checkpoints_are_listed_in_epoch_order(tmp_path):
@@ -359,7 +514,7 @@ def test_metrics_table_heatmaps_and_verdict_agree_with_the_csv(sweep_inference):
     report = sweep_inference / "report"
     with open(report / "metrics.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert sorted((int(r["rank"]), float(r["alpha"])) for r in rows) == [(2, 2.0), (2, 8.0), (4, 2.0), (4, 8.0)]
+    assert sorted((int(r["rank"]), float(r["alpha"])) for r in rows) == [(2, 4.0), (2, 8.0), (4, 4.0), (4, 8.0)]
     for column in ("alignment", "style_similarity", "diversity"):
         assert len({r[column] for r in rows}) > 1, f"{column} is constant across runs"
     for r in rows:
@@ -394,7 +549,7 @@ def test_metrics_table_heatmaps_and_verdict_agree_with_the_csv(sweep_inference):
         values = {(int(r["rank"]), float(r["alpha"])): float(r[column]) for r in rows}
         low, high = min(values.values()), max(values.values())
         for (rank, alpha), value in values.items():
-            i, j = [2, 4].index(rank), [2.0, 8.0].index(alpha)
+            i, j = [2, 4].index(rank), [4.0, 8.0].index(alpha)
             x = int((left + axes_w * (j + 0.15) / 2) * width)
             y = int((1 - bottom - axes_h) * height + axes_h * height * (i + 0.15) / 2)
             expected_rgb = np.array(colormaps[HEATMAP_CMAP]((value - low) / (high - low))[:3]) * 255

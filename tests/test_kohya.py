@@ -259,8 +259,8 @@ def test_inference_cli_takes_a_kohya_file(trained_run, pipe, tiny_model_dir, tmp
                        tmp_path / "reference", str(tiny_model_dir), run_base=False, create_grid=False)
     finally:
         pipe.unload_lora_weights()
-    (cli_image,) = (tmp_path / "cli").glob("lora_prompt0_*_0.png")
-    (reference,) = (tmp_path / "reference").glob("lora_prompt0_*_0.png")
+    (cli_image,) = (tmp_path / "cli").glob("lora_prompt1_*_1.png")
+    (reference,) = (tmp_path / "reference").glob("lora_prompt1_*_1.png")
     difference = np.abs(np.asarray(Image.open(cli_image), dtype=np.int16) -
                         np.asarray(Image.open(reference), dtype=np.int16))
     assert difference.max() <= 1

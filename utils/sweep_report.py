@@ -3,15 +3,17 @@
 The shell scripts call the bookkeeping subcommands; people call ``report`` and ``strip``:
 
     plan, status-start/-end, summary   run_experiments.sh: what to run, a status JSON per run, the summary
-    runs, checkpoints                  the inference scripts: a sweep's finished runs, a run's checkpoints
+    runs, checkpoints, newest-checkpoint-run
+                                       the inference scripts: the finished runs in a folder, a run's
+                                       checkpoints, the newest run that has checkpoints
     generate                           base-vs-LoRA images of several LoRAs with one pipeline
     losses                             one plot overlaying the training loss of every run of a sweep
     report                             rank x alpha grid, loss curves, CLIP metrics (CSV, Markdown, heat
                                        maps) and the verdict
     strip                              the epoch-by-epoch strip of a checkpoint series
 
-    python -m utils.sweep_report report --inference_dir output_ghibli/sweep/inference
-    python -m utils.sweep_report strip --inference_dir output_ghibli/sweep/r4_a8_lr1e-4/checkpoint_inference
+    python -m utils.sweep_report report --inference_dir output_visualization_additional_2
+    python -m utils.sweep_report strip --inference_dir output_visualization/<run>_checkpoints
 
 Heavy libraries (torch, matplotlib, transformers) are imported only by the subcommands that
 draw, generate or measure, so the bookkeeping calls start in a fraction of a second.
@@ -33,10 +35,10 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from utils.atomic import write_json, write_text
 from utils.cli import setup_logging
 from utils.grids import save_figure, save_image
-from utils.sweep_runs import (CONFIG_FILE, SUMMARY_FILE, WEIGHTS_FILE, Generation, RunInfo, SweepError,
-                              base_images, end_status, epoch_checkpoints, find_runs, generate_series,
-                              load_run, lora_generations, plan_runs, resolve_run_dir, start_status,
-                              write_summary)
+from utils.sweep_runs import (CONFIG_FILE, STATUS_FILE, SUMMARY_FILE, WEIGHTS_FILE, Generation, RunInfo,
+                              SweepError, base_images, end_status, epoch_checkpoints, find_runs, generate_series,
+                              is_finished, load_run, lora_generations, newest_checkpoint_run, plan_runs,
+                              read_json, resolve_run_dir, start_status, write_summary)
 
 logger = logging.getLogger("sweep_report")
 
@@ -99,8 +101,9 @@ def epoch_strip(generations: list[Generation], image_index: int = 0, cell_size: 
         rows.append([_open_cell(path, None, cell_size) for path in row])
     columns = ["base"] + [_series_position(g.lora_path)[1] for g in ordered]
     run_name = ordered[0].lora_path.parent.name
-    title = f"{run_name}: image {image_index} of each prompt, epoch by epoch (same seeds)"
-    return labelled_grid(rows, [f"prompt {k}" for k in range(len(rows))], title=title, column_labels=columns), columns
+    title = f"{run_name}: image {image_index + 1} of each prompt, epoch by epoch (same seeds)"
+    return (labelled_grid(rows, [f"prompt {k + 1}" for k in range(len(rows))], title=title, column_labels=columns),
+            columns)
 
 
 def _moving_average(values: list[float], window: int) -> list[float]:
@@ -113,10 +116,14 @@ def _moving_average(values: list[float], window: int) -> list[float]:
     return out
 
 
+LOSS_LOGS = ("training_steps.csv", "training_log.csv")  # per-step log; older runs logged steps in the second
+
+
 def read_loss_log(run_dir: Path) -> tuple[list[int], list[float]]:
+    """(step, loss) rows of a run's per-step loss log (training_steps.csv, else training_log.csv)."""
     log_dir = run_dir / str(load_run(run_dir).config.get("logging_dir") or "logs")
-    path = log_dir / "training_log.csv"
-    if not path.is_file():
+    path = next((log_dir / name for name in LOSS_LOGS if (log_dir / name).is_file()), None)
+    if path is None:
         return [], []
     with open(path, newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row.get("step") and row.get("loss")]
@@ -130,7 +137,7 @@ def plot_loss_overlay(runs: list[RunInfo], png_path: Path) -> Path:
     for run in runs:
         steps, losses = read_loss_log(run.run_dir)
         if not steps:
-            logger.warning("%s: no training_log.csv; left out of the loss plot", run.run_dir)
+            logger.warning("%s: no %s; left out of the loss plot", run.run_dir, " or ".join(LOSS_LOGS))
             continue
         window = max(1, len(losses) // 20)
         (line,) = axis.plot(steps, _moving_average(losses, window), label=f"rank {run.rank}, alpha {run.alpha:g}")
@@ -349,18 +356,25 @@ def metric_matrix(rows: list[dict], column: str) -> tuple[list[list[float]], lis
 # ----------------------------------------------------------------------------- the report
 
 
-def runs_of(generations: list[Generation]) -> list[RunInfo]:
-    """The training run behind each generation (its LoRA folder's parent), one per rank and alpha."""
-    runs, seen = [], {}
+def runs_of(generations: list[Generation]) -> tuple[list[RunInfo], list[Generation]]:
+    """The training run behind each generation (its LoRA folder's parent), one per rank and alpha.
+
+    Of two runs with the same rank and alpha, the newer (by name, which starts with its start time)
+    is kept and the other named in a warning.
+    """
+    by_key: dict[tuple, tuple[RunInfo, Generation]] = {}
     for generation in generations:
         run = load_run(generation.lora_path.parent)
         key = (run.rank, run.alpha)
-        if key in seen:
-            raise SweepError(f"{generation.folder} and {seen[key]}: two runs with rank {run.rank} and alpha "
-                             f"{run.alpha:g}; report one sweep (one learning rate) at a time")
-        seen[key] = generation.folder
-        runs.append(run)
-    return runs
+        if key in by_key:
+            older, newer = sorted([by_key[key], (run, generation)], key=lambda pair: pair[0].run_dir.name)
+            logger.warning("Two runs with rank %d and alpha %g: the report uses %s and leaves out %s", run.rank,
+                           run.alpha, newer[0].run_dir.name, older[0].run_dir.name)
+            by_key[key] = newer
+        else:
+            by_key[key] = (run, generation)
+    pairs = [by_key[key] for key in sorted(by_key)]
+    return [run for run, _ in pairs], [generation for _, generation in pairs]
 
 
 def write_grid(runs: list[RunInfo], generations: list[Generation], prompt_index: int, image_index: int,
@@ -377,8 +391,8 @@ def write_grid(runs: list[RunInfo], generations: list[Generation], prompt_index:
     write_json(out / "exp_result.json", {
         "prompt": prompt, "seed": seed, "ranks": sorted({r.rank for r in runs}),
         "alphas": sorted({r.alpha for r in runs}),
-        "cells": [{"rank": r.rank, "alpha": r.alpha, "run_dir": str(r.run_dir),
-                   "image": str(cells[(r.rank, r.alpha)])} for r in runs],
+        "cells": [{"rank": r.rank, "alpha": r.alpha, "run_dir": str(r.run_dir.resolve()),
+                   "image": str(cells[(r.rank, r.alpha)].resolve())} for r in runs],
     })
     return out / "exp_result.png"
 
@@ -386,21 +400,26 @@ def write_grid(runs: list[RunInfo], generations: list[Generation], prompt_index:
 def build_report(args: argparse.Namespace) -> dict:
     inference_dir = Path(args.inference_dir)
     out = Path(args.output_dir) if args.output_dir else inference_dir / "report"
-    generations = lora_generations(inference_dir)
-    pairs = sorted(zip(runs_of(generations), generations), key=lambda pair: (pair[0].rank, pair[0].alpha))
-    runs, generations = [run for run, _ in pairs], [generation for _, generation in pairs]
+    generations = lora_generations(inference_dir, args.folders)
+    runs, generations = runs_of(generations)
     made = {"grid": str(write_grid(runs, generations, args.prompt_index, args.image_index, args.cell_size, out)),
             "loss_curves": str(plot_loss_overlay(runs, out / "loss_curves.png"))}
     if not args.no_metrics:
-        made.update(report_metrics(runs, generations, args, out))
+        try:
+            made.update(report_metrics(runs, generations, args, out))
+        except SweepError as error:
+            if args.clip_model:  # asked for by name: its failure is the user's to fix
+                raise
+            logger.warning("No CLIP metrics: %s (pass --clip_model with a local CLIP model, or --no_metrics)",
+                           error)
     return made
 
 
 def report_metrics(runs: list[RunInfo], generations: list[Generation], args: argparse.Namespace, out: Path) -> dict:
     from utils.style_metrics import DEFAULT_CLIP_MODEL
 
-    args.clip_model = args.clip_model or DEFAULT_CLIP_MODEL
-    rows, base, reason = measure(runs, generations, args.clip_model, Path(args.style_images) if args.style_images
+    clip_model = args.clip_model or DEFAULT_CLIP_MODEL
+    rows, base, reason = measure(runs, generations, clip_model, Path(args.style_images) if args.style_images
                                  else None, args.alignment_tolerance, args.device)
     write_metrics_csv(rows, out / "metrics.csv")
     pictures = ["exp_result.png", "loss_curves.png"]
@@ -409,12 +428,12 @@ def report_metrics(runs: list[RunInfo], generations: list[Generation], args: arg
         heatmap(values, ranks, alphas, title, out / f"heatmap_{stem}.png")
         pictures.append(f"heatmap_{stem}.png")
     write_text(out / "metrics.md", metrics_markdown(rows, base, reason, args.alignment_tolerance,
-                                                    args.clip_model, pictures))
+                                                    clip_model, pictures))
     best = next(row for row in rows if row["best"])
     write_json(out / "verdict.json", {
         "best_run": best["run"], "rank": best["rank"], "alpha": best["alpha"], "run_dir": best["run_dir"],
         "reason": reason, "rule": verdict_rule(args.alignment_tolerance),
-        "alignment_tolerance": args.alignment_tolerance, "clip_model": args.clip_model, "base": base,
+        "alignment_tolerance": args.alignment_tolerance, "clip_model": clip_model, "base": base,
         "eligible_runs": [row["run"] for row in rows if row["within_tolerance"]],
     })
     print(f"Best trade-off: {best['run']}. {reason}")
@@ -425,17 +444,23 @@ def report_metrics(runs: list[RunInfo], generations: list[Generation], args: arg
 # ----------------------------------------------------------------------------- command line
 
 
+def _add_grid_flags(parser, results_dir: bool = True) -> None:
+    if results_dir:
+        parser.add_argument("--results_dir", required=True, help="the sweep's bookkeeping (experiment_results)")
+    parser.add_argument("--ranks", nargs="+", required=True)
+    parser.add_argument("--alphas", nargs="+", required=True)
+    parser.add_argument("--lr", required=True)
+
+
 def _add_bookkeeping_commands(commands) -> None:
-    plan = commands.add_parser("plan", help="print 'rank alpha folder resume' for each run still to do")
-    plan.add_argument("--sweep_dir", required=True)
-    plan.add_argument("--ranks", nargs="+", required=True)
-    plan.add_argument("--alphas", nargs="+", required=True)
-    plan.add_argument("--lr", required=True)
+    plan = commands.add_parser("plan", help="print 'rank alpha folder number resume_dir' for each run still to do")
+    _add_grid_flags(plan)
     plan.add_argument("train_args", nargs=argparse.REMAINDER)
 
     start = commands.add_parser("status-start", help="record that a run starts now")
-    for name in ("--file", "--rank", "--alpha", "--lr", "--log"):
+    for name in ("--file", "--rank", "--alpha", "--lr", "--log", "--output_dir"):
         start.add_argument(name, required=True)
+    start.add_argument("--number", type=int, required=True, help="the run's experiment_number (1-based)")
     start.add_argument("--gpu", default="")
     start.add_argument("--process_group", type=int, default=None)
     start.add_argument("--command", default="", help="the trainer command line, shell-quoted")
@@ -445,16 +470,14 @@ def _add_bookkeeping_commands(commands) -> None:
     end.add_argument("--file", required=True)
     end.add_argument("--exit_code", type=int, required=True)
 
-    summary = commands.add_parser("summary", help="write sweep_summary.json; exit 1 unless every run finished")
-    summary.add_argument("--sweep_dir", required=True)
-    summary.add_argument("--ranks", nargs="+", required=True)
-    summary.add_argument("--alphas", nargs="+", required=True)
-    summary.add_argument("--lr", required=True)
+    summary = commands.add_parser("summary", help="write summary.json; exit 1 unless every run finished")
+    _add_grid_flags(summary)
+    summary.add_argument("--start_time", required=True, help="when the sweep started (%%Y-%%m-%%d %%H:%%M:%%S)")
     summary.add_argument("--gpus", default="")
     summary.add_argument("--stopped", action="store_true")
     summary.add_argument("train_args", nargs=argparse.REMAINDER)
 
-    runs = commands.add_parser("runs", help="print 'label<TAB>model folder' for each finished run under a folder")
+    runs = commands.add_parser("runs", help="print 'run name<TAB>model folder' for each finished run in a folder")
     runs.add_argument("root")
     runs.add_argument("--model", default="final_model", help="final_model or best_model")
 
@@ -462,23 +485,30 @@ def _add_bookkeeping_commands(commands) -> None:
     checkpoints.add_argument("run_dir")
     checkpoints.add_argument("--include_final", action="store_true")
 
+    newest = commands.add_parser("newest-checkpoint-run", help="print the newest run folder with epoch checkpoints")
+    newest.add_argument("runs_dir")
+
     generate = commands.add_parser("generate", help="base-vs-LoRA images for several LoRAs with one pipeline")
     generate.add_argument("--output_dir", required=True, help="one folder per LoRA label goes here")
     generate.add_argument("--lora", action="append", required=True, metavar="LABEL=PATH",
                           help="a LoRA folder or file and the name of its output folder (repeatable)")
+    generate.add_argument("--base_dir", default=None,
+                          help="base images are made once here, then reused (default: {output_dir}/base_model_results)")
     generate.add_argument("--skip_existing", action="store_true",
                           help="leave out LoRAs whose folder already holds their images for these settings")
     generate.add_argument("inference_args", nargs=argparse.REMAINDER, help="-- then inference_sdxl_ghibli.py flags")
 
-    losses = commands.add_parser("losses", help="overlay the training loss of every run under a folder")
-    losses.add_argument("--sweep_dir", required=True)
-    losses.add_argument("--output", default=None, help="PNG path (default: {sweep_dir}/loss_curves.png)")
+    losses = commands.add_parser("losses", help="overlay the training loss of every finished run of a sweep")
+    losses.add_argument("--results_dir", required=True, help="the sweep's bookkeeping (experiment_results)")
+    losses.add_argument("--output", default=None, help="PNG path (default: {results_dir}/loss_curves.png)")
 
 
 def _add_picture_commands(commands) -> None:
     report = commands.add_parser("report", help="grid, loss curves, CLIP metrics and the verdict of a sweep")
     report.add_argument("--inference_dir", required=True, help="the output_dir of run_inference_experiments.sh")
     report.add_argument("--output_dir", default=None, help="default: {inference_dir}/report")
+    report.add_argument("--folders", nargs="+", default=None,
+                        help="subfolders of --inference_dir to compare (default: every one with LoRA images)")
     report.add_argument("--prompt_index", type=int, default=0, help="prompt shown in the grid")
     report.add_argument("--image_index", type=int, default=0, help="image (seed) of that prompt shown in the grid")
     report.add_argument("--cell_size", type=int, default=512, help="largest side of a grid cell (pixels)")
@@ -512,15 +542,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    for rank, alpha, folder, resume in plan_runs(Path(args.sweep_dir), args.ranks, args.alphas, args.lr,
-                                                 args.train_args):
-        print(f"{rank}\t{alpha}\t{folder}\t{int(resume)}")
+    for rank, alpha, folder, number, resume in plan_runs(Path(args.results_dir), args.ranks, args.alphas, args.lr,
+                                                         args.train_args):
+        print(f"{rank}\t{alpha}\t{folder}\t{number}\t{resume}")
     return 0
 
 
 def _status_start(args: argparse.Namespace) -> int:
-    start_status(Path(args.file), args.rank, args.alpha, args.lr, args.gpu, args.log, args.process_group,
-                 args.train_args, args.command)
+    start_status(Path(args.file), args.rank, args.alpha, args.lr, args.number, args.output_dir, args.gpu, args.log,
+                 args.process_group, args.train_args, args.command)
     return 0
 
 
@@ -530,10 +560,10 @@ def _status_end(args: argparse.Namespace) -> int:
 
 
 def _summary(args: argparse.Namespace) -> int:
-    summary = write_summary(Path(args.sweep_dir), args.ranks, args.alphas, args.lr, args.gpus, args.train_args,
-                            args.stopped)
+    summary = write_summary(Path(args.results_dir), args.ranks, args.alphas, args.lr, args.gpus, args.train_args,
+                            args.stopped, args.start_time)
     counts = ", ".join(f"{count} {state}" for state, count in summary["counts"].items() if count)
-    print(f"Sweep: {counts} ({Path(args.sweep_dir) / SUMMARY_FILE})")
+    print(f"Sweep: {counts} ({Path(args.results_dir) / SUMMARY_FILE})")
     return 0 if summary["complete"] else 1
 
 
@@ -542,7 +572,7 @@ def _runs(args: argparse.Namespace) -> int:
     if not runs:
         raise SweepError(f"{args.root}: no finished runs with {args.model}/{WEIGHTS_FILE}")
     for run in runs:
-        print(f"{run.label}\t{(run.run_dir / args.model).resolve()}")
+        print(f"{run.run_dir.name}\t{(run.run_dir / args.model).resolve()}")
     return 0
 
 
@@ -556,11 +586,17 @@ def _checkpoints(args: argparse.Namespace) -> int:
     return 0
 
 
+def _newest_checkpoint_run(args: argparse.Namespace) -> int:
+    print(newest_checkpoint_run(Path(args.runs_dir)))
+    return 0
+
+
 def _generate(args: argparse.Namespace) -> int:
     pairs = [tuple(item.split("=", 1)) for item in args.lora]
     if any(len(pair) != 2 or not all(pair) for pair in pairs):
         raise SweepError(f"--lora {args.lora}: expected LABEL=PATH")
-    failed = generate_series(pairs, Path(args.output_dir), args.inference_args, args.skip_existing)
+    failed = generate_series(pairs, Path(args.output_dir), args.inference_args, args.skip_existing,
+                             Path(args.base_dir) if args.base_dir else None)
     if failed:
         print(f"error: no images for {', '.join(failed)} (see the log above)", file=sys.stderr)
         return 1
@@ -568,9 +604,22 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def sweep_runs_of(results_dir: Path) -> list[RunInfo]:
+    """The finished runs recorded in a sweep's bookkeeping folder, in rank, alpha order."""
+    runs = []
+    for status_file in sorted((results_dir / "runs").glob(f"*/{STATUS_FILE}")):
+        status = read_json(status_file)
+        if is_finished(status):
+            runs.append(load_run(Path(status["run_dir"])))
+    return sorted(runs, key=lambda run: (run.rank, run.alpha, run.learning_rate))
+
+
 def _losses(args: argparse.Namespace) -> int:
-    output = Path(args.output) if args.output else Path(args.sweep_dir) / "loss_curves.png"
-    print(plot_loss_overlay(find_runs(Path(args.sweep_dir)), output))
+    output = Path(args.output) if args.output else Path(args.results_dir) / "loss_curves.png"
+    runs = sweep_runs_of(Path(args.results_dir))
+    if not runs:
+        raise SweepError(f"{args.results_dir}: no finished run to plot")
+    print(plot_loss_overlay(runs, output))
     return 0
 
 
@@ -592,7 +641,8 @@ def _strip(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"plan": _plan, "status-start": _status_start, "status-end": _status_end, "summary": _summary,
-            "runs": _runs, "checkpoints": _checkpoints, "generate": _generate, "losses": _losses,
+            "runs": _runs, "checkpoints": _checkpoints, "newest-checkpoint-run": _newest_checkpoint_run,
+            "generate": _generate, "losses": _losses,
             "report": _report, "strip": _strip}
 
 

@@ -1,13 +1,21 @@
-"""The runs of a rank x alpha sweep: status files, the plan, the summary, discovery, and their images.
+"""The runs of a rank x alpha sweep: bookkeeping, the plan, the summary, discovery, and their images.
 
-    {sweep_dir}/sweep_summary.json
-    {sweep_dir}/r{rank}_a{alpha}_lr{lr}/status.json, train.log, and the trainer's run directory
+run_experiments.sh trains every run into the trainer's own folder, ``{output_dir}/{ts}_{type}_r{R}_a{A}_lr{LR}/``
+(default output_ghibli), and keeps its bookkeeping under ``{results_dir}`` (default experiment_results):
 
-run_experiments.sh keeps one status JSON per run (state, real start and end times, exit code, the
-run directory the trainer made, earlier attempts) through the ``plan``/``status-*``/``summary``
-subcommands of utils/sweep_report.py. The inference scripts find finished runs and epoch checkpoints
-here and generate every LoRA's images with one pipeline (``generate_series``). Only the standard
-library is imported at module level, so the bookkeeping calls start in a fraction of a second.
+    {results_dir}/experiment_{R}_{A}.json   the original's record of a run (experiment_number, lora_rank,
+                                            lora_alpha, learning_rate, start_time, status "성공"/"실패")
+                                            plus state, end_time, exit_code, run_dir
+    {results_dir}/summary.json              the original's summary (total_experiments, start_time, end_time)
+                                            plus the state of every run
+    {results_dir}/runs/r{R}_a{A}_lr{LR}/    status.json (state, times, exit code, the run folder the trainer
+                                            made, earlier attempts) and train.log (the trainer's output)
+    {results_dir}/loss_curves.png, .sweep.lock
+
+through the ``plan``/``status-*``/``summary`` subcommands of utils/sweep_report.py. The inference scripts
+find finished runs and epoch checkpoints and generate every LoRA's images with one pipeline
+(``generate_series``). Only the standard library is imported at module level, so the bookkeeping calls
+start in a fraction of a second.
 """
 
 from __future__ import annotations
@@ -27,11 +35,15 @@ from utils.atomic import write_json
 logger = logging.getLogger("sweep_runs")
 
 STATUS_FILE = "status.json"
-SUMMARY_FILE = "sweep_summary.json"
+SUMMARY_FILE = "summary.json"
+LOG_FILE = "train.log"
 WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 CONFIG_FILE = "experiment_config.json"
 INTERRUPTED_CODES = {130, 143}  # SIGINT, SIGTERM
 SECRET_FLAG_WORDS = ("token", "key", "secret", "password")
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"  # the original's start_time / end_time
+SUCCESS, FAILURE = "성공", "실패"  # the original's status values
+RUN_DIR_LINE = re.compile(r"Run directory: (.+?)\s*$")  # the trainer's log line naming its run folder
 
 
 class SweepError(ValueError):
@@ -74,11 +86,24 @@ def masked(args: list[str]) -> list[str]:
     return shown
 
 
+def json_number(text: str) -> int | float:
+    """A grid value as the original wrote it into JSON: 4 stays 4, 1e-4 becomes 0.0001."""
+    return int(text) if re.fullmatch(r"-?\d+", text) else float(text)
+
+
 # ----------------------------------------------------------------------------- sweep plan and status files
 
 
 def run_folder_name(rank: str, alpha: str, learning_rate: str) -> str:
     return f"r{rank}_a{alpha}_lr{learning_rate}"
+
+
+def status_folder(results_dir: Path, rank: str, alpha: str, learning_rate: str) -> Path:
+    return results_dir / "runs" / run_folder_name(rank, alpha, learning_rate)
+
+
+def experiment_file(results_dir: Path, rank: str, alpha: str) -> Path:
+    return results_dir / f"experiment_{rank}_{alpha}.json"
 
 
 def _positive(value: str, kind: type, name: str) -> None:
@@ -105,64 +130,122 @@ def validate_grid(ranks: list[str], alphas: list[str], learning_rate: str) -> No
 
 
 def is_finished(status: dict | None) -> bool:
-    return bool(status) and status.get("state") == "finished" and status.get("exit_code") == 0
+    """Finished with exit code 0, and its final model is still there."""
+    return (bool(status) and status.get("state") == "finished" and status.get("exit_code") == 0
+            and bool(status.get("run_dir")) and (Path(status["run_dir"]) / "final_model" / WEIGHTS_FILE).is_file())
 
 
-def plan_runs(sweep_dir: Path, ranks: list[str], alphas: list[str], learning_rate: str,
-              train_args: list[str]) -> list[tuple[str, str, Path, bool]]:
-    """(rank, alpha, folder, has_earlier_attempt) of every run still to do; finished runs are skipped."""
+def _check_learning_rate(results_dir: Path, rank: str, alpha: str, learning_rate: str) -> None:
+    """experiment_{R}_{A}.json has no learning rate in its name: one results folder holds one learning rate."""
+    record = read_json(experiment_file(results_dir, rank, alpha))
+    if record and "learning_rate" in record and float(record["learning_rate"]) != float(learning_rate):
+        raise SweepError(f"{experiment_file(results_dir, rank, alpha)}: recorded for learning rate "
+                         f"{record['learning_rate']}, this sweep uses {learning_rate}; pass another --results_dir")
+
+
+def has_resumable_state(run_dir: Path) -> bool:
+    return any((run_dir / "checkpoints").glob("*/training_state.json"))
+
+
+def plan_runs(results_dir: Path, ranks: list[str], alphas: list[str], learning_rate: str,
+              train_args: list[str]) -> list[tuple[str, str, Path, int, str]]:
+    """(rank, alpha, status folder, experiment number, run folder to resume or '') of every run still to do.
+
+    Finished runs are skipped. A run that an earlier attempt left with a resumable checkpoint continues
+    in that attempt's run folder.
+    """
     validate_grid(ranks, alphas, learning_rate)
-    todo = []
+    todo, number = [], 0
     for rank in ranks:
         for alpha in alphas:
-            folder = sweep_dir / run_folder_name(rank, alpha, learning_rate)
+            number += 1
+            _check_learning_rate(results_dir, rank, alpha, learning_rate)
+            folder = status_folder(results_dir, rank, alpha, learning_rate)
             status = read_json(folder / STATUS_FILE)
             if is_finished(status):
                 if status.get("train_args") != masked(train_args):
-                    logger.warning("%s finished earlier with other trainer flags (%s); delete its %s to "
+                    logger.warning("%s finished earlier with other trainer flags (%s); delete %s to "
                                    "train it again", folder.name, " ".join(status.get("train_args") or []),
-                                   STATUS_FILE)
-                logger.info("Skipping %s: finished at %s", folder.name, status.get("ended_at"))
+                                   folder / STATUS_FILE)
+                logger.info("Skipping %s: finished at %s in %s", folder.name, status.get("ended_at"),
+                            status.get("run_dir"))
                 continue
-            todo.append((rank, alpha, folder, status is not None))
+            earlier = _earlier_run_dir(status) if status else None
+            resume = str(earlier) if earlier and has_resumable_state(earlier) else ""
+            todo.append((rank, alpha, folder, number, resume))
     return todo
 
 
-def start_status(status_file: Path, rank: str, alpha: str, learning_rate: str, gpu: str, log: str,
-                 process_group: int | None, train_args: list[str], command: str) -> dict:
+def _earlier_run_dir(status: dict) -> Path | None:
+    if status.get("run_dir"):
+        return Path(status["run_dir"])
+    return run_dir_from_log(Path(status.get("log") or ""), int(status.get("log_offset") or 0))
+
+
+def run_dir_from_log(log: Path, offset: int = 0) -> Path | None:
+    """The run folder the trainer named in its log (the last 'Run directory:' line after ``offset``)."""
+    try:
+        with open(log, "rb") as handle:
+            handle.seek(offset)
+            text = handle.read().decode("utf-8", errors="replace")
+    except (FileNotFoundError, IsADirectoryError):
+        return None
+    found = [match.group(1) for match in map(RUN_DIR_LINE.search, text.splitlines()) if match]
+    return Path(found[-1]).resolve() if found else None
+
+
+def start_status(status_file: Path, rank: str, alpha: str, learning_rate: str, number: int, output_dir: str,
+                 gpu: str, log: str, process_group: int | None, train_args: list[str], command: str) -> dict:
     """Write the status of a run that starts now; earlier attempts move into its history."""
     previous = read_json(status_file) or {}
     history = list(previous.get("history", []))
     if previous:
         history.append({key: previous.get(key) for key in ("state", "started_at", "ended_at", "exit_code",
                                                               "run_dir")})
+    log_path = Path(log)
     status = {
         "rank": int(rank), "alpha": float(alpha), "learning_rate": float(learning_rate),
+        "rank_text": rank, "alpha_text": alpha, "experiment_number": number,
         "state": "running", "started_at": now_iso(), "ended_at": None, "duration_s": None,
-        "exit_code": None, "run_dir": None, "gpu": gpu or None, "process_group": process_group,
-        "attempts": int(previous.get("attempts", 0)) + 1, "log": log,
+        "exit_code": None, "run_dir": None, "output_dir": str(Path(output_dir).resolve()), "gpu": gpu or None,
+        "process_group": process_group, "attempts": int(previous.get("attempts", 0)) + 1, "log": str(log_path),
+        "log_offset": log_path.stat().st_size if log_path.is_file() else 0,
         "train_args": masked(train_args), "command": shlex.join(masked(shlex.split(command))), "history": history,
     }
     write_json(status_file, status)
     return status
 
 
-def find_run_dir(folder: Path) -> Path | None:
-    """The trainer's run directory inside a sweep run folder: the one with the newest final model,
-    else the one started last (a failed attempt)."""
-    runs = [p for p in folder.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file()] if folder.is_dir() else []
-    finished = [p for p in runs if (p / "final_model" / WEIGHTS_FILE).is_file()]
-    if finished:
-        return max(finished, key=lambda p: (p / "final_model" / WEIGHTS_FILE).stat().st_mtime)
-    return max(runs, key=lambda p: (p / CONFIG_FILE).stat().st_mtime) if runs else None
+def _new_run_dir(status: dict) -> Path | None:
+    """The run folder this attempt trained in: named in its log, else the newest folder in the output
+    folder whose config has this rank, alpha and learning rate and was written after the start."""
+    found = run_dir_from_log(Path(status["log"]), int(status.get("log_offset") or 0))
+    if found:
+        return found
+    output_dir = Path(status.get("output_dir") or "")
+    if not output_dir.is_dir():
+        return None
+    started = datetime.fromisoformat(status["started_at"]).timestamp() - 1
+    candidates = []
+    for config_path in output_dir.glob(f"*/{CONFIG_FILE}"):
+        config = read_json(config_path) or {}
+        same = (config.get("lora_rank") == status["rank"] and float(config.get("lora_alpha", -1)) == status["alpha"]
+                and float(config.get("learning_rate", -1)) == status["learning_rate"])
+        if same and config_path.stat().st_mtime >= started:
+            candidates.append(config_path.parent)
+    return max(candidates, key=lambda p: (p / CONFIG_FILE).stat().st_mtime).resolve() if candidates else None
 
 
 def end_status(status_file: Path, exit_code: int) -> dict:
-    """Record how a run ended: end time, duration, exit code, state and the run directory it made."""
+    """Record how a run ended (status.json and the original's experiment_{R}_{A}.json)."""
     status = read_json(status_file)
     if status is None:
         raise SweepError(f"{status_file}: no status to end (the run was never started)")
-    run_dir = find_run_dir(status_file.parent)
+    run_dir = _new_run_dir(status)
+    if run_dir is not None and run_dir.is_dir() and not any(run_dir.iterdir()):
+        run_dir.rmdir()  # stopped before it wrote anything: leave no empty folder among the runs
+        logger.info("%s: removed the empty run folder %s", status_file.parent.name, run_dir)
+        run_dir = None
     has_model = run_dir is not None and (run_dir / "final_model" / WEIGHTS_FILE).is_file()
     if exit_code == 0 and has_model:
         state = "finished"
@@ -173,14 +256,35 @@ def end_status(status_file: Path, exit_code: int) -> dict:
     ended = datetime.now().astimezone()
     started = datetime.fromisoformat(status["started_at"])
     status.update(state=state, ended_at=ended.isoformat(timespec="seconds"), exit_code=exit_code,
-                  duration_s=round((ended - started).total_seconds(), 1),
-                  run_dir=str(run_dir.resolve()) if run_dir else None)
+                  duration_s=round((ended - started).total_seconds(), 1), run_dir=str(run_dir) if run_dir else None)
     if exit_code == 0 and not has_model:
         status["error"] = "the trainer exited 0 but left no final_model"
     write_json(status_file, status)
+    write_experiment_record(status_file.parent.parent.parent, status)
     logger.info("%s: %s (exit code %d) after %.0f s", status_file.parent.name, state, exit_code,
                 status["duration_s"])
     return status
+
+
+def write_experiment_record(results_dir: Path, status: dict) -> Path:
+    """experiment_{R}_{A}.json: the original's keys and values (start_time is the real start), then extras."""
+    rank, alpha = status["rank_text"], status["alpha_text"]
+    record = {
+        "experiment_number": status["experiment_number"], "lora_rank": json_number(rank),
+        "lora_alpha": json_number(alpha), "learning_rate": status["learning_rate"],
+        "start_time": _original_time(status["started_at"]),
+        "status": SUCCESS if status["state"] == "finished" else FAILURE,
+        "end_time": _original_time(status["ended_at"]) if status.get("ended_at") else None,
+        "state": status["state"], "exit_code": status["exit_code"], "run_dir": status["run_dir"],
+        "attempts": status["attempts"], "log": status["log"],
+    }
+    path = experiment_file(results_dir, rank, alpha)
+    write_json(path, record)
+    return path
+
+
+def _original_time(iso: str) -> str:
+    return datetime.fromisoformat(iso).strftime(TIME_FORMAT)
 
 
 def _final_eval_loss(status: dict) -> float | None:
@@ -190,29 +294,39 @@ def _final_eval_loss(status: dict) -> float | None:
     return info.get("final_eval_loss")
 
 
-def write_summary(sweep_dir: Path, ranks: list[str], alphas: list[str], learning_rate: str, gpus: str,
-                  train_args: list[str], stopped: bool) -> dict:
-    """sweep_summary.json: every run of the grid with its status (pending when never started)."""
-    runs, counts = [], {"finished": 0, "failed": 0, "interrupted": 0, "running": 0, "pending": 0}
+def sweep_statuses(results_dir: Path, ranks: list[str], alphas: list[str], learning_rate: str) -> list[dict]:
+    """The status of every run of the grid, in grid order (state 'pending' when never started)."""
+    statuses = []
     for rank in ranks:
         for alpha in alphas:
-            folder = sweep_dir / run_folder_name(rank, alpha, learning_rate)
-            status = read_json(folder / STATUS_FILE) or {"rank": int(rank), "alpha": float(alpha),
-                                                         "learning_rate": float(learning_rate), "state": "pending"}
-            entry = {key: status.get(key) for key in ("rank", "alpha", "learning_rate", "state", "exit_code",
-                                                      "started_at", "ended_at", "duration_s", "attempts",
-                                                      "gpu", "run_dir")}
-            entry.update(folder=folder.name, final_eval_loss=_final_eval_loss(status))
-            counts[entry["state"]] = counts.get(entry["state"], 0) + 1
-            runs.append(entry)
+            folder = status_folder(results_dir, rank, alpha, learning_rate)
+            statuses.append(read_json(folder / STATUS_FILE) or {
+                "rank": int(rank), "alpha": float(alpha), "learning_rate": float(learning_rate), "state": "pending"})
+    return statuses
+
+
+def write_summary(results_dir: Path, ranks: list[str], alphas: list[str], learning_rate: str, gpus: str,
+                  train_args: list[str], stopped: bool, start_time: str) -> dict:
+    """summary.json: the original's total_experiments, start_time and end_time, then every run's state."""
+    runs, counts = [], {"finished": 0, "failed": 0, "interrupted": 0, "running": 0, "pending": 0}
+    for rank, alpha, status in zip([r for r in ranks for _ in alphas], [a for _ in ranks for a in alphas],
+                                   sweep_statuses(results_dir, ranks, alphas, learning_rate)):
+        entry = {key: status.get(key) for key in ("rank", "alpha", "learning_rate", "state", "exit_code",
+                                                  "started_at", "ended_at", "duration_s", "attempts",
+                                                  "gpu", "run_dir")}
+        entry.update(experiment_file=experiment_file(results_dir, rank, alpha).name,
+                     final_eval_loss=_final_eval_loss(status))
+        counts[entry["state"]] = counts.get(entry["state"], 0) + 1
+        runs.append(entry)
     summary = {
-        "sweep_dir": str(sweep_dir.resolve()), "ranks": [int(r) for r in ranks],
+        "total_experiments": len(runs), "start_time": start_time,
+        "end_time": datetime.now().strftime(TIME_FORMAT),
+        "results_dir": str(results_dir.resolve()), "ranks": [int(r) for r in ranks],
         "alphas": [float(a) for a in alphas], "learning_rate": float(learning_rate),
         "gpus": [g for g in gpus.split(",") if g] or None, "train_args": masked(train_args),
-        "updated_at": now_iso(), "stopped_by_signal": stopped, "complete": counts["finished"] == len(runs),
-        "counts": counts, "runs": runs,
+        "stopped_by_signal": stopped, "complete": counts["finished"] == len(runs), "counts": counts, "runs": runs,
     }
-    write_json(sweep_dir / SUMMARY_FILE, summary)
+    write_json(results_dir / SUMMARY_FILE, summary)
     return summary
 
 
@@ -243,42 +357,33 @@ def load_run(run_dir: Path) -> RunInfo:
         raise SweepError(f"{run_dir / CONFIG_FILE}: missing or bad field {error}") from None
 
 
-def _candidate_run_dirs(root: Path) -> list[Path]:
-    """Run directories at most two levels below ``root`` (a sweep's r*_a*_lr*/<run>/, or <output_dir>/<run>/)."""
-    found = [root] if (root / CONFIG_FILE).is_file() else []
-    for child in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        status = read_json(child / STATUS_FILE)
-        if status is not None:  # a sweep folder: its status names the run, stale attempts are ignored
-            if is_finished(status) and status.get("run_dir"):
-                found.append(Path(status["run_dir"]))
-            continue
-        if (child / CONFIG_FILE).is_file():
-            found.append(child)
-        else:
-            found += sorted(p for p in child.iterdir() if p.is_dir() and (p / CONFIG_FILE).is_file())
-    return found
+def _run_dirs(root: Path) -> list[Path]:
+    """``root`` itself when it is a training run, else its subfolders that are (``ls -d root/*/``), by name."""
+    if not root.is_dir():
+        raise SweepError(f"{root}: folder not found")
+    if (root / CONFIG_FILE).is_file():
+        return [root]
+    return sorted(p for p in root.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and (p / CONFIG_FILE).is_file())
 
 
 def find_runs(root: Path, model: str = "final_model") -> list[RunInfo]:
-    """Finished runs under ``root`` that have ``model``/ (final_model, best_model), sorted by rank, alpha, lr.
+    """Every run folder in ``root`` that has ``model``/ (final_model, best_model), in name (= start time) order."""
+    return [load_run(run_dir) for run_dir in _run_dirs(root) if (run_dir / model / WEIGHTS_FILE).is_file()]
 
-    Two runs with the same rank, alpha and learning rate: the newer (by name, which starts with
-    the start time) is kept and the other named in a warning.
-    """
-    if not root.is_dir():
-        raise SweepError(f"{root}: folder not found")
-    by_key: dict[tuple, RunInfo] = {}
-    for run_dir in _candidate_run_dirs(root):
-        if not (run_dir / model / WEIGHTS_FILE).is_file():
-            continue
-        run = load_run(run_dir)
-        key = (run.rank, run.alpha, run.learning_rate)
-        if key in by_key:
-            older, newer = sorted([by_key[key], run], key=lambda r: r.run_dir.name)
-            logger.warning("Two runs for %s: using %s, ignoring %s", run.label, newer.run_dir, older.run_dir)
-            run = newer
-        by_key[key] = run
-    return [by_key[key] for key in sorted(by_key)]
+
+def newest_checkpoint_run(root: Path) -> Path:
+    """The run folder in ``root`` whose newest checkpoint_epoch_N was written last."""
+    newest: tuple[float, Path] | None = None
+    for run_dir in _run_dirs(root):
+        times = [(folder / WEIGHTS_FILE).stat().st_mtime for _, folder in epoch_checkpoints(run_dir)]
+        if times and (newest is None or max(times) > newest[0]):
+            newest = (max(times), run_dir)
+    if newest is None:
+        raise SweepError(f"{root}: no run with checkpoint_epoch_N folders (train with --save_steps N, or pass "
+                         f"--run_dir)")
+    logger.info("No --run_dir: using the newest run with epoch checkpoints, %s", newest[1])
+    return newest[1]
 
 
 def resolve_run_dir(path: Path) -> Path:
@@ -337,24 +442,27 @@ def read_generation(folder: Path) -> Generation | None:
         return None
     stamp = max(by_stamp)
     metas = by_stamp[stamp]
-    if sorted(metas) != list(range(len(metas))):
+    if sorted(metas) != list(range(1, len(metas) + 1)):
         raise SweepError(f"{folder}: metadata files of {stamp} are incomplete (prompts {sorted(metas)})")
-    ordered = [metas[k] for k in range(len(metas))]
+    ordered = [metas[k] for k in sorted(metas)]
     lora = ordered[0].get("lora_model_path")
     return Generation(
         folder=folder, lora_path=Path(lora) if lora else None, prompts=[m["prompt"] for m in ordered],
-        seeds=[m["seeds"] for m in ordered], base=[[folder / n for n in m.get("base_images", [])] for m in ordered],
+        seeds=[m.get("seeds") or [] for m in ordered],
+        base=[[folder / n for n in m.get("base_images", [])] for m in ordered],
         lora=[[folder / n for n in m.get("lora_images", [])] for m in ordered],
         settings=ordered[0].get("settings"), base_model=ordered[0].get("base_model"),
     )
 
 
-def lora_generations(inference_dir: Path) -> list[Generation]:
-    """Every subfolder of ``inference_dir`` that holds LoRA images, checked to share prompts and seeds."""
+def lora_generations(inference_dir: Path, folders: list[str] | None = None) -> list[Generation]:
+    """Every subfolder of ``inference_dir`` (or those named in ``folders``) that holds LoRA images,
+    checked to share prompts and seeds."""
     if not inference_dir.is_dir():
         raise SweepError(f"{inference_dir}: folder not found")
     found = []
-    for folder in sorted(p for p in inference_dir.iterdir() if p.is_dir()):
+    chosen = [inference_dir / name for name in folders] if folders else inference_dir.iterdir()
+    for folder in sorted(p for p in chosen if p.is_dir()):
         generation = read_generation(folder)
         if generation and generation.lora_path and all(generation.lora):
             found.append(generation)
@@ -377,6 +485,7 @@ def base_images(generations: list[Generation]) -> list[list[Path]]:
 
 # ----------------------------------------------------------------------------- generation
 
+BASE_RESULTS_FOLDER = "base_model_results"
 RESERVED_INFERENCE_FLAGS = ("--output_dir", "--lora_model_path", "--base_results_dir")
 
 
@@ -391,14 +500,14 @@ def _already_done(folder: Path, lora: str, args: argparse.Namespace, settings: d
 
 
 def generate_series(loras: list[tuple[str, str]], output_dir: Path, inference_argv: list[str],
-                    skip_existing: bool = False) -> list[str]:
+                    skip_existing: bool = False, base_dir: Path | None = None) -> list[str]:
     """Base-vs-LoRA images for every (label, LoRA) into ``output_dir/label/``, with one pipeline in memory.
 
     ``inference_argv`` are inference_sdxl_ghibli.py flags (model, prompts, size, steps, seed, ...), read by
     that script's own parser, so every LoRA gets the same prompts, seeds and settings. The base images are
-    made once, in the first LoRA's folder, and reused from there by every later one (the
-    --base_results_dir mechanism); each LoRA is loaded, used and deleted again before the next.
-    Returns the labels that failed.
+    made once, into ``base_dir`` (default: ``output_dir/base_model_results``) unless it already holds them for these
+    settings, and every LoRA's folder reuses them (the --base_results_dir mechanism); each LoRA is loaded,
+    used and deleted again before the next. Returns the labels that failed.
     """
     from dataclasses import asdict
 
@@ -406,7 +515,8 @@ def generate_series(loras: list[tuple[str, str]], output_dir: Path, inference_ar
     from tqdm.auto import tqdm
 
     import inference_sdxl_ghibli as inference
-    from utils.comparison import ADAPTER_NAME, GenerationSettings, pick_device, resolve_lora_source, run_comparison
+    from utils.comparison import (ADAPTER_NAME, GenerationSettings, base_images_ready, generator_device,
+                                  pick_device, resolve_lora_source, run_comparison)
     from utils.sdxl import load_pipeline
 
     for arg in inference_argv:
@@ -415,21 +525,31 @@ def generate_series(loras: list[tuple[str, str]], output_dir: Path, inference_ar
     args = inference.parse_args(inference_argv)
     for _, lora in loras:
         resolve_lora_source(lora)  # a missing LoRA fails now, not after loading SDXL
-    device = pick_device(args.device)
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    pipe = load_pipeline(args.pretrained_model_name_or_path, args.revision, args.variant, dtype).to(device)
     settings = GenerationSettings(args.negative_prompt, args.num_inference_steps, args.guidance_scale,
                                   args.height, args.width)
-    base_dir, failed = output_dir / loras[0][0], []
-    for label, lora in tqdm(loras, desc="LoRAs"):
-        folder = output_dir / label
-        if skip_existing and _already_done(folder, lora, args, asdict(settings)):
-            logger.info("Skipping %s: its images are already in %s", label, folder)
-            continue
+    model = args.pretrained_model_name_or_path
+    base_dir = base_dir or output_dir / BASE_RESULTS_FOLDER
+    todo = []
+    for label, lora in loras:
+        if skip_existing and _already_done(output_dir / label, lora, args, asdict(settings)):
+            logger.info("Skipping %s: its images are already in %s", label, output_dir / label)
+        else:
+            todo.append((label, lora))
+    if not todo:
+        return []
+    device = pick_device(args.device)
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    pipe = load_pipeline(model, args.revision, args.variant, dtype).to(device)
+    if not base_images_ready(base_dir, args.prompts, args.num_images, args.seed, settings, model,
+                             generator_device(pipe)):
+        logger.info("Base images into %s", base_dir)
+        run_comparison(pipe, args.prompts, None, args.lora_scale, settings, args.num_images, args.seed, base_dir,
+                       model, run_base=True, base_results_dir=None, create_grid=False)
+    failed = []
+    for label, lora in tqdm(todo, desc="LoRAs"):
         try:
-            run_comparison(pipe, args.prompts, lora, args.lora_scale, settings, args.num_images, args.seed, folder,
-                           args.pretrained_model_name_or_path, run_base=True, base_results_dir=base_dir,
-                           create_grid=True)
+            run_comparison(pipe, args.prompts, lora, args.lora_scale, settings, args.num_images, args.seed,
+                           output_dir / label, model, run_base=True, base_results_dir=base_dir, create_grid=True)
         except Exception as error:  # noqa: BLE001 - one bad LoRA must not end the series; it is reported
             logger.error("%s (%s): %s", label, lora, error)
             failed.append(label)
