@@ -287,7 +287,7 @@ def test_kohya_and_metadata_orphans_and_bad_rows(tmp_path):
     report = preflight.check(list_dataset("auto", kohya))
     assert [str(p) for p in report.problems] == [
         "c.txt: caption without image (no image file of the same name)",
-        "10_style/b.png: image without caption"]
+        "10_style/b.png: image without caption (no 10_style/b.txt)"]
     assert [e.caption for e in report.examples] == ["a caption"]
 
     metadata = tmp_path / "metadata"

@@ -6,6 +6,12 @@ sources are read too). Every image is checked first, as before training; usable 
 byte for byte, problems are reported and, with --bad_image_policy fail, stop the conversion. The
 output folder appears complete or not at all.
 
+Repeats (kohya's N_name/ folders) travel in the file names: every layout keeps an image's folder in
+its name (ghibli: images/10_style/a.png), so kohya -> kohya keeps them and kohya -> ghibli/metadata ->
+kohya gets them back. Only the kohya layout gives them meaning: trained as ghibli or metadata, each
+image counts once per epoch, and the converter says so. Folders kohya leaves out (0_name/) are not
+written. Kohya captions are written as .txt files.
+
     python utils/convert_dataset.py --dataset_dir dataset_ghibli --to kohya --output_dir dataset_kohya
 """
 
@@ -25,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from utils import preflight
 from utils.atomic import replace_dir
 from utils.cli import run_cli
-from utils.ghibli_datasets import DatasetError, Entry, add_dataset_arguments, listing_from_args
+from utils.ghibli_datasets import DatasetError, Entry, add_dataset_arguments, folder_counts, listing_from_args
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +72,17 @@ def write_layout(entries: list[Entry], target: str, folder: Path) -> None:
         (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def repeats_warning(entries: list[Entry], target: str) -> str | None:
+    """The line to show when ``target`` cannot hold the repeat counts of ``entries``."""
+    repeated = [count for count in folder_counts(entries) if count.repeats != 1]
+    if target == "kohya" or not repeated:
+        return None
+    folders = ", ".join(f"{count.folder}/ x{count.repeats}" for count in repeated)
+    return (f"the {target} layout has no repeat counts: training on it sees each image once per epoch "
+            f"(repeated folders: {folders}); the folder names stay in the file names, so converting back "
+            f"to kohya restores them")
+
+
 def _check_output(output_dir: Path, dataset_dir: Path, overwrite: bool) -> None:
     output, source = output_dir.resolve(), dataset_dir.resolve()
     if output == source or output.is_relative_to(source) or source.is_relative_to(output):
@@ -97,6 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         report = preflight.check(listing_from_args(args), args.min_image_size, args.max_image_pixels)
         preflight.log_report(report, args.bad_image_policy)
         preflight.enforce(report, args.bad_image_policy)
+        warning = repeats_warning(report.usable, args.to)
+        if warning:
+            logger.warning("%s", warning)
         replace_dir(output_dir, lambda folder: write_layout(report.usable, args.to, folder))
     print(f"{len(report.usable)} images written to {output_dir} in the {args.to} layout "
           f"({len(report.problems)} problem(s) skipped)")

@@ -5,7 +5,11 @@ Layouts:
   product   dataset_dir/captions.json {"id": {"product": file, "prompt": text}}, the product image at
             products/{product} and the styled image at styled/{id}.png (the original's layout;
             training uses the styled image and its prompt, as the original did)
-  kohya     images anywhere under dataset_dir, each with a same-name .txt caption beside it
+  kohya     images anywhere under dataset_dir, each with a same-name caption file beside it
+            (--caption_extension, .txt by default; kohya's .caption too). A top-level folder named
+            N_name/ repeats each of its images N times per epoch, as kohya sd-scripts does
+            (N is the whole number before the first underscore); 0_name/ is left out, as kohya
+            leaves it out; other folders, and images directly in dataset_dir, count once
   metadata  an image folder with metadata.jsonl or metadata.csv: a file_name column and a
             caption column (text or caption), as the `datasets` imagefolder loader reads it
   hf        a Hub dataset name, or a local .parquet/.arrow file, a folder of them, or a
@@ -50,6 +54,8 @@ class DatasetError(ValueError):
 class Example:
     image_path: Path
     caption: str
+    folder: str = "."  # the kohya folder it came from ("." for the other layouts)
+    repeats: int = 1  # times the image is seen per epoch (kohya's N_name/ folders)
 
 
 @dataclass(frozen=True)
@@ -61,6 +67,9 @@ class Entry:
     image_path: Path | None
     caption: Any  # a str when the layout has one; None for an image without a caption
     product_path: Path | None = None  # product layout: the product image beside the styled one
+    folder: str = "."  # kohya: the top-level folder under the dataset folder ("." for the other layouts)
+    repeats: int = 1  # kohya: N of an N_name/ folder
+    caption_file: str | None = None  # kohya: the caption file looked for (named when it is missing)
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,51 @@ class Listing:
     source: str
     entries: list[Entry] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)  # found while listing (bad names, bad rows)
+    notes: list[str] = field(default_factory=list)  # facts worth a line in the report (folders left out)
+
+
+@dataclass(frozen=True)
+class FolderCount:
+    """Images of one kohya folder and how often each is seen per epoch."""
+
+    folder: str
+    images: int
+    repeats: int
+
+    @property
+    def images_per_epoch(self) -> int:
+        return self.images * self.repeats
+
+    def as_dict(self) -> dict:
+        return {"folder": self.folder, "images": self.images, "repeats": self.repeats,
+                "images_per_epoch": self.images_per_epoch}
+
+    def __str__(self) -> str:
+        return (f"{self.folder}/: {self.images} image(s) x {self.repeats} repeat(s) = {self.images_per_epoch} "
+                f"seen per epoch")
+
+
+def folder_counts(items: list) -> list[FolderCount]:
+    """Per folder (in name order): image count and repeats of Entries or Examples."""
+    counts: dict[str, list[int]] = {}
+    for item in items:
+        counts.setdefault(item.folder, [0, item.repeats])[0] += 1
+    return [FolderCount(folder, images, repeats) for folder, (images, repeats) in sorted(counts.items())]
+
+
+def kohya_repeats(folder_name: str) -> int | None:
+    """The repeat count kohya reads from a folder name: the whole number before the first underscore
+    (``10_ghibli`` -> 10, ``3_a_b`` -> 3); None when the name has none (``style``, ``v2_style``)."""
+    head = folder_name.split("_", 1)[0]
+    return int(head) if head.isascii() and head.isdigit() else None
+
+
+def normal_caption_extension(extension: str) -> str:
+    """``.txt`` as given, ``txt`` with its dot added; an empty extension is refused."""
+    extension = extension.strip()
+    if extension in ("", "."):
+        raise DatasetError("--caption_extension is empty (use .txt or .caption)")
+    return extension if extension.startswith(".") else "." + extension
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -204,23 +258,52 @@ def list_product(dataset_dir: Path) -> Listing:
     return listing
 
 
-def list_kohya(dataset_dir: Path) -> Listing:
+def _kohya_folder(path: Path, dataset_dir: Path) -> tuple[str, int | None]:
+    """(top-level folder, its repeat count) of an image; images directly in the dataset folder: ('.', 1)."""
+    parts = path.relative_to(dataset_dir).parts
+    if len(parts) == 1:
+        return ".", 1
+    repeats = kohya_repeats(parts[0])
+    return parts[0], 1 if repeats is None else repeats
+
+
+def _missing_caption_hint(path: Path, extension: str, dataset_dir: Path) -> str:
+    """The caption file that was looked for, and the other kohya extension when that one is there."""
+    wanted = _label(path.with_suffix(extension), dataset_dir)
+    for other in (".txt", ".caption"):
+        if other != extension and path.with_suffix(other).is_file():
+            return f"{wanted}; {_label(path.with_suffix(other), dataset_dir)} exists: use --caption_extension {other}"
+    return wanted
+
+
+def list_kohya(dataset_dir: Path, caption_extension: str = ".txt") -> Listing:
+    extension = normal_caption_extension(caption_extension)
     listing = Listing("kohya", str(dataset_dir))
     images = _image_files(dataset_dir)
     stems = {path.with_suffix("") for path in images}
+    left_out: dict[str, int] = {}
     for path in images:
-        text_file = path.with_suffix(".txt")
-        caption = None
+        folder, repeats = _kohya_folder(path, dataset_dir)
+        if repeats == 0:
+            left_out[folder] = left_out.get(folder, 0) + 1
+            continue
+        text_file = path.with_suffix(extension)
+        caption, caption_file = None, None
         if text_file.is_file():
             try:
                 caption = text_file.read_text(encoding="utf-8")
             except UnicodeDecodeError:
                 listing.problems.append(Problem(_label(text_file, dataset_dir), "caption file is not UTF-8 text"))
                 continue
+        else:
+            caption_file = _missing_caption_hint(path, extension, dataset_dir)
         name = path.relative_to(dataset_dir).as_posix()
-        listing.entries.append(Entry(name, name, path, caption))
-    for text_file in sorted(dataset_dir.rglob("*.txt")):
-        if not _is_hidden(text_file, dataset_dir) and text_file.with_suffix("") not in stems:
+        listing.entries.append(Entry(name, name, path, caption, folder=folder, repeats=repeats,
+                                     caption_file=caption_file))
+    for folder, count in sorted(left_out.items()):
+        listing.notes.append(f"{folder}/: repeat count 0, its {count} image(s) left out (as kohya does)")
+    for text_file in sorted(dataset_dir.rglob(f"*{extension}")):
+        if text_file.is_file() and not _is_hidden(text_file, dataset_dir) and text_file.with_suffix("") not in stems:
             listing.problems.append(Problem(text_file.relative_to(dataset_dir).as_posix(),
                                             "caption without image (no image file of the same name)"))
     return listing
@@ -412,7 +495,8 @@ def resolve_type(dataset_type: str, dataset_dir: Path, dataset_name: str | None)
 
 def list_dataset(dataset_type: str, dataset_dir: str | os.PathLike, *, dataset_name: str | None = None,
                  image_column: str = "image", caption_column: str | None = None,
-                 cache_dir: str | os.PathLike | None = None, config_name: str | None = None) -> Listing:
+                 cache_dir: str | os.PathLike | None = None, config_name: str | None = None,
+                 caption_extension: str = ".txt") -> Listing:
     """List a dataset's entries without decoding images; ``dataset_type`` may be 'auto'."""
     dataset_dir = Path(dataset_dir)
     kind = resolve_type(dataset_type, dataset_dir, dataset_name)
@@ -424,16 +508,18 @@ def list_dataset(dataset_type: str, dataset_dir: str | os.PathLike, *, dataset_n
         return list_hf(source, image_column, caption_column, cache, config_name)
     if kind == "metadata":
         return list_metadata(dataset_dir, caption_column)
-    return {"ghibli": list_ghibli, "product": list_product, "kohya": list_kohya}[kind](dataset_dir)
+    if kind == "kohya":
+        return list_kohya(dataset_dir, caption_extension)
+    return {"ghibli": list_ghibli, "product": list_product}[kind](dataset_dir)
 
 
-def load_examples(dataset_type: str, dataset_dir: str | Path) -> list[Example]:
+def load_examples(dataset_type: str, dataset_dir: str | Path, caption_extension: str = ".txt") -> list[Example]:
     """Strict listing without decoding: every captioned name must be a file inside the dataset.
 
     Images without a caption are left out, as in the original. Training uses
     ``load_training_examples``, which also decodes every image and applies the policy flag.
     """
-    listing = list_dataset(dataset_type, dataset_dir)
+    listing = list_dataset(dataset_type, dataset_dir, caption_extension=caption_extension)
     problems = list(listing.problems)
     examples = []
     for entry in listing.entries:
@@ -444,7 +530,7 @@ def load_examples(dataset_type: str, dataset_dir: str | Path) -> list[Example]:
         elif not isinstance(entry.caption, str):
             problems.append(Problem(entry.label, "caption is not a string"))
         else:
-            examples.append(Example(entry.image_path, entry.caption.strip()))
+            examples.append(Example(entry.image_path, entry.caption.strip(), entry.folder, entry.repeats))
     if problems:
         more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
         raise DatasetError(f"{dataset_dir}: {'; '.join(map(str, problems[:3]))}{more}")
@@ -461,8 +547,8 @@ def add_dataset_arguments(parser: argparse.ArgumentParser | Any, default_type: s
     """The dataset flags shared by training, the preflight check and the converter."""
     parser.add_argument("--dataset_type", default=default_type, choices=[*DATASET_TYPES, "auto"],
                         help="ghibli: images/ + captions.json; product: captions.json + products/ + styled/{id}.png; "
-                             "kohya: images "
-                             "with same-name .txt captions; metadata: metadata.jsonl/csv image folder; hf: a "
+                             "kohya: images with same-name caption files (N_name/ folders repeat their images N "
+                             "times per epoch); metadata: metadata.jsonl/csv image folder; hf: a "
                              "`datasets` source; auto: tell from the files (default: %(default)s)")
     parser.add_argument("--dataset_dir", default="dataset_ghibli")
     parser.add_argument("--dataset_name", default=None,
@@ -470,6 +556,9 @@ def add_dataset_arguments(parser: argparse.ArgumentParser | Any, default_type: s
                              "implies --dataset_type hf)")
     parser.add_argument("--dataset_config_name", default=None, help="the Hub dataset's configuration")
     parser.add_argument("--image_column", default="image", help="image column of a `datasets` source")
+    parser.add_argument("--caption_extension", default=".txt",
+                        help="extension of the caption file beside each image in the kohya layout (.txt, or "
+                             "kohya's .caption; default: %(default)s)")
     parser.add_argument("--caption_column", default=None,
                         help="caption column of a `datasets` source or metadata file (default: text, else caption)")
     parser.add_argument("--bad_image_policy", default=default_policy, choices=["skip", "fail"],
@@ -492,11 +581,15 @@ def listing_from_args(args: argparse.Namespace) -> Listing:
     return list_dataset(args.dataset_type, args.dataset_dir, dataset_name=getattr(args, "dataset_name", None),
                         image_column=getattr(args, "image_column", "image"),
                         caption_column=getattr(args, "caption_column", None), cache_dir=cache_dir,
-                        config_name=getattr(args, "dataset_config_name", None))
+                        config_name=getattr(args, "dataset_config_name", None),
+                        caption_extension=getattr(args, "caption_extension", ".txt"))
 
 
-def load_training_examples(args: argparse.Namespace) -> list[Example]:
+def load_training_examples(args: argparse.Namespace, report_here: bool = True) -> list[Example]:
     """List the dataset, decode-check every image, log the report and return the usable examples.
+
+    ``report_here``: log the report and show progress (the main process of a launch); the other
+    processes check silently, so a run reports once.
 
     ``args.dataset_type`` is replaced by the type actually read (auto detection, or hf implied by
     --dataset_name), so the run name and config record it. Raises DatasetError when no image is
@@ -506,9 +599,11 @@ def load_training_examples(args: argparse.Namespace) -> list[Example]:
 
     listing = listing_from_args(args)
     args.dataset_type = listing.dataset_type
-    report = preflight.check(listing, getattr(args, "min_image_size", 64), getattr(args, "max_image_pixels", None))
+    report = preflight.check(listing, getattr(args, "min_image_size", 64), getattr(args, "max_image_pixels", None),
+                             progress=report_here)
     policy = getattr(args, "bad_image_policy", "skip")
-    preflight.log_report(report, policy)
+    if report_here:
+        preflight.log_report(report, policy)
     preflight.enforce(report, policy)
     return report.examples
 

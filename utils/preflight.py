@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from utils.ghibli_datasets import DatasetError, Entry, Example, Listing, Problem
+from utils.ghibli_datasets import DatasetError, Entry, Example, FolderCount, Listing, Problem, folder_counts
 
 logger = logging.getLogger(__name__)
 
@@ -126,17 +126,31 @@ class Report:
     problems: list[Problem] = field(default_factory=list)
     converted: Counter = field(default_factory=Counter)  # source mode -> number of images converted
     rotated: int = 0
+    listing_notes: list[str] = field(default_factory=list)  # e.g. kohya 0_name/ folders left out
 
     @property
     def examples(self) -> list[Example]:
-        return [Example(entry.image_path, entry.caption.strip()) for entry in self.usable]
+        return [Example(entry.image_path, entry.caption.strip(), entry.folder, entry.repeats)
+                for entry in self.usable]
+
+    def folders(self) -> list[FolderCount]:
+        """Usable images per kohya folder with their repeats; empty when no folder or repeat sets them apart."""
+        counts = folder_counts(self.usable)
+        if all(count.folder == "." and count.repeats == 1 for count in counts):
+            return []
+        return counts
 
     def summary(self) -> str:
         return (f"{len(self.usable)} of {self.total} entries usable, {len(self.problems)} problem(s) "
                 f"({self.dataset_type} dataset at {self.source})")
 
     def notes(self) -> list[str]:
-        lines = []
+        lines = list(self.listing_notes)
+        folders = self.folders()
+        if folders:
+            lines += [f"folder {count}" for count in folders]
+            lines.append(f"images seen per epoch: {sum(c.images_per_epoch for c in folders)} "
+                         f"({len(self.usable)} distinct)")
         if self.converted:
             modes = ", ".join(f"{mode} {count}" for mode, count in sorted(self.converted.items()))
             lines.append(f"converted to RGB: {modes}")
@@ -151,7 +165,7 @@ class Report:
 def _entry_problem(entry: Entry) -> str | None:
     """What makes an entry unusable before its image is decoded."""
     if entry.caption is None:
-        return "image without caption"
+        return f"image without caption (no {entry.caption_file})" if entry.caption_file else "image without caption"
     if entry.image_path is None or not entry.image_path.is_file():
         return "caption without image (file not found)"
     if not isinstance(entry.caption, str):
@@ -161,11 +175,12 @@ def _entry_problem(entry: Entry) -> str | None:
     return None
 
 
-def check(listing: Listing, min_image_size: int = 64, max_image_pixels: int | None = None) -> Report:
-    """Check every entry of ``listing``; each image is decoded once."""
+def check(listing: Listing, min_image_size: int = 64, max_image_pixels: int | None = None,
+          progress: bool = True) -> Report:
+    """Check every entry of ``listing``; each image is decoded once. ``progress``: show a progress bar."""
     report = Report(listing.dataset_type, listing.source, len(listing.entries) + len(listing.problems),
-                    problems=list(listing.problems))
-    for entry in tqdm(listing.entries, desc="Checking images", unit="image"):
+                    problems=list(listing.problems), listing_notes=list(listing.notes))
+    for entry in tqdm(listing.entries, desc="Checking images", unit="image", disable=not progress):
         reason = _entry_problem(entry)
         if reason is None:
             result = check_image(entry.image_path, min_image_size, max_image_pixels)

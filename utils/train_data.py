@@ -51,14 +51,20 @@ def prepare_item(item: Item, center_crop: bool) -> Prepared:
 class BucketBatchSampler(torch.utils.data.Sampler):
     """Batches whose images all share one bucket; order reshuffled each epoch from ``seed + epoch``.
 
+    ``repeats[i]``: how many times image ``i`` appears per epoch (kohya's N_name/ folders; default
+    once). Each copy is a separate draw into its bucket's batches, as in kohya, so the epoch, the
+    step count and the LR schedule all count the repeats, while the image is cached only once.
+
     There is deliberately no ``batch_size`` attribute: accelerate then shards the batches across
     processes whole, round robin, whatever their length. Given a ``batch_size`` it assumes fixed-size
     batches and mishandles the shorter last batch of each bucket (images dropped, buckets mixed in one
     batch, unequal step counts per process, which hangs DDP).
     """
 
-    def __init__(self, buckets: list[tuple[int, int]], batch_size: int, seed: int, drop_last: bool = False):
+    def __init__(self, buckets: list[tuple[int, int]], batch_size: int, seed: int, drop_last: bool = False,
+                 repeats: list[int] | None = None):
         self.buckets, self.images_per_batch, self.seed, self.drop_last = buckets, batch_size, seed, drop_last
+        self.repeats = repeats if repeats is not None else [1] * len(buckets)
         self.epoch = 0
 
     def use_epoch(self, epoch: int) -> None:
@@ -70,7 +76,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         rng = random.Random(self.seed + self.epoch)
         groups: dict[tuple[int, int], list[int]] = {}
         for index, bucket in enumerate(self.buckets):
-            groups.setdefault(bucket, []).append(index)
+            groups.setdefault(bucket, []).extend([index] * self.repeats[index])
         batches = []
         for bucket in sorted(groups):
             indices = groups[bucket]
