@@ -105,6 +105,11 @@ run_one() {
     cmd+=(--resume_from_checkpoint "$resume")  # continue the earlier attempt's run from its checkpoint
   fi
   cmd+=("${TRAIN_ARGS[@]}")
+  # One latent and text-embedding cache per sweep, on disk in $OUTPUT_DIR/.latent_cache (keyed by image,
+  # model, bucket and crop): the first run computes it, every later run reads it and starts training at once.
+  if [[ " ${TRAIN_ARGS[*]} " != *" --no-cache "* && " ${TRAIN_ARGS[*]} " != *" --cache_latents_to_disk "* ]]; then
+    cmd+=(--cache_latents_to_disk)
+  fi
   mkdir -p "$folder"
   immune helper status-start --file "$folder/status.json" --rank "$rank" --alpha "$alpha" --lr "$LR" \
     --number "$number" --output_dir "$OUTPUT_DIR" --gpu "$gpu" --log "$log" --process_group "$BASHPID" \

@@ -110,9 +110,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="falls back to fp32 without CUDA")
     speed.add_argument("--allow_tf32", action="store_true",
                        help="let Ampere+ GPUs use TF32 for fp32 matmuls and convolutions (faster, slightly less exact)")
-    speed.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    checkpointing = speed.add_mutually_exclusive_group()
+    checkpointing.add_argument("--gradient_checkpointing", nargs="?", const=True, default="auto",
+                               type=checkpointing_setting, metavar="{auto,on,off}",
+                               help="recompute activations in the backward pass (less memory, ~1.4x UNet compute). "
+                                    "Default auto: off on a CPU; on a GPU only when the step would not fit in "
+                                    "free memory. The flag alone forces it on")
+    checkpointing.add_argument("--no-gradient_checkpointing", dest="gradient_checkpointing", action="store_const",
+                               const=False, help="force gradient checkpointing off")
     speed.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
                        help="use xformers (default: PyTorch SDPA)")
+
+    evaluation = p.add_argument_group("fixed-noise validation loss")
+    evaluation.add_argument("--eval_loss_epochs", type=auto_or_int, default="auto",
+                            help="measure the fixed-noise loss every N epochs (and after the last); 0 turns it off "
+                                 "(best_model is then the epoch with the lowest mean training loss, as in the "
+                                 "original). Default auto: as often as about 5%% of the training compute allows")
+    evaluation.add_argument("--eval_loss_samples", type=auto_or_int, default="auto",
+                            help="(image, noise, timestep) triples per measurement (default auto: from the same "
+                                 "5%% budget, at most 32)")
 
     val = p.add_argument_group("validation images")
     val.add_argument("--validation_prompt", nargs="+", default=None)
@@ -120,6 +136,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     val.add_argument("--validation_epochs", type=int, default=1)
     val.add_argument("--validation_steps", type=int, default=25, help="inference steps per validation image")
     return p.parse_args(argv)
+
+
+def checkpointing_setting(value: str) -> bool | str:
+    """--gradient_checkpointing [auto|on|off]: True, False or 'auto'."""
+    choices = {"auto": "auto", "on": True, "true": True, "off": False, "false": False}
+    if value.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"{value!r}: choose auto, on or off")
+    return choices[value.lower()]
+
+
+def auto_or_int(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: 'auto' or a whole number") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: must not be negative")
+    return number
 
 
 def main(argv: list[str] | None = None) -> int:

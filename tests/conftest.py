@@ -32,6 +32,9 @@ SHARED_RUN_ARGS = [
     "--checkpointing_steps", "12", "--save_steps", "2", "--report_to", "none",
     "--validation_prompt", "a village in ghibli style", "--num_validation_images", "1",
     "--validation_epochs", "2", "--validation_steps", "2",
+    # The fixed-noise loss after every epoch on 32 triples (the default budget would measure only before and
+    # after, on 3): the tests compare it across epochs and before/after with a fixed margin.
+    "--eval_loss_epochs", "1", "--eval_loss_samples", "32",
 ]
 
 

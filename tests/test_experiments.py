@@ -555,3 +555,12 @@ def test_metrics_table_heatmaps_and_verdict_agree_with_the_csv(sweep_inference):
             expected_rgb = np.array(colormaps[HEATMAP_CMAP]((value - low) / (high - low))[:3]) * 255
             assert np.abs(image[y, x] - expected_rgb).max() <= 3, f"{stem} cell r{rank} a{alpha}"
     assert re.search(r"\| base model \| \| \| [\d.]+ \|", markdown)
+
+
+def test_later_runs_of_a_sweep_read_the_first_runs_cache(sweep):
+    """One latent and text-embedding cache per sweep (output_dir/.latent_cache), read by every later run."""
+    work = sweep["work"]
+    cache = work / "output_ghibli" / ".latent_cache"
+    assert len(list(cache.glob("text_*.safetensors"))) == 1
+    logs = sorted((work / "experiment_results" / "runs").glob("*/train.log"))
+    assert logs and any("Text embeddings read from" in log.read_text() for log in logs)

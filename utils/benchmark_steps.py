@@ -27,19 +27,20 @@ class Variant:
     label: str
     cache: bool = True
     release_encoders: bool = True
-    gradient_checkpointing: bool | None = None  # None: the run's setting
+    gradient_checkpointing: bool | str | None = None  # None: the run's setting; 'auto': the trainer decides
     mixed_precision: str | None = None  # None: the run's setting
     optimizer: str = "adamw"
     channels_last: bool = False
     compile: bool = False
 
 
-def all_variants(gradient_checkpointing: bool, mixed_precision: str) -> dict[str, Variant]:
-    other_gc = "on" if not gradient_checkpointing else "off"
+def all_variants(gradient_checkpointing: bool | str, mixed_precision: str) -> dict[str, Variant]:
+    other = gradient_checkpointing is not True  # 'auto' and off are measured against forced on
+    other_gc = "on" if other else "off"
     variants = [
         Variant("naive", "naive: encoders every step (--no-cache)", cache=False),
         Variant("ours", "ours: cached, encoders released (default)"),
-        Variant("gc", f"ours, gradient checkpointing {other_gc}", gradient_checkpointing=not gradient_checkpointing),
+        Variant("gc", f"ours, gradient checkpointing {other_gc}", gradient_checkpointing=other),
         Variant("channels_last", "ours, channels-last UNet", channels_last=True),
         Variant("encoders_on_device", "ours, encoders kept on the device", release_encoders=False),
         Variant("adamw8bit", "ours, 8-bit AdamW", optimizer="adamw8bit"),
@@ -136,10 +137,16 @@ def trainer_args(config: dict, variant: Variant) -> argparse.Namespace:
             "--train_batch_size", str(config["train_batch_size"]), "--max_train_steps", "1000000",
             "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--report_to", "none",
             "--optimizer", variant.optimizer, "--mixed_precision", variant.mixed_precision or config["mixed_precision"],
-            "--gradient_checkpointing" if gradient_checkpointing else "--no-gradient_checkpointing"]
+            *checkpointing_flag(gradient_checkpointing)]
     argv += [] if variant.cache else ["--no-cache"]
     argv += [] if config["buckets"] else ["--no_buckets"]
     return parse_args(argv)
+
+
+def checkpointing_flag(setting: bool | str) -> list[str]:
+    if setting == "auto":
+        return []
+    return ["--gradient_checkpointing"] if setting else ["--no-gradient_checkpointing"]
 
 
 def run_variant(config: dict, variant: Variant) -> dict:
@@ -171,7 +178,7 @@ def run_variant(config: dict, variant: Variant) -> dict:
     for _ in range(config["warmup"] + config["steps"]):
         _synchronize(device)
         start = time.perf_counter()
-        loss = trainer.train_micro_step(run, next(batches))
+        loss, _ = trainer.train_micro_step(run, next(batches))
         losses.append(run.accelerator.gather(loss[None]).mean().item())  # as the training loop logs it
         step_seconds.append(time.perf_counter() - start)
     train_peak, process_peak = memory.peaks()
@@ -179,7 +186,7 @@ def run_variant(config: dict, variant: Variant) -> dict:
         "variant": variant.key, "step_seconds": step_seconds[config["warmup"]:],
         "warmup_seconds": sum(step_seconds[:config["warmup"]]), "setup_seconds": setup_seconds,
         "train_peak_bytes": train_peak, "process_peak_bytes": process_peak, "losses": losses,
-        "mixed_precision": run.accelerator.mixed_precision, "gradient_checkpointing": args.gradient_checkpointing,
+        "mixed_precision": run.accelerator.mixed_precision, "gradient_checkpointing": run.gradient_checkpointing,
         "weight_dtype": str(run.unet.dtype),
     }
 
@@ -226,7 +233,7 @@ def run_paired(config: dict) -> dict:
             loader_batch = pixels_batch if key == "naive" else {"index": pixels_batch["index"]}
             _synchronize(device)
             start = time.perf_counter()
-            trainer.train_micro_step(run, loader_batch).item()
+            trainer.train_micro_step(run, loader_batch)[0].item()
             if step >= config["warmup"]:
                 seconds[key].append(time.perf_counter() - start + (load_seconds if key == "naive" else 0.0))
     ratios = [n / o for n, o in zip(seconds["naive"], seconds["ours"])]

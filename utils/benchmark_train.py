@@ -14,6 +14,15 @@ process for a speed ratio that background load cannot skew.
 
 'naive' against 'ours' is also the caching benchmark (--cache against --no-cache).
 
+Whole runs (--whole_run, on by default): train_sdxl_lora.py itself, start to exit, for
+  naive      the original's loop: encoders every step (--no-cache), gradient checkpointing always on,
+             no fixed-noise evaluation
+  previous   this project before issue 15: cached, checkpointing on, fixed-noise loss after every epoch
+             on 32 triples
+  default    no flags: cached, checkpointing auto, evaluation within ~5% of the compute
+with the time to the first step, the first-to-last-step rate, the steady-state rate (median step
+interval) and the wall time, and the ratios default / naive in one run.
+
     python utils/benchmark_train.py --model small                  # CPU, a few minutes
     python utils/benchmark_train.py --model sdxl --resolution 1024 --mixed_precision bf16   # GPU
 """
@@ -28,6 +37,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -107,9 +117,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train_batch_size", type=int, default=1)
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="default: bf16 on a GPU that has it, else fp16; no (fp32) on CPU")
-    p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=True,
-                   help="setting of the naive/ours comparison (the trainer's default: on); the 'gc' "
-                        "variant measures the other")
+    p.add_argument("--gradient_checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="setting of the naive/ours step comparison (default: the trainer's auto choice, off "
+                        "on a CPU; on a GPU, on when the step would not fit); the 'gc' variant measures the other")
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant (default by model)")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default by model)")
     p.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default: 2 on CPU, 1 on GPU)")
@@ -127,6 +137,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "the speed ratio that background load cannot skew")
     p.add_argument("--flops_only", action="store_true",
                    help="only count the FLOPs of a step (on the meta device: instant, any model, no GPU)")
+    p.add_argument("--whole_run", choices=["on", "off", "only"], default="on",
+                   help="also time whole training runs (naive, previous, default) through the CLI; 'only' skips "
+                        "the per-step variants")
+    p.add_argument("--whole_run_steps", type=int, default=24, help="optimizer steps of each whole run")
     p.add_argument("--output_json", default=None, help="also write the results here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -145,7 +159,8 @@ def resolve_settings(args: argparse.Namespace, cuda: bool) -> dict:
     return {
         "model": args.model, "resolution": args.resolution or DEFAULT_RESOLUTION[args.model],
         "train_batch_size": args.train_batch_size, "mixed_precision": args.mixed_precision,
-        "gradient_checkpointing": args.gradient_checkpointing,
+        "gradient_checkpointing": (args.gradient_checkpointing if args.gradient_checkpointing is not None
+                                   else "auto" if cuda else False),
         "steps": args.steps or steps or -(-args.num_images // args.train_batch_size),
         "warmup": args.warmup if args.warmup is not None else warmup + (3 if args.torch_compile else 0),
         "buckets": args.buckets, "repeats": args.repeats or (1 if cuda else 2),
@@ -211,6 +226,72 @@ def save_model(model: str, folder: Path, device: torch.device) -> Path:
     return folder
 
 
+WHOLE_RUNS = {
+    "naive": ("the original's loop (--no-cache, checkpointing on, no eval)",
+              ["--no-cache", "--gradient_checkpointing", "--eval_loss_epochs", "0"]),
+    "previous": ("before issue 15 (cache, checkpointing on, eval every epoch x 32)",
+                 ["--gradient_checkpointing", "--eval_loss_epochs", "1", "--eval_loss_samples", "32"]),
+    "default": ("default (no flags)", []),
+}
+
+
+def whole_run(config: dict, key: str, steps: int) -> dict:
+    """One training through train_sdxl_lora.py in a fresh process: wall time from launch to exit, and the
+    trainer's own logs/timings.json (first and last optimizer step)."""
+    from utils.train_speed import read_timings
+
+    output_dir = Path(config["output_dir"]) / f"whole_{key}"
+    command = [sys.executable, str(Path(__file__).resolve().parent.parent / "train_sdxl_lora.py"),
+               "--pretrained_model_name_or_path", config["model_dir"], "--dataset_dir", config["dataset_dir"],
+               "--output_dir", str(output_dir), "--resolution", str(config["resolution"]),
+               "--train_batch_size", str(config["train_batch_size"]), "--max_train_steps", str(steps),
+               "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--report_to", "none",
+               "--mixed_precision", config["mixed_precision"], *([] if config["buckets"] else ["--no_buckets"]),
+               *WHOLE_RUNS[key][1]]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": str(config["num_threads"])}
+    launched = time.time()
+    completed = subprocess.run(command, capture_output=True, text=True, env=env)
+    ended = time.time()
+    if completed.returncode != 0:
+        lines = [line for line in completed.stderr.splitlines() if line.strip()]
+        return {"failed": lines[-1] if lines else f"exit status {completed.returncode}"}
+    (timings_path,) = output_dir.glob("*/logs/timings.json")
+    timings = read_timings(timings_path)
+    return {"wall_s": ended - launched, "time_to_first_step_s": timings["first_step"] - launched,
+            "first_to_last_steps_per_s": timings["first_to_last_steps_per_s"],
+            "steady_steps_per_s": timings["steady_steps_per_s"], "steps": timings["steps"],
+            "setup_phases_s": timings["setup_phases_s"]}
+
+
+def report_whole_runs(results: dict[str, dict], steps: int) -> dict:
+    from utils.benchmark_report import format_table
+
+    print()
+    print(f"Whole runs through train_sdxl_lora.py, {steps} optimizer steps each, launch to exit:")
+    rows = []
+    for key, result in results.items():
+        if "failed" in result:
+            print(f"  {key}: failed: {result['failed']}")
+            continue
+        rows.append([WHOLE_RUNS[key][0], f"{result['time_to_first_step_s']:.1f}",
+                     f"{result['first_to_last_steps_per_s']:.3f}", f"{result['steady_steps_per_s']:.3f}",
+                     f"{result['wall_s']:.1f}"])
+    print(format_table(["run", "to first step s", "first-to-last steps/s", "steady steps/s", "wall s"], rows))
+    naive, default = results.get("naive", {}), results.get("default", {})
+    if "failed" in naive or "failed" in default or not naive or not default:
+        return {}
+    ratios = {"whole_steady_speed": default["steady_steps_per_s"] / naive["steady_steps_per_s"],
+              "whole_first_to_last_speed": default["first_to_last_steps_per_s"] / naive["first_to_last_steps_per_s"],
+              "whole_wall_time": default["wall_s"] / naive["wall_s"],
+              "whole_time_to_first_step": default["time_to_first_step_s"] / naive["time_to_first_step_s"]}
+    print(f"default / naive: steady-state {ratios['whole_steady_speed']:.2f}x steps/s, first-to-last step "
+          f"{ratios['whole_first_to_last_speed']:.2f}x steps/s, wall time {ratios['whole_wall_time']:.2f}x "
+          f"({default['wall_s']:.1f} s vs {naive['wall_s']:.1f} s), time to first step "
+          f"{ratios['whole_time_to_first_step']:.2f}x")
+    return ratios
+
+
 def print_flops(settings: dict) -> None:
     from train_sdxl_lora import parse_args as trainer_parse_args
     from utils.benchmark_report import flops_text
@@ -246,7 +327,8 @@ def report(settings: dict, chosen: list[Variant], skipped: dict[str, str | None]
     batch = settings["train_batch_size"]
     print(f"SDXL LoRA training benchmark -- model '{settings['model']}': {describe_model(settings['model'])}")
     print(f"device {device}; {settings['resolution']}x{settings['resolution']}, batch {batch}, mixed precision "
-          f"{settings['mixed_precision']}, gradient checkpointing {'on' if settings['gradient_checkpointing'] else 'off'}"
+          f"{settings['mixed_precision']}, gradient checkpointing "
+          f"{ {True: 'on', False: 'off'}.get(settings['gradient_checkpointing'], 'auto') }"
           f", {num_images} synthetic images, {'aspect buckets' if settings['buckets'] else 'square crops'}")
     print(f"timing: {settings['steps']} optimizer steps after {settings['warmup']} warm-up, median step; each "
           f"variant in a fresh process; {settings['repeats']} interleaved round(s), fastest round shown")
@@ -311,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cuda = torch.cuda.is_available()
     settings = resolve_settings(args, cuda)
-    variants = all_variants(args.gradient_checkpointing, args.mixed_precision)
+    variants = all_variants(settings["gradient_checkpointing"], args.mixed_precision)
     wanted = args.variants.split(",") if args.variants else list(variants)
     unknown = [key for key in wanted if key not in variants]
     if unknown:
@@ -333,6 +415,17 @@ def main(argv: list[str] | None = None) -> int:
         config = {**settings, "dataset_dir": str(make_synthetic_dataset(Path(scratch) / "data", args.num_images)),
                   "model_dir": str(save_model(settings["model"], Path(scratch) / "model", device)),
                   "output_dir": str(Path(scratch) / "runs")}
+        whole = {}
+        if args.whole_run != "off":
+            for key in WHOLE_RUNS:
+                logger.info("whole run: %s", WHOLE_RUNS[key][0])
+                whole[key] = whole_run(config, key, args.whole_run_steps)
+        if args.whole_run == "only":
+            whole_ratios = report_whole_runs(whole, args.whole_run_steps)
+            if args.output_json:
+                Path(args.output_json).write_text(json.dumps({"settings": settings, "whole_runs": whole,
+                                                              "ratios": whole_ratios}, indent=2))
+            return 0
         flops = step_flops(settings["model"], settings["resolution"], settings["train_batch_size"],
                            trainer_args(config, variants["ours"]))
         rounds: dict[str, list[dict]] = {v.key: [] for v in chosen}
@@ -352,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [variant for variant in chosen if variant.key not in failed]
     skipped.update({key: f"failed: {reason}" for key, reason in failed.items()})
     ratios = report(settings, chosen, skipped, summary, flops, peak, args.num_images, paired)
+    if whole:
+        ratios["ratios"].update(report_whole_runs(whole, args.whole_run_steps))
+        ratios["whole_runs"] = whole
     if args.output_json:
         Path(args.output_json).write_text(json.dumps({"settings": settings, "peak": asdict(peak), "flops": flops,
                                                       "results": summary, "rounds": rounds, "paired": paired,

@@ -54,6 +54,7 @@ class TrainState:
     skipped_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
     epoch_losses: list = field(default_factory=list)  # finite step losses of the current epoch so far
     dataset_info: dict = field(default_factory=dict)  # image count and caption tag frequencies
+    speed_info: dict = field(default_factory=dict)  # resolved speed settings (checkpointing, evaluation plan)
 
 
 # ----------------------------------------------------------------------------- naming
@@ -149,6 +150,8 @@ def write_experiment_config(accelerator, run_dir: Path, args, state: TrainState,
     config.update(
         num_train_images=num_images,
         num_held_out_images=num_held_out,
+        images_seen_per_epoch=state.dataset_info.get("images_per_epoch", num_images),  # issue 19: kohya repeats
+        dataset_folders=state.dataset_info.get("folders", []),
         max_train_steps=state.max_train_steps,
         steps_per_epoch=state.steps_per_epoch,
         effective_batch_size=args.train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes,
@@ -158,6 +161,7 @@ def write_experiment_config(accelerator, run_dir: Path, args, state: TrainState,
         command=command_line(),
         versions={"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__},
     )
+    config.update(state.speed_info)  # issue 15: resolved gradient checkpointing and evaluation plan
     write_json(run_dir / "experiment_config.json", config)
 
 
@@ -267,13 +271,19 @@ def lora_metadata(args: argparse.Namespace, state: TrainState) -> dict:
 
 
 def end_of_epoch(accelerator, args, run_dir: Path, state: TrainState, epoch: int, learning_rate: float,
-                 eval_loss: float | None, epoch_log: CsvLog, components, models: list) -> None:
+                 eval_loss: float | None, epoch_log: CsvLog, components, models: list,
+                 select_by: str = "eval_loss") -> None:
     """After epoch ``epoch`` (0-based): the original's log row, best_model/ and checkpoint_epoch_{epoch}/,
-    then the loss plot and validation images."""
+    then the loss plot and validation images.
+
+    best_model: with ``select_by`` 'eval_loss' only epochs that measured the fixed-noise loss compete;
+    with 'train_loss' (evaluation off), the original's rule, the lowest mean training loss."""
     losses = state.epoch_losses
     train_loss = sum(losses) / len(losses) if losses else math.nan
-    state.last_eval_loss = eval_loss
-    metric, metric_name = (eval_loss, "eval_loss") if eval_loss is not None else (train_loss, "train_loss")
+    if eval_loss is not None:
+        state.last_eval_loss = eval_loss
+    metric_name = select_by
+    metric = (eval_loss if eval_loss is not None else math.nan) if select_by == "eval_loss" else train_loss
     logger.info("epoch %d: mean train loss %.5f, fixed-noise eval loss %s", epoch, train_loss,
                 f"{eval_loss:.5f}" if eval_loss is not None else "n/a")
     if eval_loss is not None:
