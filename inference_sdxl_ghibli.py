@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from utils.cli import run_cli
+from utils.core.cli import run_cli
 
 logger = logging.getLogger("inference_sdxl_ghibli")
 
@@ -78,8 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def default_lora(run_base: bool) -> str | None:
     """The newest trained run's final_model, for a call without --lora_model_path."""
-    from utils.comparison import newest_final_model
-    from utils.errors import UserError
+    from utils.inference.generation import newest_final_model
+    from utils.core.errors import UserError
 
     found = newest_final_model(Path(RUNS_DIR))
     if found:
@@ -96,8 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from utils.comparison import GenerationSettings, pick_device, resolve_lora_source, run_comparison
-    from utils.sdxl import load_pipeline
+    from utils.inference.generation import GenerationSettings, pick_device, resolve_lora_source, run_comparison
+    from utils.core.sdxl import load_pipeline
 
     lora_path = args.lora_model_path or default_lora(args.run_base_inference)
     if lora_path:

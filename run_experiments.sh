@@ -44,8 +44,8 @@ GPUS=""
 START_TIME="$(date '+%Y-%m-%d %H:%M:%S')"  # the sweep's start, recorded before any run
 TRAIN_ARGS=()
 
-# shellcheck source=utils/sweep_common.sh
-. "$ROOT/utils/sweep_common.sh"
+# shellcheck source=utils/sweep/common.sh
+. "$ROOT/utils/sweep/common.sh"
 
 while [ $# -gt 0 ]; do
   case "$1" in

@@ -48,8 +48,8 @@ PROMPTS=(
     "The image is an animation in Ghibli style, featuring two characters sitting at a desk. On the left is a smiling boy, and on the right is a man with a stern expression, wearing a watch."
 )
 
-# shellcheck source=utils/sweep_common.sh
-. "$ROOT/utils/sweep_common.sh"
+# shellcheck source=utils/sweep/common.sh
+. "$ROOT/utils/sweep/common.sh"
 
 while [ $# -gt 0 ]; do
   case "$1" in

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from utils.cli import run_cli
+from utils.core.cli import run_cli
 from utils.ghibli_datasets import add_dataset_arguments
 
 
@@ -160,7 +160,7 @@ def auto_or_int(value: str) -> int | str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from utils.trainer import train
+    from utils.training.trainer import train
     train(args)
     return 0
 

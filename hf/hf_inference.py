@@ -29,9 +29,9 @@ if TYPE_CHECKING:
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.cli import run_cli  # noqa: E402 (needs the repo root on sys.path)
-from utils.grids import save_image  # noqa: E402
-from utils.hub_errors import hub_errors  # noqa: E402
+from utils.core.cli import run_cli  # noqa: E402 (needs the repo root on sys.path)
+from utils.inference.grids import save_image  # noqa: E402
+from utils.hub.errors import hub_errors  # noqa: E402
 
 logger = logging.getLogger("hf_inference")
 DEFAULT_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
@@ -98,8 +98,8 @@ def generate_image_with_hf_api(prompt: str, base_model_id: str = DEFAULT_BASE, l
     """
     import torch
 
-    from utils.comparison import GenerationSettings, generate, load_adapter, pick_device
-    from utils.sdxl import check_model_source, load_pipeline
+    from utils.inference.generation import GenerationSettings, generate, load_adapter, pick_device
+    from utils.core.sdxl import check_model_source, load_pipeline
 
     check_model_source(base_model_id, "--base_model_id")
     if lora_model_id:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.cli import run_cli  # noqa: E402 (needs the repo root on sys.path)
+from utils.core.cli import run_cli  # noqa: E402 (needs the repo root on sys.path)
 
 logger = logging.getLogger("upload_to_hf")
 
@@ -34,11 +34,11 @@ def upload_model_to_hf(model_path: str | os.PathLike, repo_name: str, token: str
     """Publish a run directory or model folder to the Hub repo ``repo_name``; return the repo URL.
 
     Only the LoRA file(s), a model card, sample images and the run's config without secrets are
-    sent (see utils/hub_publish.py); the repo is created (private if asked) when missing.
+    sent (see utils/hub/publish.py); the repo is created (private if asked) when missing.
     ``token`` None means HF_TOKEN or the saved login; it is never saved. The keyword-only
     arguments are those of upload_to_hf.py's flags. Raises a one-line HubError/FileNotFoundError.
     """
-    from utils.hub_publish import DEFAULT_LICENSE, publish
+    from utils.hub.publish import DEFAULT_LICENSE, publish
 
     result = publish(model_path, repo_name, token=token, private=private,
                      license_name=license_name or DEFAULT_LICENSE, base_model=base_model,
@@ -48,7 +48,7 @@ def upload_model_to_hf(model_path: str | os.PathLike, repo_name: str, token: str
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from utils.hub_publish import DEFAULT_LICENSE
+    from utils.hub.publish import DEFAULT_LICENSE
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model_path", required=True,
@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.getLogger("httpx2").setLevel(logging.WARNING)
-    from utils.hub_publish import publish
+    from utils.hub.publish import publish
 
     if args.token:
         logger.warning("--token is visible to other users in the process list; prefer HF_TOKEN or `hf auth login`.")

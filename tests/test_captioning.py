@@ -20,8 +20,7 @@ from PIL import Image
 from tests.conftest import run_script
 from tests.gemini_server import GeminiServer
 from utils import creat_text_caption, merge_captions
-from utils.gemini_captioner import (CaptionError, CaptionFailure, GeminiCaptioner, RetryPolicy, cut_at_word,
-                                    encode_image, parse_retry_after, shape_caption)
+from utils.data.captioner import (CaptionError, CaptionFailure, GeminiCaptioner, RetryPolicy, cut_at_word, encode_image, parse_retry_after, shape_caption)
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "test-key-Zq81xVv0-do-not-print"

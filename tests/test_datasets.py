@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from tests.conftest import run_script
-from utils import check_dataset, convert_dataset, preflight
-from utils.ghibli_datasets import (DatasetError, GhibliDataset, ProductImageDataset, add_dataset_arguments,
-                                   list_dataset, load_examples, load_training_examples)
+from utils import check_dataset, convert_dataset
+from utils.data import preflight
+from utils.ghibli_datasets import (DatasetError, GhibliDataset, ProductImageDataset, add_dataset_arguments, list_dataset, load_examples, load_training_examples)
 
 
 def parse(*argv: str) -> argparse.Namespace:

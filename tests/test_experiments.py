@@ -471,7 +471,7 @@ def test_checkpoints_are_listed_in_epoch_order(tmp_path):
 
 
 def test_tiny_clip_metrics_respond_to_the_images(tiny_clip_dir):
-    from utils.style_metrics import ClipEmbedder, centroid, clip_scores, diversity, score_image_set
+    from utils.sweep.clip_metrics import ClipEmbedder, centroid, clip_scores, diversity, score_image_set
 
     embedder = ClipEmbedder(str(tiny_clip_dir), device="cpu")
     rng = np.random.default_rng(0)

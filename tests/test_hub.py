@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from tests.conftest import ROOT, TRAINED_ALPHA, TRAINED_RANK, run_script
 from tests.hub_server import HubServer
-from utils.lora_io import LORA_WEIGHT_NAME, TRAINING_METADATA_KEY, read_metadata
+from utils.lora.files import LORA_WEIGHT_NAME, TRAINING_METADATA_KEY, read_metadata
 
 TOKEN = "hf_TestTokenThatMustNeverBePublished42"
 GENERATION = ["--prompt", "a village in ghibli style", "--steps", "3", "--height", "64", "--width", "64",

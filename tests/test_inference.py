@@ -169,7 +169,7 @@ def test_bad_lora_path_is_a_one_line_error(tiny_model_dir, tmp_path):
 def test_pickle_lora_is_refused_unless_allowed(trained_run, tiny_model_dir, tmp_path):
     import torch
 
-    from utils.lora_io import LORA_WEIGHT_NAME, read_tensors
+    from utils.lora.files import LORA_WEIGHT_NAME, read_tensors
     pickled = tmp_path / "pytorch_lora_weights.bin"
     torch.save(read_tensors(trained_run / "final_model" / LORA_WEIGHT_NAME), pickled)
     refused = run_script(SCRIPT, "--pretrained_model_name_or_path", str(tiny_model_dir),

@@ -59,7 +59,7 @@ def render_with(pipe, folder: Path, weight_name: str) -> tuple[np.ndarray, torch
 
 def diffusers_file_deltas(path: Path, scale: float) -> dict[tuple[str, str], tuple]:
     """(component, module) -> (A, B, scale) from a diffusers-format file."""
-    from utils.lora_io import read_tensors
+    from utils.lora.files import read_tensors
 
     tensors, deltas = read_tensors(path), {}
     for key, down in tensors.items():
@@ -152,7 +152,7 @@ def convert_cli(*argv: str) -> int:
 
 
 def test_sdxl_names_are_kohyas_and_diffusers_converts_them_back():
-    from utils.kohya_lora import SDXL_UNET_CONFIG, text_encoder_kohya_name, unet_kohya_names
+    from utils.lora.kohya import SDXL_UNET_CONFIG, text_encoder_kohya_name, unet_kohya_names
 
     if SHARED_SDXL_CONFIG.is_file():
         assert json.loads(SHARED_SDXL_CONFIG.read_text()) == SDXL_UNET_CONFIG
@@ -187,7 +187,7 @@ def test_sdxl_names_are_kohyas_and_diffusers_converts_them_back():
 
 
 def test_block_indices_follow_the_config_of_the_tiny_unet(tiny_model_dir):
-    from utils.kohya_lora import load_unet_config, unet_kohya_names
+    from utils.lora.kohya import load_unet_config, unet_kohya_names
 
     config = load_unet_config(str(tiny_model_dir))  # 2 blocks, 1 layer per block
     names = unet_kohya_names(config)
@@ -204,7 +204,7 @@ def test_block_indices_follow_the_config_of_the_tiny_unet(tiny_model_dir):
 
 
 def test_trained_lora_as_kohya_file_gives_the_same_image(trained_run, pipe, tmp_path):
-    from utils.lora_io import TRAINING_METADATA_KEY, read_metadata, read_tensors
+    from utils.lora.files import TRAINING_METADATA_KEY, read_metadata, read_tensors
 
     source = trained_run / "final_model" / "pytorch_lora_weights.safetensors"
     output = tmp_path / "ghibli_kohya.safetensors"
@@ -244,8 +244,8 @@ def test_trained_lora_as_kohya_file_gives_the_same_image(trained_run, pipe, tmp_
 
 def test_inference_cli_takes_a_kohya_file(trained_run, pipe, tiny_model_dir, tmp_path):
     from inference_sdxl_ghibli import DEFAULT_NEGATIVE
-    from utils.comparison import GenerationSettings, run_comparison
-    from utils.kohya_lora import convert_diffusers_to_kohya
+    from utils.inference.generation import GenerationSettings, run_comparison
+    from utils.lora.kohya import convert_diffusers_to_kohya
 
     kohya = convert_diffusers_to_kohya(trained_run / "final_model" / "pytorch_lora_weights.safetensors",
                                        tmp_path / "style.safetensors")
@@ -272,7 +272,7 @@ def test_inference_cli_takes_a_kohya_file(trained_run, pipe, tiny_model_dir, tmp
 @pytest.fixture(scope="module")
 def text_encoder_lora(pipe, tiny_model_dir, tmp_path_factory):
     """A diffusers file with UNet and both text-encoder LoRAs, trained-like (non-zero B), with rsLoRA."""
-    from utils.lora_io import save_lora
+    from utils.lora.files import save_lora
 
     models = {"unet": with_random_adapter(pipe.unet, ["to_q", "to_k", "to_v", "to_out.0"], use_rslora=True)}
     for name in ("text_encoder", "text_encoder_2"):
@@ -286,8 +286,8 @@ def text_encoder_lora(pipe, tiny_model_dir, tmp_path_factory):
 
 
 def test_text_encoders_and_rslora_survive_kohya_and_back(text_encoder_lora, pipe, tmp_path):
-    from utils.kohya_lora import convert_diffusers_to_kohya, read_diffusers_lora
-    from utils.lora_io import adapter_config, read_metadata, read_tensors
+    from utils.lora.kohya import convert_diffusers_to_kohya, read_diffusers_lora
+    from utils.lora.files import adapter_config, read_metadata, read_tensors
 
     source, deltas = text_encoder_lora
     kohya = convert_diffusers_to_kohya(source, tmp_path / "te_kohya.safetensors")
@@ -325,8 +325,8 @@ def test_text_encoders_and_rslora_survive_kohya_and_back(text_encoder_lora, pipe
 
 
 def test_convolution_and_embedding_layers_convert_too(pipe, tiny_model_dir, tmp_path):
-    from utils.kohya_lora import KOHYA_WEIGHT_NAME, save_kohya_copy
-    from utils.lora_io import read_tensors, save_lora
+    from utils.lora.kohya import KOHYA_WEIGHT_NAME, save_kohya_copy
+    from utils.lora.files import read_tensors, save_lora
 
     targets = ["conv_in", "conv1", "conv2", "conv_shortcut", "time_emb_proj", "conv", "linear_1", "proj_in",
                "proj_out", "ff.net.0.proj", "ff.net.2", "to_q"]
@@ -357,8 +357,8 @@ def test_convolution_and_embedding_layers_convert_too(pipe, tiny_model_dir, tmp_
 def test_unmappable_keys_are_reported_not_dropped(trained_run, tiny_model_dir, tmp_path, capsys):
     from safetensors.torch import save_file
 
-    from utils.kohya_lora import LoraConversionError, convert_kohya_to_diffusers, load_unet_config
-    from utils.lora_io import read_metadata, read_tensors
+    from utils.lora.kohya import LoraConversionError, convert_kohya_to_diffusers, load_unet_config
+    from utils.lora.files import read_metadata, read_tensors
 
     source = trained_run / "final_model" / "pytorch_lora_weights.safetensors"
     tensors, metadata = read_tensors(source), read_metadata(source)
@@ -404,7 +404,7 @@ def test_peft_adapter_folder_converts_with_its_component(pipe, tmp_path, capsys)
 
     from peft import LoraConfig, get_peft_model
 
-    from utils.lora_io import read_tensors
+    from utils.lora.files import read_tensors
 
     model = get_peft_model(copy.deepcopy(pipe.text_encoder_2),
                            LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj"]))

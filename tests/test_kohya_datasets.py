@@ -15,10 +15,11 @@ from PIL import Image
 
 from tests.conftest import run_script
 from tests.test_multigpu import free_port
-from utils import check_dataset, convert_dataset, preflight
+from utils import check_dataset, convert_dataset
+from utils.data import preflight
 from utils.ghibli_datasets import kohya_repeats, list_dataset
-from utils.lora_io import LORA_WEIGHT_NAME, read_tensors
-from utils.train_data import BucketBatchSampler
+from utils.lora.files import LORA_WEIGHT_NAME, read_tensors
+from utils.training.batches import BucketBatchSampler
 
 # Batch 1, resolution 64, constant-free linear schedule: every step's learning rate is known.
 TINY = ["--resolution", "64", "--train_batch_size", "1", "--learning_rate", "1e-2", "--lr_scheduler", "linear",

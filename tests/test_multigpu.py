@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from tests.conftest import run_script
-from utils.lora_io import LORA_WEIGHT_NAME, read_tensors
+from utils.lora.files import LORA_WEIGHT_NAME, read_tensors
 
 BATCH = 4
 EPOCHS = 3

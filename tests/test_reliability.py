@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, run_script
-from utils.lora_io import LORA_WEIGHT_NAME, read_tensors
-from utils.run_files import CsvLog, checkpoints_of
+from utils.lora.files import LORA_WEIGHT_NAME, read_tensors
+from utils.training.run_dir import CsvLog, checkpoints_of
 
 ARGS = ["--resolution", "128", "--train_batch_size", "2", "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
         "--lora_rank", "4", "--lora_alpha", "8", "--report_to", "none", "--save_steps", "100",
@@ -133,7 +133,7 @@ def test_refuses_to_save_nan_lora(tiny_model_dir, tmp_path):
     from diffusers import UNet2DConditionModel
     from peft import LoraConfig
 
-    from utils.lora_io import save_lora
+    from utils.lora.files import save_lora
 
     unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
     unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"]))

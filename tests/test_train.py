@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import TRAINED_ALPHA, TRAINED_RANK, run_script
-from utils.lora_io import LORA_WEIGHT_NAME, adapter_config, read_metadata, read_tensors
+from utils.lora.files import LORA_WEIGHT_NAME, adapter_config, read_metadata, read_tensors
 
 # The shared run (4 epochs, 48 optimizer steps of batch 1 at lr 1e-2) lowered the fixed-noise eval loss
 # from 1.091 to 1.004 (8 %) when measured; 3 % leaves room for platform noise while still
@@ -128,10 +128,10 @@ def test_training_lowers_the_fixed_noise_loss(trained_run, tiny_model_dir, tiny_
     info = json.loads((trained_run / "final_model" / "final_model_info.json").read_text())
     assert info["final_eval_loss"] < (1 - REQUIRED_LOSS_DROP) * info["initial_eval_loss"]
 
-    from utils.buckets import load_rgb, prepare_image
+    from utils.training.buckets import load_rgb, prepare_image
     from utils.ghibli_datasets import load_examples
-    from utils.sdxl import encode_prompts, scale_latents, time_ids, vae_latent_distribution
-    from utils.trainer import Batch, denoising_loss
+    from utils.core.sdxl import encode_prompts, scale_latents, time_ids, vae_latent_distribution
+    from utils.training.trainer import Batch, denoising_loss
 
     pipe = load_pipe(tiny_model_dir)
     examples = load_examples("ghibli", tiny_dataset_dir)[:6]
@@ -169,7 +169,7 @@ def test_lora_file_metadata_has_training_facts(trained_run):
 
 
 def test_resolved_precision_and_variant_fall_back(tiny_model_dir, caplog):
-    from utils.sdxl import resolve_mixed_precision, resolve_variant
+    from utils.core.sdxl import resolve_mixed_precision, resolve_variant
     assert resolve_mixed_precision("fp16", cuda_available=False) == "no"
     assert resolve_mixed_precision("no", cuda_available=False) == "no"
     assert resolve_variant(str(tiny_model_dir), "fp16") is None
@@ -180,7 +180,7 @@ def test_resolved_precision_and_variant_fall_back(tiny_model_dir, caplog):
 def test_run_directories_never_collide(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from utils.run_files import create_unique_dir
+    from utils.training.run_dir import create_unique_dir
     with ThreadPoolExecutor(8) as pool:
         folders = list(pool.map(lambda _: create_unique_dir(tmp_path, "20260101_000000_ghibli_r4_a4.0_lr0.0001"),
                                 range(8)))

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import run_script
-from utils.train_speed import (EVAL_BUDGET, GIB, StepLosses, choose_gradient_checkpointing,
-                               estimate_activation_bytes, plan_evaluation)
+from utils.training.speed import (EVAL_BUDGET, GIB, StepLosses, choose_gradient_checkpointing, estimate_activation_bytes, plan_evaluation)
 
 
 def test_gradient_checkpointing_flag_keeps_the_original_form_and_defaults_to_auto():
@@ -95,7 +94,7 @@ def test_step_losses_are_read_in_one_transfer_every_n_steps_with_their_skip_flag
 
 def test_a_nonfinite_step_is_skipped_on_the_device_without_reading_the_flag():
     """The fused AdamW's found_inf: no update of the weights, the moments or the step count."""
-    from utils.trainer import nonfinite_step, skip_on_device
+    from utils.training.trainer import nonfinite_step, skip_on_device
 
     weight = torch.nn.Parameter(torch.ones(4))
     optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)

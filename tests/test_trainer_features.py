@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import run_script
-from utils.lora_io import LORA_WEIGHT_NAME, read_tensors
+from utils.lora.files import LORA_WEIGHT_NAME, read_tensors
 
 FAST = ["--resolution", "128", "--train_batch_size", "2", "--learning_rate", "1e-2", "--lr_warmup_steps", "0",
         "--lora_rank", "4", "--lora_alpha", "4", "--report_to", "none", "--save_steps", "100"]
@@ -99,9 +99,9 @@ def test_text_encoder_lora_loads_and_changes_prompt_embeddings(tiny_model_dir, t
 
 
 def test_buckets_give_one_shape_per_batch_and_real_time_ids(tmp_path):
-    from utils.buckets import make_buckets, nearest_bucket
+    from utils.training.buckets import make_buckets, nearest_bucket
     from utils.ghibli_datasets import Example
-    from utils.train_data import BucketBatchSampler, PixelDataset, assign_buckets
+    from utils.training.batches import BucketBatchSampler, PixelDataset, assign_buckets
 
     sizes = {"wide": (300, 100), "tall": (100, 300), "wide2": (320, 110), "tall2": (90, 290)}
     examples = []
@@ -129,7 +129,7 @@ def test_buckets_give_one_shape_per_batch_and_real_time_ids(tmp_path):
 def test_min_snr_weights_follow_the_formula():
     from diffusers import DDPMScheduler
 
-    from utils.trainer import min_snr_weights
+    from utils.training.trainer import min_snr_weights
 
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     timesteps = torch.tensor([0, 10, 200, 500, 999])
@@ -145,7 +145,7 @@ def test_min_snr_weights_follow_the_formula():
 
 
 def test_bucket_assignment_reads_the_upright_size_without_decoding(tmp_path):
-    from utils.buckets import load_rgb, upright_size
+    from utils.training.buckets import load_rgb, upright_size
 
     image = Image.new("RGB", (300, 100), (10, 20, 30))
     exif = image.getexif()
@@ -180,9 +180,9 @@ def test_resolution_must_be_a_multiple_of_8(tiny_model_dir, tiny_dataset_dir, tm
 def test_square_training_crops_the_centre_at_exactly_the_resolution(tmp_path):
     """The original's Resize(resolution) + CenterCrop(resolution); random crops only with --random_crop."""
     from train_sdxl_lora import parse_args
-    from utils.buckets import make_buckets
+    from utils.training.buckets import make_buckets
     from utils.ghibli_datasets import Example
-    from utils.train_data import PixelDataset, assign_buckets
+    from utils.training.batches import PixelDataset, assign_buckets
 
     assert parse_args([]).center_crop is True
     assert parse_args(["--center_crop"]).center_crop is True

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import numpy as np
 import torch
 
-from utils.benchmark_models import DEFAULT_RESOLUTION, MODELS
+from utils.bench.models import DEFAULT_RESOLUTION, MODELS
 
 logger = logging.getLogger("benchmark_inference")
 
@@ -62,8 +62,8 @@ def make_lora_file(pipe, folder: Path, rank: int, alpha: float) -> Path:
     """A LoRA like the trainer's (its PEFT config and targets), with random non-zero weights, saved the
     project's way; the adapter is then removed again so the pipeline is the base model."""
     from train_sdxl_lora import parse_args as trainer_parse_args
-    from utils.lora_io import save_lora
-    from utils.trainer import lora_config
+    from utils.lora.files import save_lora
+    from utils.training.trainer import lora_config
 
     args = trainer_parse_args(["--lora_rank", str(rank), "--lora_alpha", str(alpha)])
     pipe.unet.add_adapter(lora_config(args, args.lora_target_modules))
@@ -81,7 +81,7 @@ class Meter:
     """Wall time and peak memory (CUDA allocations, or RSS on CPU) of one stretch of work."""
 
     def __init__(self, device: torch.device):
-        from utils.benchmark_steps import MemoryMeter
+        from utils.bench.steps import MemoryMeter
         self.memory = MemoryMeter(device)
         self.device = device
 
@@ -99,7 +99,7 @@ class Meter:
 
 def timed_images(pipe, settings, count: int, device: torch.device) -> tuple[float, int, np.ndarray]:
     """One untimed warm-up image, then ``count`` timed ones: (seconds per image, peak bytes, last image)."""
-    from utils.comparison import generate
+    from utils.inference.generation import generate
 
     generate(pipe, PROMPT, [0], settings)
     with Meter(device) as meter:
@@ -109,7 +109,7 @@ def timed_images(pipe, settings, count: int, device: torch.device) -> tuple[floa
 
 
 def run_rounds(pipe, lora_folder: Path, settings, args: argparse.Namespace, device: torch.device) -> dict:
-    from utils.comparison import ADAPTER_NAME, load_adapter
+    from utils.inference.generation import ADAPTER_NAME, load_adapter
 
     seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
     peaks: dict[str, int] = {mode: 0 for mode in MODES}
@@ -139,7 +139,7 @@ def run_rounds(pipe, lora_folder: Path, settings, args: argparse.Namespace, devi
 
 
 def report(args: argparse.Namespace, results: dict, device_name: str, dtype_name: str) -> None:
-    from utils.benchmark_report import format_table, mib, rate_text
+    from utils.bench.report import format_table, mib, rate_text
 
     base_best = min(results["seconds_per_image"]["base"])
     print(f"SDXL inference benchmark -- model '{args.model}' (random weights), {device_name}, {dtype_name}, "
@@ -170,10 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from diffusers.utils import logging as diffusers_logging
 
-    from utils.benchmark_models import build_pipeline
+    from utils.bench.models import build_pipeline
 
     diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoders": expected, UNet-only LoRA
-    from utils.comparison import GenerationSettings
+    from utils.inference.generation import GenerationSettings
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

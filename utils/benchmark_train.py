@@ -46,8 +46,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import torch
 
-from utils.benchmark_models import DEFAULT_RESOLUTION, MODELS
-from utils.benchmark_steps import Variant, all_variants, skip_reason, trainer_args
+from utils.bench.models import DEFAULT_RESOLUTION, MODELS
+from utils.bench.steps import Variant, all_variants, skip_reason, trainer_args
 
 logger = logging.getLogger("benchmark_train")
 
@@ -65,10 +65,10 @@ def step_flops(model: str, resolution: int, batch_size: int, args: argparse.Name
     """
     from diffusers import DDPMScheduler
 
-    from utils import trainer
-    from utils.benchmark_models import build_pipeline
-    from utils.flops import count_flops
-    from utils.sdxl import SDXLComponents, encode_prompts, vae_latent_distribution
+    from utils.training import trainer
+    from utils.bench.models import build_pipeline
+    from utils.bench.flops import count_flops
+    from utils.core.sdxl import SDXLComponents, encode_prompts, vae_latent_distribution
 
     pipe = build_pipeline(model, "meta")
     components = SDXLComponents([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
@@ -185,7 +185,7 @@ def run_in_subprocess(config: dict, variant: Variant | None) -> dict:
 
 
 def worker(payload: dict) -> dict:
-    from utils.benchmark_steps import run_paired, run_variant
+    from utils.bench.steps import run_paired, run_variant
 
     config = payload["config"]
     torch.set_num_threads(config["num_threads"])
@@ -215,7 +215,7 @@ def save_model(model: str, folder: Path, device: torch.device) -> Path:
     The full-size model is built on the GPU (seconds instead of minutes on a CPU) and saved as the
     fp16 variant, the way SDXL ships.
     """
-    from utils.benchmark_models import build_pipeline
+    from utils.bench.models import build_pipeline
 
     if model == "sdxl":
         build_pipeline(model, device, weight_dtype=torch.float16).save_pretrained(folder, variant="fp16")
@@ -238,7 +238,7 @@ WHOLE_RUNS = {
 def whole_run(config: dict, key: str, steps: int) -> dict:
     """One training through train_sdxl_lora.py in a fresh process: wall time from launch to exit, and the
     trainer's own logs/timings.json (first and last optimizer step)."""
-    from utils.train_speed import read_timings
+    from utils.training.speed import read_timings
 
     output_dir = Path(config["output_dir"]) / f"whole_{key}"
     command = [sys.executable, str(Path(__file__).resolve().parent.parent / "train_sdxl_lora.py"),
@@ -265,7 +265,7 @@ def whole_run(config: dict, key: str, steps: int) -> dict:
 
 
 def report_whole_runs(results: dict[str, dict], steps: int) -> dict:
-    from utils.benchmark_report import format_table
+    from utils.bench.report import format_table
 
     print()
     print(f"Whole runs through train_sdxl_lora.py, {steps} optimizer steps each, launch to exit:")
@@ -294,7 +294,7 @@ def report_whole_runs(results: dict[str, dict], steps: int) -> dict:
 
 def print_flops(settings: dict) -> None:
     from train_sdxl_lora import parse_args as trainer_parse_args
-    from utils.benchmark_report import flops_text
+    from utils.bench.report import flops_text
 
     flops = step_flops(settings["model"], settings["resolution"], settings["train_batch_size"],
                        trainer_parse_args([]))
@@ -307,7 +307,7 @@ def print_flops(settings: dict) -> None:
 
 
 def describe_model(model: str) -> str:
-    from utils.benchmark_models import build_pipeline, count_parameters
+    from utils.bench.models import build_pipeline, count_parameters
 
     pipe = build_pipeline(model, "meta")
     sizes = [count_parameters(m) / 1e6 for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2)]
@@ -320,7 +320,7 @@ def describe_model(model: str) -> str:
 def report(settings: dict, chosen: list[Variant], skipped: dict[str, str | None], summary: dict[str, dict],
            flops: dict[str, int], peak, num_images: int, paired: dict | None) -> dict:
     """Print the results; return the ratios of ours to naive."""
-    from utils.benchmark_report import flops_text, format_table, mib, rate_text
+    from utils.bench.report import flops_text, format_table, mib, rate_text
 
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else f"CPU ({torch.get_num_threads()} thread(s) per process)"
@@ -387,9 +387,9 @@ def main(argv: list[str] | None = None) -> int:
         print(RESULT_MARK + json.dumps(worker(json.loads(args.worker))), flush=True)
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from utils.flops import device_peak
+    from utils.bench.flops import device_peak
     from utils.make_tiny_sdxl import make_synthetic_dataset
-    from utils.sdxl import DTYPES
+    from utils.core.sdxl import DTYPES
 
     cuda = torch.cuda.is_available()
     settings = resolve_settings(args, cuda)

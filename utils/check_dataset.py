@@ -18,8 +18,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils import preflight
-from utils.cli import run_cli
+from utils.data import preflight
+from utils.core.cli import run_cli
 from utils.ghibli_datasets import DatasetError, add_dataset_arguments, listing_from_args
 
 

@@ -28,9 +28,9 @@ from pathlib import Path, PurePosixPath
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils import preflight
-from utils.atomic import replace_dir
-from utils.cli import run_cli
+from utils.data import preflight
+from utils.core.atomic import replace_dir
+from utils.core.cli import run_cli
 from utils.ghibli_datasets import DatasetError, Entry, add_dataset_arguments, folder_counts, listing_from_args
 
 logger = logging.getLogger(__name__)

@@ -25,11 +25,9 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 from safetensors import safe_open
 
-from utils.cli import run_cli
-from utils.kohya_lora import (COMPONENTS, KOHYA_WEIGHT_NAME, LoraConversionError, LoraModule, ParsedLora,
-                              is_kohya_state_dict, modules_from_peft_weights, read_diffusers_lora, read_kohya_lora,
-                              unet_config_for, write_diffusers_lora, write_kohya_lora)
-from utils.lora_io import LORA_WEIGHT_NAME, read_metadata, read_tensors
+from utils.core.cli import run_cli
+from utils.lora.kohya import (COMPONENTS, KOHYA_WEIGHT_NAME, LoraConversionError, LoraModule, ParsedLora, is_kohya_state_dict, modules_from_peft_weights, read_diffusers_lora, read_kohya_lora, unet_config_for, write_diffusers_lora, write_kohya_lora)
+from utils.lora.files import LORA_WEIGHT_NAME, read_metadata, read_tensors
 
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 UNET_MARKERS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.",

@@ -26,10 +26,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from utils.cli import setup_logging
-from utils.gemini_captioner import (DEFAULT_MODEL, DEFAULT_PROMPT, CaptionError, CaptionFailure, CaptionJob,
-                                    CaptionStore, GeminiCaptioner, RetryPolicy, caption_images, encode_image,
-                                    list_images, resolve_api_key, shape_caption)
+from utils.core.cli import setup_logging
+from utils.data.captioner import (DEFAULT_MODEL, DEFAULT_PROMPT, CaptionError, CaptionFailure, CaptionJob, CaptionStore, GeminiCaptioner, RetryPolicy, caption_images, encode_image, list_images, resolve_api_key, shape_caption)
 
 logger = logging.getLogger("creat_text_caption")
 

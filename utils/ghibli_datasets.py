@@ -16,7 +16,7 @@ Layouts:
             save_to_disk folder, read with `datasets`; images are written once to a cache folder
   auto      any of the above, told apart by the files present
 
-Listing a dataset only reads captions and file names; utils/preflight.py then decodes every
+Listing a dataset only reads captions and file names; utils/data/preflight.py then decodes every
 image and decides which entries are usable. ``load_training_examples`` does both for training.
 ``GhibliDataset`` and ``ProductImageDataset`` are the original's torch Datasets, built on the listing.
 """
@@ -36,7 +36,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from utils.atomic import write_bytes
+from utils.core.atomic import write_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -595,7 +595,7 @@ def load_training_examples(args: argparse.Namespace, report_here: bool = True) -
     --dataset_name), so the run name and config record it. Raises DatasetError when no image is
     usable, or on any problem with --bad_image_policy fail.
     """
-    from utils import preflight  # preflight builds on this module's classes
+    from utils.data import preflight  # preflight builds on this module's classes
 
     listing = listing_from_args(args)
     args.dataset_type = listing.dataset_type
@@ -641,7 +641,7 @@ class _ListedDataset:
         return len(self.entries)
 
     def _image(self, path: Path):
-        from utils.preflight import open_rgb  # preflight builds on this module's classes
+        from utils.data.preflight import open_rgb  # preflight builds on this module's classes
         image = open_rgb(path)
         return self.transform(image) if self.transform else image
 

@@ -32,13 +32,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.atomic import write_json, write_text
-from utils.cli import setup_logging
-from utils.grids import save_figure, save_image
-from utils.sweep_runs import (CONFIG_FILE, STATUS_FILE, SUMMARY_FILE, WEIGHTS_FILE, Generation, RunInfo,
-                              SweepError, base_images, end_status, epoch_checkpoints, find_runs, generate_series,
-                              is_finished, load_run, lora_generations, newest_checkpoint_run, plan_runs,
-                              read_json, resolve_run_dir, start_status, write_summary)
+from utils.core.atomic import write_json, write_text
+from utils.core.cli import setup_logging
+from utils.inference.grids import save_figure, save_image
+from utils.sweep.records import (CONFIG_FILE, STATUS_FILE, SUMMARY_FILE, WEIGHTS_FILE, Generation, RunInfo, SweepError, base_images, end_status, epoch_checkpoints, find_runs, generate_series, is_finished, load_run, lora_generations, newest_checkpoint_run, plan_runs, read_json, resolve_run_dir, start_status, write_summary)
 
 logger = logging.getLogger("sweep_report")
 
@@ -70,7 +67,7 @@ def _open_cell(path: Path | None, size: tuple[int, int] | None, cell_size: int):
 
 def rank_alpha_grid(cells: dict[tuple[int, float], Path], title: str, cell_size: int = 512):
     """The exp_result.png picture: rows = LoRA rank, columns = LoRA alpha, one image per run."""
-    from utils.grids import labelled_grid
+    from utils.inference.grids import labelled_grid
 
     ranks = sorted({rank for rank, _ in cells})
     alphas = sorted({alpha for _, alpha in cells})
@@ -91,7 +88,7 @@ def _series_position(model_folder: Path) -> tuple[float, str]:
 
 def epoch_strip(generations: list[Generation], image_index: int = 0, cell_size: int = 256):
     """Base, then each checkpoint of a series in epoch order; one row per prompt (image ``image_index``)."""
-    from utils.grids import labelled_grid
+    from utils.inference.grids import labelled_grid
 
     ordered = sorted(generations, key=lambda g: _series_position(g.lora_path))
     base = base_images(ordered)
@@ -271,7 +268,7 @@ def measure(runs: list[RunInfo], generations: list[Generation], clip_model: str,
     """CLIP metrics of every run and of the base images; returns (rows, base scores, verdict reason)."""
     from tqdm.auto import tqdm
 
-    from utils.style_metrics import ClipEmbedder, paired_standard_error, score_image_set, style_centroid_of
+    from utils.sweep.clip_metrics import ClipEmbedder, paired_standard_error, score_image_set, style_centroid_of
 
     try:
         embedder = ClipEmbedder(clip_model, device=device)
@@ -416,7 +413,7 @@ def build_report(args: argparse.Namespace) -> dict:
 
 
 def report_metrics(runs: list[RunInfo], generations: list[Generation], args: argparse.Namespace, out: Path) -> dict:
-    from utils.style_metrics import DEFAULT_CLIP_MODEL
+    from utils.sweep.clip_metrics import DEFAULT_CLIP_MODEL
 
     clip_model = args.clip_model or DEFAULT_CLIP_MODEL
     rows, base, reason = measure(runs, generations, clip_model, Path(args.style_images) if args.style_images

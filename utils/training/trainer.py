@@ -18,16 +18,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from utils import run_files
-from utils.errors import UserError
+from utils.training import run_dir as run_files
+from utils.core.errors import UserError
 from utils.ghibli_datasets import Example, folder_counts, load_training_examples
-from utils.interrupts import StopRequest, TrainingInterrupted
-from utils.train_speed import (EvalPlan, StepLosses, StepRecord, Timeline, choose_gradient_checkpointing,
-                               estimate_activation_bytes, eval_timesteps, plan_evaluation, read_interval)
-from utils.sdxl import (DTYPES, check_model_source, encode_prompts, load_components, resolve_mixed_precision,
-                        scale_latents, vae_latent_distribution)
-from utils.train_data import (BucketBatchSampler, IndexDataset, Item, PixelDataset, assign_buckets, cache_latents,
-                              cache_text, orientation_time_ids, prepare_item)
+from utils.training.interrupts import StopRequest, TrainingInterrupted
+from utils.training.speed import (EvalPlan, StepLosses, StepRecord, Timeline, choose_gradient_checkpointing, estimate_activation_bytes, eval_timesteps, plan_evaluation, read_interval)
+from utils.core.sdxl import (DTYPES, check_model_source, encode_prompts, load_components, resolve_mixed_precision, scale_latents, vae_latent_distribution)
+from utils.training.batches import (BucketBatchSampler, IndexDataset, Item, PixelDataset, assign_buckets, cache_latents, cache_text, orientation_time_ids, prepare_item)
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +64,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainingError("--save_kohya cannot be combined with --use_dora: the kohya format has no exact "
                             "equivalent of PEFT's DoRA magnitudes")
     if args.push_to_hub:
-        from utils.hub_publish import check_hub_target
+        from utils.hub.publish import check_hub_target
         if not args.hub_model_id:
             raise TrainingError("--push_to_hub needs --hub_model_id namespace/name")
         check_hub_target(args.hub_model_id)
@@ -378,7 +375,7 @@ def train(args: argparse.Namespace) -> Path:
         run.timeline.write(run.run_dir / args.logging_dir / "timings.json")
     run.accelerator.end_training()
     if args.push_to_hub and run.accelerator.is_main_process:
-        from utils.hub_publish import push_run_to_hub
+        from utils.hub.publish import push_run_to_hub
         push_run_to_hub(run.run_dir, args.hub_model_id, private=args.hub_private)
     return run.run_dir
 
@@ -528,7 +525,7 @@ def cached_text(captions: list[str], components, model_id: str, cache_dir: Path 
 
     from safetensors.torch import load_file, save_file
 
-    from utils.atomic import replace_file
+    from utils.core.atomic import replace_file
 
     distinct = sorted(set(captions))
     key = hashlib.sha256(json.dumps([model_id, distinct]).encode()).hexdigest()[:32]

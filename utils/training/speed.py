@@ -244,7 +244,7 @@ class Timeline:
                 "setup_phases_s": self.phases}
 
     def write(self, path: Path) -> dict:
-        from utils.atomic import write_json
+        from utils.core.atomic import write_json
         summary = self.summary()
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, summary)

@@ -32,9 +32,8 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from safetensors.torch import save_file
 
-from utils.atomic import replace_file
-from utils.lora_io import (ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME, TRAINING_METADATA_KEY, adapter_config,
-                           read_metadata, read_tensors)
+from utils.core.atomic import replace_file
+from utils.lora.files import (ADAPTER_METADATA_KEY, LORA_WEIGHT_NAME, TRAINING_METADATA_KEY, adapter_config, read_metadata, read_tensors)
 
 logger = logging.getLogger(__name__)
 

@@ -151,7 +151,7 @@ def checkpointing_flag(setting: bool | str) -> list[str]:
 
 def run_variant(config: dict, variant: Variant) -> dict:
     """Set up with the trainer's ``prepare_run``, then time warm-up + N of its optimizer steps."""
-    from utils import trainer
+    from utils.training import trainer
     from utils.ghibli_datasets import load_examples
 
     args = trainer_args(config, variant)
@@ -208,9 +208,9 @@ def run_paired(config: dict) -> dict:
     Both paths stay usable side by side because the encoders are not released here (on a GPU, idle
     encoders on the device cost memory, not time).
     """
-    from utils import trainer
+    from utils.training import trainer
     from utils.ghibli_datasets import load_examples
-    from utils.train_data import cache_latents, cache_text
+    from utils.training.batches import cache_latents, cache_text
 
     args = trainer_args(config, Variant("naive", "", cache=False))
     run = trainer.prepare_run(args, load_examples(args.dataset_type, args.dataset_dir))

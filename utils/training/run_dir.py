@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from utils.atomic import write_json
-from utils.lora_io import save_lora
+from utils.core.atomic import write_json
+from utils.lora.files import save_lora
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +210,7 @@ def open_logs(run_dir: Path, args: argparse.Namespace, enabled: bool, keep_until
 
 
 def plot_losses(run_dir: Path, args: argparse.Namespace) -> None:
-    from utils.grids import find_loss_log, plot_loss_curve
+    from utils.inference.grids import find_loss_log, plot_loss_curve
 
     log = find_loss_log(run_dir / args.logging_dir)
     if log is not None:
@@ -233,7 +233,7 @@ def save_model_folder(accelerator, folder: Path, models: list, args, state: Trai
     unet, text_encoders = unwrapped(accelerator, models)
     kohya_copy = None
     if args.save_kohya:
-        from utils.kohya_lora import save_kohya_copy
+        from utils.lora.kohya import save_kohya_copy
         kohya_copy = lambda staging: save_kohya_copy(staging, unet.config, title=folder.parent.name)  # noqa: E731
     save_lora(folder, unet, text_encoders, training_metadata=lora_metadata(args, state), extra_files=kohya_copy)
     if info_name:
@@ -304,7 +304,7 @@ def end_of_epoch(accelerator, args, run_dir: Path, state: TrainState, epoch: int
         if accelerator.is_main_process:
             plot_losses(run_dir, args)
     if args.validation_prompt and (epoch + 1) % args.validation_epochs == 0:
-        from utils.validation_images import log_validation_images
+        from utils.training.validation import log_validation_images
         log_validation_images(accelerator, args, run_dir, components, models, epoch + 1, state.global_step)
 
 

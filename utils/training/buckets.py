@@ -66,7 +66,7 @@ def upright_size(path) -> tuple[int, int]:
 
 def load_rgb(path) -> Image.Image:
     """Open an image upright (EXIF orientation applied) as 8-bit RGB; transparency is laid on white."""
-    from utils.preflight import open_rgb
+    from utils.data.preflight import open_rgb
     return open_rgb(path)
 
 

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from utils.atomic import replace_dir, replace_file
+from utils.core.atomic import replace_dir, replace_file
 
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key for the PEFT config

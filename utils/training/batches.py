@@ -19,10 +19,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from utils.atomic import replace_file
-from utils.buckets import Prepared, load_rgb, make_buckets, nearest_bucket, prepare_image, upright_size
+from utils.core.atomic import replace_file
+from utils.training.buckets import Prepared, load_rgb, make_buckets, nearest_bucket, prepare_image, upright_size
 from utils.ghibli_datasets import Example
-from utils.sdxl import encode_prompts, time_ids, vae_latent_distribution
+from utils.core.sdxl import encode_prompts, time_ids, vae_latent_distribution
 
 logger = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from utils.atomic import write_json
+from utils.core.atomic import write_json
 
 logger = logging.getLogger("sweep_runs")
 
@@ -491,7 +491,7 @@ RESERVED_INFERENCE_FLAGS = ("--output_dir", "--lora_model_path", "--base_results
 
 def _already_done(folder: Path, lora: str, args: argparse.Namespace, settings: dict) -> bool:
     """True when ``folder`` holds this LoRA's images for exactly these prompts, seeds and settings."""
-    from utils.comparison import seeds_for
+    from utils.inference.generation import seeds_for
 
     done = read_generation(folder)
     return bool(done and done.lora_path == Path(lora) and done.prompts == args.prompts and all(done.lora)
@@ -515,9 +515,8 @@ def generate_series(loras: list[tuple[str, str]], output_dir: Path, inference_ar
     from tqdm.auto import tqdm
 
     import inference_sdxl_ghibli as inference
-    from utils.comparison import (ADAPTER_NAME, GenerationSettings, base_images_ready, generator_device,
-                                  pick_device, resolve_lora_source, run_comparison)
-    from utils.sdxl import load_pipeline
+    from utils.inference.generation import (ADAPTER_NAME, GenerationSettings, base_images_ready, generator_device, pick_device, resolve_lora_source, run_comparison)
+    from utils.core.sdxl import load_pipeline
 
     for arg in inference_argv:
         if arg.split("=", 1)[0] in RESERVED_INFERENCE_FLAGS:

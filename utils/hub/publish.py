@@ -28,9 +28,9 @@ from typing import Any
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from utils.hub_errors import LOGIN_HINT, HubError, hub_errors
-from utils.lora_io import LORA_WEIGHT_NAME, TRAINING_METADATA_KEY, read_metadata
-from utils.model_card import CardFacts, render_card
+from utils.hub.errors import LOGIN_HINT, HubError, hub_errors
+from utils.lora.files import LORA_WEIGHT_NAME, TRAINING_METADATA_KEY, read_metadata
+from utils.hub.card import CardFacts, render_card
 
 logger = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from utils.atomic import write_json
-from utils.errors import UserError
-from utils.grids import comparison_grid, save_image
+from utils.core.atomic import write_json
+from utils.core.errors import UserError
+from utils.inference.grids import comparison_grid, save_image
 
 logger = logging.getLogger(__name__)
 

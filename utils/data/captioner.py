@@ -29,8 +29,8 @@ import yaml
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from utils.atomic import write_json
-from utils.preflight import open_rgb
+from utils.core.atomic import write_json
+from utils.data.preflight import open_rgb
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
-from utils.errors import UserError
+from utils.core.errors import UserError
 
 LOGIN_HINT = "set HF_TOKEN or run `hf auth login`"
 
@@ -32,9 +32,7 @@ def hub_error_message(error: BaseException, what: str) -> str | None:
     """A one-line explanation of a Hub failure concerning ``what`` (e.g. "LoRA 'user/repo'"), or None."""
     import httpx2
     from huggingface_hub import constants
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError,
-                                        OfflineModeIsEnabled, RemoteEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OfflineModeIsEnabled, RemoteEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
 
     endpoint = constants.ENDPOINT
     for cause in _chain(error):

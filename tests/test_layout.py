@@ -1,0 +1,96 @@
+"""The house rules of issue 16, read from the source (AST only, under a second): copy to tests/test_layout.py.
+
+1. Imports point one way: commands -> subpackages -> core. Each subpackage has a rank; a module may
+   import (at module level or inside a function) only its own package or packages of a lower rank,
+   and never a command (a file directly in utils/, a top-level script, hf/).
+2. No import cycle between modules.
+3. Every module under 400 lines; every function under 60 lines, except argument parsers.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+RANK = {"core": 0, "data": 1, "lora": 1, "tiny": 1, "hub": 2, "training": 3, "inference": 3,
+        "sweep": 4, "bench": 4}
+PARSERS = ("parse_args", "add_", "_add_")  # argument parsers may be long
+MAX_MODULE, MAX_FUNCTION = 400, 60
+
+
+def sources() -> list[Path]:
+    files = [*ROOT.glob("*.py"), *(ROOT / "hf").glob("*.py"), *(ROOT / "utils").rglob("*.py"), *(ROOT / "tests").rglob("*.py")]
+    return sorted(p for p in files if ".venv" not in p.parts)
+
+
+def module_name(path: Path) -> str:
+    return ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def package_of(module: str) -> str | None:
+    parts = module.split(".")
+    if parts[0] != "utils" or len(parts) < 2 or (len(parts) == 2 and parts[1] not in RANK):
+        return None  # not in a subpackage: a command (or a top-level script, hf/, tests/)
+    return parts[1]
+
+
+def imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}  # `from utils import trainer`
+    known = {module_name(p) for p in sources()}
+    return {name for name in found if name in known}
+
+
+def test_imports_point_from_commands_to_subpackages_to_core():
+    wrong = []
+    for path in sources():
+        me = module_name(path)
+        if not me.startswith("utils.") or package_of(me) is None:
+            continue  # commands, scripts and tests may import anything below them
+        for other in imports(path):
+            theirs = package_of(other)
+            if theirs is None:
+                wrong.append(f"{me} imports the command {other}")
+            elif theirs != package_of(me) and RANK[theirs] >= RANK[package_of(me)]:
+                wrong.append(f"{me} ({package_of(me)}) imports {other} ({theirs}): not a lower rank")
+    assert not wrong, "\n".join(wrong)
+
+
+def test_no_import_cycles():
+    graph = {module_name(p): imports(p) for p in sources()}
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for nxt in graph.get(node, ()):
+            if state.get(nxt) == 1:
+                pytest.fail("import cycle: " + " -> ".join(trail[trail.index(nxt):] + [nxt]))
+            if nxt not in state:
+                visit(nxt, trail + [nxt])
+        state[node] = 2
+
+    for start in graph:
+        if start not in state:
+            visit(start, [start])
+
+
+def test_modules_and_functions_stay_small():
+    long = []
+    for path in sources():
+        text = path.read_text()
+        if len(text.splitlines()) > MAX_MODULE:
+            long.append(f"{path.relative_to(ROOT)}: {len(text.splitlines())} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and not node.name.startswith(PARSERS):
+                size = node.end_lineno - node.lineno + 1
+                if size > MAX_FUNCTION:
+                    long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {size} lines")
+    assert not long, "\n".join(long)

@@ -1,0 +1,41 @@
+"""What every command-line script shares: logging set-up and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Callable
+
+EXPECTED_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    # transformers warns at import that torchvision is absent; the project does not use it.
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    # SDXL_LORA_LOG_LEVEL=DEBUG: per-step details from the project's own modules (e.g. which images
+    # each process trained on), without the libraries' debug output.
+    if os.environ.get("SDXL_LORA_LOG_LEVEL"):
+        logging.getLogger("utils").setLevel(os.environ["SDXL_LORA_LOG_LEVEL"].upper())
+
+
+def run_cli(main: Callable[[], int]) -> int:
+    """Run ``main``; known input errors end with one line on stderr and exit status 2."""
+    from utils.core.errors import UserError
+    from utils.ghibli_datasets import DatasetError
+    from utils.training.interrupts import TrainingInterrupted
+
+    setup_logging()
+    try:
+        return main() or 0
+    except EXPECTED_ERRORS + (DatasetError, UserError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as stop:
+        print(str(stop), file=sys.stderr)
+        return stop.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
