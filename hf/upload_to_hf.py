@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.core.cli import run_cli  # noqa: E402 (needs the repo root on sys.path)
+from utils.hub.token import add_token_argument, warn_about_token_flag  # noqa: E402
 
 logger = logging.getLogger("upload_to_hf")
 
@@ -55,8 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a run directory (its final_model/ is published) or a model folder "
                         "(final_model/, best_model/, checkpoint_epoch_N/)")
     p.add_argument("--repo_name", required=True, help="namespace/name, or a name in your own namespace")
-    p.add_argument("--token", default=None,
-                   help="Hub token (discouraged: visible in the process list; use HF_TOKEN or `hf auth login`)")
+    add_token_argument(p)
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.add_argument("--commit_message", default=None)
     p.add_argument("--revision", default=None, help="branch to commit to (created if missing; default main)")
@@ -78,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx2").setLevel(logging.WARNING)
     from utils.hub.publish import publish
 
-    if args.token:
-        logger.warning("--token is visible to other users in the process list; prefer HF_TOKEN or `hf auth login`.")
+    warn_about_token_flag(args.token)
     result = publish(args.model_path, args.repo_name, token=args.token, private=args.private,
                      license_name=args.license, base_model=args.base_model, instance_prompt=args.instance_prompt,
                      sample_images=args.sample_images, commit_message=args.commit_message,

@@ -12,15 +12,16 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from PIL import Image
 
-from tests.conftest import run_script
-from tests.gemini_server import GeminiServer
-from utils import creat_text_caption, merge_captions
-from utils.data.captioner import (CaptionError, CaptionFailure, GeminiCaptioner, RetryPolicy, cut_at_word, encode_image, parse_retry_after, shape_caption)
+from tests.fakes.gemini_server import GeminiServer
+from tests.helpers import read_json as read, wait_for
+from utils import creat_text_caption
+from utils.core.cli import run_cli
+from utils.data.caption_job import cut_at_word, encode_image, shape_caption
+from utils.data.captioner import CaptionError, CaptionFailure, GeminiCaptioner, RetryPolicy, parse_retry_after
 
 REPO = Path(__file__).resolve().parent.parent
 KEY = "test-key-Zq81xVv0-do-not-print"
@@ -56,10 +57,6 @@ def image_of(color: tuple[int, int, int] | None, images: dict[str, tuple[int, in
     return matches[0]
 
 
-def read(path: Path) -> dict[str, str]:
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
 def prompt_of(request) -> str:
     """The text sent with the image."""
     return " ".join(part["text"] for content in request.body["contents"] for part in content["parts"] if "text" in part)
@@ -84,6 +81,11 @@ def cli_env(server: GeminiServer, **extra: str) -> dict[str, str]:
     return env
 
 
+def caption_cli(argv: list[str]) -> int:
+    """utils/creat_text_caption.py in-process, through the runner every command uses."""
+    return run_cli(lambda: creat_text_caption.main(argv))
+
+
 def caption_command(image_dir: Path, output: Path, *flags: str) -> list[str]:
     return [sys.executable, str(REPO / "utils" / "creat_text_caption.py"), "--image-dir", str(image_dir),
             "--output", str(output), "--no_progress", *flags]
@@ -93,7 +95,7 @@ def test_every_image_captioned_downscaled_with_trigger_words(tmp_path, server, k
     images = make_images(tmp_path / "images", 5, size=(300, 200))
     output = tmp_path / "captions.json"
 
-    code = creat_text_caption.cli(["--image-dir", str(tmp_path / "images"), "--output", str(output),
+    code = caption_cli(["--image-dir", str(tmp_path / "images"), "--output", str(output),
                                    "--workers", "3", "--max_image_side", "64", "--prefix", "ghbl,",
                                    "--suffix", "(anime)", "--no_progress"])
 
@@ -161,31 +163,23 @@ def test_failures_are_summarised_and_rerun_captions_only_the_missing(tmp_path, s
             "--max_retries", "0", "--no_progress"]
     server.fail_next(1, status=403, message="quota project not allowed")
 
-    assert creat_text_caption.cli(argv) == 1
+    assert caption_cli(argv) == 1
     out = capsys.readouterr().out
     assert "captioned 2, already had a caption 0, failed 1" in out
     assert "failed img_00.png: HTTP 403 PERMISSION_DENIED: quota project not allowed" in out
     assert sorted(read(output)) == ["img_01.png", "img_02.png"]
 
     server.reset()
-    assert creat_text_caption.cli(argv) == 0
+    assert caption_cli(argv) == 0
     assert [image_of(r.color, images) for r in server.requests] == ["img_00.png"]
     assert sorted(read(output)) == sorted(images)
     assert "captioned 1, already had a caption 2, failed 0" in capsys.readouterr().out
 
     server.reset()
     before = read(output)
-    assert creat_text_caption.cli(argv + ["--overwrite", "--prefix", "again"]) == 0
+    assert caption_cli(argv + ["--overwrite", "--prefix", "again"]) == 0
     assert len(server.requests) == 3
     assert all(read(output)[name] == "again " + caption for name, caption in before.items())
-
-
-def wait_for(condition: Callable[[], bool], process: subprocess.Popen, what: str, seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert process.poll() is None, f"the captioner exited before {what}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
 
 
 def test_killed_run_resumes_and_captions_each_image_once(tmp_path, server):
@@ -195,8 +189,8 @@ def test_killed_run_resumes_and_captions_each_image_once(tmp_path, server):
     server.pause_after(3)  # three captions, then the server holds every answer
     process = subprocess.Popen(command, env=cli_env(server, GEMINI_API_KEY=KEY),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for(lambda: output.exists() and len(read(output)) == 3 and server.held == 2, process,
-             "three captions saved and two requests in flight")
+    wait_for(lambda: output.exists() and len(read(output)) == 3 and server.held == 2, 30,
+             "three captions saved and two requests in flight", process)
     process.kill()  # SIGKILL while two requests are in flight: no chance to clean up
     first_log = process.communicate()[0]
 
@@ -235,11 +229,11 @@ def test_ctrl_c_saves_the_request_in_flight_and_stops(tmp_path, server):
     log: list[str] = []
     reader = threading.Thread(target=lambda: log.extend(process.stderr), daemon=True)
     reader.start()
-    wait_for(lambda: output.exists() and len(read(output)) == 2 and server.held == 1, process,
-             "two captions saved and one request in flight")
+    wait_for(lambda: output.exists() and len(read(output)) == 2 and server.held == 1, 30,
+             "two captions saved and one request in flight", process)
     process.send_signal(signal.SIGINT)
-    wait_for(lambda: any("waiting for 1 request(s) in flight" in line for line in log), process,
-             "the captioner to wait for its request in flight")
+    wait_for(lambda: any("waiting for 1 request(s) in flight" in line for line in log), 30,
+             "the captioner to wait for its request in flight", process)
     server.resume()
     process.wait(timeout=30)
     reader.join(timeout=10)
@@ -355,12 +349,12 @@ def test_bad_input_gives_one_line_errors(tmp_path, server, monkeypatch, capsys):
         (["--image-dir", str(tmp_path / "images")], "no Gemini API key"),
     ]
     for argv, expected in cases:
-        assert creat_text_caption.cli(argv) == 2
+        assert caption_cli(argv) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and expected in err and "\n" not in err
 
     monkeypatch.setenv("GEMINI_API_KEY", KEY)
-    assert creat_text_caption.cli(["--image-dir", str(tmp_path / "images"), "--output", str(corrupt)]) == 2
+    assert caption_cli(["--image-dir", str(tmp_path / "images"), "--output", str(corrupt)]) == 2
     assert "corrupt.json: existing captions file is unreadable" in capsys.readouterr().err
     assert corrupt.read_text() == "{not json"  # left alone
     assert server.requests == []
@@ -397,60 +391,3 @@ def test_parse_retry_after_reads_seconds_and_dates():
     assert parse_retry_after(None) is None and parse_retry_after("soon") is None
     later = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
     assert 25 <= parse_retry_after(later) <= 31
-
-
-def test_merge_reports_duplicates_and_later_file_wins(tmp_path, capsys):
-    a, b, c = (tmp_path / name for name in ("a.json", "b.json", "c.json"))
-    a.write_text(json.dumps({"1.png": "one", "2.png": "two", "3.png": "three"}))
-    b.write_text(json.dumps({"2.png": "TWO", "4.png": "four"}))
-    c.write_text(json.dumps({"2.png": "deux", "3.png": "three"}))
-    output = tmp_path / "merged.json"
-
-    assert merge_captions.main(["--files", str(a), str(b), str(c), "--output", str(output)]) == 0
-
-    assert read(output) == {"1.png": "one", "2.png": "deux", "3.png": "three", "4.png": "four"}
-    out = capsys.readouterr().out
-    assert f"duplicate '2.png' in {a}, {b}, {c} (different captions); kept the value from {c}" in out
-    assert f"duplicate '3.png' in {a}, {c} (same caption); kept the value from {c}" in out
-    assert "merged 4 captions from 3 files" in out and "2 duplicates" in out
-
-    assert merge_captions.main(["--file1", str(b), "--file2", str(a), "--output", str(output)]) == 0
-    assert read(output)["2.png"] == "two"  # the original's flags, and order decides
-
-    c.write_text("[1, 2]")
-    assert merge_captions.main(["--file1", str(a), "--file2", str(c), "--output", str(output)]) == 2
-    assert capsys.readouterr().err.strip() == f'error: {c}: expected a {{"file name": "caption"}} object, got list'
-
-
-def test_original_merge_functions_second_file_wins(tmp_path, caplog):
-    first, second = tmp_path / "first.json", tmp_path / "second.json"
-    first.write_text(json.dumps({"a.png": "old a", "b.png": "only in the first"}))
-    second.write_text(json.dumps({"a.png": "new a", "c.png": "only in the second"}, ensure_ascii=False))
-    output = tmp_path / "merged.json"
-
-    merged = merge_captions.merge_captions(str(first), str(second), str(output))
-
-    assert merged == read(output) == {"a.png": "new a", "b.png": "only in the first", "c.png": "only in the second"}
-    assert list(read(output)) == ["a.png", "b.png", "c.png"]  # the first file's order, then the new names
-    assert "duplicate 'a.png'" in caplog.text
-    assert merge_captions.load_json_file(first) == {"a.png": "old a", "b.png": "only in the first"}
-    assert merge_captions.load_json_file(tmp_path / "missing.json") is None
-    assert merge_captions.merge_captions(first, tmp_path / "missing.json", tmp_path / "none.json") is None
-    assert not (tmp_path / "none.json").exists()
-    assert "missing.json: file not found" in caplog.text
-
-
-def test_merge_with_no_flags_uses_the_original_files(tmp_path):
-    (tmp_path / "ghibli").mkdir()
-    (tmp_path / "ghibli" / "ghibli_captions_simplified.json").write_text(json.dumps({"1.png": "one", "2.png": "two"}))
-    (tmp_path / "ghibli_2_captions.json").write_text(json.dumps({"2.png": "TWO", "3.png": "three"}))
-
-    result = run_script(str(REPO / "utils" / "merge_captions.py"), cwd=tmp_path, timeout=60)
-
-    assert read(tmp_path / "ghibli" / "merged_captions.json") == {"1.png": "one", "2.png": "TWO", "3.png": "three"}
-    assert "duplicate '2.png'" in result.stdout and "merged 3 captions from 2 files" in result.stdout
-
-    (tmp_path / "ghibli_2_captions.json").unlink()  # a missing input: one line and a non-zero exit
-    missing = run_script(str(REPO / "utils" / "merge_captions.py"), cwd=tmp_path, check=False, timeout=60)
-    assert missing.returncode == 2
-    assert missing.stderr.strip() == "error: ghibli_2_captions.json: file not found"

@@ -15,10 +15,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import run_script
+from tests.helpers import run_script
 from utils import check_dataset, convert_dataset
 from utils.data import preflight
-from utils.ghibli_datasets import (DatasetError, GhibliDataset, ProductImageDataset, add_dataset_arguments, list_dataset, load_examples, load_training_examples)
+from utils.data.images import open_rgb
+from utils.data.listing import add_dataset_arguments, list_dataset, load_examples, load_training_examples
+from utils.data.records import DatasetError
+from utils.ghibli_datasets import GhibliDataset, ProductImageDataset
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -118,12 +121,14 @@ def test_every_layout_gives_the_same_training_examples(tmp_path):
              product: "product", parquet_dir: "hf", from_parquet: "ghibli"}
     for folder, kind in cases.items():
         args = parse("--dataset_dir", str(folder), "--dataset_type", "auto", "--dataset_cache_dir", str(cache))
-        assert fingerprint(load_training_examples(args)) == expected_content(), folder.name
-        assert args.dataset_type == kind, folder.name
+        examples, dataset_type = load_training_examples(args)
+        assert fingerprint(examples) == expected_content(), folder.name
+        assert (dataset_type, args.dataset_type) == (kind, "auto"), folder.name  # args is read, never written
     # A parquet file named with --dataset_name (the default type yields to it); images are cached once.
     args = parse("--dataset_name", str(parquet_dir / "train.parquet"), "--dataset_cache_dir", str(cache))
-    assert fingerprint(load_training_examples(args)) == expected_content()
-    assert args.dataset_type == "hf"
+    examples, dataset_type = load_training_examples(args)
+    assert fingerprint(examples) == expected_content()
+    assert dataset_type == "hf"
     assert len(list((cache / "images").iterdir())) == len(CONTENT)
     # The original strict loader still reads the original layouts for the trainer.
     assert fingerprint(load_examples("ghibli", ghibli)) == expected_content()
@@ -144,7 +149,7 @@ def test_parquet_rows_without_a_usable_image_are_reported(tmp_path):
         f"{parquet}[row 2]: no image in this row",
         f"{parquet}[row 1]: truncated image (the file ends before the image data does)",
     ]
-    assert [e.caption for e in load_training_examples(args)] == ["a hill"]
+    assert [e.caption for e in load_training_examples(args)[0]] == ["a hill"]
     with pytest.raises(DatasetError, match="no image column 'picture'"):
         load_training_examples(parse("--dataset_name", str(parquet), "--image_column", "picture"))
 
@@ -239,13 +244,13 @@ def test_conversions_to_rgb_keep_the_picture(tmp_path):
     assert open_pixel(images / "palette.png", (60, 10)) == (200, 30, 30)
     red, green, blue = open_pixel(images / "cmyk.jpg", (40, 40))
     assert red > 200 and green < 60 and blue < 60
-    assert preflight.open_rgb(images / "rotated.jpg").size == (70, 100)
+    assert open_rgb(images / "rotated.jpg").size == (70, 100)
     assert preflight.check_image(images / "good.png", max_image_pixels=1000).reason == \
         "decompression bomb (80x80 = 6400 pixels, limit 1000)"
 
 
 def open_pixel(path: Path, xy: tuple[int, int]) -> tuple[int, int, int]:
-    image = preflight.open_rgb(path)
+    image = open_rgb(path)
     assert image.mode == "RGB"
     return image.getpixel(xy)
 
@@ -253,7 +258,7 @@ def open_pixel(path: Path, xy: tuple[int, int]) -> tuple[int, int, int]:
 def test_policy_skip_trains_on_the_rest_and_fail_stops(tmp_path, caplog):
     dataset = write_bad_corpus(tmp_path / "bad")
     with caplog.at_level(logging.INFO):
-        examples = load_training_examples(parse("--dataset_dir", str(dataset)))
+        examples, _ = load_training_examples(parse("--dataset_dir", str(dataset)))
     assert sorted(e.image_path.name for e in examples) == sorted(GOOD)
     assert all(e.caption == f"caption of {e.image_path.name}" for e in examples)
     logged = caplog.text

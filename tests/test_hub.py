@@ -1,5 +1,5 @@
 """Publishing to and generating from the Hub, with the real huggingface_hub and diffusers clients
-talking HTTP to a Hub-compatible server of our own on 127.0.0.1 (tests/hub_server.py).
+talking HTTP to a Hub-compatible server of our own on 127.0.0.1 (tests/fakes/hub_server.py).
 
 HF_ENDPOINT is read when huggingface_hub is imported, so the clients run in subprocesses.
 """
@@ -18,8 +18,9 @@ import yaml
 from PIL import Image
 from safetensors.torch import save_file
 
-from tests.conftest import ROOT, TRAINED_ALPHA, TRAINED_RANK, run_script
-from tests.hub_server import HubServer
+from tests.conftest import TRAINED_ALPHA, TRAINED_RANK
+from tests.fakes.hub_server import HubServer
+from tests.helpers import ROOT, run_script
 from utils.lora.files import LORA_WEIGHT_NAME, TRAINING_METADATA_KEY, read_metadata
 
 TOKEN = "hf_TestTokenThatMustNeverBePublished42"
@@ -282,3 +283,16 @@ def test_push_to_hub_checks_the_target_before_training(tiny_model_dir, tiny_data
                         "--push_to_hub", "--hub_model_id", "not a repo id", env=hub_env(hub, tmp_path), check=False)
     assert "hub_model_id" in error_line(result)
     assert not (tmp_path / "runs").exists()
+
+
+def test_one_secret_rule_for_configs_command_lines_and_messages():
+    import train_sdxl_lora
+    from utils.core.secrets import mask_argv, redact, scrub
+
+    flags = vars(train_sdxl_lora.parse_args([]))
+    assert scrub(flags) == flags  # experiment_config.json keeps every flag of the trainer
+    assert scrub({"hub_token": TOKEN, "wandb": [{"api_key": "k", "project": "p"}], "lr": 1}) == \
+        {"wandb": [{"project": "p"}], "lr": 1}
+    assert mask_argv(["--token", TOKEN, "--hub_token=" + TOKEN, "--API_KEY", "k", "--rank", "4", "--token"]) == \
+        ["--token", "***", "--hub_token=***", "--API_KEY", "***", "--rank", "4", "--token"]
+    assert redact(f"HTTP 400: key {TOKEN} is invalid", [TOKEN, None]) == "HTTP 400: key *** is invalid"

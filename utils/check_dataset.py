@@ -20,7 +20,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from utils.data import preflight
 from utils.core.cli import run_cli
-from utils.ghibli_datasets import DatasetError, add_dataset_arguments, listing_from_args
+from utils.data.listing import add_dataset_arguments, listing_from_args
+from utils.data.records import DatasetError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

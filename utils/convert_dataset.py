@@ -31,7 +31,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from utils.data import preflight
 from utils.core.atomic import replace_dir
 from utils.core.cli import run_cli
-from utils.ghibli_datasets import DatasetError, Entry, add_dataset_arguments, folder_counts, listing_from_args
+from utils.data.listing import add_dataset_arguments, listing_from_args
+from utils.data.records import DatasetError, Entry, folder_counts
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     output_dir.resolve().parent.mkdir(parents=True, exist_ok=True)
     # Images of a `datasets` source are only needed until they are copied out.
     with tempfile.TemporaryDirectory(prefix=".convert_cache.", dir=output_dir.resolve().parent) as scratch:
-        args.dataset_cache_dir = args.dataset_cache_dir or scratch
-        report = preflight.check(listing_from_args(args), args.min_image_size, args.max_image_pixels)
+        listing = listing_from_args(args, cache_dir=args.dataset_cache_dir or scratch)
+        report = preflight.check(listing, args.min_image_size, args.max_image_pixels)
         preflight.log_report(report, args.bad_image_policy)
         preflight.enforce(report, args.bad_image_policy)
         warning = repeats_warning(report.usable, args.to)

@@ -26,8 +26,11 @@ import torch
 from safetensors import safe_open
 
 from utils.core.cli import run_cli
-from utils.lora.kohya import (COMPONENTS, KOHYA_WEIGHT_NAME, LoraConversionError, LoraModule, ParsedLora, is_kohya_state_dict, modules_from_peft_weights, read_diffusers_lora, read_kohya_lora, unet_config_for, write_diffusers_lora, write_kohya_lora)
 from utils.lora.files import LORA_WEIGHT_NAME, read_metadata, read_tensors
+from utils.lora.from_kohya import is_kohya_state_dict, read_kohya_lora, write_diffusers_lora
+from utils.lora.kohya_names import (COMPONENTS, KOHYA_WEIGHT_NAME, LoraConversionError, LoraModule, ParsedLora,
+                                    unet_config_for)
+from utils.lora.to_kohya import modules_from_peft_weights, read_diffusers_lora, write_kohya_lora
 
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 UNET_MARKERS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out", "time_embedding.",
@@ -122,12 +125,12 @@ def default_output(kind: str, source: Path, given: Path, to: str) -> Path:
     return folder / f"{stem}_diffusers" / LORA_WEIGHT_NAME
 
 
-def output_path(args: argparse.Namespace, kind: str, source: Path) -> Path:
+def output_path(args: argparse.Namespace, kind: str, source: Path, target: str) -> Path:
     if not args.output:
-        return default_output(kind, source, Path(args.input), args.to)
+        return default_output(kind, source, Path(args.input), target)
     output = Path(args.output)
     if output.suffix != ".safetensors":
-        if args.to == "kohya":
+        if target == "kohya":
             raise FileNotFoundError(f"{output}: give a .safetensors file name for the kohya file")
         output = output / LORA_WEIGHT_NAME
     if output.resolve() == source.resolve():
@@ -146,12 +149,12 @@ def describe(modules: list[LoraModule]) -> str:
 
 def convert(args: argparse.Namespace) -> str:
     kind, source = detect_input(Path(args.input))
-    args.to = args.to or ("diffusers" if kind == "kohya" else "kohya")
-    if args.to == kind:
+    target = args.to or ("diffusers" if kind == "kohya" else "kohya")
+    if target == kind:
         raise LoraConversionError(source, f"is already in the {kind} format")
-    if args.to == "diffusers" and kind != "kohya":
+    if target == "diffusers" and kind != "kohya":
         raise LoraConversionError(source, "PEFT adapters convert to kohya only; diffusers loads them as they are")
-    output = output_path(args, kind, source)
+    output = output_path(args, kind, source, target)
 
     if kind == "kohya":
         config = unet_config_for(read_metadata(source), args.pretrained_model_name_or_path)
@@ -162,16 +165,12 @@ def convert(args: argparse.Namespace) -> str:
         dtype = getattr(torch, args.dtype) if args.dtype else None
         config = unet_config_for(parsed.metadata, args.pretrained_model_name_or_path)
         write_kohya_lora(parsed, output, config, args.title, dtype, source)
-    return f"{args.to} LoRA written to {output}: {describe(parsed.modules)}"
+    return f"{target} LoRA written to {output}: {describe(parsed.modules)}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    try:
-        print(convert(args))
-    except LoraConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    """The command line; a LoRA that cannot be converted raises LoraConversionError (exit status 2)."""
+    print(convert(parse_args(argv)))
     return 0
 
 

@@ -26,8 +26,9 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from utils.core.cli import setup_logging
-from utils.data.captioner import (DEFAULT_MODEL, DEFAULT_PROMPT, CaptionError, CaptionFailure, CaptionJob, CaptionStore, GeminiCaptioner, RetryPolicy, caption_images, encode_image, list_images, resolve_api_key, shape_caption)
+from utils.core.cli import run_cli
+from utils.data.caption_job import CaptionJob, CaptionStore, caption_images, encode_image, list_images, shape_caption
+from utils.data.captioner import (DEFAULT_MODEL, DEFAULT_PROMPT, CaptionError, CaptionFailure, GeminiCaptioner, RetryPolicy, resolve_api_key)
 
 logger = logging.getLogger("creat_text_caption")
 
@@ -151,7 +152,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line (the original's main()); returns the exit status."""
+    """The command line (the original's main()); returns the exit status. Bad input raises CaptionError."""
+    for name in ("httpx", "httpx2", "google_genai"):  # request lines would tear the progress bar
+        logging.getLogger(name).setLevel(logging.WARNING)
     args = parse_args(argv)
     images = list_images(args.image_dir)
     api_key = resolve_api_key()
@@ -179,16 +182,5 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if summary.failed else 0
 
 
-def cli(argv: list[str] | None = None) -> int:
-    setup_logging()
-    for name in ("httpx", "httpx2", "google_genai"):  # request lines would tear the progress bar
-        logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        return main(argv)
-    except CaptionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-
-
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run_cli(main))

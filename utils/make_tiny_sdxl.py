@@ -88,16 +88,10 @@ def build_tokenizer_files(words: tuple[str, ...] | list[str] = WORDS) -> tuple[d
     return vocab, merges
 
 
-def build_tiny_sdxl(seed: int = 0):
-    """Return a randomly initialised tiny StableDiffusionXLPipeline, deterministic for ``seed``."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+def _tiny_text_encoders(vocab: dict[str, int]) -> tuple:
+    """Two 3-layer CLIP text encoders of width 32, the second with a projection, as SDXL pairs them."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    vocab, merges = build_tokenizer_files()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-    tokenizer_2 = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="!")
-
-    torch.manual_seed(seed)
     text_config = dict(
         vocab_size=len(vocab),
         hidden_size=32,
@@ -111,10 +105,14 @@ def build_tiny_sdxl(seed: int = 0):
         eos_token_id=vocab["<|endoftext|>"],
         pad_token_id=vocab["<|endoftext|>"],
     )
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
+    return CLIPTextModel(CLIPTextConfig(**text_config)), CLIPTextModelWithProjection(CLIPTextConfig(**text_config))
 
-    unet = UNet2DConditionModel(
+
+def _tiny_unet():
+    """A two-level UNet with SDXL's text_time added conditioning and cross-attention on both encoders."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
         sample_size=16,
         in_channels=4,
         out_channels=4,
@@ -132,7 +130,13 @@ def build_tiny_sdxl(seed: int = 0):
         projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids + pooled projection
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
+
+
+def _tiny_vae():
+    """A VAE with SDXL's 8x downscale and scaling factor."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
         block_out_channels=(16, 32, 32, 32),
@@ -144,6 +148,21 @@ def build_tiny_sdxl(seed: int = 0):
         sample_size=128,
         scaling_factor=0.13025,  # SDXL's VAE scaling factor
     )
+
+
+def build_tiny_sdxl(seed: int = 0):
+    """Return a randomly initialised tiny StableDiffusionXLPipeline, deterministic for ``seed``."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+    from transformers import CLIPTokenizer
+
+    vocab, merges = build_tokenizer_files()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    tokenizer_2 = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="!")
+
+    torch.manual_seed(seed)  # the models are built in this order, so the weights stay those of earlier versions
+    text_encoder, text_encoder_2 = _tiny_text_encoders(vocab)
+    unet = _tiny_unet()
+    vae = _tiny_vae()
     scheduler = EulerDiscreteScheduler(
         beta_start=0.00085,
         beta_end=0.012,

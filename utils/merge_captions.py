@@ -27,6 +27,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.core.atomic import write_json
+from utils.core.cli import run_cli
+from utils.core.errors import UserError
 
 logger = logging.getLogger("merge_captions")
 
@@ -36,7 +38,7 @@ DEFAULT_FILE2 = Path("ghibli_2_captions.json")
 DEFAULT_OUTPUT = Path("ghibli") / "merged_captions.json"
 
 
-class MergeError(Exception):
+class MergeError(UserError):
     """An input that cannot be merged; the message names the file and the reason."""
 
 
@@ -153,17 +155,12 @@ def input_files(args: argparse.Namespace) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """The command line (the original's main()); returns the exit status."""
+    """The command line (the original's main()); returns the exit status. Bad input raises MergeError."""
     args = parse_args(argv)
     inputs = input_files(args)
     if len(inputs) < 2:
-        print("error: give at least two files to merge (--file1/--file2, --files or positional)", file=sys.stderr)
-        return 2
-    try:
-        merged, duplicates = write_merged(inputs, args.output)
-    except MergeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        raise MergeError("give at least two files to merge (--file1/--file2, --files or positional)")
+    merged, duplicates = write_merged(inputs, args.output)
     for duplicate in duplicates:
         print(duplicate.describe())
     print(summary_line(merged, inputs, duplicates, args.output))
@@ -171,4 +168,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -79,3 +79,17 @@ def replace_dir(folder: str | os.PathLike, fill: Callable[[Path], None]) -> Path
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return folder
+
+
+def save_image(image, path: str | os.PathLike) -> Path:
+    """Save a PIL image atomically; PNG when the name has no suffix."""
+    return replace_file(path, lambda temporary: image.save(temporary, format=None if Path(path).suffix else "PNG"))
+
+
+def save_figure(figure, path: str | os.PathLike) -> Path:
+    """Save a matplotlib figure atomically and release it."""
+    import matplotlib.pyplot as plt
+
+    replace_file(path, lambda temporary: figure.savefig(temporary))
+    plt.close(figure)
+    return Path(path)

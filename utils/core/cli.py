@@ -1,11 +1,15 @@
-"""What every command-line script shares: logging set-up and one-line errors for bad input."""
+"""What every command-line script shares: logging set-up, one-line errors for bad input, and
+``derived`` for values computed from the flags (``args`` itself is never written)."""
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
-from typing import Callable
+from typing import Any, Callable
+
+from utils.core.errors import TrainingInterrupted, UserError
 
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (FileNotFoundError, NotADirectoryError, PermissionError)
 
@@ -22,15 +26,11 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def run_cli(main: Callable[[], int]) -> int:
-    """Run ``main``; known input errors end with one line on stderr and exit status 2."""
-    from utils.core.errors import UserError
-    from utils.ghibli_datasets import DatasetError
-    from utils.training.interrupts import TrainingInterrupted
-
+    """Run ``main``; known input errors (every UserError) end with one line on stderr and exit status 2."""
     setup_logging()
     try:
         return main() or 0
-    except EXPECTED_ERRORS + (DatasetError, UserError) as error:
+    except EXPECTED_ERRORS + (UserError,) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingInterrupted as stop:
@@ -39,3 +39,8 @@ def run_cli(main: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def derived(args: argparse.Namespace, **values: Any) -> argparse.Namespace:
+    """A new Namespace: the flags of ``args`` with ``values`` added or replaced; ``args`` stays as parsed."""
+    return argparse.Namespace(**{**vars(args), **values})

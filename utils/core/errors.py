@@ -3,3 +3,11 @@
 
 class UserError(Exception):
     """A problem the user can fix (a flag, a file, the machine); its message says what and where."""
+
+
+class TrainingInterrupted(Exception):
+    """Raised after the state was saved; ``exit_code`` follows the shell convention 128 + signal."""
+
+    def __init__(self, message: str, signal_number: int):
+        super().__init__(message)
+        self.exit_code = 128 + signal_number

@@ -74,14 +74,9 @@ class SDXLComponents:
     noise_scheduler: Any
 
 
-def load_components(
-    model: str,
-    revision: str | None = None,
-    variant: str | None = None,
-    weight_dtype: torch.dtype = torch.float32,
-    vae_model: str | None = None,
-    allow_pickle: bool = False,
-) -> SDXLComponents:
+def load_components(model: str, revision: str | None = None, variant: str | None = None,
+                    weight_dtype: torch.dtype = torch.float32, vae_model: str | None = None,
+                    allow_pickle: bool = False) -> SDXLComponents:
     """Load the parts of an SDXL model needed for training, frozen, in ``weight_dtype``.
 
     ``model`` is a diffusers folder, a Hub id, or a single-file checkpoint. The VAE
@@ -109,14 +104,8 @@ def load_components(
     return components
 
 
-def load_pipeline(
-    model: str,
-    revision: str | None = None,
-    variant: str | None = None,
-    torch_dtype: torch.dtype = torch.float32,
-    vae_model: str | None = None,
-    allow_pickle: bool = False,
-):
+def load_pipeline(model: str, revision: str | None = None, variant: str | None = None,
+                  torch_dtype: torch.dtype = torch.float32, vae_model: str | None = None, allow_pickle: bool = False):
     """Load a StableDiffusionXLPipeline from a folder, a Hub id or a single ``.safetensors`` file.
 
     Pickle-based weights (.bin, .ckpt) can run code when loaded, so they are refused unless

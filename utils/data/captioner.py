@@ -1,36 +1,30 @@
-"""Caption a folder of images with Gemini without ever losing finished work.
+"""The Gemini captioning client: the API key, retries with backoff, and one caption per call.
 
-The pieces the captioning CLI puts together:
   * ``resolve_api_key``: the key from the environment (or the original's vault/key.yaml);
-  * ``encode_image``: downscale and re-encode an image as JPEG before upload;
   * ``GeminiCaptioner``: one caption per call, retried with exponential backoff and
     jitter on 429/5xx/timeouts, honouring the server's Retry-After / RetryInfo hint;
-  * ``CaptionStore``: the captions JSON, rewritten atomically after every caption;
-  * ``caption_images``: a bounded thread pool over the images that still need a caption.
+  * ``Throttle``: a gate a 429 with a wait hint closes for every worker.
+
+utils/data/caption_job.py puts it to work over a folder of images.
 """
 
 from __future__ import annotations
 
 import email.utils
-import io
-import json
 import logging
 import os
 import random
 import re
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import yaml
-from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
 
-from utils.core.atomic import write_json
-from utils.data.preflight import open_rgb
+from utils.core.errors import UserError
+from utils.core.secrets import redact
 
 logger = logging.getLogger(__name__)
 
@@ -41,14 +35,15 @@ DEFAULT_MODEL = "gemini-2.5-flash"
 # The original's prompt, word for word (a default value of its CLI).
 DEFAULT_PROMPT = ("Describe the input image in 1–2 sentences. "
                   "Make sure to mention that the image is in 'Ghibli style'.")
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 KEY_ENV_VARS = ("GOOGLE_API_KEY", "GEMINI_API_KEY")  # the SDK's own order of precedence
 KEY_FILE = Path("vault") / "key.yaml"
 KEY_FIELDS = ("google_api_key", "key")  # the original's field, then this project's earlier one
 RETRYABLE_STATUS = {408, 429, 500, 502, 503, 504}
 
 
-class CaptionError(Exception):
+
+
+class CaptionError(UserError):
     """Bad input found before any request is sent; the message is one line naming the cause."""
 
 
@@ -85,7 +80,7 @@ def resolve_api_key(key_files: Sequence[Path] | None = None) -> str:
         if value:
             return value
     if key_files is None:
-        key_files = [KEY_FILE, Path(__file__).resolve().parent.parent / KEY_FILE]
+        key_files = [KEY_FILE, Path(__file__).resolve().parents[2] / KEY_FILE]
     for path in key_files:
         if Path(path).is_file():
             return _key_from_yaml(Path(path))
@@ -105,54 +100,6 @@ def _key_from_yaml(path: Path) -> str:
         if isinstance(key, str) and key.strip():
             return key.strip()
     raise CaptionError(f"{path}: no 'google_api_key' field with the API key")
-
-
-# --- images and captions ---------------------------------------------------
-
-def list_images(image_dir: str | os.PathLike) -> list[Path]:
-    """The images directly inside ``image_dir``, sorted by name."""
-    folder = Path(image_dir)
-    if not folder.exists():
-        raise CaptionError(f"{folder}: image directory not found")
-    if not folder.is_dir():
-        raise CaptionError(f"{folder}: not a directory")
-    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        raise CaptionError(f"{folder}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    return images
-
-
-def encode_image(path: Path, max_side: int, quality: int = 90) -> bytes:
-    """The image upright, in RGB, its longest side at most ``max_side``, as JPEG bytes."""
-    try:
-        image = open_rgb(path)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as error:
-        raise CaptionFailure(f"cannot read image ({error})") from None
-    if max_side > 0 and max(image.size) > max_side:
-        image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS)
-    buffer = io.BytesIO()
-    image.save(buffer, format="JPEG", quality=quality)
-    return buffer.getvalue()
-
-
-def cut_at_word(text: str, limit: int) -> str:
-    """``text`` shortened to at most ``limit`` characters, ending at a word boundary."""
-    if len(text) <= limit:
-        return text
-    head = text[:limit + 1]
-    space = head.rfind(" ")
-    cut = head[:space] if space > 0 else text[:limit]
-    return cut.rstrip(" ,;:-")
-
-
-def shape_caption(text: str, prefix: str = "", suffix: str = "", max_length: int = 0) -> str:
-    """Tidy the model's text, cap its length (keeping prefix and suffix whole) and add them."""
-    body = " ".join(text.split()).strip().strip('"').strip()
-    prefix, suffix = prefix.strip(), suffix.strip()
-    if max_length > 0:
-        room = max_length - sum(len(part) + 1 for part in (prefix, suffix) if part)
-        body = cut_at_word(body, room) if room > 0 else ""
-    return " ".join(part for part in (prefix, body, suffix) if part)
 
 
 # --- retries ---------------------------------------------------------------
@@ -274,12 +221,12 @@ class GeminiCaptioner:
                 retryable, reason = self._classify(error)
                 if not retryable or attempt + 1 >= attempts:
                     suffix = f" after {attempt + 1} attempts" if retryable else ""
-                    raise CaptionFailure(self._redact(reason) + suffix) from None
+                    raise CaptionFailure(redact(reason, [self.api_key]) + suffix) from None
                 hint = retry_hint(error)
                 delay = self.retry.delay(attempt, hint)
                 if hint is not None:
                     self._throttle.hold(delay)
-                logger.info("%s: %s; retry %d/%d in %.1f s", name, self._redact(reason), attempt + 1,
+                logger.info("%s: %s; retry %d/%d in %.1f s", name, redact(reason, [self.api_key]), attempt + 1,
                             self.retry.max_retries, delay)
                 if self.stop.wait(delay):
                     raise CaptionFailure("interrupted") from None
@@ -309,9 +256,6 @@ class GeminiCaptioner:
             return True, f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
         return False, f"{type(error).__name__}: {error}"
 
-    def _redact(self, text: str) -> str:
-        return text.replace(self.api_key, "***") if self.api_key else text
-
 
 def _why_empty(response: Any) -> str:
     feedback = getattr(response, "prompt_feedback", None)
@@ -321,127 +265,3 @@ def _why_empty(response: Any) -> str:
     if candidates and getattr(candidates[0], "finish_reason", None):
         return f"finish reason {candidates[0].finish_reason}"
     return "no text in the response"
-
-
-# --- the captions file -----------------------------------------------------
-
-class CaptionStore:
-    """``{"file name": "caption"}`` on disk, rewritten atomically after every change."""
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        self._captions = self._load()
-
-    def _load(self) -> dict[str, str]:
-        if not self.path.exists():
-            return {}
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise CaptionError(f"{self.path}: existing captions file is unreadable ({error})") from None
-        if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
-            raise CaptionError(f"{self.path}: existing captions file is not a {{\"file name\": \"caption\"}} object")
-        return data
-
-    def __contains__(self, name: str) -> bool:
-        with self._lock:
-            return name in self._captions
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._captions)
-
-    def snapshot(self) -> dict[str, str]:
-        with self._lock:
-            return dict(self._captions)
-
-    def set(self, name: str, caption: str) -> None:
-        with self._lock:
-            self._captions[name] = caption
-            write_json(self.path, dict(sorted(self._captions.items())))
-
-
-# --- the job ---------------------------------------------------------------
-
-@dataclass
-class CaptionSummary:
-    captioned: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)  # already captioned before this run
-    failed: dict[str, str] = field(default_factory=dict)  # file name -> reason
-
-    def lines(self) -> list[str]:
-        lines = [f"captioned {len(self.captioned)}, already had a caption {len(self.skipped)}, "
-                 f"failed {len(self.failed)}"]
-        lines += [f"  failed {name}: {reason}" for name, reason in sorted(self.failed.items())]
-        return lines
-
-
-@dataclass
-class CaptionJob:
-    prefix: str = ""
-    suffix: str = ""
-    max_caption_length: int = 0
-    max_image_side: int = 1024
-    workers: int = 4
-    overwrite: bool = False
-    progress: bool = True
-
-
-def caption_images(images: Iterable[Path], store: CaptionStore, captioner: GeminiCaptioner,
-                   job: CaptionJob) -> CaptionSummary:
-    """Caption every image the store lacks (all of them with ``overwrite``), saving each as it arrives.
-
-    On KeyboardInterrupt the queued images are dropped, the requests in flight finish and are
-    saved, and the interrupt is raised again; every finished caption is on disk.
-    """
-    summary = CaptionSummary()
-    todo: list[Path] = []
-    for path in images:
-        if path.name in store and not job.overwrite:
-            summary.skipped.append(path.name)
-        else:
-            todo.append(path)
-    if not todo:
-        return summary
-
-    def work(path: Path) -> str:
-        caption = captioner.caption(encode_image(path, job.max_image_side), name=path.name)
-        caption = shape_caption(caption, job.prefix, job.suffix, job.max_caption_length)
-        store.set(path.name, caption)
-        return caption
-
-    pool = ThreadPoolExecutor(max_workers=max(1, job.workers), thread_name_prefix="caption")
-    bar = tqdm(total=len(todo), desc="captioning", unit="img", disable=not job.progress)
-    pending: dict[Future, Path] = {}
-    try:
-        pending.update({pool.submit(work, path): path for path in todo})
-        while pending:
-            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for future in finished:
-                _record(summary, pending.pop(future), future)
-                bar.update(1)
-                bar.set_postfix(failed=len(summary.failed), refresh=False)
-    except BaseException:
-        captioner.stop.set()
-        pool.shutdown(wait=False, cancel_futures=True)
-        bar.close()
-        in_flight = sum(1 for future in pending if future.running())
-        if in_flight:
-            logger.warning("stopping: waiting for %d request(s) in flight so their captions are saved "
-                           "(Ctrl-C again to quit now)", in_flight)
-        pool.shutdown(wait=True)  # a second Ctrl-C interrupts this wait
-        raise
-    bar.close()
-    pool.shutdown(wait=True)
-    return summary
-
-
-def _record(summary: CaptionSummary, path: Path, future: Future) -> None:
-    error = future.exception()
-    if error is None:
-        summary.captioned.append(path.name)
-    elif isinstance(error, CaptionFailure):
-        summary.failed[path.name] = str(error)
-    else:
-        raise error  # not about one image (e.g. the captions file cannot be written): stop the job

@@ -15,53 +15,18 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from utils.ghibli_datasets import DatasetError, Entry, Example, FolderCount, Listing, Problem, folder_counts
+from utils.data.images import open_rgb  # noqa: F401  # moved (issue 16)
+from utils.data.images import to_rgb
+from utils.data.records import DatasetError, Entry, Example, FolderCount, Listing, Problem, folder_counts
 
 logger = logging.getLogger(__name__)
 
 # Pillow's own refusal threshold (it only warns between 1x and 2x MAX_IMAGE_PIXELS): about 13 400².
 PILLOW_PIXEL_LIMIT = 2 * (Image.MAX_IMAGE_PIXELS or 89_478_485)
-HIGH_DEPTH_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
-ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error)
-
-
-# ----------------------------------------------------------------------------- conversion
-
-
-def _high_depth_to_l(image: Image.Image) -> Image.Image:
-    """16-bit and float grayscale to 8 bits by scaling; Pillow's own convert clips them to white."""
-    values = np.asarray(image).astype(np.float64)
-    if image.mode == "F":
-        scale = 255.0 if values.size and np.nanmax(values) <= 1.0 else 1.0
-    elif image.mode == "I":
-        scale = 1 / 257 if values.size and values.max() > 255 else 1.0  # 'I' often holds 16-bit data
-    else:
-        scale = 1 / 257
-    values = np.nan_to_num(values * scale).clip(0, 255)
-    return Image.fromarray(np.round(values).astype(np.uint8), mode="L")
-
-
-def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB; transparency is laid on ``background``."""
-    if image.mode in HIGH_DEPTH_MODES:
-        image = _high_depth_to_l(image)
-    if image.mode in ALPHA_MODES or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        base = Image.new("RGBA", rgba.size, (*background, 255))
-        return Image.alpha_composite(base, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def open_rgb(path: str | Path) -> Image.Image:
-    """Decode an image upright (EXIF orientation applied) as 8-bit RGB."""
-    with Image.open(path) as image:
-        image.load()
-        return to_rgb(ImageOps.exif_transpose(image))
 
 
 # ----------------------------------------------------------------------------- one image
@@ -166,7 +131,7 @@ def _entry_problem(entry: Entry) -> str | None:
     """What makes an entry unusable before its image is decoded."""
     if entry.caption is None:
         return f"image without caption (no {entry.caption_file})" if entry.caption_file else "image without caption"
-    if entry.image_path is None or not entry.image_path.is_file():
+    if not entry.has_image:
         return "caption without image (file not found)"
     if not isinstance(entry.caption, str):
         return "caption is not a string"

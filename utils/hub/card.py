@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import yaml
 
+from utils.core.names import SDXL_BASE_ID
+
 CONVERT_HINT = "`python utils/convert_lora.py <folder>` (this project) writes `kohya_lora.safetensors`."
 TAGS = ["text-to-image", "stable-diffusion-xl", "lora", "diffusers", "template:sd-lora"]
 
@@ -68,7 +70,7 @@ def _training_table(training: dict) -> str:
 
 
 def _usage(facts: CardFacts) -> str:
-    base = facts.base_model or "stabilityai/stable-diffusion-xl-base-1.0"
+    base = facts.base_model or SDXL_BASE_ID
     kohya = (f"`{facts.kohya_weight_name}` (kohya format)" if facts.kohya_weight_name
              else f"`{facts.weight_name}`")
     return f"""## Use it with diffusers

@@ -23,14 +23,16 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from utils.hub.errors import LOGIN_HINT, HubError, hub_errors
-from utils.lora.files import LORA_WEIGHT_NAME, TRAINING_METADATA_KEY, read_metadata
+from utils.core.names import CONFIG_FILE
+from utils.core.secrets import scrub
 from utils.hub.card import CardFacts, render_card
+from utils.hub.errors import HubError, hub_errors
+from utils.hub.token import resolve_token
+from utils.lora.files import LORA_WEIGHT_NAME, TRAINING_METADATA_KEY, read_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -38,9 +40,7 @@ DEFAULT_LICENSE = "openrail++"
 DEFAULT_INSTANCE_PROMPT = "ghibli style"
 MAX_SAMPLES = 4
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp"}
-SECRET_KEY = re.compile(r"token|secret|key|passw|credential", re.IGNORECASE)
 VALIDATION_IMAGE = re.compile(r"^epoch_(\d+)_prompt(\d+)_(\d+)\.png$")
-CONFIG_NAME = "experiment_config.json"
 
 
 @dataclass
@@ -74,7 +74,7 @@ def locate_model(model_path: str | os.PathLike) -> tuple[Path, Path | None]:
         return path / "final_model", path
     if not any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"{path}: no LoRA .safetensors file here and no final_model/ folder")
-    run_dir = path.parent if (path.parent / CONFIG_NAME).is_file() else None
+    run_dir = path.parent if (path.parent / CONFIG_FILE).is_file() else None
     return path, run_dir
 
 
@@ -100,22 +100,13 @@ def lora_files(model_dir: Path) -> tuple[Path, Path | None]:
     return diffusers, (others[0] if others else None)
 
 
-def scrub_secrets(data: Any) -> Any:
-    """``data`` without any mapping key named like a token, secret, key or password (at any depth)."""
-    if isinstance(data, dict):
-        return {k: scrub_secrets(v) for k, v in data.items() if not SECRET_KEY.search(str(k))}
-    if isinstance(data, list):
-        return [scrub_secrets(v) for v in data]
-    return data
-
-
 def load_run_config(run_dir: Path | None) -> dict | None:
-    if run_dir is None or not (run_dir / CONFIG_NAME).is_file():
+    if run_dir is None or not (run_dir / CONFIG_FILE).is_file():
         return None
     try:
-        return scrub_secrets(json.loads((run_dir / CONFIG_NAME).read_text(encoding="utf-8")))
+        return scrub(json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8")))
     except json.JSONDecodeError as error:
-        raise HubError(f"{run_dir / CONFIG_NAME}: not valid JSON ({error})") from error
+        raise HubError(f"{run_dir / CONFIG_FILE}: not valid JSON ({error})") from error
 
 
 def training_facts(lora_file: Path, config: dict | None) -> dict:
@@ -128,7 +119,7 @@ def training_facts(lora_file: Path, config: dict | None) -> dict:
             facts[key] = config[key]
     if facts.get("base_model") is None and config:
         facts["base_model"] = config.get("pretrained_model_name_or_path")
-    return scrub_secrets(facts)
+    return scrub(facts)
 
 
 def instance_prompt_for(training: dict, config: dict | None) -> str:
@@ -236,7 +227,7 @@ def plan_upload(model_path: str | os.PathLike, repo_id: str, *, license_name: st
     files["README.md"] = render_card(facts).encode("utf-8")
     files.update({name: path for name, (path, _) in zip(image_names, samples)})
     if config is not None:
-        files[CONFIG_NAME] = (json.dumps(config, indent=2, ensure_ascii=False, default=str) + "\n").encode("utf-8")
+        files[CONFIG_FILE] = (json.dumps(config, indent=2, ensure_ascii=False, default=str) + "\n").encode("utf-8")
     return UploadPlan(files=files, facts=facts, model_dir=model_dir, run_dir=run_dir, notes=notes)
 
 
@@ -249,19 +240,7 @@ def ensure_no_secret(plan: UploadPlan, secrets: list[str]) -> None:
             raise HubError(f"{name}: refusing to upload, it contains the Hub token")
 
 
-# ----------------------------------------------------------------------------- token and repo id
-
-
-def resolve_token(cli_token: str | None = None) -> str:
-    """The token given (--token or a function argument), else HF_TOKEN, else huggingface_hub's login store."""
-    from huggingface_hub import get_token
-
-    if cli_token:
-        return cli_token
-    token = get_token()
-    if not token:
-        raise HubError(f"no Hugging Face token found: {LOGIN_HINT}")
-    return token
+# ----------------------------------------------------------------------------- repo id
 
 
 def check_repo_id(repo_id: str, flag: str = "--repo_name") -> None:

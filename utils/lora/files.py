@@ -19,8 +19,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from utils.core.atomic import replace_dir, replace_file
+from utils.core.names import LORA_WEIGHT_NAME
 
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key for the PEFT config
 TRAINING_METADATA_KEY = "ghibli_training"
 

@@ -7,15 +7,9 @@ import logging
 import os
 import signal
 
+from utils.core.errors import TrainingInterrupted  # moved (issue 16)
+
 logger = logging.getLogger(__name__)
-
-
-class TrainingInterrupted(Exception):
-    """Raised after the state was saved; ``exit_code`` follows the shell convention 128 + signal."""
-
-    def __init__(self, message: str, signal_number: int):
-        super().__init__(message)
-        self.exit_code = 128 + signal_number
 
 
 class StopRequest:
