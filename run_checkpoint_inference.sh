@@ -28,68 +28,27 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PYTHON="${PYTHON:-python}"
+# shellcheck source=utils/sweep/common.sh
+. "$ROOT/utils/sweep/common.sh"
+
+INCLUDE_FINAL=()
+SKIP=()
 RUN_DIR=""
 RUNS_DIR="output_ghibli"
 OUTPUT_DIR=""
 BASE_RESULTS_DIR="output_visualization/base_model_results"
-INCLUDE_FINAL=()
-SKIP=()
 IMAGE_INDEX=0
-INFERENCE_ARGS=()
 
-# The original's 25 prompts, verbatim.
-PROMPTS=(
-    "Draw a beautiful couple and their cat in a park in Ghibli style."
-    "A young girl flying on a broomstick over a seaside town, in Ghibli animation style."
-    "A quiet forest with a small cottage and a glowing spirit peeking from behind a tree, Ghibli-style."
-    "A group of children chasing fireflies at dusk in a peaceful countryside setting, Ghibli-inspired."
-    "An old train running through a field of golden wheat under a cloudy sky, in Ghibli art style."
-    "A curious fox wearing a small backpack exploring a mossy ancient ruin, drawn in Ghibli style."
-    "A calm lake reflecting the stars, with a girl sitting on a dock watching the sky, Ghibli-style."
-    "A magical marketplace filled with unusual creatures and lanterns, illustrated in Ghibli animation style."
-    "A flying island in the clouds with waterfalls cascading from its edges, in dreamy Ghibli aesthetic."
-    "A boy riding a deer through a misty bamboo forest, in Studio Ghibli style."
-    "An abandoned greenhouse slowly being taken over by nature, illustrated in warm Ghibli tones."
-    "A cozy kitchen where a grandmother is baking bread with help from tiny forest spirits, Ghibli-inspired."
-    "A mysterious black cat sitting on a rooftop watching over a rainy town, drawn like a Ghibli scene."
-    "A child and a large fluffy creature sitting together under a giant mushroom during the rain, Ghibli-style."
-    "A peaceful mountain village during a lantern festival at night, full of warm lights and soft details, Ghibli aesthetic."
-    "An elderly couple walking their dog in a snowy forest, in Ghibli style."
-    "A couple studying in a Japanese cafe in Ghibli style."
-    "A male protagonist who rides a dragon and ascends to the sky in Ghibli style."
-    "Japanese girl lying in a field in Ghibli style."
-    "A couple's selfie in Ghibli style. The man is wearing glasses and a checkered shirt, and the woman has her hair down and is wearing a one-piece dress."
-    "The image is a full shot of Kiki from Kiki's Delivery Service, standing in a field wearing her signature red dress and bow with her messenger bag. The image is in the style of Studio Ghibli, with soft colors and a focus on nature."
-    "The image is a Ghibli-style illustration of a young girl with a red bow in her hair, riding on a broomstick with a black cat in her satchel, accompanied by a large seagull and another bird in the background. The scene is set against a backdrop of a coastal town and blue water."
-    "The image is a Ghibli-style illustration of a young woman with dark hair and a white hat with a lavender ribbon. She is wearing a light yellow dress with a blue collar, and the background features a blue sky with fluffy white clouds and green trees."
-    "The image is a portrait of a young woman in Ghibli style, with black hair and a striped shirt, set against a backdrop of a room with various decorations. The overall aesthetic is reminiscent of classic anime films."
-    "The image is an animation in Ghibli style, featuring two characters sitting at a desk. On the left is a smiling boy, and on the right is a man with a stern expression, wearing a watch."
-)
-
-# shellcheck source=utils/sweep/common.sh
-. "$ROOT/utils/sweep/common.sh"
-
-while [ $# -gt 0 ]; do
+# shellcheck disable=SC2329  # called by parse_flags
+on_flag() {
   case "$1" in
-    --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
+    --include_final) INCLUDE_FINAL=(--include_final) ;;
+    --skip_existing) SKIP=(--skip_existing) ;;
+    *) return 1 ;;
   esac
-  case "$1" in
-    --run_dir|--runs_dir|--output_dir|--base_results_dir|--image_index) [ $# -ge 2 ] || die "$1 needs a value" ;;
-  esac
-  case "$1" in
-    --run_dir) RUN_DIR="$2"; shift 2 ;;
-    --runs_dir) RUNS_DIR="$2"; shift 2 ;;
-    --output_dir) OUTPUT_DIR="$2"; shift 2 ;;
-    --base_results_dir) BASE_RESULTS_DIR="$2"; shift 2 ;;
-    --include_final) INCLUDE_FINAL=(--include_final); shift ;;
-    --skip_existing) SKIP=(--skip_existing); shift ;;
-    --image_index) IMAGE_INDEX="$2"; shift 2 ;;
-    -h|--help) usage; exit 0 ;;
-    --) shift; INFERENCE_ARGS=("$@"); break ;;
-    *) die "unknown flag $1 (flags for inference_sdxl_ghibli.py go after --)" ;;
-  esac
-done
+}
+parse_flags inference_sdxl_ghibli.py "--run_dir --runs_dir --output_dir --base_results_dir --image_index" -- "$@"
+INFERENCE_ARGS=("${PASSTHROUGH[@]}")
 if [ -z "$RUN_DIR" ]; then
   RUN_DIR="$(helper newest-checkpoint-run "$RUNS_DIR")" || exit $?
 fi
@@ -100,6 +59,8 @@ LORAS=()
 while IFS=$'\t' read -r label lora; do LORAS+=(--lora "$label=$lora"); done <<<"$series_text"
 echo "Images for $((${#LORAS[@]} / 2)) checkpoint(s) of $RUN_DIR into $OUTPUT_DIR" >&2
 
+prompts_text="$(helper prompts checkpoint)" || exit $?  # the original's 25 prompts (utils/inference/prompts.py)
+mapfile -t PROMPTS <<<"$prompts_text"
 # One pipeline for all; the flags after -- come last, so they override these defaults.
 failed=0
 helper generate --output_dir "$OUTPUT_DIR" --base_dir "$BASE_RESULTS_DIR" "${SKIP[@]}" "${LORAS[@]}" -- \

@@ -32,7 +32,8 @@ set -euo pipefail
 set -m  # every run in its own process group, so stopping it reaches the whole tree
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PYTHON="${PYTHON:-python}"  # the interpreter (environment variable)
+# shellcheck source=utils/sweep/common.sh
+. "$ROOT/utils/sweep/common.sh"
 TRAIN_SCRIPT="${TRAIN_SCRIPT:-$ROOT/train_sdxl_lora.py}"  # the trainer (environment variable), e.g. a fork
 read -r -a LAUNCHER <<<"${TRAIN_LAUNCHER:-$PYTHON}"  # e.g. "accelerate launch --multi_gpu": one run on all GPUs
 RANKS="4 8 16"
@@ -42,30 +43,9 @@ OUTPUT_DIR="output_ghibli"
 RESULTS_DIR="experiment_results"
 GPUS=""
 START_TIME="$(date '+%Y-%m-%d %H:%M:%S')"  # the sweep's start, recorded before any run
-TRAIN_ARGS=()
 
-# shellcheck source=utils/sweep/common.sh
-. "$ROOT/utils/sweep/common.sh"
-
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
-  esac
-  case "$1" in
-    --ranks|--alphas|--lr|--output_dir|--results_dir|--gpus) [ $# -ge 2 ] || die "$1 needs a value" ;;
-  esac
-  case "$1" in
-    --ranks) RANKS="$2"; shift 2 ;;
-    --alphas) ALPHAS="$2"; shift 2 ;;
-    --lr) LR="$2"; shift 2 ;;
-    --output_dir) OUTPUT_DIR="$2"; shift 2 ;;
-    --results_dir) RESULTS_DIR="$2"; shift 2 ;;
-    --gpus) GPUS="$2"; shift 2 ;;
-    -h|--help) usage; exit 0 ;;
-    --) shift; TRAIN_ARGS=("$@"); break ;;
-    *) die "unknown flag $1 (flags for train_sdxl_lora.py go after --)" ;;
-  esac
-done
+parse_flags train_sdxl_lora.py "--ranks --alphas --lr --output_dir --results_dir --gpus" -- "$@"
+TRAIN_ARGS=("${PASSTHROUGH[@]}")
 
 for arg in "${TRAIN_ARGS[@]}"; do
   case "${arg%%=*}" in

@@ -30,48 +30,29 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-PYTHON="${PYTHON:-python}"
-SWEEP_DIR="output_ghibli"
-OUTPUT_DIR="output_visualization_additional_2"
-MODEL="final_model"
-SKIP=()
-REPORT=1
-REPORT_ARGS=()
-INFERENCE_ARGS=()
-
-# The original's 5 prompts, verbatim.
-PROMPTS=(
-    "The image is a full shot of Kiki from Kiki's Delivery Service, standing in a field wearing her signature red dress and bow with her messenger bag. The image is in the style of Studio Ghibli, with soft colors and a focus on nature."
-    "The image is a Ghibli-style illustration of a young girl with a red bow in her hair, riding on a broomstick with a black cat in her satchel, accompanied by a large seagull and another bird in the background. The scene is set against a backdrop of a coastal town and blue water."
-    "The image is a Ghibli-style illustration of a young woman with dark hair and a white hat with a lavender ribbon. She is wearing a light yellow dress with a blue collar, and the background features a blue sky with fluffy white clouds and green trees."
-    "The image is a portrait of a young woman in Ghibli style, with black hair and a striped shirt, set against a backdrop of a room with various decorations. The overall aesthetic is reminiscent of classic anime films."
-    "The image is an animation in Ghibli style, featuring two characters sitting at a desk. On the left is a smiling boy, and on the right is a man with a stern expression, wearing a watch."
-)
-
 # shellcheck source=utils/sweep/common.sh
 . "$ROOT/utils/sweep/common.sh"
 
-while [ $# -gt 0 ]; do
+SKIP=()
+REPORT_ARGS=()
+REPORT=1
+SWEEP_DIR="output_ghibli"
+OUTPUT_DIR="output_visualization_additional_2"
+MODEL="final_model"
+
+# shellcheck disable=SC2329  # called by parse_flags
+on_flag() {
   case "$1" in
-    --*=*) set -- "${1%%=*}" "${1#*=}" "${@:2}"; continue ;;
+    --skip_existing) SKIP=(--skip_existing) ;;
+    --no_report) REPORT=0 ;;
+    --no_metrics) REPORT_ARGS+=(--no_metrics) ;;
+    --clip_model|--style_images|--alignment_tolerance) REPORT_ARGS+=("$1" "$2") ;;
+    *) return 1 ;;
   esac
-  case "$1" in
-    --sweep_dir|--output_dir|--model|--clip_model|--style_images|--alignment_tolerance)
-      [ $# -ge 2 ] || die "$1 needs a value" ;;
-  esac
-  case "$1" in
-    --sweep_dir) SWEEP_DIR="$2"; shift 2 ;;
-    --output_dir) OUTPUT_DIR="$2"; shift 2 ;;
-    --model) MODEL="$2"; shift 2 ;;
-    --skip_existing) SKIP=(--skip_existing); shift ;;
-    --no_report) REPORT=0; shift ;;
-    --no_metrics) REPORT_ARGS+=(--no_metrics); shift ;;
-    --clip_model|--style_images|--alignment_tolerance) REPORT_ARGS+=("$1" "$2"); shift 2 ;;
-    -h|--help) usage; exit 0 ;;
-    --) shift; INFERENCE_ARGS=("$@"); break ;;
-    *) die "unknown flag $1 (flags for inference_sdxl_ghibli.py go after --)" ;;
-  esac
-done
+}
+parse_flags inference_sdxl_ghibli.py \
+  "--sweep_dir --output_dir --model --clip_model --style_images --alignment_tolerance" -- "$@"
+INFERENCE_ARGS=("${PASSTHROUGH[@]}")
 
 runs_text="$(helper runs "$SWEEP_DIR" --model "$MODEL")" || exit $?
 LORAS=()
@@ -79,6 +60,8 @@ FOLDERS=()
 while IFS=$'\t' read -r label lora; do LORAS+=(--lora "$label=$lora"); FOLDERS+=("$label"); done <<<"$runs_text"
 echo "Images for ${#FOLDERS[@]} run(s) of $SWEEP_DIR into $OUTPUT_DIR" >&2
 
+prompts_text="$(helper prompts sweep)" || exit $?  # the original's 5 prompts (utils/inference/prompts.py)
+mapfile -t PROMPTS <<<"$prompts_text"
 # One pipeline for all; the flags after -- come last, so they override these defaults.
 failed=0
 helper generate --output_dir "$OUTPUT_DIR" --base_dir "$OUTPUT_DIR/base_model_results" "${SKIP[@]}" \

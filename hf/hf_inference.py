@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import random
 import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -30,11 +28,13 @@ if TYPE_CHECKING:
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.core.cli import run_cli  # noqa: E402 (needs the repo root on sys.path)
-from utils.inference.grids import save_image  # noqa: E402
+from utils.core.names import SDXL_BASE_ID  # noqa: E402
+from utils.core.atomic import save_image  # noqa: E402
 from utils.hub.errors import hub_errors  # noqa: E402
+from utils.hub.token import hub_token  # noqa: E402
 
 logger = logging.getLogger("hf_inference")
-DEFAULT_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
+DEFAULT_BASE = SDXL_BASE_ID
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,23 +67,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-@contextmanager
-def hub_token(token: str | None) -> Iterator[None]:
-    """Use ``token`` for the Hub requests inside the block (read from HF_TOKEN at each request), never saving it."""
-    if not token:
-        yield
-        return
-    previous = os.environ.get("HF_TOKEN")
-    os.environ["HF_TOKEN"] = token
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("HF_TOKEN", None)
-        else:
-            os.environ["HF_TOKEN"] = previous
-
-
 def generate_image_with_hf_api(prompt: str, base_model_id: str = DEFAULT_BASE, lora_model_id: str | None = None,
                                token: str | None = None, num_inference_steps: int = 50,
                                guidance_scale: float = 7.5, negative_prompt: str | None = None, *,
@@ -96,10 +79,10 @@ def generate_image_with_hf_api(prompt: str, base_model_id: str = DEFAULT_BASE, l
     ``seed`` None draws a random one (logged); ``height``/``width`` None use the model's own size.
     Raises a one-line HubError/UserError/FileNotFoundError for a model that cannot be found.
     """
-    import torch
-
-    from utils.inference.generation import GenerationSettings, generate, load_adapter, pick_device
-    from utils.core.sdxl import check_model_source, load_pipeline
+    from utils.core.sdxl import check_model_source
+    from utils.inference.flags import GenerationSettings
+    from utils.inference.generation import generate
+    from utils.inference.pipeline import load_adapter, open_pipeline
 
     check_model_source(base_model_id, "--base_model_id")
     if lora_model_id:
@@ -107,11 +90,9 @@ def generate_image_with_hf_api(prompt: str, base_model_id: str = DEFAULT_BASE, l
     if seed is None:
         seed = random.SystemRandom().randrange(2**32)
         logger.info("seed %d", seed)
-    device = pick_device(device)
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
     with hub_token(token):
         with hub_errors(f"base model {base_model_id!r}"):
-            pipe = load_pipeline(base_model_id, variant=variant, torch_dtype=dtype).to(device)
+            pipe, _ = open_pipeline(base_model_id, variant=variant, device=device)
         if lora_model_id:
             with hub_errors(f"LoRA {lora_model_id!r}"):
                 load_adapter(pipe, lora_model_id, lora_scale, weight_name)
@@ -144,10 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx2").setLevel(logging.WARNING)
     if args.token:
         logger.warning("--token is visible to other users in the process list; prefer HF_TOKEN or `hf auth login`.")
-        os.environ["HF_TOKEN"] = args.token  # read by huggingface_hub at every request
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
     logger.info("seed %d", seed)
-    image = generate_remotely(args, seed) if args.remote else generate_locally(args, seed)
+    with hub_token(args.token):  # read by huggingface_hub at every request, for this call only
+        image = generate_remotely(args, seed) if args.remote else generate_locally(args, seed)
     save_image(image, Path(args.output))
     print(f"Image written to {args.output} (seed {seed})")
     return 0

@@ -1,19 +1,25 @@
-"""Session-wide fixtures: one tiny SDXL model, one synthetic dataset and one trained run, shared by all tests.
+"""Session-wide fixtures: one tiny SDXL model, one synthetic dataset, one trained run, and one rank x alpha sweep
+with its images and report, shared by all tests; and which tests are slow (`pytest -m "not slow"`).
 
 Tests that only read these must not modify them; tests that need to change files copy them first.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tests.helpers import (ROOT, SCRIPT_ENV, processes_mentioning, read_status, run_bash,  # noqa: E402
+                           run_folders, run_script, wait_for)  # ROOT and run_script: tests import them from here
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -36,18 +42,37 @@ SHARED_RUN_ARGS = [
     # after, on 3): the tests compare it across epochs and before/after with a fixed margin.
     "--eval_loss_epochs", "1", "--eval_loss_samples", "32",
 ]
+# The sweep the sweep tests share (rank x alpha over a 4-image dataset, 2 epochs at 64 x 64), and the
+# inference flags of its images.
+SWEEP_PROMPTS = ["a village in ghibli style", "a cat on a roof"]
+SWEEP_IMAGE_SIZE = 64
+SWEEP_TRAIN_FLAGS = ["--resolution", "64", "--train_batch_size", "2", "--num_train_epochs", "2", "--save_steps", "1",
+                     "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--report_to", "none",
+                     "--mixed_precision", "no", "--no-gradient_checkpointing"]
+SWEEP_INFERENCE_FLAGS = ["--prompts", *SWEEP_PROMPTS, "--num_images", "2", "--height", str(SWEEP_IMAGE_SIZE),
+                         "--width", str(SWEEP_IMAGE_SIZE), "--num_inference_steps", "2"]
 
 
-def run_script(*args: str, env: dict | None = None, timeout: int = 600, check: bool = True,
-               cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run one of the project's scripts in a subprocess, as a user would."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    result = subprocess.run([sys.executable, *args], cwd=cwd or ROOT, env=full_env, capture_output=True,
-                            text=True, timeout=timeout)
-    if check and result.returncode != 0:
-        raise AssertionError(f"{args[0]} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
-                             f"{result.stderr[-6000:]}")
-    return result
+# `pytest -m "not slow"` leaves out what trains a model or runs a sweep (about a minute for the rest).
+# Slow: every test that uses one of these fixtures, and the tests below, which train in their own body
+# (test file -> test-name prefixes; "" marks the whole file).
+SLOW_FIXTURES = {"trained_run", "sweep", "sweep_inference", "two_rank_run", "straight_run"}
+SLOW_TESTS = {
+    "test_multigpu.py": ("",),
+    "test_reliability.py": ("test_sigterm_", "test_kill_9_", "test_nonfinite_"),
+    "test_sweep.py": ("test_an_interrupted_run_resumes", "test_runs_spread_over_gpus"),
+    "test_hub.py": ("test_train_push_to_hub_publishes",),
+    "test_kohya_datasets.py": ("test_resume_mid_epoch", "test_two_processes_report"),
+    "test_train_speed.py": ("test_a_later_run_reads_the_disk_cache",),
+    "test_trainer_features.py": ("test_cached_run_matches_uncached", "test_resumed_run_ends",
+                                 "test_text_encoder_lora_loads", "test_product_dataset_"),
+}
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(item.fixturenames) or item.name.startswith(SLOW_TESTS.get(item.path.name, ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -77,3 +102,70 @@ def trained_run(tiny_model_dir, tiny_dataset_dir, tmp_path_factory) -> Path:
                "--dataset_dir", str(tiny_dataset_dir), "--output_dir", str(output_dir), *SHARED_RUN_ARGS)
     (run_dir,) = [p for p in output_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    from utils.make_tiny_clip import save_tiny_clip
+    return save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny_clip")
+
+
+@pytest.fixture(scope="session")
+def sweep(tiny_model_dir, tmp_path_factory) -> dict:
+    """rank 4 x alphas 4, 8 with no sweep flags: stopped by SIGTERM during the second run, rerun, rerun again;
+    then ranks 2 4 x alphas 4 8 into the same records (only rank 2 trains)."""
+    from utils.make_tiny_sdxl import make_synthetic_dataset
+
+    work = tmp_path_factory.mktemp("sweep")
+    dataset = make_synthetic_dataset(work / "data", num_images=4)
+    tail = ["--", "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_dir", str(dataset),
+            *SWEEP_TRAIN_FLAGS]
+    args = ["--ranks", "4", "--alphas", "4 8", *tail]
+    first, second = ("4", "4"), ("4", "8")
+    output = work / "first_attempt.log"
+    with open(output, "w") as log:
+        process = subprocess.Popen(["bash", str(ROOT / "run_experiments.sh"), *args], cwd=work, stdout=log,
+                                   stderr=subprocess.STDOUT, start_new_session=True, env=SCRIPT_ENV)
+    try:
+        wait_for(lambda: (read_status(work, *first) or {}).get("state") == "finished", 240, "the first run")
+        second_log = work / "experiment_results" / "runs" / "r4_a8_lr1e-4" / "train.log"
+        wait_for(lambda: second_log.is_file() and "Run directory:" in second_log.read_text(), 120,
+                 "the second run's folder")
+        process.send_signal(signal.SIGTERM)  # to the script only: its trap must stop the training
+        process.wait(timeout=60)
+        left_running = processes_mentioning(str(dataset))
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        for pid in processes_mentioning(str(dataset)):
+            os.kill(pid, signal.SIGKILL)
+    record = {
+        "work": work, "dataset": dataset, "stopped_code": process.returncode, "stopped_output": output.read_text(),
+        "left_running": left_running, "after_stop": {ra: read_status(work, *ra) for ra in (first, second)},
+        "summary_after_stop": json.loads((work / "experiment_results" / "summary.json").read_text()),
+    }
+    record["rerun"] = run_bash("run_experiments.sh", *args, cwd=work)
+    record["records_after_rerun"] = {ra: json.loads((work / "experiment_results" / f"experiment_{ra[0]}_{ra[1]}.json")
+                                                    .read_text()) for ra in (first, second)}
+    record["folders_after_rerun"] = run_folders(work)
+    record["third"] = run_bash("run_experiments.sh", *args, cwd=work)
+    record["folders_after_third"] = run_folders(work)
+    record["grown"] = run_bash("run_experiments.sh", "--ranks", "2 4", "--alphas", "4 8", *tail, cwd=work)
+    return record
+
+
+@pytest.fixture(scope="session")
+def sweep_inference(sweep, tiny_model_dir, tiny_clip_dir) -> Path:
+    """run_inference_experiments.sh with no flags but the model's, then again for the CLIP metrics."""
+    work = sweep["work"]
+    plain = run_bash("run_inference_experiments.sh", "--", "--pretrained_model_name_or_path", str(tiny_model_dir),
+                 *SWEEP_INFERENCE_FLAGS, cwd=work, env={"HF_HUB_OFFLINE": "1"})
+    assert plain.returncode == 0, plain.stdout[-2000:] + plain.stderr[-4000:]
+    out = work / "output_visualization_additional_2"
+    sweep["inference_plain"] = plain
+    sweep["inference_plain_files"] = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    metrics = run_bash("run_inference_experiments.sh", "--skip_existing", "--clip_model", str(tiny_clip_dir), "--",
+                   "--pretrained_model_name_or_path", str(tiny_model_dir), *SWEEP_INFERENCE_FLAGS, cwd=work)
+    assert metrics.returncode == 0, metrics.stdout[-2000:] + metrics.stderr[-4000:]
+    sweep["inference_metrics"] = metrics
+    return out

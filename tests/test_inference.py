@@ -12,7 +12,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from tests.conftest import ROOT, run_script
+from tests.helpers import ROOT, find_tile, pixels, run_script
 
 SCRIPT = str(ROOT / "inference_sdxl_ghibli.py")
 COMMON = ["--num_images", "2", "--height", "128", "--width", "128", "--num_inference_steps", "4"]
@@ -26,20 +26,6 @@ def infer(tiny_model_dir, out_dir, *extra, cwd=None):
                         "--output_dir", str(out_dir), *COMMON, *extra, cwd=cwd)
     (meta_path,) = sorted(out_dir.glob("metadata_prompt1_*.json"))[-1:]
     return json.loads(meta_path.read_text()), result
-
-
-def pixels(folder, name):
-    return np.asarray(Image.open(folder / name), dtype=np.int16)
-
-
-def _find_tile(grid, tile) -> int:
-    """The row (y) where ``tile`` sits in ``grid``."""
-    height, width = tile.shape[:2]
-    for y in range(grid.shape[0] - height + 1):
-        for x in range(grid.shape[1] - width + 1):
-            if np.array_equal(grid[y, x], tile[0, 0]) and np.array_equal(grid[y:y + height, x:x + width], tile):
-                return y
-    raise AssertionError("tile not found in grid")
 
 
 def test_original_file_names_and_metadata_for_two_prompts_and_two_images(trained_run, tiny_model_dir, tmp_path):
@@ -66,22 +52,22 @@ def test_original_file_names_and_metadata_for_two_prompts_and_two_images(trained
         assert meta["comparison_grid"] == f"comparison_grid_prompt{k}_{ts}.png"
         assert meta["seeds"] == [42 + 2 * (k - 1), 43 + 2 * (k - 1)] and meta["generator_device"] == "cpu"
     # The grid: base row on top, LoRA row below.
-    grid = np.asarray(Image.open(out / first["comparison_grid"]).convert("RGB"), dtype=np.int16)
+    grid = pixels(out / first["comparison_grid"])
     assert 2 * 128 <= grid.shape[0] < 3 * 128 and 2 * 128 <= grid.shape[1] < 4 * 128
-    base1 = pixels(out, first["base_model_images"][0])[..., :3]
-    lora1 = pixels(out, first["lora_model_images"][0])[..., :3]
-    assert _find_tile(grid, base1) < _find_tile(grid, lora1), "base row must be above the LoRA row"
-    differences = [np.abs(pixels(out, b) - pixels(out, l)).mean()
+    base1 = pixels(out / first["base_model_images"][0])[..., :3]
+    lora1 = pixels(out / first["lora_model_images"][0])[..., :3]
+    assert find_tile(grid, base1)[0] < find_tile(grid, lora1)[0], "base row must be above the LoRA row"
+    differences = [np.abs(pixels(out / b) - pixels(out / l)).mean()
                    for b, l in zip(first["base_model_images"], first["lora_model_images"])]
     assert min(differences) > 1.0  # scale 1 changes the image
 
     # Scale 0 reproduces the base image of the same seed (adapter loaded only after the base images).
     zero, _ = infer(tiny_model_dir, tmp_path / "zero", "--lora_model_path", lora, "--lora_scale", "0",
                     "--prompt", prompts[0], "--run_base_inference", cwd=tmp_path)
-    assert np.abs(pixels(tmp_path / "zero", zero["lora_model_images"][0])
-                  - pixels(out, first["base_model_images"][0])).max() <= 1
-    assert np.array_equal(pixels(tmp_path / "zero", zero["base_model_images"][1]),
-                          pixels(out, first["base_model_images"][1]))
+    assert np.abs(pixels(tmp_path / "zero" / zero["lora_model_images"][0])
+                  - pixels(out / first["base_model_images"][0])).max() <= 1
+    assert np.array_equal(pixels(tmp_path / "zero" / zero["base_model_images"][1]),
+                          pixels(out / first["base_model_images"][1]))
 
 
 def test_original_style_base_images_without_metadata_are_reused(trained_run, tiny_model_dir, tmp_path):
@@ -96,10 +82,10 @@ def test_original_style_base_images_without_metadata_are_reused(trained_run, tin
                          "--prompt", "a cat in ghibli style", "--base_results_dir", str(saved),
                          "--create_comparison_grid", cwd=tmp_path)
     out = tmp_path / "out"
-    assert [tuple(pixels(out, name)[0, 0, :3]) for name in meta["base_model_images"]] == [(200, 30, 30), (30, 30, 200)]
-    grid = np.asarray(Image.open(out / meta["comparison_grid"]).convert("RGB"), dtype=np.int16)
-    assert _find_tile(grid, pixels(out, meta["base_model_images"][0])) < _find_tile(
-        grid, pixels(out, meta["lora_model_images"][0])[..., :3])
+    assert [tuple(pixels(out / name)[0, 0, :3]) for name in meta["base_model_images"]] == [(200, 30, 30), (30, 30, 200)]
+    grid = pixels(out / meta["comparison_grid"])
+    assert find_tile(grid, pixels(out / meta["base_model_images"][0]))[0] < find_tile(
+        grid, pixels(out / meta["lora_model_images"][0])[..., :3])[0]
     assert "No saved base images" not in result.stderr
 
 
@@ -113,7 +99,7 @@ def test_base_images_with_metadata_are_reused_and_missing_ones_said_in_one_line(
                            "--prompt", "a cat in ghibli style", "--base_results_dir", str(tmp_path / "base"),
                            "--create_comparison_grid", cwd=tmp_path)
     for a, b in zip(first["base_model_images"], second["base_model_images"]):
-        assert np.array_equal(pixels(tmp_path / "base", a), pixels(tmp_path / "lora", b))
+        assert np.array_equal(pixels(tmp_path / "base" / a), pixels(tmp_path / "lora" / b))
     assert "comparison_grid" in second and "No saved base images" not in result.stderr
     # An empty base folder, no --run_base_inference, no grid: LoRA images only, and one line says so.
     third, result = infer(tiny_model_dir, tmp_path / "alone", "--lora_model_path", str(trained_run / "final_model"),

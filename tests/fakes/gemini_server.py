@@ -30,7 +30,7 @@ from typing import Any
 
 from PIL import Image
 
-from tests.local_server import LocalServer
+from tests.fakes.local_server import LocalServer, QuietHandler
 
 GENERATE_PATH = re.compile(r"^/(v1|v1beta|v1alpha)/models/([^/:]+):generateContent$")
 STATUS_NAMES = {400: "INVALID_ARGUMENT", 403: "PERMISSION_DENIED", 429: "RESOURCE_EXHAUSTED",
@@ -138,67 +138,56 @@ class GeminiServer(LocalServer):
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self) -> None:  # noqa: N802 (the name http.server calls)
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length)
-                try:
-                    body = json.loads(raw or b"{}")
-                except json.JSONDecodeError:
-                    body = {}
-                mime_type, image = _first_image(body)
-                failure = server._next_failure()
-                if not GENERATE_PATH.match(self.path):
-                    status = 404
-                elif failure is not None and failure.stall == 0:
-                    status = failure.status
-                else:
-                    status = 200
-                server._record(RecordedRequest(
-                    path=self.path,
-                    headers={key.lower(): value for key, value in self.headers.items()},
-                    body=body,
-                    mime_type=mime_type,
-                    image_size=image.size if image else None,
-                    color=mean_color(image) if image else None,
-                    status=status,
-                    time=time.monotonic(),
-                ))
-                if failure is not None and failure.stall:
-                    time.sleep(failure.stall)
-                elif status == 200:
-                    server._wait_turn()
-                    time.sleep(server.delay)
-                if status == 200:
-                    text = caption_for(mean_color(image) if image else None)
-                    self._send(200, {"candidates": [{"content": {"role": "model", "parts": [{"text": text}]},
-                                                     "finishReason": "STOP"}]})
-                elif status == 404:
-                    self._send(404, _error_body(404, f"unknown path {self.path}"))
-                else:
-                    assert failure is not None
-                    self._send(status, _error_body(status, failure.message, failure.retry_delay),
-                               failure.headers)
-
-            def _send(self, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
-                data = json.dumps(payload).encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json; charset=UTF-8")
-                    self.send_header("Content-Length", str(len(data)))
-                    for key, value in (headers or {}).items():
-                        self.send_header(key, value)
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (timeout or killed); nothing to answer
+                server._answer_generate(self)
 
         return Handler
+
+    def _answer_generate(self, handler: QuietHandler) -> None:
+        """One generateContent request: record it, then fail, stall or answer with a caption as scripted."""
+        try:
+            body = json.loads(handler.read_body() or b"{}")
+        except json.JSONDecodeError:
+            body = {}
+        mime_type, image = _first_image(body)
+        failure = self._next_failure()
+        if not GENERATE_PATH.match(handler.path):
+            status = 404
+        elif failure is not None and failure.stall == 0:
+            status = failure.status
+        else:
+            status = 200
+        self._record(RecordedRequest(
+            path=handler.path,
+            headers={key.lower(): value for key, value in handler.headers.items()},
+            body=body,
+            mime_type=mime_type,
+            image_size=image.size if image else None,
+            color=mean_color(image) if image else None,
+            status=status,
+            time=time.monotonic(),
+        ))
+        if failure is not None and failure.stall:
+            time.sleep(failure.stall)
+        elif status == 200:
+            self._wait_turn()
+            time.sleep(self.delay)
+        if status == 200:
+            text = caption_for(mean_color(image) if image else None)
+            payload = {"candidates": [{"content": {"role": "model", "parts": [{"text": text}]},
+                                       "finishReason": "STOP"}]}
+            _send(handler, 200, payload)
+        elif status == 404:
+            _send(handler, 404, _error_body(404, f"unknown path {handler.path}"))
+        else:
+            assert failure is not None
+            _send(handler, status, _error_body(status, failure.message, failure.retry_delay), failure.headers)
+
+
+def _send(handler: QuietHandler, status: int, payload: dict[str, Any], headers: dict[str, str] | None = None) -> None:
+    handler.answer(status, {"Content-Type": "application/json; charset=UTF-8", **(headers or {})},
+                   json.dumps(payload).encode())
 
 
 def _first_image(body: dict[str, Any]) -> tuple[str | None, Image.Image | None]:

@@ -42,7 +42,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import yaml
 from PIL import Image
 
-from tests.local_server import LocalServer
+from tests.fakes.local_server import LocalServer, QuietHandler
 
 API_MODEL = re.compile(r"^/api/models/([^/]+/[^/]+?)(?:/(revision|tree|preupload|commit|branch)/([^/]+)(/.*)?)?$")
 RESOLVE = re.compile(r"^/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$")
@@ -253,29 +253,10 @@ class HubServer(LocalServer):
     def _handler_class(self) -> type[BaseHTTPRequestHandler]:
         server = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
-                pass
-
+        class Handler(QuietHandler):
             def _serve(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
                 headers = {key.lower(): value for key, value in self.headers.items()}
-                status, answer_headers, data = server.handle(self.command, self.path, headers, body)
-                try:
-                    self.send_response(status)
-                    answer_headers.setdefault("Content-Type", "application/json")
-                    if "Content-Length" not in answer_headers:
-                        answer_headers["Content-Length"] = str(len(data))
-                    for key, value in answer_headers.items():
-                        self.send_header(key, value)
-                    self.end_headers()
-                    if self.command != "HEAD":
-                        self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client went away
+                self.answer(*server.handle(self.command, self.path, headers, self.read_body()))
 
             do_GET = do_POST = do_HEAD = _serve  # noqa: N815 (the names http.server calls)
 

@@ -1,9 +1,36 @@
-"""A threaded HTTP server on 127.0.0.1 (a free port), started and stopped around a test."""
+"""A threaded HTTP server on 127.0.0.1 (a free port), started and stopped around a test, and the quiet
+request handler the stand-in servers build on."""
 
 from __future__ import annotations
 
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """HTTP/1.1 keep-alive, no access log, and the body read and answer every stand-in needs."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:  # keep test output quiet
+        pass
+
+    def read_body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def answer(self, status: int, headers: dict[str, str], data: bytes) -> None:
+        """Send ``data`` (JSON unless ``headers`` says otherwise); a client that went away is not an error."""
+        headers = {"Content-Type": "application/json", "Content-Length": str(len(data)), **headers}
+        try:
+            self.send_response(status)
+            for key, value in headers.items():
+                self.send_header(key, value)
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (timeout or killed); nothing to answer
 
 
 class LocalServer:

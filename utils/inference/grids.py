@@ -1,14 +1,13 @@
-"""Pictures for people: base-vs-LoRA comparison grids and loss curves."""
+"""Pictures for people: labelled image grids, and the base-vs-LoRA comparison grid."""
 
 from __future__ import annotations
 
-import csv
 import textwrap
-from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from utils.core.atomic import replace_file
+from utils.core.atomic import save_figure  # noqa: F401  # moved (issue 16)
+from utils.core.atomic import save_image  # noqa: F401  # moved (issue 16)
 
 LABEL_HEIGHT = 22
 MARGIN = 4
@@ -52,54 +51,3 @@ def comparison_grid(base_images: list[Image.Image], lora_images: list[Image.Imag
                     lora_label: str = "LoRA") -> Image.Image:
     """The original's comparison: base row on top, LoRA row below, labelled with the prompt."""
     return labelled_grid([base_images, lora_images], ["Base", lora_label], title=prompt)
-
-
-def save_image(image: Image.Image, path: Path) -> Path:
-    """Save a PIL image atomically; PNG when the name has no suffix."""
-    return replace_file(path, lambda temporary: image.save(temporary, format=None if Path(path).suffix else "PNG"))
-
-
-def save_figure(figure, path: Path) -> Path:
-    """Save a matplotlib figure atomically and release it."""
-    import matplotlib.pyplot as plt
-
-    replace_file(path, lambda temporary: figure.savefig(temporary))
-    plt.close(figure)
-    return Path(path)
-
-
-def find_loss_log(log_dir: Path) -> Path | None:
-    """The run's per-step loss log (``training_steps.csv``), else the original's per-epoch
-    ``training_log.csv`` (all that a run of the original, or an older run, has)."""
-    for name in ("training_steps.csv", "training_log.csv"):
-        if (Path(log_dir) / name).is_file():
-            return Path(log_dir) / name
-    return None
-
-
-def plot_loss_curve(csv_path: Path, png_path: Path) -> Path:
-    """Training loss against the optimizer step (and its moving average) from a loss log: one row per
-    step (training_steps.csv) or one per epoch (training_log.csv, the epoch's mean)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    with open(csv_path, newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if row.get("step")]
-    steps = [int(row["step"]) for row in rows]
-    losses = [float(row["loss"]) for row in rows]
-    unit = "epoch" if Path(csv_path).name == "training_log.csv" else "step"
-    window = max(1, len(losses) // 20)
-    smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
-              for i in range(len(losses))]
-    figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
-    axis.plot(steps, losses, alpha=0.35 if window > 1 else 1.0, marker="o" if unit == "epoch" else None,
-              label=f"loss per {unit}" + (" (mean)" if unit == "epoch" else ""))
-    if window > 1:
-        axis.plot(steps, smooth, label=f"moving average ({window} {unit}s)")
-    axis.set_xlabel("optimizer step")
-    axis.set_ylabel("training loss")
-    axis.legend()
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    return save_figure(figure, png_path)

@@ -1,0 +1,94 @@
+"""The flags of inference_sdxl_ghibli.py, and what a generation derives from them.
+
+The sweep scripts pass their inference flags through the same parser (``parse_inference_args``), so
+every LoRA of a sweep gets exactly the prompts, seeds and settings the script would give it. No torch
+import here: the parser must start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils.core.cli import derived
+from utils.core.errors import UserError
+from utils.core.names import SDXL_BASE_ID
+from utils.inference.prompts import DEFAULT_PROMPTS
+
+logger = logging.getLogger(__name__)
+
+RUNS_DIR = "output_ghibli"  # where the default LoRA is looked for
+DEFAULT_NEGATIVE = "blurry, low quality, distorted, deformed, ugly, bad anatomy"
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    negative_prompt: str
+    num_inference_steps: int
+    guidance_scale: float
+    height: int
+    width: int
+
+
+def settings_of(args: argparse.Namespace) -> GenerationSettings:
+    """The per-image settings given by the inference flags."""
+    return GenerationSettings(args.negative_prompt, args.num_inference_steps, args.guidance_scale, args.height,
+                              args.width)
+
+
+def seeds_for(prompt_index: int, num_images: int, seed: int) -> list[int]:
+    """Image i of prompt k (both from 0) uses seed + k * num_images + i."""
+    return [seed + prompt_index * num_images + i for i in range(num_images)]
+
+
+def add_inference_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pretrained_model_name_or_path", default=SDXL_BASE_ID)
+    p.add_argument("--revision", default=None)
+    p.add_argument("--variant", default="fp16", help="falls back to the regular weights when the model has none")
+    p.add_argument("--lora_model_path", default=None,
+                   help="LoRA folder, .safetensors file (diffusers or kohya format) or Hub id "
+                        f"(default: the newest {RUNS_DIR}/*/final_model)")
+    p.add_argument("--prompt", default=None, help="one prompt (takes precedence over --prompts)")
+    p.add_argument("--prompts", nargs="+", default=None, help="several prompts (default: the original's 16)")
+    p.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE)
+    p.add_argument("--num_inference_steps", type=int, default=30)
+    p.add_argument("--guidance_scale", type=float, default=5.0)
+    p.add_argument("--num_images", type=int, default=3)
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--output_dir", default="output_visualization")
+    p.add_argument("--lora_scale", type=float, default=1.0)
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--run_base_inference", action="store_true", help="generate base-model images too")
+    p.add_argument("--base_results_dir", default="output_visualization/base_model_results",
+                   help="saved base images: reused when their metadata shows the same prompt, seeds and "
+                        "settings; without --run_base_inference also the original's base_prompt{k}_*.png")
+    p.add_argument("--create_comparison_grid", action="store_true")
+    p.add_argument("--allow_pickle", action="store_true",
+                   help="allow pickle-based weights (.bin/.pt/.ckpt), which can run code when loaded")
+
+
+def parse_inference_args(argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
+    """The inference flags, with ``prompts`` resolved: --prompt, else --prompts, else the original's 16."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_inference_arguments(p)
+    args = p.parse_args(argv)
+    return derived(args, prompts=[args.prompt] if args.prompt else (args.prompts or DEFAULT_PROMPTS))
+
+
+def default_lora(run_base: bool) -> str | None:
+    """The newest trained run's final_model, for a call without --lora_model_path."""
+    from utils.inference.pipeline import newest_final_model
+
+    found = newest_final_model(Path(RUNS_DIR))
+    if found:
+        logger.info("No --lora_model_path: using the newest run's LoRA, %s", found)
+        return str(found)
+    if run_base:
+        logger.warning("No --lora_model_path and no %s/*/final_model: base images only", RUNS_DIR)
+        return None
+    raise UserError(f"no --lora_model_path given and no trained run in {RUNS_DIR}/*/final_model; "
+                    "pass --lora_model_path")

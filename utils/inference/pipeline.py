@@ -1,0 +1,81 @@
+"""One way to set up SDXL for inference, and to find and load a LoRA into it.
+
+``open_pipeline`` is what inference_sdxl_ghibli.py, hf/hf_inference.py and the sweep's ``generate`` share:
+the device (cuda when available), fp16 on CUDA and fp32 elsewhere, and the pickle rule (.bin/.ckpt weights
+only with ``allow_pickle``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from utils.core.errors import UserError
+from utils.core.names import LORA_WEIGHT_NAME
+from utils.core.sdxl import load_pipeline
+
+ADAPTER_NAME = "style"
+WEIGHTS_FILE = LORA_WEIGHT_NAME
+PICKLE_WARNING = ("is a pickle-based file, which can run arbitrary code when loaded; convert it to .safetensors "
+                  "or pass --allow_pickle if you trust its source")
+
+
+def pick_device(requested: str | None) -> str:
+    if requested:
+        if requested.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device {requested}: CUDA is not available on this machine")
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def open_pipeline(model: str, *, revision: str | None = None, variant: str | None = "fp16",
+                  device: str | None = None, allow_pickle: bool = False):
+    """(pipeline on its device, device): fp16 on CUDA, fp32 elsewhere."""
+    device = pick_device(device)
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    pipe = load_pipeline(model, revision, variant, dtype, allow_pickle=allow_pickle).to(device)
+    return pipe, device
+
+
+def resolve_lora_source(path: str, allow_pickle: bool = False) -> tuple[str, dict]:
+    """``load_lora_weights`` arguments for a folder, a single LoRA file, or a Hub id."""
+    candidate = Path(path)
+    if candidate.is_file():
+        if candidate.suffix != ".safetensors" and not allow_pickle:
+            raise UserError(f"{candidate} {PICKLE_WARNING}")
+        return str(candidate.parent), {"weight_name": candidate.name, "use_safetensors": not allow_pickle}
+    if candidate.is_dir():
+        files = sorted(candidate.glob("*.safetensors"))
+        if not files:
+            raise FileNotFoundError(f"{candidate}: no .safetensors LoRA file in this folder")
+        if not (candidate / WEIGHTS_FILE).is_file() and len(files) == 1:
+            return str(candidate), {"weight_name": files[0].name, "use_safetensors": True}
+        return str(candidate), {"use_safetensors": True}
+    if path.count("/") == 1 and not path.startswith((".", "/")):
+        return path, {"use_safetensors": not allow_pickle}  # a Hub repo id
+    raise FileNotFoundError(f"{path}: LoRA folder or file not found")
+
+
+def newest_final_model(runs_dir: Path) -> Path | None:
+    """``{runs_dir}/*/final_model`` holding LoRA weights, the one written last; None when there is none."""
+    if not runs_dir.is_dir():
+        return None
+    found = [p / "final_model" for p in runs_dir.iterdir() if (p / "final_model" / WEIGHTS_FILE).is_file()]
+    return max(found, key=lambda p: (p / WEIGHTS_FILE).stat().st_mtime, default=None)
+
+
+def load_adapter(pipe, lora_path: str, scale: float, weight_name: str | None = None,
+                 allow_pickle: bool = False) -> None:
+    """Load a LoRA as a named adapter and set its scale (any value, 0 and 1 included)."""
+    source, kwargs = resolve_lora_source(lora_path, allow_pickle)
+    if weight_name:
+        kwargs["weight_name"] = weight_name
+    pipe.load_lora_weights(source, adapter_name=ADAPTER_NAME, **kwargs)
+    pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
+
+
+def unload_adapter(pipe) -> None:
+    """Delete the adapter ``load_adapter`` loaded, when it is there (the base weights stay as they were)."""
+    if ADAPTER_NAME in {name for names in pipe.get_list_adapters().values() for name in names}:
+        pipe.delete_adapters(ADAPTER_NAME)
