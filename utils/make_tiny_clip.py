@@ -3,7 +3,9 @@
 It uses the real transformers classes (CLIPModel, CLIPTokenizer, CLIPImageProcessor,
 CLIPProcessor) and is saved with ``save_pretrained``, so the metric code loads it exactly
 as it loads ``openai/clip-vit-large-patch14``. The weights are random: the numbers it
-gives are deterministic and differ between images, but they say nothing about style.
+gives are deterministic and differ between images, but they say nothing about style. The tests use
+it where speed matters; the demo's metrics use the CLIP trained on procedural scenes in both looks
+(``models/tiny_scenes/clip``, see utils/pretrain_demo_model.py).
 
     python utils/make_tiny_clip.py --output_dir tiny_clip
 """
