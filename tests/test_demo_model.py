@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.demo_model import DEMO_CLIP_DIR, DEMO_SDXL_DIR, RESOLUTION
-from utils.scenes import caption, render, scene_set
+from utils.tiny.demo_model import DEMO_CLIP_DIR, DEMO_SDXL_DIR, RESOLUTION
+from utils.tiny.scenes import caption, render, scene_set
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def test_committed_base_model_draws_prompt_dependent_pictures(demo_pipeline):
 
 
 def test_committed_clip_separates_the_photo_and_ghibli_looks():
-    from utils.style_metrics import ClipEmbedder, centroid
+    from utils.sweep.clip_metrics import ClipEmbedder, centroid
 
     embedder = ClipEmbedder(str(DEMO_CLIP_DIR), device="cpu")
     scenes = scene_set(8, seed=99)  # scenes the CLIP never saw

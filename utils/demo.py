@@ -34,9 +34,10 @@ import sys
 import time
 from pathlib import Path
 
-from utils.atomic import write_json, write_text
-from utils.cli import setup_logging
-from utils.demo_model import DEMO_CLIP_DIR, DEMO_SDXL_DIR, RESOLUTION
+from utils.core.atomic import save_image, write_json, write_text
+from utils.core.cli import setup_logging
+from utils.core.names import CONFIG_FILE
+from utils.tiny.demo_model import DEMO_CLIP_DIR, DEMO_SDXL_DIR, RESOLUTION
 
 ROOT = Path(__file__).resolve().parent.parent
 logger = logging.getLogger("demo")
@@ -88,8 +89,6 @@ def copy_enlarged(source: Path, target: Path) -> None:
     """Copy a grid of 64 px pictures at three times its size (each pixel a 3 x 3 block), readable in the README."""
     from PIL import Image
 
-    from utils.grids import save_image
-
     with Image.open(source) as image:
         save_image(image.resize((image.width * ENLARGE, image.height * ENLARGE), Image.Resampling.NEAREST), target)
 
@@ -122,7 +121,7 @@ def fixed_noise_losses(runs_dir: Path) -> list[dict]:
     losses = []
     for run_dir in sorted(p for p in runs_dir.iterdir() if (p / "final_model" / "final_model_info.json").is_file()):
         info = json.loads((run_dir / "final_model" / "final_model_info.json").read_text())
-        config = json.loads((run_dir / "experiment_config.json").read_text())
+        config = json.loads((run_dir / CONFIG_FILE).read_text())
         losses.append({"run": run_dir.name, "rank": config["lora_rank"], "alpha": config["lora_alpha"],
                        "eval_loss_before": info["initial_eval_loss"], "eval_loss_after": info["final_eval_loss"]})
         logger.info("rank %d, alpha %g: fixed-noise eval loss %.4f before training, %.4f after",
@@ -132,7 +131,7 @@ def fixed_noise_losses(runs_dir: Path) -> list[dict]:
 
 def base_seed_spread(inference: Path, dataset: Path, clip_model: Path) -> float:
     """Mean over prompts of the standard deviation, between seeds, of the base images' style similarity."""
-    from utils.style_metrics import ClipEmbedder, style_centroid_of
+    from utils.sweep.clip_metrics import ClipEmbedder, style_centroid_of
 
     embedder = ClipEmbedder(str(clip_model), device="cpu")
     target = style_centroid_of(embedder, sorted((dataset / "images").glob("*.png")))
@@ -190,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     model, clip = Path(args.model_dir), Path(args.clip_model)
     shutil.rmtree(work, ignore_errors=True)
     results.mkdir(parents=True, exist_ok=True)
-    from utils.scenes import write_style_dataset
+    from utils.tiny.scenes import write_style_dataset
     data = write_style_dataset(work / "dataset_ghibli", num_images=NUM_TRAIN_IMAGES)
     runs_dir, records, inference, checkpoints = (work / "output_ghibli", work / "experiment_results",
                                                  work / "inference", work / "checkpoints")

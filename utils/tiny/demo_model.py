@@ -16,42 +16,35 @@ from pathlib import Path
 
 import torch
 
-from utils.make_tiny_sdxl import WORDS, build_tokenizer_files
-from utils.scenes import CAPTION_WORDS
+from utils.tiny.clip import build_clip
+from utils.tiny.scenes import CAPTION_WORDS
+from utils.tiny.sdxl import WORDS, build_tokenizer_files, sdxl_pipeline, text_encoders
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEMO_MODELS_DIR = ROOT / "models" / "tiny_scenes"
 DEMO_SDXL_DIR = DEMO_MODELS_DIR / "sdxl"
 DEMO_CLIP_DIR = DEMO_MODELS_DIR / "clip"
 RESOLUTION = 64
-TEXT_HIDDEN = 32
+TEXT_HIDDEN = 32  # the width of both text encoders (text_encoders' width)
 POOLED_DIM = 32
 CLIP_IMAGE_SIZE = 64
-# CLIP's own normalisation constants (those of the OpenAI checkpoints).
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def demo_words() -> list[str]:
+    """Every word of the captions and prompts, each a whole-word token of the demo's tokenizers."""
+    return list(dict.fromkeys([*WORDS, *CAPTION_WORDS]))
 
 
 def demo_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
     """The BPE files of both tokenizers: every byte, plus one token per word of the captions and prompts."""
-    words = list(dict.fromkeys([*WORDS, *CAPTION_WORDS]))
-    return build_tokenizer_files(words)
+    return build_tokenizer_files(demo_words())
 
 
-def build_demo_sdxl(seed: int = 0):
-    """A randomly initialised StableDiffusionXLPipeline of the demo's shape, deterministic for ``seed``."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+def _demo_unet():
+    """A three-level UNet with cross-attention on both encoders and SDXL's text_time added conditioning."""
+    from diffusers import UNet2DConditionModel
 
-    vocab, merges = demo_vocabulary()
-    torch.manual_seed(seed)
-    text_config = dict(
-        vocab_size=len(vocab), hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_attention_heads=4,
-        num_hidden_layers=3, max_position_embeddings=77, projection_dim=POOLED_DIM, hidden_act="gelu",
-        bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-        pad_token_id=vocab["<|endoftext|>"],
-    )
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=RESOLUTION // 4,
         in_channels=4,
         out_channels=4,
@@ -69,10 +62,16 @@ def build_demo_sdxl(seed: int = 0):
         projection_class_embeddings_input_dim=6 * 8 + POOLED_DIM,  # six time ids + pooled projection
         norm_num_groups=32,
     )
-    vae = AutoencoderKL(
+
+
+def _demo_vae():
+    """A VAE with two downsamplings: 64 px images, 16 x 16 latents."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
         in_channels=3,
         out_channels=3,
-        block_out_channels=(32, 64, 64),  # two downsamplings: 64 px images, 16 x 16 latents
+        block_out_channels=(32, 64, 64),
         down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3,
         latent_channels=4,
@@ -81,44 +80,18 @@ def build_demo_sdxl(seed: int = 0):
         sample_size=RESOLUTION,
         scaling_factor=1.0,  # set from the latents' spread after the VAE is trained
     )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-        steps_offset=1, timestep_spacing="leading", prediction_type="epsilon",
-    )
-    return StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=CLIPTextModel(CLIPTextConfig(**text_config)),
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text_config)),
-        tokenizer=CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77),
-        tokenizer_2=CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="!"),
-        unet=unet,
-        scheduler=scheduler,
-        force_zeros_for_empty_prompt=True,
-    )
+
+
+def build_demo_sdxl(seed: int = 0):
+    """A randomly initialised StableDiffusionXLPipeline of the demo's shape, deterministic for ``seed``."""
+    vocab, merges = demo_vocabulary()
+    torch.manual_seed(seed)  # built in this order (UNet, VAE, text encoders): the weights of earlier versions
+    unet = _demo_unet()
+    vae = _demo_vae()
+    encoders = text_encoders(vocab, intermediate_size=4 * TEXT_HIDDEN)
+    return sdxl_pipeline(vocab, merges, encoders, unet, vae)
 
 
 def build_demo_clip(seed: int = 0):
     """A randomly initialised ``(CLIPModel, CLIPProcessor)`` of the demo's shape (64 px images, the demo words)."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
-
-    vocab, merges = demo_vocabulary()
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
-    image_processor = CLIPImageProcessor(
-        size={"shortest_edge": CLIP_IMAGE_SIZE}, crop_size={"height": CLIP_IMAGE_SIZE, "width": CLIP_IMAGE_SIZE},
-        image_mean=CLIP_MEAN, image_std=CLIP_STD,
-    )
-    config = CLIPConfig(
-        text_config=dict(
-            vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_attention_heads=4,
-            num_hidden_layers=2, max_position_embeddings=77,
-            bos_token_id=vocab["<|startoftext|>"], eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-        ),
-        vision_config=dict(
-            hidden_size=64, intermediate_size=128, num_attention_heads=4, num_hidden_layers=3,
-            image_size=CLIP_IMAGE_SIZE, patch_size=8,
-        ),
-        projection_dim=64,
-    )
-    torch.manual_seed(seed)
-    return CLIPModel(config), CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+    return build_clip(demo_words(), image_size=CLIP_IMAGE_SIZE, width=64, vision_layers=3, seed=seed)
