@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
-from tests.conftest import run_script
-from tests.test_multigpu import free_port
+from tests.helpers import assert_same_lora, csv_rows, free_port, only_run_dir, read_json, run_script
 from utils import check_dataset, convert_dataset
 from utils.data import preflight
-from utils.ghibli_datasets import kohya_repeats, list_dataset
-from utils.lora.files import LORA_WEIGHT_NAME, read_tensors
+from utils.data.listing import list_dataset
+from utils.data.records import kohya_repeats
+from utils.lora.files import LORA_WEIGHT_NAME
 from utils.training.batches import BucketBatchSampler
 
 # Batch 1, resolution 64, constant-free linear schedule: every step's learning rate is known.
@@ -46,19 +43,13 @@ def write_kohya(folder: Path, layout: dict[str, int], extension: str = ".txt") -
 
 
 def rows(run_dir: Path, name: str) -> list[dict]:
-    with open(run_dir / "logs" / name, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def only_run(output_dir: Path) -> Path:
-    (run_dir,) = [p for p in output_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    return run_dir
+    return csv_rows(run_dir / "logs" / name)
 
 
 def train(model: Path, dataset: Path, output: Path, *extra: str) -> tuple[Path, str]:
     result = run_script("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(model),
                         "--dataset_dir", str(dataset), "--output_dir", str(output), *TINY, *extra)
-    return only_run(output), result.stdout + result.stderr
+    return only_run_dir(output), result.stdout + result.stderr
 
 
 # ----------------------------------------------------------------------------- listing and report
@@ -164,7 +155,7 @@ def straight_run(tiny_model_dir, repeated_dataset, tmp_path_factory) -> tuple[Pa
 
 def test_repeats_set_the_steps_the_csvs_and_the_schedule(straight_run):
     run_dir, output = straight_run
-    config = json.loads((run_dir / "experiment_config.json").read_text())
+    config = read_json(run_dir / "experiment_config.json")
     assert config["steps_per_epoch"] == 11 and config["max_train_steps"] == 22
     assert config["num_train_images"] == 5 and config["images_seen_per_epoch"] == 11
     assert config["dataset_folders"] == [
@@ -206,11 +197,7 @@ def test_resume_mid_epoch_with_repeats_matches_the_straight_run(straight_run, ti
         assert [r["step"] for r in resumed_rows] == [r["step"] for r in straight_rows], name
         assert [float(r["loss"]) for r in resumed_rows] == pytest.approx(
             [float(r["loss"]) for r in straight_rows], rel=1e-5), name
-    expected = read_tensors(straight / "final_model" / LORA_WEIGHT_NAME)
-    resumed = read_tensors(copy / "final_model" / LORA_WEIGHT_NAME)
-    assert expected.keys() == resumed.keys()
-    for key in expected:
-        torch.testing.assert_close(resumed[key], expected[key], rtol=1e-5, atol=1e-6)
+    assert_same_lora(straight / "final_model" / LORA_WEIGHT_NAME, copy / "final_model" / LORA_WEIGHT_NAME)
 
 
 def test_two_processes_report_the_dataset_once(tiny_model_dir, repeated_dataset, tmp_path):
@@ -226,6 +213,6 @@ def test_two_processes_report_the_dataset_once(tiny_model_dir, repeated_dataset,
     assert output.count("Dataset check: folder 3_style/: 3 image(s) x 3 repeat(s)") == 1
     assert output.count("Dataset check: images seen per epoch: 11 (5 distinct)") == 1
     assert output.count("5 training images (0 held out), 11 seen per epoch") == 1
-    config = json.loads((only_run(tmp_path / "ddp") / "experiment_config.json").read_text())
+    config = read_json(only_run_dir(tmp_path / "ddp") / "experiment_config.json")
     assert config["num_processes"] == 2 and config["images_seen_per_epoch"] == 11
     assert config["steps_per_epoch"] == 6  # 11 batches of one, shared by two processes

@@ -10,18 +10,15 @@ Which images each rank trained on is read from the trainer's per-step debug line
 
 from __future__ import annotations
 
-import csv
-import json
 import re
 import shutil
-import socket
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import run_script
+from tests.helpers import assert_same_lora, csv_rows, free_port, only_run_dir, read_json, run_script
 from utils.lora.files import LORA_WEIGHT_NAME, read_tensors
 
 BATCH = 4
@@ -34,12 +31,6 @@ ARGS = ["--resolution", "256", "--train_batch_size", str(BATCH), "--num_train_ep
         "--learning_rate", "1e-2", "--lr_scheduler", "constant", "--lr_warmup_steps", "0",
         "--lora_rank", "4", "--lora_alpha", "4", "--checkpointing_steps", "3", "--save_steps", "1",
         "--report_to", "none"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def launch_two_processes(tiny_model_dir: Path, dataset_dir: Path, output_dir: Path, *extra: str) -> str:
@@ -62,15 +53,8 @@ def step_records(output: str) -> dict[int, dict[int, tuple[list[int], float]]]:
     return records
 
 
-def csv_rows(run_dir: Path, name: str = "training_steps.csv") -> list[dict]:
-    with open(run_dir / "logs" / name, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def only_run_dir(output_dir: Path) -> Path:
-    runs = [p for p in output_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    assert len(runs) == 1, f"expected one run directory for both ranks, found {[p.name for p in runs]}"
-    return runs[0]
+def log_rows(run_dir: Path, name: str = "training_steps.csv") -> list[dict]:
+    return csv_rows(run_dir / "logs" / name)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +65,7 @@ def two_rank_run(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
 
 
 def run_config(run_dir: Path) -> dict:
-    return json.loads((run_dir / "experiment_config.json").read_text())
+    return read_json(run_dir / "experiment_config.json")
 
 
 def test_each_epoch_is_split_into_disjoint_halves(two_rank_run):
@@ -107,12 +91,12 @@ def test_each_epoch_is_split_into_disjoint_halves(two_rank_run):
 def test_loss_log_has_every_step_once_with_the_mean_over_ranks(two_rank_run):
     run_dir, output = two_rank_run
     records = step_records(output)
-    rows = csv_rows(run_dir)
+    rows = log_rows(run_dir)
     config = run_config(run_dir)
     per_epoch = config["steps_per_epoch"]
     assert [int(row["step"]) for row in rows] == list(range(1, EPOCHS * per_epoch + 1))
     assert [int(row["epoch"]) for row in rows] == [i // per_epoch for i in range(len(rows))]
-    epoch_rows = csv_rows(run_dir, "training_log.csv")
+    epoch_rows = log_rows(run_dir, "training_log.csv")
     assert [(int(r["epoch"]), int(r["step"])) for r in epoch_rows] == [(e, (e + 1) * per_epoch) for e in range(EPOCHS)]
     for epoch_row in epoch_rows:
         step_losses = [float(r["loss"]) for r in rows if r["epoch"] == epoch_row["epoch"]]
@@ -166,12 +150,8 @@ def test_resume_under_two_processes_matches_the_straight_run(two_rank_run, tiny_
         assert ({r: images for r, (images, _) in resumed_records[step].items()}
                 == {r: images for r, (images, _) in straight_records[step].items()})
     for name in ("training_steps.csv", "training_log.csv"):
-        resumed_rows, straight_rows = csv_rows(copy, name), csv_rows(straight, name)
+        resumed_rows, straight_rows = log_rows(copy, name), log_rows(straight, name)
         assert [row["step"] for row in resumed_rows] == [row["step"] for row in straight_rows], name
         for resumed_row, straight_row in zip(resumed_rows, straight_rows):
             assert float(resumed_row["loss"]) == pytest.approx(float(straight_row["loss"]), rel=1e-4, abs=1e-6)
-    expected = read_tensors(straight / "final_model" / LORA_WEIGHT_NAME)
-    resumed = read_tensors(copy / "final_model" / LORA_WEIGHT_NAME)
-    assert expected.keys() == resumed.keys()
-    for key in expected:
-        torch.testing.assert_close(resumed[key], expected[key], rtol=1e-5, atol=1e-6)
+    assert_same_lora(straight / "final_model" / LORA_WEIGHT_NAME, copy / "final_model" / LORA_WEIGHT_NAME)

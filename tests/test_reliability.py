@@ -5,15 +5,15 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_script
+from tests.helpers import ROOT, assert_same_lora, only_run_dir, run_script, wait_for
 from utils.lora.files import LORA_WEIGHT_NAME, read_tensors
-from utils.training.run_dir import CsvLog, checkpoints_of
+from utils.training.checkpoints import checkpoints_of
+from utils.training.loss_log import read_rows
 
 ARGS = ["--resolution", "128", "--train_batch_size", "2", "--learning_rate", "1e-3", "--lr_warmup_steps", "0",
         "--lora_rank", "4", "--lora_alpha", "8", "--report_to", "none", "--save_steps", "100",
@@ -25,43 +25,24 @@ def command(tiny_model_dir, dataset_dir, output_dir, *extra) -> list[str]:
             "--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir), *ARGS, *extra]
 
 
-def only_run_dir(output_dir: Path) -> Path:
-    (run_dir,) = [p for p in output_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    return run_dir
-
-
-def wait_for(condition, process, timeout=300.0) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        assert process.poll() is None, "the run ended before the fault could be injected"
-        assert time.time() < deadline, "timed out waiting"
-        time.sleep(0.02)
-
-
-def csv_rows(output_dir: Path) -> int:
+def step_rows(output_dir: Path) -> int:
+    """How many step rows the run under ``output_dir`` has logged so far."""
     runs = [p for p in output_dir.glob("*/logs/training_steps.csv")]
-    return len(CsvLog.read(runs[0])) if runs else 0
+    return len(read_rows(runs[0])) if runs else 0
 
 
 def log_rows(run_dir: Path, name: str) -> list[tuple[int, int, float]]:
     """(epoch, step, loss) of each row of logs/{name}."""
-    return [(int(r["epoch"]), int(r["step"]), float(r["loss"])) for r in CsvLog.read(run_dir / "logs" / name)]
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    first, second = read_tensors(a), read_tensors(b)
-    assert first.keys() == second.keys()
-    for key in first:
-        torch.testing.assert_close(second[key], first[key], rtol=1e-5, atol=1e-6)
+    return [(int(r["epoch"]), int(r["step"]), float(r["loss"])) for r in read_rows(run_dir / "logs" / name)]
 
 
 def test_sigterm_saves_state_and_resume_matches_an_uninterrupted_run(tiny_model_dir, tiny_dataset_dir, tmp_path):
-    straight = only_run_dir_after(run_script(*command(tiny_model_dir, tiny_dataset_dir, tmp_path / "straight")[1:]),
-                                  tmp_path / "straight")
+    run_script(*command(tiny_model_dir, tiny_dataset_dir, tmp_path / "straight")[1:])
+    straight = only_run_dir(tmp_path / "straight")
     output = tmp_path / "interrupted"
     process = subprocess.Popen(command(tiny_model_dir, tiny_dataset_dir, output), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: csv_rows(output) >= 3, process)
+    wait_for(lambda: step_rows(output) >= 3, 300, "three logged steps", process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
@@ -75,17 +56,13 @@ def test_sigterm_saves_state_and_resume_matches_an_uninterrupted_run(tiny_model_
     assert [step for _, step, _ in log_rows(run_dir, "training_log.csv")] == [s for s in (6, 12) if s <= stopped_at]
 
     run_script(*command(tiny_model_dir, tiny_dataset_dir, output, "--resume_from_checkpoint", "latest")[1:])
-    assert_same_weights(straight / "final_model" / LORA_WEIGHT_NAME, run_dir / "final_model" / LORA_WEIGHT_NAME)
+    assert_same_lora(straight / "final_model" / LORA_WEIGHT_NAME, run_dir / "final_model" / LORA_WEIGHT_NAME)
     for name, expected in (("training_steps.csv", [(i // 6, i + 1) for i in range(16)]),
                            ("training_log.csv", [(0, 6), (1, 12), (2, 16)])):
         resumed, uninterrupted = log_rows(run_dir, name), log_rows(straight, name)
         assert [(epoch, step) for epoch, step, _ in resumed] == expected, name
         assert [(epoch, step) for epoch, step, _ in uninterrupted] == expected, name
         assert [loss for *_, loss in resumed] == pytest.approx([loss for *_, loss in uninterrupted], rel=1e-5)
-
-
-def only_run_dir_after(_result, output_dir: Path) -> Path:
-    return only_run_dir(output_dir)
 
 
 def test_kill_9_during_a_checkpoint_save_leaves_the_previous_one_intact(tiny_model_dir, tiny_dataset_dir, tmp_path):
@@ -97,7 +74,7 @@ def test_kill_9_during_a_checkpoint_save_leaves_the_previous_one_intact(tiny_mod
         runs = [p for p in output.glob("*/checkpoints")] if output.exists() else []
         return bool(runs) and bool(checkpoints_of(runs[0].parent)) and any(runs[0].glob(".checkpoint-*.tmp"))
 
-    wait_for(saving_after_a_complete_checkpoint, process)
+    wait_for(saving_after_a_complete_checkpoint, 300, "a checkpoint save after a complete one", process)
     process.kill()
     process.wait()
     run_dir = only_run_dir(output)

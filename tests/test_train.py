@@ -10,20 +10,14 @@ from datetime import datetime
 import pytest
 import torch
 
-from tests.conftest import TRAINED_ALPHA, TRAINED_RANK, run_script
+from tests.conftest import TRAINED_ALPHA, TRAINED_RANK
+from tests.helpers import csv_rows, load_pipe, read_json, run_script
 from utils.lora.files import LORA_WEIGHT_NAME, adapter_config, read_metadata, read_tensors
 
 # The shared run (4 epochs, 48 optimizer steps of batch 1 at lr 1e-2) lowered the fixed-noise eval loss
 # from 1.091 to 1.004 (8 %) when measured; 3 % leaves room for platform noise while still
 # failing if nothing is learned.
 REQUIRED_LOSS_DROP = 0.03
-
-
-def load_pipe(model_dir):
-    from diffusers import StableDiffusionXLPipeline
-    pipe = StableDiffusionXLPipeline.from_pretrained(model_dir)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def image_for(pipe, seed: int = 7):
@@ -36,21 +30,12 @@ ORIGINAL_LOG_HEADER = ["epoch", "step", "loss", "learning_rate", "timestamp"]
 TIMESTAMP = "%Y-%m-%d %H:%M:%S"
 
 
-def read_csv(path) -> list[dict]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
-
-def read_json(path) -> dict:
-    return json.loads(path.read_text())
-
-
 def test_run_directory_has_the_original_layout(trained_run):
     """4 epochs with --save_steps 2: the original's names, keys and 0-based epochs."""
     assert trained_run.name.split("_", 2)[2] == f"ghibli_r{TRAINED_RANK}_a{TRAINED_ALPHA}_lr0.01"
     model_folders = sorted(p.name for p in trained_run.iterdir() if (p / LORA_WEIGHT_NAME).is_file())
     assert model_folders == ["best_model", "checkpoint_epoch_1", "checkpoint_epoch_3", "final_model"]
-    steps = read_csv(trained_run / "logs" / "training_steps.csv")
+    steps = csv_rows(trained_run / "logs" / "training_steps.csv")
     for epoch in (1, 3):
         info = read_json(trained_run / f"checkpoint_epoch_{epoch}" / "checkpoint_info.json")
         assert list(info)[:5] == ["epoch", "global_step", "loss", "learning_rate", "timestamp"]
@@ -62,7 +47,7 @@ def test_run_directory_has_the_original_layout(trained_run):
     best = read_json(trained_run / "best_model" / "best_model_info.json")
     assert list(best)[:4] == ["epoch", "loss", "learning_rate", "timestamp"]
     assert best["selected_by"] == "eval_loss" and 0 <= best["epoch"] <= 3
-    epoch_rows = read_csv(trained_run / "logs" / "training_log.csv")
+    epoch_rows = csv_rows(trained_run / "logs" / "training_log.csv")
     assert best["loss"] == pytest.approx(float(epoch_rows[best["epoch"]]["loss"]))
     datetime.strptime(best["timestamp"], TIMESTAMP)
     config = read_json(trained_run / "experiment_config.json")
@@ -76,8 +61,8 @@ def test_run_directory_has_the_original_layout(trained_run):
 def test_training_log_has_one_row_per_epoch_and_the_step_log_one_per_step(trained_run):
     with open(trained_run / "logs" / "training_log.csv", newline="") as handle:
         assert next(csv.reader(handle)) == ORIGINAL_LOG_HEADER
-    epoch_rows = read_csv(trained_run / "logs" / "training_log.csv")
-    steps = read_csv(trained_run / "logs" / "training_steps.csv")
+    epoch_rows = csv_rows(trained_run / "logs" / "training_log.csv")
+    steps = csv_rows(trained_run / "logs" / "training_steps.csv")
     assert list(steps[0]) == ORIGINAL_LOG_HEADER
     assert [int(r["step"]) for r in steps] == list(range(1, 49))
     assert [int(r["epoch"]) for r in steps] == [i // 12 for i in range(48)]
@@ -128,10 +113,11 @@ def test_training_lowers_the_fixed_noise_loss(trained_run, tiny_model_dir, tiny_
     info = json.loads((trained_run / "final_model" / "final_model_info.json").read_text())
     assert info["final_eval_loss"] < (1 - REQUIRED_LOSS_DROP) * info["initial_eval_loss"]
 
-    from utils.training.buckets import load_rgb, prepare_image
-    from utils.ghibli_datasets import load_examples
+    from utils.data.images import open_rgb
+    from utils.training.buckets import prepare_image
+    from utils.data.listing import load_examples
     from utils.core.sdxl import encode_prompts, scale_latents, time_ids, vae_latent_distribution
-    from utils.training.trainer import Batch, denoising_loss
+    from utils.training.loss import Batch, denoising_loss
 
     pipe = load_pipe(tiny_model_dir)
     examples = load_examples("ghibli", tiny_dataset_dir)[:6]
@@ -139,7 +125,7 @@ def test_training_lowers_the_fixed_noise_loss(trained_run, tiny_model_dir, tiny_
     batches = []
     with torch.no_grad():
         for example in examples:
-            prepared = prepare_image(load_rgb(example.image_path), (128, 128))
+            prepared = prepare_image(open_rgb(example.image_path), (128, 128))
             latents = scale_latents(pipe.vae, vae_latent_distribution(pipe.vae, prepared.pixels[None]).mean)
             embeds, pooled = encode_prompts([pipe.tokenizer, pipe.tokenizer_2],
                                             [pipe.text_encoder, pipe.text_encoder_2], [example.caption])
@@ -191,7 +177,7 @@ def test_run_directories_never_collide(tmp_path):
                                     "hf/upload_to_hf.py", "utils/make_tiny_sdxl.py",
                                     "utils/creat_text_caption.py", "utils/merge_captions.py"])
 def test_every_script_answers_help(script):
-    from tests.conftest import ROOT
+    from tests.helpers import ROOT
     if not (ROOT / script).exists():
         pytest.skip(f"{script} not written yet")
     result = run_script(script, "--help", timeout=120)

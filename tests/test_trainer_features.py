@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 import shutil
 from pathlib import Path
 
@@ -11,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import run_script
+from tests.helpers import assert_same_lora, csv_rows, only_run_dir, read_json, run_script
 from utils.lora.files import LORA_WEIGHT_NAME, read_tensors
 
 FAST = ["--resolution", "128", "--train_batch_size", "2", "--learning_rate", "1e-2", "--lr_warmup_steps", "0",
@@ -21,13 +19,11 @@ FAST = ["--resolution", "128", "--train_batch_size", "2", "--learning_rate", "1e
 def train(tiny_model_dir, dataset_dir, output_dir, *extra) -> Path:
     run_script("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir),
                "--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir), *FAST, *extra)
-    (run_dir,) = [p for p in output_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    return run_dir
+    return only_run_dir(output_dir)
 
 
 def rows(run_dir, name: str = "training_steps.csv") -> list[dict]:
-    with open(run_dir / "logs" / name, newline="") as handle:
-        return list(csv.DictReader(handle))
+    return csv_rows(run_dir / "logs" / name)
 
 
 def losses(run_dir) -> list[float]:
@@ -58,11 +54,7 @@ def test_resumed_run_ends_with_the_same_weights(tiny_model_dir, tiny_dataset_dir
     run_script("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir),
                "--dataset_dir", str(tiny_dataset_dir), "--output_dir", str(tmp_path / "resumed"), *FAST, *common,
                "--resume_from_checkpoint", "latest")
-    expected = read_tensors(straight / "final_model" / LORA_WEIGHT_NAME)
-    resumed = read_tensors(copy / "final_model" / LORA_WEIGHT_NAME)
-    assert expected.keys() == resumed.keys()
-    for key in expected:
-        torch.testing.assert_close(resumed[key], expected[key], rtol=1e-5, atol=1e-6)
+    assert_same_lora(straight / "final_model" / LORA_WEIGHT_NAME, copy / "final_model" / LORA_WEIGHT_NAME)
     assert losses(copy) == pytest.approx(losses(straight), rel=1e-5)
     # The per-epoch log too: epoch 1 (steps 4-6) was cut by the checkpoint at step 4, and its mean still
     # covers all three of its steps; epoch 2 is the partial last one.
@@ -72,8 +64,8 @@ def test_resumed_run_ends_with_the_same_weights(tiny_model_dir, tiny_dataset_dir
     assert [float(r["loss"]) for r in resumed_epochs] == pytest.approx([float(r["loss"]) for r in straight_epochs],
                                                                        rel=1e-5)
     # A checkpoint at an epoch's last step is written after that epoch's own work (log row, eval).
-    state = json.loads((straight / "checkpoints" / "checkpoint-8" / "training_state.json").read_text())
-    final = json.loads((straight / "final_model" / "final_model_info.json").read_text())
+    state = read_json(straight / "checkpoints" / "checkpoint-8" / "training_state.json")
+    final = read_json(straight / "final_model" / "final_model_info.json")
     assert state["last_eval_loss"] == final["final_eval_loss"]
     # The schedule counts optimizer steps: 12 images / batch 2 / accumulation 2 = 3 steps per epoch,
     # 8 steps in all, and the linear schedule reaches 0 at the last one.
@@ -100,7 +92,7 @@ def test_text_encoder_lora_loads_and_changes_prompt_embeddings(tiny_model_dir, t
 
 def test_buckets_give_one_shape_per_batch_and_real_time_ids(tmp_path):
     from utils.training.buckets import make_buckets, nearest_bucket
-    from utils.ghibli_datasets import Example
+    from utils.data.records import Example
     from utils.training.batches import BucketBatchSampler, PixelDataset, assign_buckets
 
     sizes = {"wide": (300, 100), "tall": (100, 300), "wide2": (320, 110), "tall2": (90, 290)}
@@ -129,7 +121,7 @@ def test_buckets_give_one_shape_per_batch_and_real_time_ids(tmp_path):
 def test_min_snr_weights_follow_the_formula():
     from diffusers import DDPMScheduler
 
-    from utils.training.trainer import min_snr_weights
+    from utils.training.loss import min_snr_weights
 
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     timesteps = torch.tensor([0, 10, 200, 500, 999])
@@ -145,14 +137,14 @@ def test_min_snr_weights_follow_the_formula():
 
 
 def test_bucket_assignment_reads_the_upright_size_without_decoding(tmp_path):
-    from utils.training.buckets import load_rgb, upright_size
+    from utils.data.images import open_rgb, upright_size
 
     image = Image.new("RGB", (300, 100), (10, 20, 30))
     exif = image.getexif()
     exif[0x0112] = 6  # rotated 90°: shown as 100 wide, 300 tall
     image.save(tmp_path / "rotated.jpg", exif=exif)
     image.save(tmp_path / "plain.png")
-    assert upright_size(tmp_path / "rotated.jpg") == load_rgb(tmp_path / "rotated.jpg").size == (100, 300)
+    assert upright_size(tmp_path / "rotated.jpg") == open_rgb(tmp_path / "rotated.jpg").size == (100, 300)
     assert upright_size(tmp_path / "plain.png") == (300, 100)
 
 
@@ -162,7 +154,7 @@ def test_product_dataset_in_the_original_layout_trains_at_resolution_72(tiny_mod
     run_dir = train(tiny_model_dir, tiny_product_dataset_dir, tmp_path / "product", "--dataset_type", "product",
                     "--resolution", "72", "--max_train_steps", "2")
     assert "_product_r4_" in run_dir.name
-    config = json.loads((run_dir / "experiment_config.json").read_text())
+    config = read_json(run_dir / "experiment_config.json")
     assert config["num_train_images"] == 4 and config["resolution"] == 72
     assert [int(r["step"]) for r in rows(run_dir)] == [1, 2]
     assert (run_dir / "final_model" / LORA_WEIGHT_NAME).is_file()
@@ -181,7 +173,7 @@ def test_square_training_crops_the_centre_at_exactly_the_resolution(tmp_path):
     """The original's Resize(resolution) + CenterCrop(resolution); random crops only with --random_crop."""
     from train_sdxl_lora import parse_args
     from utils.training.buckets import make_buckets
-    from utils.ghibli_datasets import Example
+    from utils.data.records import Example
     from utils.training.batches import PixelDataset, assign_buckets
 
     assert parse_args([]).center_crop is True

@@ -10,6 +10,7 @@ the way PyTorch runs them; on a CPU, or a GPU not in the table, a measured matmu
 
 from __future__ import annotations
 
+import argparse
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -111,3 +112,73 @@ def _synchronize(device: torch.device) -> None:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+
+
+# ----------------------------------------------------------------------------- one training step, on the meta device
+
+
+def step_flops(model: str, resolution: int, batch_size: int, args: argparse.Namespace) -> dict[str, int]:
+    """FLOPs of one training step's parts, counted on the meta device (no memory, no time).
+
+    unet: UNet + LoRA forward and backward (the model FLOPs of MFU); unet_checkpointed: the same with
+    gradient checkpointing's recomputation; vae / text: the encoders' forward passes the naive loop adds.
+    """
+    from diffusers import DDPMScheduler
+
+    from utils.bench.models import build_pipeline
+    from utils.core.sdxl import SDXLComponents, encode_prompts, vae_latent_distribution
+    from utils.training.loss import Batch, denoising_loss
+    from utils.training.setup import inject_lora
+
+    pipe = build_pipeline(model, "meta")
+    components = SDXLComponents([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
+                                pipe.vae, pipe.unet, DDPMScheduler.from_config(pipe.scheduler.config))
+    for module in [pipe.vae, pipe.unet, pipe.text_encoder, pipe.text_encoder_2]:
+        module.requires_grad_(False)
+    vae, unet = components.vae, components.unet
+    latent = resolution // 8
+    pixels = torch.zeros(batch_size, 3, resolution, resolution, device="meta")
+    flops = {"vae": count_flops(lambda: vae_latent_distribution(vae, pixels).sample())}
+    flops["text"] = count_flops(lambda: encode_prompts(components.tokenizers, components.text_encoders,
+                                                       ["a village in ghibli style"] * batch_size))
+    lora_args = argparse.Namespace(**{**vars(args), "gradient_checkpointing": False})
+    inject_lora(components, lora_args)
+    unet.train()
+    text_dim = unet.config.cross_attention_dim
+    pooled_dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    batch = Batch(torch.zeros(batch_size, 4, latent, latent, device="meta"),
+                  torch.zeros(batch_size, 77, text_dim, device="meta"),
+                  torch.zeros(batch_size, pooled_dim, device="meta"), torch.zeros(batch_size, 6, device="meta"))
+    timesteps = torch.full((batch_size,), 500, device="meta")
+
+    def step():
+        denoising_loss(unet, components.noise_scheduler, batch, torch.zeros_like(batch.latents),
+                       timesteps).backward()
+
+    flops["unet"] = count_flops(step)
+    unet.enable_gradient_checkpointing()
+    flops["unet_checkpointed"] = count_flops(step)
+    return flops
+
+
+def executed_flops(flops: dict[str, int], result: dict, cache: bool) -> int:
+    """FLOPs a measured step really ran: the UNet (recomputed under checkpointing) plus, without the
+    cache, the encoders."""
+    unet = flops["unet_checkpointed"] if result["gradient_checkpointing"] else flops["unet"]
+    return unet + (0 if cache else flops["vae"] + flops["text"])
+
+
+def print_flops(settings: dict) -> None:
+    """--flops_only: the FLOPs of one step of the model at the settings, printed."""
+    from utils.bench.models import describe_model
+    from utils.bench.report import flops_text
+    from utils.training.flags import parse_training_args
+
+    flops = step_flops(settings["model"], settings["resolution"], settings["train_batch_size"],
+                       parse_training_args([]))
+    print(f"model '{settings['model']}': {describe_model(settings['model'])}")
+    print(f"one training step at {settings['resolution']}x{settings['resolution']}, batch "
+          f"{settings['train_batch_size']} (torch.utils.flop_counter on the meta device):")
+    print(f"  UNet+LoRA forward+backward {flops_text(flops['unet'])}; with gradient checkpointing "
+          f"{flops_text(flops['unet_checkpointed'])}")
+    print(f"  the naive loop adds: VAE encode {flops_text(flops['vae'])}, text encoders {flops_text(flops['text'])}")

@@ -9,6 +9,7 @@ CPU in seconds. Weight values do not change speed, so random ones serve.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 
@@ -76,7 +77,7 @@ def build_pipeline(model: str, device: str | torch.device = "cpu", seed: int = 0
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from utils.make_tiny_sdxl import build_tiny_sdxl, build_tokenizer_files
+    from utils.tiny.sdxl import build_tiny_sdxl, build_tokenizer_files
 
     if model not in MODELS:
         raise ValueError(f"unknown model '{model}' (choose from {', '.join(MODELS)})")
@@ -121,3 +122,20 @@ def _default_dtype(dtype: torch.dtype):
 
 def count_parameters(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def describe_model(model: str) -> str:
+    """One line on a benchmark model: what it is and its parameter counts (built on the meta device)."""
+    pipe = build_pipeline(model, "meta")
+    sizes = [count_parameters(m) / 1e6 for m in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2)]
+    kind = {"tiny": "the tests' tiny SDXL", "small": "SDXL topology at 1/4 width, same depth",
+            "sdxl": "SDXL base 1.0 architecture, full size"}[model]
+    return (f"{kind}; random weights; parameters: UNet {sizes[0]:.1f} M, VAE {sizes[1]:.1f} M, "
+            f"text encoders {sizes[2]:.1f} M + {sizes[3]:.1f} M")
+
+
+def check_resolution(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """The benchmarks' --resolution must be a multiple of 64 (the UNet's downscale at this depth)."""
+    if args.resolution is not None and args.resolution % 64:
+        parser.error(f"--resolution {args.resolution} must be a multiple of 64")
+    return args

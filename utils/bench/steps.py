@@ -127,7 +127,7 @@ def _reset_peak_rss() -> None:
 
 def trainer_args(config: dict, variant: Variant) -> argparse.Namespace:
     """The trainer's own flags and defaults, with the benchmark's settings."""
-    from train_sdxl_lora import parse_args
+    from utils.training.flags import parse_training_args
 
     gradient_checkpointing = variant.gradient_checkpointing
     if gradient_checkpointing is None:
@@ -140,7 +140,7 @@ def trainer_args(config: dict, variant: Variant) -> argparse.Namespace:
             *checkpointing_flag(gradient_checkpointing)]
     argv += [] if variant.cache else ["--no-cache"]
     argv += [] if config["buckets"] else ["--no_buckets"]
-    return parse_args(argv)
+    return parse_training_args(argv)
 
 
 def checkpointing_flag(setting: bool | str) -> list[str]:
@@ -151,13 +151,13 @@ def checkpointing_flag(setting: bool | str) -> list[str]:
 
 def run_variant(config: dict, variant: Variant) -> dict:
     """Set up with the trainer's ``prepare_run``, then time warm-up + N of its optimizer steps."""
-    from utils.training import trainer
-    from utils.ghibli_datasets import load_examples
+    from utils.training.loop import train_micro_step
+    from utils.training.setup import check_args
 
     args = trainer_args(config, variant)
-    trainer.check_args(args)
+    check_args(args)
     started = time.perf_counter()
-    run = trainer.prepare_run(args, load_examples(args.dataset_type, args.dataset_dir))
+    run = _prepare(args)
     device = run.accelerator.device
     if variant.channels_last:
         run.unet.to(memory_format=torch.channels_last)
@@ -178,7 +178,7 @@ def run_variant(config: dict, variant: Variant) -> dict:
     for _ in range(config["warmup"] + config["steps"]):
         _synchronize(device)
         start = time.perf_counter()
-        loss, _ = trainer.train_micro_step(run, next(batches))
+        loss, _ = train_micro_step(run, next(batches))
         losses.append(run.accelerator.gather(loss[None]).mean().item())  # as the training loop logs it
         step_seconds.append(time.perf_counter() - start)
     train_peak, process_peak = memory.peaks()
@@ -189,6 +189,16 @@ def run_variant(config: dict, variant: Variant) -> dict:
         "mixed_precision": run.accelerator.mixed_precision, "gradient_checkpointing": run.gradient_checkpointing,
         "weight_dtype": str(run.unet.dtype),
     }
+
+
+def _prepare(args: argparse.Namespace):
+    """The trainer's set-up of a run (RunSettings, then ``prepare_run``) for the benchmark's flags."""
+    from utils.data.listing import load_examples
+    from utils.training.settings import RunSettings
+    from utils.training.setup import prepare_run
+
+    settings = RunSettings.make(args, args.dataset_type)
+    return prepare_run(settings, load_examples(args.dataset_type, args.dataset_dir))
 
 
 def _forever(dataloader):
@@ -208,12 +218,11 @@ def run_paired(config: dict) -> dict:
     Both paths stay usable side by side because the encoders are not released here (on a GPU, idle
     encoders on the device cost memory, not time).
     """
-    from utils.training import trainer
-    from utils.ghibli_datasets import load_examples
-    from utils.training.batches import cache_latents, cache_text
+    from utils.training.caching import cache_latents, cache_text
+    from utils.training.loop import train_micro_step
 
     args = trainer_args(config, Variant("naive", "", cache=False))
-    run = trainer.prepare_run(args, load_examples(args.dataset_type, args.dataset_dir))
+    run = _prepare(args)
     naive = run.batch_maker
     cached = dataclasses.replace(naive)
     cached.latent_cache = cache_latents(naive.items, run.components.vae, args.center_crop, args.random_flip, "paired")
@@ -233,7 +242,7 @@ def run_paired(config: dict) -> dict:
             loader_batch = pixels_batch if key == "naive" else {"index": pixels_batch["index"]}
             _synchronize(device)
             start = time.perf_counter()
-            trainer.train_micro_step(run, loader_batch)[0].item()
+            train_micro_step(run, loader_batch)[0].item()
             if step >= config["warmup"]:
                 seconds[key].append(time.perf_counter() - start + (load_seconds if key == "naive" else 0.0))
     ratios = [n / o for n, o in zip(seconds["naive"], seconds["ours"])]

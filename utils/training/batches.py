@@ -1,28 +1,18 @@
-"""Training examples as tensors: bucket assignment, batching by bucket, and the per-image cache.
-
-Caching (the default) encodes every image once with the VAE, in both orientations
-when ``--random_flip`` is on, and every caption once with both text encoders. The
-cache stores the VAE's latent *distribution*, so a latent is still sampled afresh
-each step, exactly as without the cache.
-"""
+"""Training examples as tensors: bucket assignment, batching by bucket, pixels and SDXL time ids.
+(The per-image latent and text caches are in caching.py.)"""
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
-from utils.core.atomic import replace_file
-from utils.training.buckets import Prepared, load_rgb, make_buckets, nearest_bucket, prepare_image, upright_size
-from utils.ghibli_datasets import Example
-from utils.core.sdxl import encode_prompts, time_ids, vae_latent_distribution
+from utils.core.sdxl import time_ids
+from utils.data.images import open_rgb, upright_size
+from utils.data.records import Example
+from utils.training.buckets import Prepared, make_buckets, nearest_bucket, prepare_image
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +35,7 @@ def assign_buckets(examples: list[Example], resolution: int, use_buckets: bool, 
 
 def prepare_item(item: Item, center_crop: bool) -> Prepared:
     rng = random.Random(item.crop_seed)
-    return prepare_image(load_rgb(item.example.image_path), item.bucket, center_crop, rng)
+    return prepare_image(open_rgb(item.example.image_path), item.bucket, center_crop, rng)
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):
@@ -130,60 +120,3 @@ def orientation_time_ids(prepared: Prepared) -> torch.Tensor:
         time_ids(prepared.original_size, prepared.crop_top_left, prepared.target_size),
         time_ids(flipped.original_size, flipped.crop_top_left, flipped.target_size),
     ])
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def latent_cache_key(item: Item, model_id: str, center_crop: bool) -> str:
-    """Changes whenever the image content, model, bucket or crop would change the latents."""
-    parts = [_file_digest(item.example.image_path), model_id, item.bucket, center_crop, item.crop_seed]
-    return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
-
-
-@dataclass
-class LatentCache:
-    """Per item: VAE distribution parameters (2, 2C, h, w) for both orientations, and time ids (2, 6)."""
-
-    parameters: list[torch.Tensor]
-    time_ids: list[torch.Tensor]
-
-
-@torch.no_grad()
-def cache_latents(items: list[Item], vae, center_crop: bool, flip: bool, model_id: str,
-                  cache_dir: Path | None = None) -> LatentCache:
-    parameters, all_time_ids = [], []
-    for item in tqdm(items, desc="Caching latents", leave=False):
-        key = latent_cache_key(item, model_id, center_crop)
-        path = cache_dir / f"{key}.safetensors" if cache_dir else None
-        if path is not None and path.is_file():
-            stored = load_file(str(path))
-            parameters.append(stored["parameters"])
-            all_time_ids.append(stored["time_ids"])
-            continue
-        prepared = prepare_item(item, center_crop)
-        pixels = torch.stack([prepared.pixels, prepared.pixels.flip(-1)] if flip else [prepared.pixels])
-        params = vae_latent_distribution(vae, pixels).parameters.float().cpu()
-        if not flip:
-            params = torch.cat([params, params])  # row 1 is never used without flips
-        parameters.append(params)
-        all_time_ids.append(orientation_time_ids(prepared))
-        if path is not None:
-            stored = {"parameters": parameters[-1].contiguous(), "time_ids": all_time_ids[-1]}
-            replace_file(path, lambda temporary: save_file(stored, str(temporary)))
-    return LatentCache(parameters, all_time_ids)
-
-
-@torch.no_grad()
-def cache_text(captions: list[str], tokenizers: list, text_encoders: list) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Caption -> (prompt_embeds (77, D), pooled (P,)), computed once per distinct caption."""
-    cache = {}
-    for caption in tqdm(sorted(set(captions)), desc="Caching text embeddings", leave=False):
-        embeds, pooled = encode_prompts(tokenizers, text_encoders, [caption])
-        cache[caption] = (embeds[0].float().cpu(), pooled[0].float().cpu())
-    return cache

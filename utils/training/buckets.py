@@ -55,21 +55,6 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
 
 
-def upright_size(path) -> tuple[int, int]:
-    """(width, height) as displayed, read from the header without decoding the pixels."""
-    with Image.open(path) as image:
-        width, height = image.size
-        if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that rotate by 90°
-            return height, width
-        return width, height
-
-
-def load_rgb(path) -> Image.Image:
-    """Open an image upright (EXIF orientation applied) as 8-bit RGB; transparency is laid on white."""
-    from utils.data.preflight import open_rgb
-    return open_rgb(path)
-
-
 def prepare_image(
     image: Image.Image,
     target: tuple[int, int],

@@ -114,8 +114,10 @@ class EvalPlan:
 
 
 def count_measurements(every: int, num_epochs: int) -> int:
-    after = sum(1 for epoch in range(num_epochs) if (epoch + 1) % every == 0 or epoch == num_epochs - 1)
-    return 1 + after
+    """The measurement before training plus those after every ``every``-th epoch and after the last."""
+    if num_epochs <= 0:
+        return 1
+    return 1 + num_epochs // every + (1 if num_epochs % every else 0)
 
 
 def plan_evaluation(training_samples: int, num_epochs: int, every="auto", samples="auto") -> EvalPlan:
@@ -133,11 +135,15 @@ def plan_evaluation(training_samples: int, num_epochs: int, every="auto", sample
     def fitting_samples(cadence: int) -> int:
         return int(budget // count_measurements(cadence, num_epochs))
 
-    if every == "auto":
-        cadences = [c for c in range(1, num_epochs + 1) if samples != "auto" or fitting_samples(c) >= MIN_EVAL_SAMPLES]
-        if samples != "auto":
-            cadences = [c for c in cadences if count_measurements(c, num_epochs) * samples <= budget] or [num_epochs]
-        every = cadences[0] if cadences else max(num_epochs, 1)
+    def fits(cadence: int) -> bool:
+        if samples == "auto":
+            return fitting_samples(cadence) >= MIN_EVAL_SAMPLES
+        return count_measurements(cadence, num_epochs) * samples <= budget
+
+    if every == "auto":  # the most frequent cadence that fits (a long run may have very many epochs)
+        every = next((c for c in range(1, num_epochs + 1) if fits(c)), None)
+        if every is None:
+            every = num_epochs if samples != "auto" else max(num_epochs, 1)
     if samples == "auto":
         samples = max(1, min(MAX_EVAL_SAMPLES, fitting_samples(every)))
     measurements = count_measurements(every, num_epochs)

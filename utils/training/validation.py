@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 
@@ -13,7 +12,7 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def log_validation_images(accelerator, args: argparse.Namespace, run_dir: Path, components, models: list,
+def log_validation_images(accelerator, settings, run_dir: Path, components, models: list,
                           epoch: int, step: int) -> list[Path]:
     """Generate ``--num_validation_images`` per validation prompt with the current LoRA."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
@@ -37,12 +36,12 @@ def log_validation_images(accelerator, args: argparse.Namespace, run_dir: Path, 
     saved = []
     folder = run_dir / "validation"
     folder.mkdir(parents=True, exist_ok=True)
-    for prompt_index, prompt in enumerate(args.validation_prompt):
-        generator = torch.Generator(device="cpu").manual_seed(args.seed)
+    for prompt_index, prompt in enumerate(settings.validation_prompt):
+        generator = torch.Generator(device="cpu").manual_seed(settings.seed)
         with accelerator.autocast():
-            images = pipe(prompt, num_images_per_prompt=args.num_validation_images, generator=generator,
-                          num_inference_steps=args.validation_steps, height=args.resolution,
-                          width=args.resolution).images
+            images = pipe(prompt, num_images_per_prompt=settings.num_validation_images, generator=generator,
+                          num_inference_steps=settings.validation_steps, height=settings.resolution,
+                          width=settings.resolution).images
         for index, image in enumerate(images):
             path = folder / f"epoch_{epoch:03d}_prompt{prompt_index}_{index}.png"
             image.save(path)

@@ -1,0 +1,124 @@
+"""Resumable checkpoints: ``checkpoints/checkpoint-{step}/`` (accelerate state with the LoRA weights, the
+optimizer, the scheduler and the RNGs, plus training_state.json), written atomically, and resume."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from utils.core.atomic import write_json
+from utils.training.run_dir import TrainState, run_name
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint-"
+RESTORED = ("global_step", "best_metric", "best_epoch", "initial_eval_loss", "last_eval_loss", "skipped_steps")
+
+
+def register_checkpoint_hooks(accelerator) -> None:
+    """accelerate's save_state/load_state keep only the LoRA weights of the trained models, not whole UNets."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    def name_of(index: int) -> str:
+        return ["unet", "text_encoder", "text_encoder_2"][index]
+
+    def save_hook(models, weights, output_dir):
+        if accelerator.is_main_process:
+            for index, model in enumerate(models):
+                lora = get_peft_model_state_dict(accelerator.unwrap_model(model))
+                save_file({k: v.contiguous() for k, v in lora.items()},
+                          os.path.join(output_dir, f"lora_{name_of(index)}.safetensors"))
+        weights.clear()
+
+    def load_hook(models, input_dir):
+        for index, model in enumerate(list(models)):
+            lora = load_file(os.path.join(input_dir, f"lora_{name_of(index)}.safetensors"))
+            result = set_peft_model_state_dict(accelerator.unwrap_model(model), lora)
+            if getattr(result, "unexpected_keys", None):
+                raise RuntimeError(f"{input_dir}: unexpected LoRA keys {result.unexpected_keys[:3]}")
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def checkpoints_of(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (a half-written one has no training_state.json)."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX)
+             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "training_state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def find_checkpoint(args: argparse.Namespace, dataset_type: str) -> Path | None:
+    """Resolve --resume_from_checkpoint: a checkpoint folder, a run folder, or 'latest' (the newest
+    checkpoint of a run of this configuration in --output_dir)."""
+    wanted = args.resume_from_checkpoint
+    if not wanted:
+        return None
+    if wanted != "latest":
+        path = Path(wanted)
+        if (path / "training_state.json").is_file():
+            return path
+        if checkpoints_of(path):
+            return checkpoints_of(path)[-1]
+        raise FileNotFoundError(f"{path}: not a complete checkpoint (no training_state.json) or run folder")
+    suffix = run_name(args, dataset_type)[len("YYYYmmdd_HHMMSS"):]
+    runs = [p for p in Path(args.output_dir).glob(f"*{suffix}*") if p.is_dir() and checkpoints_of(p)]
+    if not runs:
+        logger.warning("--resume_from_checkpoint latest: no checkpoint in %s for this configuration; "
+                       "starting a new run", args.output_dir)
+        return None
+    return max((checkpoints_of(run)[-1] for run in runs), key=lambda p: p.stat().st_mtime)
+
+
+def save_checkpoint(accelerator, settings, state: TrainState) -> Path:
+    """accelerate state (LoRA, optimizer, scheduler, RNG) written to a temp folder, renamed when complete."""
+    final = settings.run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{state.global_step}"
+    staging = final.with_name(f".{final.name}.tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging))
+    accelerator.wait_for_everyone()  # every process has written its part (its RNG state) before the rename
+    if accelerator.is_main_process:
+        write_json(staging / "training_state.json", asdict(state))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        prune_checkpoints(settings.run_dir, settings.checkpoints_total_limit)
+        logger.info("Saved resumable state to %s", final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def prune_checkpoints(run_dir: Path, limit: int | None) -> None:
+    if not limit:
+        return
+    for old in checkpoints_of(run_dir)[:-limit]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resume(accelerator, settings, state: TrainState) -> None:
+    """Load the checkpoint of ``settings.resume_checkpoint`` (if any) into the prepared objects and ``state``."""
+    path = settings.resume_checkpoint
+    if not path:
+        return
+    saved = json.loads((path / "training_state.json").read_text())
+    if saved["steps_per_epoch"] != state.steps_per_epoch:
+        raise RuntimeError(f"{path}: saved with {saved['steps_per_epoch']} steps per epoch, this run has "
+                           f"{state.steps_per_epoch}; resume with the same dataset, batch size and processes")
+    accelerator.load_state(str(path))
+    for key in RESTORED:
+        setattr(state, key, saved[key])
+    state.epoch_losses = list(saved.get("epoch_losses", []))
+    logger.info("Resumed from %s at step %d", path, state.global_step)

@@ -1,0 +1,78 @@
+"""The end-of-epoch policy: after each epoch the original's log row, best_model/ and
+checkpoint_epoch_{epoch}/, then the loss plot and validation images; at the end final_model/."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from utils.training.loss_log import log_timestamp
+from utils.training.plots import plot_losses
+from utils.training.run_dir import save_model_folder
+
+logger = logging.getLogger(__name__)
+
+
+def end_of_epoch(run, epoch: int, learning_rate: float, eval_loss: float | None, select_by: str = "eval_loss") -> None:
+    """After epoch ``epoch`` (0-based) of ``run`` (a training's ``Run``).
+
+    best_model: with ``select_by`` 'eval_loss' only epochs that measured the fixed-noise loss compete;
+    with 'train_loss' (evaluation off), the original's rule, the lowest mean training loss."""
+    state = run.state
+    losses = state.epoch_losses
+    train_loss = sum(losses) / len(losses) if losses else math.nan
+    if eval_loss is not None:
+        state.last_eval_loss = eval_loss
+        run.accelerator.log({"eval_loss": eval_loss}, step=state.global_step)
+    logger.info("epoch %d: mean train loss %.5f, fixed-noise eval loss %s", epoch, train_loss,
+                f"{eval_loss:.5f}" if eval_loss is not None else "n/a")
+    run.epoch_log.append(epoch, state.global_step, train_loss, learning_rate)
+    info = {"epoch": epoch, "loss": train_loss, "learning_rate": learning_rate, "timestamp": log_timestamp(),
+            "step": state.global_step, "train_loss": train_loss, "eval_loss": eval_loss}
+    metric = (eval_loss if eval_loss is not None else math.nan) if select_by == "eval_loss" else train_loss
+    _best_model(run, epoch, metric, {**info, "selected_by": select_by})
+    _epoch_checkpoint(run, epoch, info)
+    _validation(run, epoch)
+
+
+def _best_model(run, epoch: int, metric: float, info: dict) -> None:
+    """best_model/: replaced whenever this epoch's metric is the lowest so far."""
+    state = run.state
+    if math.isfinite(metric) and metric < state.best_metric:
+        state.best_metric, state.best_epoch = metric, epoch
+        save_model_folder(run.accelerator, run.settings.run_dir / "best_model", run.models, run.settings, state,
+                          "best_model_info.json", info)
+
+
+def _epoch_checkpoint(run, epoch: int, info: dict) -> None:
+    """checkpoint_epoch_{epoch}/ every --save_steps epochs (0-based epoch in the name), and the loss plot."""
+    settings = run.settings
+    if not settings.save_steps or (epoch + 1) % settings.save_steps:
+        return
+    info = {"epoch": epoch, "global_step": run.state.global_step, **info}  # the original's key order
+    save_model_folder(run.accelerator, settings.run_dir / f"checkpoint_epoch_{epoch}", run.models, settings,
+                      run.state, "checkpoint_info.json", info)
+    if run.accelerator.is_main_process:
+        plot_losses(settings.run_dir, settings.logging_dir)
+
+
+def _validation(run, epoch: int) -> None:
+    """Validation images every --validation_epochs epochs, when there are validation prompts."""
+    settings = run.settings
+    if settings.validation_prompt and (epoch + 1) % settings.validation_epochs == 0:
+        from utils.training.validation import log_validation_images
+        log_validation_images(run.accelerator, settings, settings.run_dir, run.components, run.models, epoch + 1,
+                              run.state.global_step)
+
+
+def finish(run) -> None:
+    """final_model/ (with the run's summary) and the last loss plot."""
+    accelerator, state, run_dir = run.accelerator, run.state, run.settings.run_dir
+    accelerator.wait_for_everyone()
+    save_model_folder(accelerator, run_dir / "final_model", run.models, run.settings, state, "final_model_info.json",
+                      {"step": state.global_step, "initial_eval_loss": state.initial_eval_loss,
+                       "final_eval_loss": state.last_eval_loss, "best_epoch": state.best_epoch,
+                       "skipped_nonfinite_steps": state.skipped_steps})
+    if accelerator.is_main_process:
+        plot_losses(run_dir, run.settings.logging_dir)
+        logger.info("Finished: %s", run_dir / "final_model")

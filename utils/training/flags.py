@@ -1,0 +1,173 @@
+"""The flags of train_sdxl_lora.py, in one place for the script, the benchmarks and the tests."""
+
+from __future__ import annotations
+
+import argparse
+
+from utils.core.names import SDXL_BASE_ID
+from utils.data.listing import add_dataset_arguments
+
+
+def parse_training_args(argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
+    """train_sdxl_lora.py's flags (the original's names and defaults, plus the additions)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_training_arguments(p)
+    return p.parse_args(argv)
+
+
+def add_training_arguments(p: argparse.ArgumentParser) -> None:
+    for add_group in (_add_model_flags, _add_data_flags, _add_output_flags, _add_lora_flags, _add_optimizer_flags,
+                      _add_speed_flags, _add_evaluation_flags):
+        add_group(p)
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    model = p.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", default=SDXL_BASE_ID,
+                       help="diffusers folder, Hub id, or single-file SDXL checkpoint (.safetensors)")
+    model.add_argument("--pretrained_vae_model_name_or_path", default=None,
+                       help="a separate VAE, e.g. madebyollin/sdxl-vae-fp16-fix (then the VAE may run in fp16)")
+    model.add_argument("--revision", default=None)
+    model.add_argument("--variant", default="fp16",
+                       help="weights variant; falls back to the regular weights when the model has none")
+    model.add_argument("--allow_pickle", action="store_true",
+                       help="allow pickle-based weights (.bin/.ckpt), which can run code when loaded")
+
+
+def _add_data_flags(p: argparse.ArgumentParser) -> None:
+    data = p.add_argument_group("data")
+    add_dataset_arguments(data)
+    data.add_argument("--resolution", type=int, default=512,
+                      help="side of the square training area in pixels, a multiple of 8 (default: %(default)s)")
+    data.add_argument("--no_buckets", action="store_true",
+                      help="the original's square training: resize the short side to --resolution and crop the "
+                           "centre, instead of aspect-ratio buckets")
+    crops = data.add_mutually_exclusive_group()
+    crops.add_argument("--center_crop", dest="center_crop", action="store_true", default=True,
+                       help="crop the centre of each image, as the original did (the default)")
+    crops.add_argument("--random_crop", dest="center_crop", action="store_false",
+                       help="seeded random crops instead of centre crops")
+    data.add_argument("--random_flip", action="store_true", help="mirror images at random")
+    data.add_argument("--caption_dropout", type=float, default=0.0,
+                      help="probability of training a step on the empty (unconditional) prompt")
+    data.add_argument("--validation_split", type=float, default=0.0,
+                      help="share of images held out for the validation loss (0: use fixed noise on "
+                           "training images)")
+    data.add_argument("--cache", action=argparse.BooleanOptionalAction, default=True,
+                      help="cache VAE latents and text embeddings once (default on)")
+    data.add_argument("--cache_latents_to_disk", action="store_true",
+                      help="also keep the latent cache on disk under output_dir/.latent_cache")
+    data.add_argument("--dataloader_num_workers", type=int, default=0)
+
+
+def _add_output_flags(p: argparse.ArgumentParser) -> None:
+    output = p.add_argument_group("output")
+    output.add_argument("--output_dir", default="output_ghibli")
+    output.add_argument("--logging_dir", default="logs")
+    output.add_argument("--save_steps", type=int, default=2, help="save checkpoint_epoch_N every N epochs")
+    output.add_argument("--checkpointing_steps", type=int, default=None,
+                        help="save a resumable state every N optimizer steps")
+    output.add_argument("--checkpoints_total_limit", type=int, default=None)
+    output.add_argument("--resume_from_checkpoint", default=None,
+                        help="a checkpoint folder, a run folder, or 'latest'")
+    output.add_argument("--save_kohya", action="store_true",
+                        help="also write kohya_lora.safetensors (ComfyUI/A1111 format) in every model folder")
+    output.add_argument("--push_to_hub", action="store_true",
+                        help="upload final_model with a model card at the end (token: HF_TOKEN or `hf auth login`)")
+    output.add_argument("--hub_model_id", default=None, help="namespace/name of the Hub repo")
+    output.add_argument("--hub_private", action="store_true")
+    output.add_argument("--report_to", default="tensorboard", choices=["tensorboard", "wandb", "all", "none"])
+
+
+def _add_lora_flags(p: argparse.ArgumentParser) -> None:
+    lora = p.add_argument_group("LoRA")
+    lora.add_argument("--lora_rank", type=int, default=8)
+    lora.add_argument("--lora_alpha", type=float, default=8.0)
+    lora.add_argument("--lora_dropout", type=float, default=0.0)
+    lora.add_argument("--lora_target_modules", nargs="+", default=["to_k", "to_q", "to_v", "to_out.0"])
+    lora.add_argument("--use_dora", action="store_true")
+    lora.add_argument("--use_rslora", action="store_true", help="scale by alpha/sqrt(rank) instead of alpha/rank")
+    lora.add_argument("--init_lora_weights", default="gaussian", choices=["gaussian", "kaiming"])
+    lora.add_argument("--train_text_encoder", action="store_true", help="LoRA on both text encoders too")
+
+
+def _add_optimizer_flags(p: argparse.ArgumentParser) -> None:
+    optim = p.add_argument_group("optimisation")
+    optim.add_argument("--train_batch_size", type=int, default=1)
+    optim.add_argument("--num_train_epochs", type=int, default=10)
+    optim.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    optim.add_argument("--learning_rate", type=float, default=1e-4)
+    optim.add_argument("--scale_lr", action="store_true", help="multiply the LR by the effective batch size")
+    optim.add_argument("--lr_scheduler", default="cosine",
+                       choices=["linear", "cosine", "cosine_with_restarts", "polynomial", "constant",
+                                "constant_with_warmup"])
+    optim.add_argument("--lr_warmup_steps", type=int, default=500)
+    optim.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw8bit", "prodigy"])
+    optim.add_argument("--adam_beta1", type=float, default=0.9)
+    optim.add_argument("--adam_beta2", type=float, default=0.999)
+    optim.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
+    optim.add_argument("--max_grad_norm", type=float, default=1.0, help="0 turns clipping off")
+    optim.add_argument("--snr_gamma", type=float, default=None, help="min-SNR loss weighting (5.0 is typical)")
+    optim.add_argument("--noise_offset", type=float, default=0.0)
+    optim.add_argument("--prediction_type", default=None, choices=["epsilon", "v_prediction"],
+                       help="override the scheduler's prediction type")
+    optim.add_argument("--max_nonfinite_steps", type=int, default=5,
+                       help="stop after this many optimizer steps in a row with a NaN/Inf loss or gradient")
+    optim.add_argument("--seed", type=int, default=42)
+
+
+def _add_speed_flags(p: argparse.ArgumentParser) -> None:
+    speed = p.add_argument_group("speed and memory")
+    speed.add_argument("--mixed_precision", default="fp16", choices=["no", "fp16", "bf16"],
+                       help="falls back to fp32 without CUDA")
+    speed.add_argument("--allow_tf32", action="store_true",
+                       help="let Ampere+ GPUs use TF32 for fp32 matmuls and convolutions (faster, slightly less exact)")
+    checkpointing = speed.add_mutually_exclusive_group()
+    checkpointing.add_argument("--gradient_checkpointing", nargs="?", const=True, default="auto",
+                               type=checkpointing_setting, metavar="{auto,on,off}",
+                               help="recompute activations in the backward pass (less memory, ~1.4x UNet compute). "
+                                    "Default auto: off on a CPU; on a GPU only when the step would not fit in "
+                                    "free memory. The flag alone forces it on")
+    checkpointing.add_argument("--no-gradient_checkpointing", dest="gradient_checkpointing", action="store_const",
+                               const=False, help="force gradient checkpointing off")
+    speed.add_argument("--enable_xformers_memory_efficient_attention", action="store_true",
+                       help="use xformers (default: PyTorch SDPA)")
+
+
+def _add_evaluation_flags(p: argparse.ArgumentParser) -> None:
+    evaluation = p.add_argument_group("fixed-noise validation loss")
+    evaluation.add_argument("--eval_loss_epochs", type=auto_or_int, default="auto",
+                            help="measure the fixed-noise loss every N epochs (and after the last); 0 turns it off "
+                                 "(best_model is then the epoch with the lowest mean training loss, as in the "
+                                 "original). Default auto: as often as about 5%% of the training compute allows")
+    evaluation.add_argument("--eval_loss_samples", type=auto_or_int, default="auto",
+                            help="(image, noise, timestep) triples per measurement (default auto: from the same "
+                                 "5%% budget, at most 32)")
+
+    val = p.add_argument_group("validation images")
+    val.add_argument("--validation_prompt", nargs="+", default=None)
+    val.add_argument("--num_validation_images", type=int, default=2)
+    val.add_argument("--validation_epochs", type=int, default=1)
+    val.add_argument("--validation_steps", type=int, default=25, help="inference steps per validation image")
+
+
+def checkpointing_setting(value: str) -> bool | str:
+    """--gradient_checkpointing [auto|on|off]: True, False or 'auto'."""
+    choices = {"auto": "auto", "on": True, "true": True, "off": False, "false": False}
+    if value.lower() not in choices:
+        raise argparse.ArgumentTypeError(f"{value!r}: choose auto, on or off")
+    return choices[value.lower()]
+
+
+def auto_or_int(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: 'auto' or a whole number") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"{value!r}: must not be negative")
+    return number

@@ -1,0 +1,100 @@
+"""The loss logs of a run, written and read in one place.
+
+    logs/training_log.csv     the original's: one row per epoch (0-based), loss = the epoch's mean
+    logs/training_steps.csv   the same columns, one row per optimizer step (an addition)
+
+Everything that reads a loss log (the run's loss plot, the sweep's overlay, tests) goes through
+``find_loss_log`` and ``read_losses``, and smooths with ``moving_average``.
+"""
+
+from __future__ import annotations
+
+import csv
+from datetime import datetime
+from pathlib import Path
+
+from utils.core.names import TIMESTAMP_FORMAT
+
+EPOCH_LOG = "training_log.csv"  # the original's per-epoch log
+STEP_LOG = "training_steps.csv"  # one row per optimizer step
+LOSS_LOGS = (STEP_LOG, EPOCH_LOG)  # the per-step log first; the original (and older runs) only have the second
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The data rows of a loss log (rows without a step, e.g. blank lines, are left out)."""
+    with open(path, newline="") as handle:
+        return [row for row in csv.DictReader(handle) if row.get("step")]
+
+
+def find_loss_log(log_dir: Path) -> Path | None:
+    """The run's per-step loss log (``training_steps.csv``), else the original's per-epoch
+    ``training_log.csv`` (all that a run of the original, or an older run, has)."""
+    for name in LOSS_LOGS:
+        if (Path(log_dir) / name).is_file():
+            return Path(log_dir) / name
+    return None
+
+
+def read_losses(path: Path) -> tuple[list[int], list[float]]:
+    """(steps, losses) of a loss log, in file order."""
+    rows = [row for row in read_rows(path) if row.get("loss")]
+    return [int(row["step"]) for row in rows], [float(row["loss"]) for row in rows]
+
+
+def smoothing_window(count: int) -> int:
+    """The moving-average window for ``count`` points: a twentieth of them, at least one."""
+    return max(1, count // 20)
+
+
+def moving_average(values: list[float], window: int) -> list[float]:
+    """Each value averaged with up to ``window - 1`` values before it."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def log_timestamp() -> str:
+    return datetime.now().strftime(TIMESTAMP_FORMAT)
+
+
+class CsvLog:
+    """A CSV log under ``logs/`` with the original's columns, written by the main process a row at a time.
+
+    ``training_log.csv`` gets one row per epoch, ``training_steps.csv`` one per optimizer step. On resume,
+    rows written after the checkpoint's step belong to the lost future and are dropped, so the run
+    writes each of them again exactly once.
+    """
+
+    FIELDS = ["epoch", "step", "loss", "learning_rate", "timestamp"]
+
+    def __init__(self, path: Path, enabled: bool, keep_until_step: int = 0):
+        self.path, self.enabled = path, enabled
+        if not enabled:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = self.read(path) if path.exists() else []
+        rows = [row for row in rows if int(row["step"]) <= keep_until_step]
+        with open(path, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.FIELDS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    @staticmethod
+    def read(path: Path) -> list[dict]:
+        return read_rows(path)
+
+    def append(self, epoch: int, step: int, loss: float, learning_rate: float) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", newline="") as handle:
+            csv.writer(handle).writerow([epoch, step, loss, learning_rate, log_timestamp()])
+
+
+def open_logs(run_dir: Path, logging_dir: str, enabled: bool, keep_until_step: int) -> tuple[CsvLog, CsvLog]:
+    """(per-epoch log, per-step log) of the run, cut back to ``keep_until_step``."""
+    folder = run_dir / logging_dir
+    return (CsvLog(folder / EPOCH_LOG, enabled, keep_until_step), CsvLog(folder / STEP_LOG, enabled, keep_until_step))

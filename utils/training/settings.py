@@ -1,0 +1,73 @@
+"""The settings of one training: its flags as given, plus what was derived from them once.
+
+``args`` from the parser is never changed. What the trainer derives (the resolved dataset type, the
+learning rate after --scale_lr, the run folder and the checkpoint to resume) lives here, made once
+by ``RunSettings.make`` and then only read.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from utils.core.errors import UserError
+from utils.core.secrets import scrub
+from utils.training.checkpoints import find_checkpoint
+from utils.training.run_dir import create_unique_dir, run_name
+
+
+class TrainingError(UserError):
+    """A problem that stops training with a clear message instead of a traceback."""
+
+
+def distributed_state():
+    """accelerate's view of this launch (process index and count), known before the Accelerator exists.
+
+    It reads the CPU flag the Accelerator reads too: without it, a multi-process CPU launch becomes N
+    separate runs."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The flags of one training plus what was derived from them once; read it like ``args``: every
+    attribute that is not a field below is the flag as given."""
+
+    args: argparse.Namespace
+    dataset_type: str  # resolved ('auto', and 'hf' implied by --dataset_name)
+    learning_rate: float  # after --scale_lr
+    run_dir: Path
+    resume_checkpoint: Path | None  # the resolved --resume_from_checkpoint
+
+    def __getattr__(self, name: str):
+        if name == "args":  # not set yet (copy, unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.args, name)
+
+    def as_config(self) -> dict:
+        """The flags as experiment_config.json records them: derived values in, secrets out."""
+        return scrub({**vars(self.args), "dataset_type": self.dataset_type, "learning_rate": self.learning_rate,
+                      "resume_checkpoint_path": str(self.resume_checkpoint) if self.resume_checkpoint else None})
+
+    @classmethod
+    def make(cls, args: argparse.Namespace, dataset_type: str, state=None) -> "RunSettings":
+        """Resolve the run folder (the resumed run's, or a new unique one) on the main process and share it
+        with the others, so every process works in the same folder."""
+        from accelerate.utils import broadcast_object_list
+
+        state = state or distributed_state()
+        holder = [None]
+        if state.is_main_process:
+            checkpoint = find_checkpoint(args, dataset_type)
+            run_dir = (checkpoint.parent.parent if checkpoint
+                       else create_unique_dir(Path(args.output_dir), run_name(args, dataset_type)))
+            holder = [(str(run_dir), str(checkpoint) if checkpoint else None)]
+        run_dir_text, checkpoint_text = broadcast_object_list(holder)[0]
+        learning_rate = args.learning_rate
+        if args.scale_lr:
+            learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * state.num_processes
+        return cls(args, dataset_type, learning_rate, Path(run_dir_text),
+                   Path(checkpoint_text) if checkpoint_text else None)

@@ -1,0 +1,337 @@
+"""Setting up a training: flag checks before any work, the model with LoRA, the data, the optimizer and
+schedule, accelerate, and the run's starting state (resumed if asked). ``prepare_run`` does it all."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from utils.core.sdxl import DTYPES, check_model_source, load_components, resolve_mixed_precision
+from utils.data.records import Example, folder_counts
+from utils.training.batches import BucketBatchSampler, IndexDataset, PixelDataset, assign_buckets
+from utils.training.caching import fill_caches
+from utils.training.checkpoints import register_checkpoint_hooks, resume
+from utils.training.loss import BatchMaker, EvalSet, build_eval_set
+from utils.training.loss_log import CsvLog, open_logs
+from utils.training.run_dir import TrainState, tag_frequency, tracker_config, write_experiment_config
+from utils.training.settings import RunSettings, TrainingError
+from utils.training.speed import (EvalPlan, Timeline, choose_gradient_checkpointing, estimate_activation_bytes,
+                                  plan_evaluation)
+
+logger = logging.getLogger(__name__)
+
+TEXT_ENCODER_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
+EVAL_IMAGES = 8  # training images used for the fixed-noise loss when nothing is held out
+
+
+# ----------------------------------------------------------------------------- checks before work
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Flag combinations that cannot work, refused before anything is loaded."""
+    check_model_source(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+    if args.enable_xformers_memory_efficient_attention:
+        from diffusers.utils.import_utils import is_xformers_available
+        if not is_xformers_available():
+            raise TrainingError("--enable_xformers_memory_efficient_attention: xformers is not installed "
+                                "(PyTorch's built-in SDPA attention is used by default and needs nothing)")
+    if args.optimizer == "adamw8bit":
+        _require("bitsandbytes", "--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes")
+    if args.optimizer == "prodigy":
+        _require("prodigyopt", "--optimizer prodigy needs prodigyopt: pip install prodigyopt")
+    for tracker in _trackers(args.report_to):
+        _require(tracker, f"--report_to {args.report_to} needs {tracker}: pip install {tracker}")
+    if args.resolution < 8 or args.resolution % 8:
+        raise TrainingError(f"--resolution {args.resolution} must be a positive multiple of 8 (the VAE's "
+                            f"downscale factor)")
+    if not 0.0 <= args.validation_split < 1.0:
+        raise TrainingError("--validation_split must be in [0, 1)")
+    if not 0.0 <= args.caption_dropout < 1.0:
+        raise TrainingError("--caption_dropout must be in [0, 1)")
+    if args.save_kohya and args.use_dora:
+        raise TrainingError("--save_kohya cannot be combined with --use_dora: the kohya format has no exact "
+                            "equivalent of PEFT's DoRA magnitudes")
+    if args.push_to_hub:
+        from utils.hub.publish import check_hub_target
+        if not args.hub_model_id:
+            raise TrainingError("--push_to_hub needs --hub_model_id namespace/name")
+        check_hub_target(args.hub_model_id)
+
+
+def _require(module: str, message: str) -> None:
+    import importlib.util
+    if importlib.util.find_spec(module) is None:
+        raise TrainingError(message)
+
+
+def _trackers(report_to: str) -> list[str]:
+    return {"none": [], "all": ["tensorboard", "wandb"]}.get(report_to, [report_to])
+
+
+def split_examples(examples: list[Example], validation_split: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out a fixed, seeded share of the images for the validation loss (at least one if asked)."""
+    if validation_split <= 0:
+        return examples, []
+    count = max(1, round(len(examples) * validation_split))
+    if count >= len(examples):
+        raise TrainingError(f"--validation_split {validation_split} leaves no training images "
+                            f"out of {len(examples)}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held_out = set(order[:count])
+    return ([e for i, e in enumerate(examples) if i not in held_out],
+            [e for i, e in enumerate(examples) if i in held_out])
+
+
+# ----------------------------------------------------------------------------- model set-up
+
+
+def lora_config(args: argparse.Namespace, target_modules: list[str]):
+    """PEFT's LoraConfig from the LoRA flags, for the given target modules."""
+    from peft import LoraConfig
+    return LoraConfig(
+        r=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout,
+        target_modules=target_modules,
+        init_lora_weights="gaussian" if args.init_lora_weights == "gaussian" else True,
+        use_dora=args.use_dora,
+        use_rslora=args.use_rslora,
+    )
+
+
+def inject_lora(components, args: argparse.Namespace) -> list[torch.nn.Parameter]:
+    """Add LoRA adapters (trainable, fp32) to the UNet and, if asked, both text encoders."""
+    from diffusers.training_utils import cast_training_params
+
+    models = [components.unet]
+    components.unet.add_adapter(lora_config(args, args.lora_target_modules))
+    if args.train_text_encoder:
+        for encoder in components.text_encoders:
+            encoder.add_adapter(lora_config(args, TEXT_ENCODER_TARGETS))
+        models += components.text_encoders
+    cast_training_params(models, dtype=torch.float32)
+    if args.enable_xformers_memory_efficient_attention:
+        components.unet.enable_xformers_memory_efficient_attention()
+    return [p for model in models for p in model.parameters() if p.requires_grad]
+
+
+def set_gradient_checkpointing(components, args: argparse.Namespace, device: torch.device,
+                               weight_dtype: torch.dtype) -> bool:
+    """Decide (forced by a flag, or auto from the device and free memory) and apply; log the choice."""
+    free = activations = None
+    if args.gradient_checkpointing == "auto" and device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        activations = estimate_activation_bytes(components.unet.config, args.resolution, args.train_batch_size,
+                                                weight_dtype, lora_config(args, args.lora_target_modules))
+    enabled, reason = choose_gradient_checkpointing(args.gradient_checkpointing, device.type, free, activations)
+    logger.info("Gradient checkpointing %s: %s", "on" if enabled else "off", reason)
+    if enabled:
+        components.unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            for encoder in components.text_encoders:
+                encoder.gradient_checkpointing_enable()
+    return enabled
+
+
+def make_optimizer(settings: RunSettings, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    """The --optimizer over the LoRA parameters, at the run's learning rate (after --scale_lr)."""
+    kwargs = dict(lr=settings.learning_rate, betas=(settings.adam_beta1, settings.adam_beta2),
+                  weight_decay=settings.adam_weight_decay, eps=settings.adam_epsilon)
+    if settings.optimizer == "adamw8bit":
+        import bitsandbytes as bnb
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    if settings.optimizer == "prodigy":
+        import prodigyopt
+        return prodigyopt.Prodigy(params, lr=settings.learning_rate, betas=kwargs["betas"],
+                                  weight_decay=settings.adam_weight_decay)
+    # Fused: one kernel per step, and it can skip a step on the device (see skip_on_device).
+    fused = all(p.device.type in ("cuda", "cpu") and p.dtype == torch.float32 for p in params)
+    return torch.optim.AdamW(params, fused=fused, **kwargs)
+
+
+def evaluation_plan(args: argparse.Namespace, num_items: int, num_processes: int) -> EvalPlan:
+    """The fixed-noise loss's cadence and size for this run's planned training compute."""
+    batches = math.ceil(num_items / args.train_batch_size)
+    steps_per_epoch = math.ceil(math.ceil(batches / num_processes) / args.gradient_accumulation_steps)
+    steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    effective_batch = args.train_batch_size * args.gradient_accumulation_steps * num_processes
+    return plan_evaluation(steps * effective_batch, math.ceil(steps / steps_per_epoch), args.eval_loss_epochs,
+                           args.eval_loss_samples)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Run:
+    """Everything the training loop works with, set up by ``prepare_run``."""
+
+    settings: RunSettings
+    accelerator: object
+    components: object
+    models: list
+    params: list
+    optimizer: object
+    lr_scheduler: object
+    dataloader: object
+    sampler: BucketBatchSampler
+    batch_maker: BatchMaker
+    eval_set: EvalSet
+    state: TrainState
+    num_epochs: int
+    timeline: Timeline = field(default_factory=Timeline)
+    gradient_checkpointing: bool = False
+    epoch_log: CsvLog | None = None  # logs/training_log.csv, the original's: one row per epoch
+    step_log: CsvLog | None = None  # logs/training_steps.csv: one row per optimizer step
+    nonfinite_in_a_row: int = 0
+
+    @property
+    def unet(self):
+        return self.models[0]
+
+
+def prepare_run(settings: RunSettings, examples: list[Example], timeline: Timeline | None = None) -> Run:
+    """Load the model, add LoRA, cache, build data, optimizer and schedule; resume if asked.
+
+    Each phase is timed (logged at INFO with the first step); nothing that the first step does not need
+    runs before it (the loss before training is measured at the end, with the adapters off)."""
+    timeline = timeline or Timeline()
+    with timeline.phase("imports"):
+        import accelerate  # noqa: F401  (timed here; used below)
+        import diffusers.optimization  # noqa: F401
+    train_examples, held_out = split_examples(examples, settings.validation_split, settings.seed)
+    mixed_precision = resolve_mixed_precision(settings.mixed_precision)
+    weight_dtype = DTYPES[mixed_precision]
+    accelerator = _accelerator(settings, mixed_precision)
+    components, params = _load_models(settings, accelerator.device, weight_dtype, timeline)
+    items = assign_buckets(train_examples, settings.resolution, not settings.no_buckets, settings.seed)
+    plan = evaluation_plan(settings, sum(getattr(i.example, "repeats", 1) for i in items), accelerator.num_processes)
+    logger.info("Evaluation: %s", plan.describe())
+    with timeline.phase("evaluation set"):
+        eval_items = assign_buckets(held_out or train_examples[:EVAL_IMAGES], settings.resolution, False,
+                                    settings.seed)
+        eval_set = build_eval_set(components, eval_items, plan, settings, weight_dtype, accelerator.device)
+    batch_maker = BatchMaker(components, items, settings, weight_dtype, accelerator.device)
+    if settings.cache:
+        with timeline.phase("caching"):
+            fill_caches(batch_maker, items, settings, accelerator)
+    gradient_checkpointing = set_gradient_checkpointing(components, settings, accelerator.device, weight_dtype)
+    sampler, dataloader = _loader(settings, items)
+    optimizer, lr_scheduler, steps_per_epoch, max_train_steps = _schedule(settings, params, len(dataloader),
+                                                                          accelerator.num_processes)
+    with timeline.phase("accelerate prepare"):
+        models, optimizer, dataloader, lr_scheduler = _prepare(accelerator, settings, components, optimizer,
+                                                               dataloader, lr_scheduler)
+    run = Run(settings, accelerator, components, models, params, optimizer, lr_scheduler, dataloader, sampler,
+              batch_maker, eval_set, TrainState(max_train_steps=max_train_steps, steps_per_epoch=steps_per_epoch),
+              math.ceil(max_train_steps / steps_per_epoch), timeline=timeline,
+              gradient_checkpointing=gradient_checkpointing)
+    _start(run, items, held_out, plan, mixed_precision)
+    return run
+
+
+def _accelerator(settings: RunSettings, mixed_precision: str):
+    """The Accelerator, logging into the run folder; the seed and TF32 set."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    run_dir = settings.run_dir
+    accelerator = Accelerator(
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        mixed_precision=mixed_precision,
+        log_with=_trackers(settings.report_to) or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / settings.logging_dir)),
+    )
+    logger.info("Run directory: %s", run_dir)
+    set_seed(settings.seed)
+    if settings.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return accelerator
+
+
+def _load_models(settings: RunSettings, device: torch.device, weight_dtype: torch.dtype, timeline: Timeline):
+    """(components, trainable LoRA parameters): SDXL loaded frozen onto the device, LoRA injected."""
+    with timeline.phase("model loading"):
+        components = load_components(settings.pretrained_model_name_or_path, settings.revision, settings.variant,
+                                     weight_dtype, settings.pretrained_vae_model_name_or_path, settings.allow_pickle)
+        if settings.prediction_type:
+            components.noise_scheduler.register_to_config(prediction_type=settings.prediction_type)
+        for module in [components.unet, components.vae, *components.text_encoders]:
+            module.to(device)
+    with timeline.phase("LoRA"):
+        params = inject_lora(components, settings)
+    return components, params
+
+
+def _loader(settings: RunSettings, items: list) -> tuple[BucketBatchSampler, torch.utils.data.DataLoader]:
+    """Batches of one bucket each, in a seeded order; dataset indices when cached, else pixels."""
+    sampler = BucketBatchSampler([item.bucket for item in items], settings.train_batch_size, settings.seed,
+                                 repeats=[item.example.repeats for item in items])  # issue 19: kohya repeats
+    dataset = IndexDataset(len(items)) if settings.cache else PixelDataset(items, settings.center_crop)
+    dataloader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=settings.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(settings.seed),  # keeps the global RNG untouched for resume
+    )
+    return sampler, dataloader
+
+
+def _schedule(settings: RunSettings, params: list, num_batches: int, num_processes: int):
+    """(optimizer, learning-rate scheduler, steps per epoch, total optimizer steps)."""
+    from diffusers.optimization import get_scheduler
+
+    optimizer = make_optimizer(settings, params)
+    steps_per_epoch = math.ceil(math.ceil(num_batches / num_processes) / settings.gradient_accumulation_steps)
+    max_train_steps = settings.max_train_steps or settings.num_train_epochs * steps_per_epoch
+    if settings.lr_warmup_steps >= max_train_steps:
+        logger.warning("--lr_warmup_steps %d is not below the %d training steps: the learning rate never "
+                       "leaves warm-up", settings.lr_warmup_steps, max_train_steps)
+    # accelerate steps a prepared scheduler once per process per optimizer step.
+    lr_scheduler = get_scheduler(settings.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=settings.lr_warmup_steps * num_processes,
+                                 num_training_steps=max_train_steps * num_processes)
+    return optimizer, lr_scheduler, steps_per_epoch, max_train_steps
+
+
+def _prepare(accelerator, settings: RunSettings, components, optimizer, dataloader, lr_scheduler):
+    """accelerate.prepare of the trained models and the training objects; checkpoints keep only LoRA."""
+    trained = [components.unet] + (components.text_encoders if settings.train_text_encoder else [])
+    prepared = accelerator.prepare(*trained, optimizer, dataloader, lr_scheduler)
+    models, (optimizer, dataloader, lr_scheduler) = list(prepared[:len(trained)]), prepared[len(trained):]
+    components.unet = models[0]
+    if settings.train_text_encoder:
+        components.text_encoders = models[1:]
+    register_checkpoint_hooks(accelerator)
+    return models, optimizer, dataloader, lr_scheduler
+
+
+def _start(run: Run, items: list, held_out: list, plan: EvalPlan, mixed_precision: str) -> None:
+    """The run's starting state (resumed if asked), experiment_config.json, trackers and loss logs."""
+    settings, accelerator, state = run.settings, run.accelerator, run.state
+    state.speed_info = {"resolved_gradient_checkpointing": run.gradient_checkpointing,
+                        "eval_loss_plan": {"every_epochs": plan.every_epochs, "samples": plan.samples,
+                                           "measurements": plan.measurements, "share_of_training": plan.share}}
+    folders = folder_counts([item.example for item in items])  # issue 19: kohya repeats per folder
+    state.dataset_info = {"num_train_images": len(items),
+                          "images_per_epoch": sum(folder.images_per_epoch for folder in folders),
+                          "folders": [folder.as_dict() for folder in folders],
+                          "tag_frequency": tag_frequency([i.example.caption for i in items])}
+    if settings.resume_from_checkpoint:
+        with run.timeline.phase("resume"):
+            resume(accelerator, settings, state)
+    write_experiment_config(accelerator, settings, state, len(items), len(held_out), mixed_precision)
+    if accelerator.is_main_process and _trackers(settings.report_to):
+        accelerator.init_trackers("sdxl_lora", config=tracker_config(settings))
+    run.epoch_log, run.step_log = open_logs(settings.run_dir, settings.logging_dir, accelerator.is_main_process,
+                                            state.global_step)
+    if accelerator.is_main_process:  # issue 19: the dataset summary once per run
+        logger.info("%d training images (%d held out), %d seen per epoch, %d optimizer steps, batch %d x %d "
+                    "accumulation x %d processes", len(items), len(held_out), state.dataset_info["images_per_epoch"],
+                    state.max_train_steps, settings.train_batch_size, settings.gradient_accumulation_steps,
+                    accelerator.num_processes)
