@@ -77,20 +77,20 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
-    from utils.make_tiny_sdxl import save_tiny_sdxl
+    from utils.tiny.sdxl import save_tiny_sdxl
     return save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny_sdxl")
 
 
 @pytest.fixture(scope="session")
 def tiny_dataset_dir(tmp_path_factory) -> Path:
-    from utils.make_tiny_sdxl import make_synthetic_dataset
+    from utils.tiny.sdxl import make_synthetic_dataset
     return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "dataset_ghibli", num_images=12)
 
 
 @pytest.fixture(scope="session")
 def tiny_product_dataset_dir(tmp_path_factory) -> Path:
     """A small dataset in the original's product layout (captions.json, products/, styled/{id}.png)."""
-    from utils.make_tiny_sdxl import make_synthetic_product_dataset
+    from utils.tiny.sdxl import make_synthetic_product_dataset
     return make_synthetic_product_dataset(tmp_path_factory.mktemp("data") / "dataset_product", num_images=4)
 
 
@@ -106,7 +106,7 @@ def trained_run(tiny_model_dir, tiny_dataset_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
-    from utils.make_tiny_clip import save_tiny_clip
+    from utils.tiny.clip import save_tiny_clip
     return save_tiny_clip(tmp_path_factory.mktemp("clip") / "tiny_clip")
 
 
@@ -114,7 +114,7 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
 def sweep(tiny_model_dir, tmp_path_factory) -> dict:
     """rank 4 x alphas 4, 8 with no sweep flags: stopped by SIGTERM during the second run, rerun, rerun again;
     then ranks 2 4 x alphas 4 8 into the same records (only rank 2 trains)."""
-    from utils.make_tiny_sdxl import make_synthetic_dataset
+    from utils.tiny.sdxl import make_synthetic_dataset
 
     work = tmp_path_factory.mktemp("sweep")
     dataset = make_synthetic_dataset(work / "data", num_images=4)

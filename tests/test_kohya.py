@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from tests.helpers import load_pipe
-from tests.kohya_checks import (ATTENTIONS, assert_close, convert_cli, peft_deltas, render, render_merged_by_hand,
-                                render_with)
+from tests.kohya_checks import (ATTENTIONS, assert_close, convert_cli, peft_deltas, render, render_merged_by_hand, render_with)
 
 SHARED_SDXL_CONFIG = Path(__file__).resolve().parents[2] / "shared" / "sdxl-base-1.0-config" / "unet.json"
 

@@ -12,8 +12,7 @@ from PIL import Image
 
 from tests.conftest import TRAINED_ALPHA, TRAINED_RANK
 from tests.helpers import load_pipe, run_script
-from tests.kohya_checks import (ATTENTIONS, KOHYA_KEY, PROMPT, assert_close, convert_cli, data_section_sha256,
-                                diffusers_file_deltas, render, render_merged_by_hand, render_with)
+from tests.kohya_checks import (ATTENTIONS, KOHYA_KEY, PROMPT, assert_close, convert_cli, data_section_sha256, diffusers_file_deltas, render, render_merged_by_hand, render_with)
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +62,8 @@ def test_trained_lora_as_kohya_file_gives_the_same_image(trained_run, pipe, tmp_
 
 def test_inference_cli_takes_a_kohya_file(trained_run, pipe, tiny_model_dir, tmp_path):
     from inference_sdxl_ghibli import DEFAULT_NEGATIVE
-    from utils.inference.generation import GenerationSettings, run_comparison
+    from utils.inference.flags import GenerationSettings
+    from utils.inference.generation import run_comparison
     from utils.lora.to_kohya import convert_diffusers_to_kohya
 
     kohya = convert_diffusers_to_kohya(trained_run / "final_model" / "pytorch_lora_weights.safetensors",

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.conftest import run_script
+from tests.helpers import run_script
 from utils.training.speed import (EVAL_BUDGET, GIB, StepLosses, choose_gradient_checkpointing, estimate_activation_bytes, plan_evaluation)
 
 

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from utils.bench.models import build_pipeline
 
     diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoders": expected, UNet-only LoRA
-    from utils.inference.generation import GenerationSettings
+    from utils.inference.flags import GenerationSettings
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

@@ -44,8 +44,7 @@ import torch
 
 from utils.bench.models import MODELS, check_resolution
 from utils.bench.steps import Variant, all_variants, skip_reason, trainer_args
-from utils.bench.train_runs import (RESULT_MARK, WHOLE_RUNS, report, report_whole_runs, resolve_settings,
-                                    run_in_subprocess, save_model, summarise, whole_run, worker)
+from utils.bench.train_runs import (RESULT_MARK, WHOLE_RUNS, report, report_whole_runs, resolve_settings, run_in_subprocess, save_model, summarise, whole_run, worker)
 from utils.core.cli import run_cli
 from utils.core.errors import UserError
 

@@ -28,8 +28,7 @@ from safetensors import safe_open
 from utils.core.cli import run_cli
 from utils.lora.files import LORA_WEIGHT_NAME, read_metadata, read_tensors
 from utils.lora.from_kohya import is_kohya_state_dict, read_kohya_lora, write_diffusers_lora
-from utils.lora.kohya_names import (COMPONENTS, KOHYA_WEIGHT_NAME, LoraConversionError, LoraModule, ParsedLora,
-                                    unet_config_for)
+from utils.lora.kohya_names import (COMPONENTS, KOHYA_WEIGHT_NAME, LoraConversionError, LoraModule, ParsedLora, unet_config_for)
 from utils.lora.to_kohya import modules_from_peft_weights, read_diffusers_lora, write_kohya_lora
 
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"

@@ -33,8 +33,6 @@ from torch.utils.data import Dataset
 from utils.data.images import open_rgb
 from utils.data.layouts import list_ghibli, list_product
 from utils.data.records import DatasetError, Entry, Listing
-from utils.data.listing import DATASET_TYPES, add_dataset_arguments, detect_type, list_dataset, load_examples, listing_from_args  # noqa: F401  # moved (issue 16)
-from utils.data.records import Example, FolderCount, Problem, folder_counts, kohya_repeats, normal_caption_extension  # noqa: F401  # moved (issue 16)
 
 logger = logging.getLogger(__name__)
 

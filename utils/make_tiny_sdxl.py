@@ -19,12 +19,6 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.tiny.sdxl import make_synthetic_dataset, save_tiny_sdxl
-from utils.tiny.sdxl import WORDS, build_tiny_sdxl, build_tokenizer_files  # moved (issue 16)
-from utils.tiny.sdxl import make_synthetic_product_dataset  # moved (issue 16)
-
-__all__ = ["WORDS", "build_tiny_sdxl", "build_tokenizer_files", "make_synthetic_dataset",
-           "make_synthetic_product_dataset", "save_tiny_sdxl", "main"]
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,16 +1,4 @@
-"""Procedural landscape scenes in two looks, with captions: the demo model's data.
-
-A scene is a small random description (time of day, ground, lake, houses, trees, clouds). The same
-description is drawn either in a plain **photo** look (natural colours, shaded gradients, film grain,
-no outlines) or in a **Ghibli-like** look (a warm pastel palette, flat cel shading, dark outlines, big
-soft clouds). Its caption names what is in the picture, in the words a prompt would use:
-
-    photo:  "a photo of a small house by a lake under the sun, with trees"
-    ghibli: "The image is a Ghibli-style illustration of a small house by a lake under the sun, ..."
-
-The photo scenes pretrain the demo's base model (utils/pretrain_demo_model.py); the Ghibli-like ones
-are the demo's LoRA training set, written in the original's layout (``images/`` + ``captions.json``);
-both, with their captions, train the demo's tiny CLIP.
+"""Write a dataset of procedural scenes (utils/tiny/scenes.py draws them) in the original's layout.
 
     python -m utils.scenes --output_dir dataset_ghibli --num_images 24      (a Ghibli-like dataset)
 """

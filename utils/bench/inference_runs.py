@@ -73,7 +73,7 @@ def timed_images(pipe, settings, count: int, device: torch.device) -> tuple[floa
 
 def run_rounds(pipe, lora_folder: Path, settings, args: argparse.Namespace, device: torch.device) -> dict:
     """``args.repeats`` rounds of base, LoRA unfused, LoRA fused (then unfused and unloaded again)."""
-    from utils.inference.generation import ADAPTER_NAME, load_adapter
+    from utils.inference.pipeline import ADAPTER_NAME, load_adapter
 
     seconds: dict[str, list[float]] = {mode: [] for mode in MODES}
     peaks: dict[str, int] = {mode: 0 for mode in MODES}

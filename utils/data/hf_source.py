@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from utils.core.atomic import write_bytes
-from utils.data.records import (CACHE_FOLDER, IMAGE_SUFFIXES, DatasetError, Entry, Listing, Problem, is_hidden,
-                                pick_caption_column)
+from utils.data.records import (CACHE_FOLDER, IMAGE_SUFFIXES, DatasetError, Entry, Listing, Problem, is_hidden, pick_caption_column)
 
 HF_FILE_SUFFIXES = (".parquet", ".arrow")
 

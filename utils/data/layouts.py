@@ -7,9 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from utils.data.records import (DatasetError, Entry, Listing, Problem, image_files, inside, is_hidden, kohya_repeats,
-                                label_of, named_entries, normal_caption_extension, pick_caption_column,
-                                read_captions_json)
+from utils.data.records import (DatasetError, Entry, Listing, Problem, image_files, inside, is_hidden, kohya_repeats, label_of, named_entries, normal_caption_extension, pick_caption_column, read_captions_json)
 
 
 def list_ghibli(dataset_dir: Path) -> Listing:

@@ -18,7 +18,6 @@ from pathlib import Path
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from utils.data.images import open_rgb  # noqa: F401  # moved (issue 16)
 from utils.data.images import to_rgb
 from utils.data.records import DatasetError, Entry, Example, FolderCount, Listing, Problem, folder_counts
 

@@ -28,7 +28,6 @@ from utils.inference.base_images import find_base_by_prefix, find_reusable_base,
 from utils.inference.flags import GenerationSettings, seeds_for
 from utils.inference.grids import comparison_grid
 from utils.inference.pipeline import load_adapter
-from utils.inference.pipeline import ADAPTER_NAME  # noqa: F401  # moved (issue 16)
 
 logger = logging.getLogger(__name__)
 

@@ -6,8 +6,6 @@ import textwrap
 
 from PIL import Image, ImageDraw, ImageFont
 
-from utils.core.atomic import save_figure  # noqa: F401  # moved (issue 16)
-from utils.core.atomic import save_image  # noqa: F401  # moved (issue 16)
 
 LABEL_HEIGHT = 22
 MARGIN = 4

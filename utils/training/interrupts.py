@@ -7,7 +7,6 @@ import logging
 import os
 import signal
 
-from utils.core.errors import TrainingInterrupted  # moved (issue 16)
 
 logger = logging.getLogger(__name__)
 

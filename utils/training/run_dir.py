@@ -146,7 +146,7 @@ def save_model_folder(accelerator, folder: Path, models: list, settings, state: 
     unet, text_encoders = unwrapped(accelerator, models)
     kohya_copy = None
     if settings.save_kohya:
-        from utils.lora.kohya import save_kohya_copy
+        from utils.lora.to_kohya import save_kohya_copy
         kohya_copy = lambda staging: save_kohya_copy(staging, unet.config, title=folder.parent.name)  # noqa: E731
     save_lora(folder, unet, text_encoders, training_metadata=lora_metadata(settings, state), extra_files=kohya_copy)
     if info_name:

@@ -20,8 +20,7 @@ from utils.training.loss import BatchMaker, EvalSet, build_eval_set
 from utils.training.loss_log import CsvLog, open_logs
 from utils.training.run_dir import TrainState, tag_frequency, tracker_config, write_experiment_config
 from utils.training.settings import RunSettings, TrainingError
-from utils.training.speed import (EvalPlan, Timeline, choose_gradient_checkpointing, estimate_activation_bytes,
-                                  plan_evaluation)
+from utils.training.speed import (EvalPlan, Timeline, choose_gradient_checkpointing, estimate_activation_bytes, plan_evaluation)
 
 logger = logging.getLogger(__name__)
 
