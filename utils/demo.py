@@ -34,6 +34,9 @@ import sys
 import time
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 from utils.core.atomic import save_image, write_json, write_text
 from utils.core.cli import setup_logging
 from utils.core.names import CONFIG_FILE
