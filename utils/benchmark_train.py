@@ -21,7 +21,9 @@ Whole runs (--whole_run, on by default): train_sdxl_lora.py itself, start to exi
              on 32 triples
   default    no flags: cached, checkpointing auto, evaluation within ~5% of the compute
 with the time to the first step, the first-to-last-step rate, the steady-state rate (median step
-interval) and the wall time, and the ratios default / naive in one run.
+interval), the wall time and the peak RSS, and the ratios default / naive in one run. With
+--diffusers_script PATH, diffusers' train_text_to_image_lora_sdxl.py runs too, on the same model,
+images, resolution, rank and steps (its own defaults otherwise), and default / example is printed.
 
     python utils/benchmark_train.py --model small                  # CPU, a few minutes
     python utils/benchmark_train.py --model sdxl --resolution 1024 --mixed_precision bf16   # GPU
@@ -42,6 +44,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import torch
 
+from utils.bench.diffusers_run import DIFFUSERS_KEY, diffusers_run
 from utils.bench.models import MODELS, check_resolution
 from utils.bench.steps import Variant, all_variants, skip_reason, trainer_args
 from utils.bench.train_runs import (RESULT_MARK, WHOLE_RUNS, report, report_whole_runs, resolve_settings, run_in_subprocess, save_model, summarise, whole_run, worker)
@@ -83,6 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also time whole training runs (naive, previous, default) through the CLI; 'only' skips "
                         "the per-step variants")
     p.add_argument("--whole_run_steps", type=int, default=24, help="optimizer steps of each whole run")
+    p.add_argument("--diffusers_script", default=None,
+                   help="path to diffusers' examples/text_to_image/train_text_to_image_lora_sdxl.py: adds a "
+                        "'diffusers-example' whole run (same model, images, resolution, rank and steps; its own "
+                        "defaults otherwise) and the ratios default / example; needs datasets and torchvision")
     p.add_argument("--output_json", default=None, help="also write the results here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return check_resolution(p, p.parse_args(argv))
@@ -105,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(variants)})")
     skipped = {key: skip_reason(variants[key], cuda, args.torch_compile) for key in wanted}
     chosen = [variants[key] for key in wanted if not skipped[key]]
+    if args.diffusers_script and (args.whole_run == "off" or not Path(args.diffusers_script).is_file()):
+        raise UserError(f"--diffusers_script {args.diffusers_script}: "
+                        + ("needs --whole_run on or only" if args.whole_run == "off" else "no such file"))
     if args.flops_only:
         print_flops(settings)
         return 0
@@ -122,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                   "output_dir": str(Path(scratch) / "runs")}
         whole = {key: whole_run(config, key, args.whole_run_steps)
                  for key in (WHOLE_RUNS if args.whole_run != "off" else ())}
+        if args.diffusers_script:
+            whole[DIFFUSERS_KEY] = diffusers_run(config, args.diffusers_script, args.whole_run_steps)
         if args.whole_run == "only":
             _write_json(args, {"settings": settings, "whole_runs": whole,
                                "ratios": report_whole_runs(whole, args.whole_run_steps)})

@@ -10,12 +10,12 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
+from utils.bench.diffusers_run import DIFFUSERS_KEY, launch
 from utils.bench.flops import executed_flops
 from utils.bench.models import DEFAULT_RESOLUTION, describe_model
 from utils.bench.report import format_table, mib, rate_text
@@ -130,22 +130,22 @@ def whole_run(config: dict, key: str, steps: int) -> dict:
                *WHOLE_RUNS[key][1]]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": str(config["num_threads"])}
-    launched = time.time()
-    completed = subprocess.run(command, capture_output=True, text=True, env=env)
-    ended = time.time()
-    if completed.returncode != 0:
-        lines = [line for line in completed.stderr.splitlines() if line.strip()]
-        return {"failed": lines[-1] if lines else f"exit status {completed.returncode}"}
+    completed = launch(command, env)
+    launched = completed["launched"]
+    if completed["returncode"] != 0:
+        lines = [line for line in completed["stderr"].splitlines() if line.strip()]
+        return {"failed": lines[-1] if lines else f"exit status {completed['returncode']}"}
     (timings_path,) = output_dir.glob("*/logs/timings.json")
     timings = read_timings(timings_path)
-    return {"wall_s": ended - launched, "time_to_first_step_s": timings["first_step"] - launched,
+    return {"wall_s": completed["ended"] - launched, "peak_rss_bytes": completed["peak_rss_bytes"],
+            "time_to_first_step_s": timings["first_step"] - launched,
             "first_to_last_steps_per_s": timings["first_to_last_steps_per_s"],
             "steady_steps_per_s": timings["steady_steps_per_s"], "steps": timings["steps"],
             "setup_phases_s": timings["setup_phases_s"]}
 
 
 def report_whole_runs(results: dict[str, dict], steps: int) -> dict:
-    """Print the whole runs; return the ratios of default to naive."""
+    """Print the whole runs; return the ratios of default to naive (and to diffusers' example, when run)."""
     print()
     print(f"Whole runs through train_sdxl_lora.py, {steps} optimizer steps each, launch to exit:")
     rows = []
@@ -153,21 +153,32 @@ def report_whole_runs(results: dict[str, dict], steps: int) -> dict:
         if "failed" in result:
             print(f"  {key}: failed: {result['failed']}")
             continue
-        rows.append([WHOLE_RUNS[key][0], f"{result['time_to_first_step_s']:.1f}",
-                     f"{result['first_to_last_steps_per_s']:.3f}", f"{result['steady_steps_per_s']:.3f}",
-                     f"{result['wall_s']:.1f}"])
-    print(format_table(["run", "to first step s", "first-to-last steps/s", "steady steps/s", "wall s"], rows))
-    naive, default = results.get("naive", {}), results.get("default", {})
+        label = WHOLE_RUNS[key][0] if key in WHOLE_RUNS else key
+        rows.append([label, f"{result['time_to_first_step_s']:.1f}", f"{result['first_to_last_steps_per_s']:.3f}",
+                     f"{result['steady_steps_per_s']:.3f}", f"{result['wall_s']:.1f}", mib(result["peak_rss_bytes"])])
+    print(format_table(["run", "to first step s", "first-to-last steps/s", "steady steps/s", "wall s",
+                        "peak RSS MiB"], rows))
+    ratios = _whole_ratios(results, "naive")
+    if DIFFUSERS_KEY in results:
+        ratios.update({f"{name}_vs_example": value
+                       for name, value in _whole_ratios(results, DIFFUSERS_KEY).items()})
+    return ratios
+
+
+def _whole_ratios(results: dict[str, dict], base: str) -> dict:
+    """Print and return default / ``base`` for the whole runs (empty when either failed or is missing)."""
+    naive, default = results.get(base, {}), results.get("default", {})
     if "failed" in naive or "failed" in default or not naive or not default:
         return {}
     ratios = {"whole_steady_speed": default["steady_steps_per_s"] / naive["steady_steps_per_s"],
               "whole_first_to_last_speed": default["first_to_last_steps_per_s"] / naive["first_to_last_steps_per_s"],
               "whole_wall_time": default["wall_s"] / naive["wall_s"],
-              "whole_time_to_first_step": default["time_to_first_step_s"] / naive["time_to_first_step_s"]}
-    print(f"default / naive: steady-state {ratios['whole_steady_speed']:.2f}x steps/s, first-to-last step "
+              "whole_time_to_first_step": default["time_to_first_step_s"] / naive["time_to_first_step_s"],
+              "whole_peak_rss": default["peak_rss_bytes"] / naive["peak_rss_bytes"]}
+    print(f"default / {base}: steady-state {ratios['whole_steady_speed']:.2f}x steps/s, first-to-last step "
           f"{ratios['whole_first_to_last_speed']:.2f}x steps/s, wall time {ratios['whole_wall_time']:.2f}x "
           f"({default['wall_s']:.1f} s vs {naive['wall_s']:.1f} s), time to first step "
-          f"{ratios['whole_time_to_first_step']:.2f}x")
+          f"{ratios['whole_time_to_first_step']:.2f}x, peak RSS {ratios['whole_peak_rss']:.2f}x")
     return ratios
 
 
