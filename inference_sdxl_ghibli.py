@@ -20,7 +20,7 @@ from pathlib import Path
 
 from utils.core.cli import run_cli
 from utils.inference.flags import DEFAULT_NEGATIVE, default_lora, parse_inference_args, settings_of  # noqa: F401
-from utils.inference.prompts import DEFAULT_PROMPTS  # noqa: F401 (the original's name, imported from here)
+from utils.inference.prompts import DEFAULT_PROMPTS  # noqa: F401 (the 16 default prompts, importable from here)
 
 logger = logging.getLogger("inference_sdxl_ghibli")
 
