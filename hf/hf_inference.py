@@ -31,7 +31,7 @@ from utils.core.cli import run_cli  # noqa: E402 (needs the repo root on sys.pat
 from utils.core.names import SDXL_BASE_ID  # noqa: E402
 from utils.core.atomic import save_image  # noqa: E402
 from utils.hub.errors import hub_errors  # noqa: E402
-from utils.hub.token import hub_token  # noqa: E402
+from utils.hub.token import add_token_argument, hub_token, warn_about_token_flag  # noqa: E402
 
 logger = logging.getLogger("hf_inference")
 DEFAULT_BASE = SDXL_BASE_ID
@@ -43,8 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--base_model_id", default=DEFAULT_BASE, help="Hub id, diffusers folder or .safetensors file")
     p.add_argument("--lora_model_id", default=None, help="Hub id, LoRA folder or .safetensors file (none: base only)")
     p.add_argument("--weight_name", default=None, help="which .safetensors file of the LoRA repo/folder to load")
-    p.add_argument("--token", default=None,
-                   help="Hub token (discouraged: visible in the process list; use HF_TOKEN or `hf auth login`)")
+    add_token_argument(p)
     p.add_argument("--output", default="output.png")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance", type=float, default=7.5)
@@ -123,8 +122,7 @@ def generate_remotely(args: argparse.Namespace, seed: int):
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.getLogger("httpx2").setLevel(logging.WARNING)
-    if args.token:
-        logger.warning("--token is visible to other users in the process list; prefer HF_TOKEN or `hf auth login`.")
+    warn_about_token_flag(args.token)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**32)
     logger.info("seed %d", seed)
     with hub_token(args.token):  # read by huggingface_hub at every request, for this call only

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors import safe_open
@@ -100,7 +100,12 @@ def add_metadata(path: str | os.PathLike, extra: dict[str, str]) -> None:
     path = Path(path)
     tensors, metadata = read_tensors(path), read_metadata(path)
     metadata.update(extra)
-    replace_file(path, lambda temporary: save_file(tensors, str(temporary), metadata=metadata))
+    save_safetensors(tensors, path, metadata)
+
+
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> None:
+    """Write a safetensors file with header ``metadata`` (atomically)."""
+    replace_file(path, lambda temporary: save_file(dict(tensors), str(temporary), metadata=dict(metadata)))
 
 
 def adapter_config(path: str | os.PathLike, component: str = "unet") -> dict[str, Any]:

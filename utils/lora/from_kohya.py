@@ -9,8 +9,8 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from utils.lora.files import ADAPTER_METADATA_KEY, read_metadata, read_tensors
-from utils.lora.kohya_names import (COMPONENTS, KOHYA_PREFIXES, KOHYA_TEXT_ENCODER_MODULE, LoraConversionError, LoraModule, ParsedLora, most_common, safetensors_hashes, save_safetensors, unet_config_for, unet_kohya_names)
+from utils.lora.files import ADAPTER_METADATA_KEY, read_metadata, read_tensors, save_safetensors
+from utils.lora.kohya_names import (COMPONENTS, KOHYA_PREFIXES, KOHYA_TEXT_ENCODER_MODULE, LoraConversionError, LoraModule, ParsedLora, most_common, safetensors_hashes, unet_config_for, unet_kohya_names)
 
 
 def is_kohya_state_dict(keys: Iterable[str]) -> bool:

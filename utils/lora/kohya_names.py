@@ -23,14 +23,11 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
 from safetensors.torch import save as safetensors_bytes
-from safetensors.torch import save_file
 
-from utils.core.atomic import replace_file
 from utils.core.errors import UserError
 from utils.core.names import SDXL_BASE_ID
 from utils.lora.files import TRAINING_METADATA_KEY
@@ -235,9 +232,3 @@ def safetensors_hashes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[st
 
 def most_common(values: Iterable[float]) -> float:
     return Counter(values).most_common(1)[0][0]
-
-
-def save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> None:
-    replace_file(path, lambda temporary: save_file(dict(tensors), str(temporary), metadata=dict(metadata)))
-
-

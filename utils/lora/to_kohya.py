@@ -12,8 +12,9 @@ from typing import Any, Mapping
 import torch
 
 from utils.core.names import SDXL_BASE_MODEL_VERSION
-from utils.lora.files import LORA_WEIGHT_NAME, TRAINING_METADATA_KEY, adapter_config, read_metadata, read_tensors
-from utils.lora.kohya_names import (COMPONENTS, CONVERSION_METADATA_KEY, KOHYA_WEIGHT_NAME, LoraConversionError, LoraModule, ParsedLora, most_common, safetensors_hashes, save_safetensors, text_encoder_kohya_name, unet_config_for, unet_kohya_names, unet_layers)
+from utils.lora.files import (LORA_WEIGHT_NAME, TRAINING_METADATA_KEY, adapter_config, read_metadata, read_tensors,
+                              save_safetensors)
+from utils.lora.kohya_names import (COMPONENTS, CONVERSION_METADATA_KEY, KOHYA_WEIGHT_NAME, LoraConversionError, LoraModule, ParsedLora, most_common, safetensors_hashes, text_encoder_kohya_name, unet_config_for, unet_kohya_names, unet_layers)
 
 logger = logging.getLogger(__name__)
 

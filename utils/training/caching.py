@@ -50,8 +50,8 @@ def cache_latents(items: list[Item], vae, center_crop: bool, flip: bool, model_i
                   cache_dir: Path | None = None) -> LatentCache:
     parameters, all_time_ids = [], []
     for item in tqdm(items, desc="Caching latents", leave=False):
-        key = latent_cache_key(item, model_id, center_crop)
-        path = cache_dir / f"{key}.safetensors" if cache_dir else None
+        # The key reads the whole image file: computed only when a disk cache is kept.
+        path = cache_dir / f"{latent_cache_key(item, model_id, center_crop)}.safetensors" if cache_dir else None
         if path is not None and path.is_file():
             stored = load_file(str(path))
             parameters.append(stored["parameters"])

@@ -69,8 +69,9 @@ def find_checkpoint(args: argparse.Namespace, dataset_type: str) -> Path | None:
         path = Path(wanted)
         if (path / "training_state.json").is_file():
             return path
-        if checkpoints_of(path):
-            return checkpoints_of(path)[-1]
+        found = checkpoints_of(path)
+        if found:
+            return found[-1]
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no training_state.json) or run folder")
     suffix = run_name(args, dataset_type)[len("YYYYmmdd_HHMMSS"):]
     runs = [p for p in Path(args.output_dir).glob(f"*{suffix}*") if p.is_dir() and checkpoints_of(p)]
