@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,11 @@ def package_of(module: str) -> str | None:
     return parts[1]
 
 
+@functools.cache
+def known_modules() -> frozenset[str]:
+    return frozenset(module_name(p) for p in sources())
+
+
 def imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -45,8 +51,7 @@ def imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
             found |= {f"{node.module}.{alias.name}" for alias in node.names}  # `from utils import trainer`
-    known = {module_name(p) for p in sources()}
-    return {name for name in found if name in known}
+    return found & known_modules()
 
 
 def test_imports_point_from_commands_to_subpackages_to_core():

@@ -72,10 +72,10 @@ def measure_matmul_tflops(device: torch.device, dtype: torch.dtype, size: int | 
     best = float("inf")
     deadline = time.perf_counter() + seconds
     for repeat in range(1000):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         torch.mm(a, b)
-        _synchronize(device)
+        synchronize(device)
         if repeat:  # the first call includes one-off set-up
             best = min(best, time.perf_counter() - start)
         if repeat >= 3 and time.perf_counter() > deadline:
@@ -105,7 +105,7 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from utils.bench.flops import synchronize
+
 logger = logging.getLogger(__name__)
 
 
@@ -166,7 +168,7 @@ def run_variant(config: dict, variant: Variant) -> dict:
             module.to(device)
     if variant.compile:
         run.models[0] = torch.compile(run.models[0])
-    _synchronize(device)
+    synchronize(device)
     setup_seconds = time.perf_counter() - started
 
     memory = MemoryMeter(device)
@@ -176,7 +178,7 @@ def run_variant(config: dict, variant: Variant) -> dict:
     batches = _forever(run.dataloader)
     step_seconds, losses = [], []
     for _ in range(config["warmup"] + config["steps"]):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         loss, _ = train_micro_step(run, next(batches))
         losses.append(run.accelerator.gather(loss[None]).mean().item())  # as the training loop logs it
@@ -204,11 +206,6 @@ def _prepare(args: argparse.Namespace):
 def _forever(dataloader):
     while True:
         yield from dataloader
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def run_paired(config: dict) -> dict:
@@ -240,7 +237,7 @@ def run_paired(config: dict) -> dict:
         for key in (["naive", "ours"] if step % 2 == 0 else ["ours", "naive"]):  # neither always first
             run.batch_maker = naive if key == "naive" else cached
             loader_batch = pixels_batch if key == "naive" else {"index": pixels_batch["index"]}
-            _synchronize(device)
+            synchronize(device)
             start = time.perf_counter()
             train_micro_step(run, loader_batch)[0].item()
             if step >= config["warmup"]:
