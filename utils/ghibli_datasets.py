@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 
 from utils.data.images import open_rgb
 from utils.data.layouts import list_ghibli, list_product
-from utils.data.records import DatasetError, Entry, Listing
+from utils.data.records import DatasetError, Entry, Listing, read_captions_json
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +58,22 @@ def _captioned_entries(listing: Listing) -> list[Entry]:
 
 
 class _ListedDataset:
-    """Shared part of the original's Datasets: entries from today's listing, images opened as RGB."""
+    """Shared part of the original's Datasets: entries from today's listing, images opened as RGB.
+
+    The original's attributes are kept: ``captions`` (captions.json as loaded) and ``items`` (one dict per
+    usable entry, in the original's keys, from the subclass's ``_original_items``).
+    """
 
     def __init__(self, listing: Listing, transform=None):
         self.dataset_dir = Path(listing.source)
         self.transform = transform
         self.entries = _captioned_entries(listing)
+        self.captions = read_captions_json(self.dataset_dir / "captions.json")
+        self.items = self._original_items()
         logger.info("Loaded %d %s examples from %s", len(self.entries), listing.dataset_type, listing.source)
+
+    def _original_items(self) -> list[dict]:
+        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -81,7 +90,14 @@ class GhibliDataset(_ListedDataset, Dataset):
     """
 
     def __init__(self, dataset_dir, transform=None):
+        self.images_dir = Path(dataset_dir) / "images"
         super().__init__(list_ghibli(Path(dataset_dir)), transform)
+
+    def _original_items(self) -> list[dict]:
+        """``image_id`` is the caption's position in captions.json."""
+        position = {name: index for index, name in enumerate(self.captions)}
+        return [{"image_id": position[entry.name], "image_path": str(self.images_dir / entry.name),
+                 "caption": entry.caption} for entry in self.entries]
 
     def __getitem__(self, index: int) -> dict:
         entry = self.entries[index]
@@ -93,7 +109,19 @@ class ProductImageDataset(_ListedDataset, Dataset):
     ``styled/{id}.png`` (the training target) and ``product_image`` is ``products/{product}``."""
 
     def __init__(self, dataset_dir, transform=None):
+        self.products_dir = Path(dataset_dir) / "products"
+        self.styled_dir = Path(dataset_dir) / "styled"
         super().__init__(list_product(Path(dataset_dir)), transform)
+
+    def _original_items(self) -> list[dict]:
+        """``image_id`` is the key in captions.json, the styled image's name without ``.png``."""
+        items = []
+        for entry in self.entries:
+            image_id = entry.name.removesuffix(".png")
+            items.append({"image_id": image_id,
+                          "product_image": str(self.products_dir / self.captions[image_id]["product"]),
+                          "styled_image": str(self.styled_dir / entry.name), "prompt": entry.caption})
+        return items
 
     def __getitem__(self, index: int) -> dict:
         entry = self.entries[index]

@@ -101,31 +101,48 @@ def run_comparison(pipe, prompts: list[str], lora_path: str | None, lora_scale: 
     for k, record in enumerate(records):
         grid_name = None
         if create_grid and record.get("base") and record.get("lora"):
-            grid_name = f"comparison_grid_prompt{k + 1}_{stamp}.png"
-            save_image(comparison_grid(record["base"], record["lora"], f"Prompt {k + 1}: {record['prompt']}",
-                                       f"LoRA x{lora_scale:g}"), output_dir / grid_name)
-        path = output_dir / f"metadata_prompt{k + 1}_{stamp}.json"
-        write_json(path, _metadata(k, record, settings, seed, lora_path, lora_scale, stamp, grid_name, base_model,
-                                   generator_device(pipe)))
-        metadata_paths.append(path)
+            grid_name = save_comparison_grid(record["base"], record["lora"], record["prompt"], lora_scale,
+                                             output_dir, k, stamp).name
+        meta = original_metadata(k, record["prompt"], settings, seed, lora_path, lora_scale, stamp,
+                                 record["base_images"], record.get("lora_images", []), grid_name)
+        meta.update(seeds=record["seeds"], settings=asdict(settings), base_model=base_model,
+                    generator_device=generator_device(pipe), base_images=record["base_images"],
+                    lora_images=record.get("lora_images", []))
+        metadata_paths.append(write_metadata(meta, output_dir, k, stamp))
     return metadata_paths
 
 
-def _metadata(k: int, record: dict, settings: GenerationSettings, seed: int, lora_path: str | None,
-              lora_scale: float, stamp: str, grid_name: str | None, base_model: str, device: str) -> dict:
-    """The original's keys (prompt_idx from 1), then this project's extra keys."""
+def save_comparison_grid(base: list[Image.Image], lora: list[Image.Image], prompt: str, lora_scale: float,
+                         output_dir: Path, k: int, stamp: str) -> Path:
+    """Write the base-vs-LoRA grid of prompt k (from 0) as the original's ``comparison_grid_prompt{k+1}_{stamp}.png``;
+    return its path."""
+    path = output_dir / f"comparison_grid_prompt{k + 1}_{stamp}.png"
+    save_image(comparison_grid(base, lora, f"Prompt {k + 1}: {prompt}", f"LoRA x{lora_scale:g}"), path)
+    return path
+
+
+def original_metadata(k: int, prompt: str, settings: GenerationSettings, seed: int, lora_path: str | None,
+                      lora_scale: float, stamp: str, base_images: list[str], lora_images: list[str],
+                      grid_name: str | None) -> dict:
+    """The original's metadata keys, in its order (prompt_idx from 1; comparison_grid only with a grid)."""
     meta = {
-        "prompt": record["prompt"], "prompt_idx": k + 1, "negative_prompt": settings.negative_prompt,
+        "prompt": prompt, "prompt_idx": k + 1, "negative_prompt": settings.negative_prompt,
         "num_inference_steps": settings.num_inference_steps, "guidance_scale": settings.guidance_scale,
         "height": settings.height, "width": settings.width, "seed": seed, "lora_model_path": lora_path,
-        "lora_scale": lora_scale, "timestamp": stamp, "base_model_images": record["base_images"],
-        "lora_model_images": record.get("lora_images", []),
+        "lora_scale": lora_scale, "timestamp": stamp, "base_model_images": base_images,
+        "lora_model_images": lora_images,
     }
     if grid_name:
         meta["comparison_grid"] = grid_name
-    meta.update(seeds=record["seeds"], settings=asdict(settings), base_model=base_model, generator_device=device,
-                base_images=record["base_images"], lora_images=record.get("lora_images", []))
     return meta
+
+
+def write_metadata(meta: dict, output_dir: Path, k: int, stamp: str) -> Path:
+    """Write the metadata of prompt k (from 0) as the original's ``metadata_prompt{k+1}_{stamp}.json``; return
+    its path."""
+    path = output_dir / f"metadata_prompt{k + 1}_{stamp}.json"
+    write_json(path, meta)
+    return path
 
 
 def _save_all(images: list[Image.Image], folder: Path, stem: str) -> list[str]:
