@@ -50,3 +50,17 @@ def test_committed_clip_separates_the_photo_and_ghibli_looks():
     texts = embedder.texts([caption(scene, style) for style in ("ghibli", "photo") for scene in scenes])
     ghibli_matches = (ghibli @ texts.T).argmax(dim=1)
     assert (ghibli_matches < len(scenes)).float().mean() >= 0.75
+
+
+def test_committed_vae_reconstructs_both_looks(demo_pipeline):
+    """The VAE draws the look the LoRA learns, as SDXL's VAE draws any look: a decoder that knows only
+    photos blurs the Ghibli-like outlines and palette away (mean error 0.24 before it learned both)."""
+    from utils.tiny.pretrain import to_tensor
+
+    vae = demo_pipeline.vae
+    scenes = [scene for scene in scene_set(16, seed=99) if scene.time == "day"][:6]
+    for style, limit in (("photo", 0.06), ("ghibli", 0.15)):
+        pixels = to_tensor([render(scene, style) for scene in scenes])
+        with torch.no_grad():
+            rebuilt = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
+        assert float((rebuilt - pixels).abs().mean()) < limit, style

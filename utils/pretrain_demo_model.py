@@ -46,9 +46,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--unet_lr", type=float, default=1e-3)
     parser.add_argument("--decoder_steps", type=int, default=500)
     parser.add_argument("--decoder_lr", type=float, default=5e-4)
-    parser.add_argument("--clip_steps", type=int, default=300)
+    parser.add_argument("--clip_steps", type=int, default=1000)
     parser.add_argument("--clip_batch_size", type=int, default=64)
     parser.add_argument("--clip_lr", type=float, default=1e-3)
+    parser.add_argument("--clip_style_weight", type=float, default=0.8,
+                        help="share of the CLIP's contrastive target on images of the same look (the rest: same caption)")
     parser.add_argument("--stages", nargs="+", choices=STAGES, default=list(STAGES),
                         help="run only these stages; without vae and unet, the saved pipeline in --output_dir "
                              "is loaded and continued")

@@ -104,8 +104,9 @@ def image_gradients(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_decoder(vae, pixels: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int) -> float:
-    """Sharpen the decoder on photo-look scenes with the encoder frozen (the latent space, and so the UNet,
-    stay valid): pixel loss plus an L1 loss on image gradients, which brings back edges."""
+    """Sharpen the decoder on scenes of both looks with the encoder frozen (the latent space, and so the UNet,
+    stay valid): pixel loss plus an L1 loss on image gradients, which brings back edges and outlines. Like
+    SDXL's VAE, it has to draw any look the UNet asks for, including the one the LoRA learns."""
     generator = torch.Generator().manual_seed(seed + 1)
     decoder = [vae.decoder, vae.post_quant_conv]
     params = [p for module in decoder for p in module.parameters()]
@@ -182,7 +183,7 @@ def train_unet(pipe, latents: torch.Tensor, captions: list[str], steps: int, bat
 
 
 def _soft_targets(picked: list[int], captions: list[str], styles: list[str], style_weight: float) -> torch.Tensor:
-    """Half the target mass (1 - style_weight) on the pairs with the same caption (several images can share
+    """``1 - style_weight`` of the target mass on the pairs with the same caption (several images can share
     one), the rest spread over the pairs of the same look."""
     same = torch.tensor([[captions[i] == captions[j] for j in picked] for i in picked], dtype=torch.float32)
     look = torch.tensor([[styles[i] == styles[j] for j in picked] for i in picked], dtype=torch.float32)
@@ -191,10 +192,11 @@ def _soft_targets(picked: list[int], captions: list[str], styles: list[str], sty
 
 
 def train_clip(model, processor, pixels: torch.Tensor, captions: list[str], styles: list[str], steps: int,
-               batch_size: int, lr: float, seed: int, style_weight: float = 0.5) -> float:
-    """Symmetric InfoNCE between image and caption embeddings (the CLIP objective), with soft targets: half
-    the target mass on the pairs with the same caption, half spread over the pairs of the same look, so the
-    embedding holds the look as strongly as the content."""
+               batch_size: int, lr: float, seed: int, style_weight: float = 0.8) -> float:
+    """Symmetric InfoNCE between image and caption embeddings (the CLIP objective), with soft targets:
+    ``1 - style_weight`` of the target mass on the pairs with the same caption, the rest spread over the pairs
+    of the same look. The default 0.8 makes the look the embedding's main axis, so the style similarity of
+    one look varies little with what the scene shows; the caption share keeps prompt alignment meaningful."""
     generator = torch.Generator().manual_seed(seed)
     mean = torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(processor.image_processor.image_std).view(1, 3, 1, 1)
@@ -263,7 +265,7 @@ def pretrain(args: argparse.Namespace) -> dict:
         info["unet_loss"] = train_unet(pipe, latents, photo_captions, args.unet_steps, args.unet_batch_size,
                                        args.unet_lr, args.seed)
     if "decoder" in stages:
-        info["decoder_loss"] = train_decoder(pipe.vae, photo, args.decoder_steps,
+        info["decoder_loss"] = train_decoder(pipe.vae, torch.cat([photo, ghibli]), args.decoder_steps,
                                              args.vae_batch_size, args.decoder_lr, args.seed)
     if "clip" in stages:
         with torch.no_grad():  # the CLIP also sees what the VAE makes of the scenes, as generated images look
@@ -273,7 +275,8 @@ def pretrain(args: argparse.Namespace) -> dict:
         styles = ["photo"] * len(ghibli) + ["ghibli"] * len(ghibli)
         info["clip_loss"] = train_clip(clip_model, clip_processor, torch.cat([both, decoded]),
                                        (photo_captions[: len(ghibli)] + ghibli_captions) * 2, styles * 2,
-                                       args.clip_steps, args.clip_batch_size, args.clip_lr, args.seed)
+                                       args.clip_steps, args.clip_batch_size, args.clip_lr, args.seed,
+                                       style_weight=args.clip_style_weight)
 
     output.mkdir(parents=True, exist_ok=True)
     save_preview(pipe, output / "preview.png", args.seed)
