@@ -218,6 +218,15 @@ def train_clip(model, processor, pixels: torch.Tensor, captions: list[str], styl
     return _fit_steps(model, optimizer, loss_of, steps, "CLIP", warmup=50, digits=3)
 
 
+def forget_load_paths(folder: Path) -> None:
+    """Drop the ``_name_or_path`` that diffusers copies from the folder a continued run loaded: the committed
+    configs name no folder of the machine that made them."""
+    for config in folder.rglob("*.json"):
+        data = json.loads(config.read_text())
+        if isinstance(data, dict) and data.pop("_name_or_path", None) is not None:
+            config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 @torch.no_grad()
 def save_preview(pipe, path: Path, seed: int) -> None:
     """The base model's pictures for the preview prompts: one row per prompt, three seeds."""
@@ -281,6 +290,7 @@ def pretrain(args: argparse.Namespace) -> dict:
     output.mkdir(parents=True, exist_ok=True)
     save_preview(pipe, output / "preview.png", args.seed)
     pipe.to(torch.float16).save_pretrained(output / "sdxl")
+    forget_load_paths(output / "sdxl")
     if "clip" in stages:
         clip_model.to(torch.float16).save_pretrained(output / "clip")
         clip_processor.save_pretrained(output / "clip")
