@@ -64,3 +64,14 @@ def test_committed_vae_reconstructs_both_looks(demo_pipeline):
         with torch.no_grad():
             rebuilt = vae.decode(vae.encode(pixels).latent_dist.mean).sample.clamp(-1, 1)
         assert float((rebuilt - pixels).abs().mean()) < limit, style
+
+
+def test_demo_seed_spread_without_base_images_names_the_folder(tmp_path):
+    from utils.core.errors import UserError
+    from utils.demo import base_seed_spread
+    from utils.tiny.scenes import write_style_dataset
+
+    data = write_style_dataset(tmp_path / "data", num_images=2)
+    (tmp_path / "inference" / "base_model_results").mkdir(parents=True)
+    with pytest.raises(UserError, match="base_model_results: no prompt with two or more base images"):
+        base_seed_spread(tmp_path / "inference", data, DEMO_CLIP_DIR)

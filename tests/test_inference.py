@@ -164,3 +164,25 @@ def test_pickle_lora_is_refused_unless_allowed(trained_run, tiny_model_dir, tmp_
     allowed, _ = infer(tiny_model_dir, tmp_path / "out", "--lora_model_path", str(pickled), "--allow_pickle",
                        "--prompt", "a house in ghibli style", cwd=tmp_path)
     assert len(allowed["lora_model_images"]) == 2
+
+
+def test_damaged_base_metadata_is_named_and_skipped(tmp_path, caplog):
+    """A damaged metadata file is not reused (a warning names it); an intact older one still is."""
+    from dataclasses import asdict
+
+    from utils.inference.base_images import find_reusable_base
+    from utils.inference.flags import GenerationSettings
+
+    settings = GenerationSettings("blurry", 2, 5.0, 64, 64)
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(tmp_path / "base_prompt1_a_1.png")
+    intact = {"prompt": "p", "seeds": [42], "settings": asdict(settings), "base_model": "m",
+              "base_images": ["base_prompt1_a_1.png"]}
+    (tmp_path / "metadata_prompt1_20250101_000000.json").write_text(json.dumps(intact))
+    (tmp_path / "metadata_prompt1_20260101_000000.json").write_text('{"prompt": "p", ')  # newer, cut short
+    (tmp_path / "metadata_prompt2_20260101_000000.json").write_text("[1, 2]")
+    images = find_reusable_base(tmp_path, "p", [42], settings, "m")
+    assert images is not None and images[0].getpixel((0, 0)) == (10, 200, 10)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("metadata_prompt1_20260101_000000.json" in w and "not reused" in w for w in warnings)
+    assert any("metadata_prompt2_20260101_000000.json" in w and "not a JSON object" in w for w in warnings)
+    assert find_reusable_base(tmp_path, "other prompt", [42], settings, "m") is None

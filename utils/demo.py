@@ -38,7 +38,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.core.atomic import save_image, write_json, write_text
-from utils.core.cli import setup_logging
+from utils.core.cli import run_cli, setup_logging
+from utils.core.errors import UserError
 from utils.core.names import CONFIG_FILE
 from utils.tiny.demo_model import DEMO_CLIP_DIR, DEMO_SDXL_DIR, RESOLUTION
 
@@ -158,6 +159,9 @@ def base_seed_spread(inference: Path, dataset: Path, clip_model: Path) -> float:
         similarities = (embedder.images(images) @ target).tolist()
         if len(similarities) > 1:
             spreads.append(statistics.stdev(similarities))
+    if not spreads:
+        raise UserError(f"{shown(inference / 'base_model_results')}: no prompt with two or more base images; "
+                        "the spread between seeds needs them")
     return statistics.mean(spreads)
 
 
@@ -224,4 +228,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -27,7 +27,9 @@ def find_reusable_base(base_dir: Path, prompt: str, seeds: list[int], settings: 
     if not base_dir.is_dir():
         return None
     for meta_path in sorted(base_dir.glob("metadata_prompt*_*.json"), reverse=True):
-        meta = json.loads(meta_path.read_text())
+        meta = _read_metadata(meta_path)
+        if meta is None:
+            continue
         same = (meta.get("prompt") == prompt and meta.get("seeds") == seeds
                 and meta.get("settings") == asdict(settings) and meta.get("base_model") == base_model
                 and meta.get("generator_device", "cpu") == device)
@@ -36,6 +38,20 @@ def find_reusable_base(base_dir: Path, prompt: str, seeds: list[int], settings: 
             logger.info("Reusing base images for '%s' from %s", prompt[:40], base_dir)
             return open_all(files)
     return None
+
+
+def _read_metadata(path: Path) -> dict | None:
+    """A saved metadata file, or None (with a warning naming it) when it cannot be read as a JSON object:
+    reuse only saves time, so a damaged file means the base images are generated again."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        logger.warning("%s: not readable metadata (%s); its base images are not reused", path, error)
+        return None
+    if not isinstance(meta, dict):
+        logger.warning("%s: metadata is not a JSON object; its base images are not reused", path)
+        return None
+    return meta
 
 
 def _natural_key(name: str) -> list:
