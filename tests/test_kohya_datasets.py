@@ -216,3 +216,14 @@ def test_two_processes_report_the_dataset_once(tiny_model_dir, repeated_dataset,
     config = read_json(only_run_dir(tmp_path / "ddp") / "experiment_config.json")
     assert config["num_processes"] == 2 and config["images_seen_per_epoch"] == 11
     assert config["steps_per_epoch"] == 6  # 11 batches of one, shared by two processes
+
+
+def test_bucket_sampler_length_is_the_number_of_batches_it_yields():
+    buckets = [(64, 64)] * 5 + [(64, 128)] * 3 + [(128, 64)]
+    for drop_last in (False, True):
+        for batch_size in (1, 2, 3, 4):
+            sampler = BucketBatchSampler(buckets, batch_size, seed=3, drop_last=drop_last,
+                                         repeats=[2, 1, 1, 3, 1, 1, 2, 1, 4])
+            for epoch in range(3):
+                sampler.use_epoch(epoch)
+                assert len(sampler) == len(list(sampler)), (drop_last, batch_size, epoch)

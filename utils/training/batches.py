@@ -83,7 +83,14 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         return iter(self._epoch_batches)
 
     def __len__(self) -> int:
-        return len(self._batches())
+        # Counted per bucket, without building and shuffling an epoch: the batch count does not depend on
+        # the order, and accelerate and the schedule ask for it often.
+        sizes: dict[tuple[int, int], int] = {}
+        for bucket, repeat in zip(self.buckets, self.repeats):
+            sizes[bucket] = sizes.get(bucket, 0) + repeat
+        if self.drop_last:
+            return sum(size // self.images_per_batch for size in sizes.values())
+        return sum(-(-size // self.images_per_batch) for size in sizes.values())
 
 
 class PixelDataset(torch.utils.data.Dataset):
