@@ -19,7 +19,6 @@ from pathlib import Path
 logger = logging.getLogger("benchmark_train")
 
 STEP_PATTERN = re.compile(rb"Steps:\s+\d+%\|[^|]*\|\s*(\d+)/(\d+)")
-RANK = 8  # the example's default LoRA rank is 4; ours is 8 (the original's): the example is given ours
 DIFFUSERS_KEY = "diffusers-example"
 
 
@@ -30,17 +29,24 @@ def launch(command: list[str], env: dict[str, str], step_stamps: bool = False) -
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     stamps: dict[int, float] = {}
     tail = b""
-    while chunk := os.read(process.stderr.fileno(), 65536):
-        now = time.time()
-        tail = (tail + chunk)[-20000:]
-        if step_stamps:
-            for match in STEP_PATTERN.finditer(tail[-len(chunk) - 200:]):
-                stamps.setdefault(int(match.group(1)), now)
+    with process.stderr:
+        while chunk := os.read(process.stderr.fileno(), 65536):
+            now = time.time()
+            tail = (tail + chunk)[-20000:]
+            if step_stamps:
+                for match in STEP_PATTERN.finditer(tail[-len(chunk) - 200:]):
+                    stamps.setdefault(int(match.group(1)), now)
     _, status, usage = os.wait4(process.pid, 0)
     process.returncode = os.waitstatus_to_exitcode(status)
     return {"launched": launched, "ended": time.time(), "returncode": process.returncode,
             "peak_rss_bytes": usage.ru_maxrss * 1024, "stderr": tail.decode(errors="replace"),
             "stamps": {step: stamp for step, stamp in stamps.items() if step > 0}}
+
+
+def failure(result: dict) -> str:
+    """A failed launch in one line: the last non-empty line of its stderr, else its exit status."""
+    lines = [line for line in re.split(r"[\r\n]", result["stderr"]) if line.strip()]
+    return lines[-1] if lines else f"exit status {result['returncode']}"
 
 
 def write_imagefolder(dataset_dir: Path, folder: Path) -> Path:
@@ -71,12 +77,15 @@ def step_figures(launched: float, stamps: dict[int, float]) -> dict:
 
 def diffusers_run(config: dict, script: str, steps: int) -> dict:
     """The example, start to exit, on the benchmark's model and images; its figures as ``whole_run``'s."""
+    from utils.training.flags import parse_training_args
+
+    rank = parse_training_args([]).lora_rank  # ours (the example's own default is 4): both train the same rank
     output_dir = Path(config["output_dir"]) / "whole_diffusers_example"
     data_dir = write_imagefolder(Path(config["dataset_dir"]), Path(config["output_dir"]) / "imagefolder")
     command = [sys.executable, str(script), "--pretrained_model_name_or_path", config["model_dir"],
                "--train_data_dir", str(data_dir), "--output_dir", str(output_dir),
                "--resolution", str(config["resolution"]), "--train_batch_size", str(config["train_batch_size"]),
-               "--max_train_steps", str(steps), "--rank", str(RANK),
+               "--max_train_steps", str(steps), "--rank", str(rank),
                "--mixed_precision", config["mixed_precision"], "--seed", "0"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", "TQDM_MININTERVAL": "0",
            "TQDM_MINITERS": "1", "OMP_NUM_THREADS": str(config["num_threads"]), "HF_DATASETS_OFFLINE": "1",
@@ -84,8 +93,7 @@ def diffusers_run(config: dict, script: str, steps: int) -> dict:
     logger.info("whole run: diffusers' example %s", script)
     result = launch(command, env, step_stamps=True)
     if result["returncode"] != 0 or not result["stamps"]:
-        lines = [line for line in re.split(r"[\r\n]", result["stderr"]) if line.strip()]
         logger.error("diffusers' example failed (exit %d):\n%s", result["returncode"], result["stderr"][-3000:])
-        return {"failed": lines[-1] if lines else f"exit status {result['returncode']}"}
+        return {"failed": failure(result)}
     return {"wall_s": result["ended"] - result["launched"], "peak_rss_bytes": result["peak_rss_bytes"],
             **step_figures(result["launched"], result["stamps"])}

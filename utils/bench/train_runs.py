@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from utils.bench.diffusers_run import DIFFUSERS_KEY, launch
+from utils.bench.diffusers_run import DIFFUSERS_KEY, failure, launch
 from utils.bench.flops import executed_flops
 from utils.bench.models import DEFAULT_RESOLUTION, describe_model
 from utils.bench.report import format_table, mib, rate_text
@@ -133,8 +133,7 @@ def whole_run(config: dict, key: str, steps: int) -> dict:
     completed = launch(command, env)
     launched = completed["launched"]
     if completed["returncode"] != 0:
-        lines = [line for line in completed["stderr"].splitlines() if line.strip()]
-        return {"failed": lines[-1] if lines else f"exit status {completed['returncode']}"}
+        return {"failed": failure(completed)}
     (timings_path,) = output_dir.glob("*/logs/timings.json")
     timings = read_timings(timings_path)
     return {"wall_s": completed["ended"] - launched, "peak_rss_bytes": completed["peak_rss_bytes"],

@@ -192,10 +192,10 @@ def _soft_targets(picked: list[int], captions: list[str], styles: list[str], sty
 
 
 def train_clip(model, processor, pixels: torch.Tensor, captions: list[str], styles: list[str], steps: int,
-               batch_size: int, lr: float, seed: int, style_weight: float = 0.8) -> float:
+               batch_size: int, lr: float, seed: int, style_weight: float) -> float:
     """Symmetric InfoNCE between image and caption embeddings (the CLIP objective), with soft targets:
     ``1 - style_weight`` of the target mass on the pairs with the same caption, the rest spread over the pairs
-    of the same look. The default 0.8 makes the look the embedding's main axis, so the style similarity of
+    of the same look. The command's default, 0.8, makes the look the embedding's main axis, so the style similarity of
     one look varies little with what the scene shows; the caption share keeps prompt alignment meaningful."""
     generator = torch.Generator().manual_seed(seed)
     mean = torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)
