@@ -20,6 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.helpers import (ROOT, SCRIPT_ENV, processes_mentioning, read_status, run_bash,  # noqa: E402
                            run_folders, run_script, wait_for)  # ROOT and run_script: tests import them from here
 
+pytest_plugins = ["tests.budget"]
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -69,10 +71,25 @@ SLOW_TESTS = {
 }
 
 
+# Under pytest-xdist (`-n`, see pytest.ini) each worker builds its own session fixtures, so the tests that
+# share an expensive one run on the same worker (`--dist loadgroup`): the sweep is made once, the trained
+# run once. Every other test stays with its module, whose module-scoped fixtures are then made once too.
+SHARED_GROUPS = (("sweep", {"sweep", "sweep_inference"}), ("trained_run", {"trained_run"}))
+
+
+def worker_group(item) -> str:
+    for group, fixtures in SHARED_GROUPS:
+        if fixtures & set(item.fixturenames):
+            return group
+    return item.path.name
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if SLOW_FIXTURES & set(item.fixturenames) or item.name.startswith(SLOW_TESTS.get(item.path.name, ())):
             item.add_marker(pytest.mark.slow)
+        item.add_marker(pytest.mark.xdist_group(worker_group(item)))
 
 
 @pytest.fixture(scope="session")
