@@ -111,7 +111,7 @@ if [ "$SLURM" = 1 ] && [ ${#PLAN[@]} -gt 0 ]; then  # one job array of the runs 
     helper prepare -- "${TRAIN_ARGS[@]}" || exit $?
   fi
   helper slurm-sweep "${GRID[@]}" --output_dir "$OUTPUT_DIR" --todo "${TODO[@]}" --start_time "$START_TIME" \
-    --train_script "$TRAIN_SCRIPT" --launcher "${TRAIN_LAUNCHER:-}" --sbatch_args "$SBATCH_ARGS" \
+    --train_script "$TRAIN_SCRIPT" --launcher="${TRAIN_LAUNCHER:-}" --sbatch_args="$SBATCH_ARGS" \
     "${SLURM_FLAGS[@]}" -- "${TRAIN_ARGS[@]}"
   exit $?
 fi
