@@ -63,9 +63,9 @@ def sweeps(cluster, tiny_model_dir, tmp_path_factory) -> dict:
     local.mkdir()
     remote.mkdir()
     env = {**cluster.env, "OMP_NUM_THREADS": "1"}
-    args = [*GRID, "--slurm", *_tail(tiny_model_dir, dataset)]
+    tail = _tail(tiny_model_dir, dataset)
     record = {"local_dir": local, "work": remote, "dataset": dataset}
-    first = run_bash("run_experiments.sh", *args, env=env, cwd=remote, timeout=120)
+    first = run_bash("run_experiments.sh", *GRID, "--slurm", *tail, env=env, cwd=remote, timeout=120)
     record["first"] = first
     assert first.returncode == 0, first.stderr[-3000:]
     array = re.search(r"Submitted batch job (\d+)", first.stdout).group(1)
@@ -73,11 +73,12 @@ def sweeps(cluster, tiny_model_dir, tmp_path_factory) -> dict:
         "state", "running") != "running", 240, "the cancelled task's training")
     record["steps_at_cancel"] = _steps_logged(remote, *CANCELLED)
     cluster.run("scancel", f"{array}_{PAIRS.index(CANCELLED)}")
-    record["local"] = run_bash("run_experiments.sh", *GRID, *_tail(tiny_model_dir, dataset), cwd=local, timeout=300)
+    record["local"] = run_bash("run_experiments.sh", *GRID, *tail, cwd=local, timeout=300)
     wait_for(lambda: not cluster.run("squeue", "-h", "-j", array, check=False).stdout.strip(), 240, "the array")
     record["after_cancel"] = {pair: read_status(remote, *pair) for pair in PAIRS}
     record["folders_after_cancel"] = run_folders(remote)
-    record["rerun"] = run_bash("run_experiments.sh", *args, "--wait", env=env, cwd=remote, timeout=300)
+    record["rerun"] = run_bash("run_experiments.sh", *GRID, "--slurm", "--wait", *tail, env=env, cwd=remote,
+                              timeout=300)
     return record
 
 
@@ -99,12 +100,12 @@ def test_a_slurm_sweep_ends_with_a_local_sweeps_folders_and_records(sweeps):
 
 def _files(work: Path) -> set[str]:
     """Every file of the sweep, run folders named by their rank and alpha; what only SLURM or a resume
-    adds (the job scripts and output, resumable checkpoints) left out."""
+    adds (the job scripts and output, resumable checkpoints, the model saved at the stop) left out."""
     found = set()
     for path in work.rglob("*"):
         relative = path.relative_to(work).as_posix()
         relative = re.sub(r"^output_ghibli/\d{8}_\d{6}_", "output_ghibli/", relative)
-        if path.is_file() and not re.search(r"(^experiment_results/slurm/|/checkpoints/|\.latent_cache/|"
+        if path.is_file() and not re.search(r"(^experiment_results/slurm/|/checkpoints/|/interrupted_model/|\.latent_cache/|"
                                              r"\.sweep\.lock|events\.out)", relative):
             found.add(relative)
     return found

@@ -55,9 +55,9 @@ def submit_sweep(args: argparse.Namespace) -> int:
     slurm_dir = Path(args.results_dir) / SLURM_FOLDER
     check_not_queued(slurm_dir)
     since = time.time()
-    array_id = submit(scripts["array"], extra)
+    array_id = submit(scripts["array"], extra, slurm_dir)
     try:
-        finish_id = submit(scripts["finish"], extra, dependency=array_id)
+        finish_id = submit(scripts["finish"], extra, slurm_dir, dependency=array_id)
     except Exception:
         _cancel(array_id)
         raise
@@ -82,12 +82,12 @@ def submit_job(args: argparse.Namespace) -> int:
     log_dir = Path(args.log_dir).resolve()
     script = job_script(args.name, args.command, Path.cwd(), str(log_dir / "%j.out"),
                         notes=[f"sbatch arguments: {args.sbatch_args or '(none)'}"],
-                        environment=task_environment(args.command[1] if len(args.command) > 1 else "", ""))
+                        environment=task_environment())
     if args.dry_run:
         print(dry_run_text({args.name: script}, extra))
         return 0
     check_not_queued(log_dir)
-    job_id = submit(script, extra)
+    job_id = submit(script, extra, log_dir)
     record_submission(log_dir, {"job": job_id}, {args.name: script})
     print(f"Submitted batch job {job_id} (output: {log_dir / (job_id + '.out')})")
     if not args.wait:

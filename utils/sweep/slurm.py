@@ -65,8 +65,21 @@ def _first_error_line(text: str) -> str:
     return (errors or lines or ["no output"])[0]
 
 
-def submit(script: str, sbatch_args: list[str], dependency: str | None = None) -> str:
-    """sbatch the script (read from stdin); its job id. One clear SlurmError when sbatch refuses it."""
+def submit(script: str, sbatch_args: list[str], log_dir: Path, dependency: str | None = None) -> str:
+    """sbatch the script (read from stdin); its job id. One clear SlurmError when sbatch refuses it. The
+    jobs' output folder exists before they start (SLURM does not make it), and is removed again when empty
+    after a refusal."""
+    made = not log_dir.exists()
+    log_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        return _sbatch(script, sbatch_args, dependency)
+    except SlurmError:
+        if made and not any(log_dir.iterdir()):
+            log_dir.rmdir()
+        raise
+
+
+def _sbatch(script: str, sbatch_args: list[str], dependency: str | None) -> str:
     command = ["sbatch", "--parsable", *sbatch_args]
     if dependency:
         command.append(f"--dependency=afterany:{dependency}")
@@ -142,9 +155,11 @@ def repository_root() -> Path:
     return Path(__file__).resolve().parent.parent.parent
 
 
-def task_environment(train_script: str, launcher: str) -> dict:
+def task_environment(train_script: str = "", launcher: str = "") -> dict:
     """What every task needs from this shell: the interpreter, the trainer and its launcher (absolute)."""
-    environment = {"PYTHON": sys.executable, "TRAIN_SCRIPT": str(Path(train_script).resolve())}
+    environment = {"PYTHON": sys.executable}
+    if train_script:
+        environment["TRAIN_SCRIPT"] = str(Path(train_script).resolve())
     if launcher:
         environment["TRAIN_LAUNCHER"] = launcher
     if os.environ.get("HF_HOME"):
