@@ -23,6 +23,10 @@
 #                       --num_images, --height, --width, --num_inference_steps, --seed, ...; they override
 #                       the defaults above (--prompts replaces the 25 prompts)
 #
+#   --slurm             run all of this as one SLURM job (same folders; HF_HUB_OFFLINE=1), with --sbatch_args
+#                       "...", --dry_run (print the job script) and --wait (block; the job's exit status), as
+#                       run_experiments.sh --slurm; the job's script, id and output go to {output_dir}/slurm/
+#
 # One Python process loads the pipeline once; the base images are made once and reused for every
 # checkpoint, so the columns of the strip differ from each other only by their LoRA.
 set -euo pipefail
@@ -44,11 +48,13 @@ on_flag() {
   case "$1" in
     --include_final) INCLUDE_FINAL=(--include_final) ;;
     --skip_existing) SKIP=(--skip_existing) ;;
-    *) return 1 ;;
+    *) take_slurm_flag "$1" || return 1 ;;
   esac
 }
-parse_flags inference_sdxl_ghibli.py "--run_dir --runs_dir --output_dir --base_results_dir --image_index" -- "$@"
+parse_flags inference_sdxl_ghibli.py "--run_dir --runs_dir --output_dir --base_results_dir --image_index --sbatch_args" -- "$@"
 INFERENCE_ARGS=("${PASSTHROUGH[@]}")
+check_slurm_flags
+[ "$SLURM_WANTED" = 0 ] || submit_self "${OUTPUT_DIR:-output_visualization}/slurm" "$@"
 if [ -z "$RUN_DIR" ]; then
   RUN_DIR="$(helper newest-checkpoint-run "$RUNS_DIR")" || exit $?
 fi

@@ -3,6 +3,8 @@
 #
 # Usage: ./run_experiments.sh [--ranks "4 8 16"] [--alphas "4 8 16 32"] [--lr 1e-4] [--output_dir output_ghibli]
 #                             [--results_dir experiment_results] [--gpus 0,1,2,3] [-- TRAINER FLAGS...]
+#        ./run_experiments.sh --slurm [--sbatch_args "--partition=gpu --gres=gpu:1 --time=08:00:00"]
+#                             [--dry_run] [--wait] [--requeue] [the flags above but --gpus] [-- TRAINER FLAGS...]
 #
 # With no arguments it is the original's sweep: ranks 4 8 16 x alphas 4 8 16 32 at learning rate 1e-4,
 # each a plain training with the trainer's defaults.
@@ -18,15 +20,30 @@
 #   --gpus              comma-separated GPU ids; one run per GPU at a time (CUDA_VISIBLE_DEVICES); an id
 #                       given twice (0,0,1,1) runs two at a time on that GPU. Without it the runs go one
 #                       after another on the default device.
+#   --slurm             submit the runs still to do to SLURM as ONE job array (a task per rank and alpha, each
+#                       doing what a local run does, into the same folders and records) and a job after it
+#                       (afterany) writing loss_curves.png and summary.json; prints the job ids. First the
+#                       base model is resolved here (a local folder, or a Hub id fetched once into the
+#                       Hugging Face cache) and the dataset checked; the tasks run with HF_HUB_OFFLINE=1.
+#                       Scripts, job ids and task output: {results_dir}/slurm/. Watch: squeue --me, the records.
+#   --sbatch_args       flags for sbatch, as one string (they win over the scripts' #SBATCH defaults), e.g.
+#                       "--partition=gpu --gres=gpu:1 --cpus-per-task=8 --mem=64G --time=08:00:00"
+#   --dry_run           print the job scripts and the sbatch command lines; submit nothing
+#   --wait              block until the sweep's jobs are done; exit status as a local sweep's
+#   --requeue           a task stopped by SLURM (preemption; the time-limit warning, SIGUSR1 sent 300 s
+#                       before it by the default --signal=B:USR1@300) goes back in the queue and resumes
 #   -- ...              everything after -- goes to train_sdxl_lora.py (e.g. --dataset_dir, --num_train_epochs)
 #   Environment: PYTHON (the interpreter, default python), TRAIN_SCRIPT (default train_sdxl_lora.py),
 #   TRAIN_LAUNCHER (what starts each training, default $PYTHON; e.g. "accelerate launch --multi_gpu
-#   --num_processes 4" for one run on all GPUs, with no --gpus).
+#   --num_processes 4" for one run on all GPUs, with no --gpus; with --slurm, the launcher of every task).
 #
 # Run the same command again to resume: finished runs are skipped, the others start again (in the run
 # folder of their earlier attempt, from its latest resumable checkpoint, when it saved one with
 # --checkpointing_steps). Ctrl-C or SIGTERM stops every running training and records it as interrupted.
 # A lock (flock) keeps a second sweep out of a results folder while the first one runs.
+# With --slurm, the same command again resumes the same way (it refuses while the jobs it submitted last are
+# still queued); scancel or preemption records a run as interrupted, not failed; one run failing does not
+# stop the others.
 # Exit status: 0 when every run finished, 1 when one failed, 2 on bad flags, 130/143 when stopped.
 set -euo pipefail
 set -m  # every run in its own process group, so stopping it reaches the whole tree
@@ -34,6 +51,8 @@ set -m  # every run in its own process group, so stopping it reaches the whole t
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=utils/sweep/common.sh
 . "$ROOT/utils/sweep/common.sh"
+# shellcheck source=utils/sweep/train_one.sh
+. "$ROOT/utils/sweep/train_one.sh"
 TRAIN_SCRIPT="${TRAIN_SCRIPT:-$ROOT/train_sdxl_lora.py}"  # the trainer (environment variable), e.g. a fork
 read -r -a LAUNCHER <<<"${TRAIN_LAUNCHER:-$PYTHON}"  # e.g. "accelerate launch --multi_gpu": one run on all GPUs
 RANKS="4 8 16"
@@ -42,10 +61,25 @@ LR="1e-4"
 OUTPUT_DIR="output_ghibli"
 RESULTS_DIR="experiment_results"
 GPUS=""
+SBATCH_ARGS=""
+SLURM=0
+SLURM_FLAGS=()
 START_TIME="$(date '+%Y-%m-%d %H:%M:%S')"  # the sweep's start, recorded before any run
 
-parse_flags train_sdxl_lora.py "--ranks --alphas --lr --output_dir --results_dir --gpus" -- "$@"
+# shellcheck disable=SC2329  # called by parse_flags
+on_flag() {
+  case "$1" in
+    --slurm) SLURM=1 ;;
+    --dry_run|--wait|--requeue) SLURM_FLAGS+=("$1") ;;
+    *) return 1 ;;
+  esac
+}
+parse_flags train_sdxl_lora.py "--ranks --alphas --lr --output_dir --results_dir --gpus --sbatch_args" -- "$@"
 TRAIN_ARGS=("${PASSTHROUGH[@]}")
+if [ "$SLURM" = 0 ] && { [ ${#SLURM_FLAGS[@]} -gt 0 ] || [ -n "$SBATCH_ARGS" ]; }; then
+  die "--sbatch_args, --dry_run, --wait and --requeue go with --slurm"
+fi
+[ "$SLURM" = 0 ] || [ -z "$GPUS" ] || die "--gpus is for a local sweep; with --slurm ask for GPUs in --sbatch_args"
 
 for arg in "${TRAIN_ARGS[@]}"; do
   case "${arg%%=*}" in
@@ -69,45 +103,19 @@ fi
 plan_text="$(helper plan "${GRID[@]}" -- "${TRAIN_ARGS[@]}")" || exit $?
 PLAN=()
 [ -z "$plan_text" ] || mapfile -t PLAN <<<"$plan_text"
+if [ "$SLURM" = 1 ] && [ ${#PLAN[@]} -gt 0 ]; then  # one job array of the runs to do, then the summary job
+  TODO=()
+  for line in "${PLAN[@]}"; do IFS=$'\t' read -r rank alpha _ <<<"$line"; TODO+=("$rank:$alpha"); done
+  echo "Sweep $START_TIME: ${#PLAN[@]} run(s) to do into $OUTPUT_DIR on SLURM, records in $RESULTS_DIR" >&2
+  if [[ " ${SLURM_FLAGS[*]} " != *" --dry_run "* ]]; then
+    helper prepare -- "${TRAIN_ARGS[@]}" || exit $?
+  fi
+  helper slurm-sweep "${GRID[@]}" --output_dir "$OUTPUT_DIR" --todo "${TODO[@]}" --start_time "$START_TIME" \
+    --train_script "$TRAIN_SCRIPT" --launcher="${TRAIN_LAUNCHER:-}" --sbatch_args="$SBATCH_ARGS" \
+    "${SLURM_FLAGS[@]}" -- "${TRAIN_ARGS[@]}"
+  exit $?
+fi
 echo "Sweep started $START_TIME: ${#PLAN[@]} run(s) to do into $OUTPUT_DIR on ${GPUS:-the default device}, records in $RESULTS_DIR" >&2
-
-# Bookkeeping that must finish even while the sweep is being stopped: the command ignores INT and TERM.
-immune() { ( trap '' INT TERM; "$@" ); }
-
-# One run: status "running", the trainer, then how it ended. Runs as a background job (own process group).
-run_one() {
-  local rank="$1" alpha="$2" folder="$3" number="$4" resume="$5" gpu="$6"
-  local log="$folder/train.log" rc=0 stop=0
-  trap 'stop=1' INT TERM  # the trainer gets the signal too; let it end, then record how it ended
-  local cmd=("${LAUNCHER[@]}" "$TRAIN_SCRIPT" --output_dir "$OUTPUT_DIR" --lora_rank "$rank" --lora_alpha "$alpha"
-             --learning_rate "$LR")
-  if [ -n "$resume" ] && [[ " ${TRAIN_ARGS[*]} " != *" --resume_from_checkpoint"* ]]; then
-    cmd+=(--resume_from_checkpoint "$resume")  # continue the earlier attempt's run from its checkpoint
-  fi
-  cmd+=("${TRAIN_ARGS[@]}")
-  # One latent and text-embedding cache per sweep, on disk in $OUTPUT_DIR/.latent_cache (keyed by image,
-  # model, bucket and crop): the first run computes it, every later run reads it and starts training at once.
-  if [[ " ${TRAIN_ARGS[*]} " != *" --no-cache "* && " ${TRAIN_ARGS[*]} " != *" --cache_latents_to_disk "* ]]; then
-    cmd+=(--cache_latents_to_disk)
-  fi
-  mkdir -p "$folder"
-  immune helper status-start --file "$folder/status.json" --rank "$rank" --alpha "$alpha" --lr "$LR" \
-    --number "$number" --output_dir "$OUTPUT_DIR" --gpu "$gpu" --log "$log" --process_group "$BASHPID" \
-    --command "$(printf '%q ' "${cmd[@]}")" -- "${TRAIN_ARGS[@]}" || true
-  if [ "$stop" = 1 ]; then
-    rc=143  # stopped before the trainer started
-  else
-    echo "[$(date +%T)] start r=$rank a=$alpha${gpu:+ on GPU $gpu} -> $folder" >&2
-    if [ -n "$gpu" ]; then
-      CUDA_VISIBLE_DEVICES="$gpu" "${cmd[@]}" >>"$log" 2>&1 || rc=$?
-    else
-      "${cmd[@]}" >>"$log" 2>&1 || rc=$?
-    fi
-  fi
-  immune helper status-end --file "$folder/status.json" --exit_code "$rc" || true
-  echo "[$(date +%T)] end   r=$rank a=$alpha: exit code $rc (log: $log)" >&2
-  return "$rc"
-}
 
 declare -A SLOT_PID=()
 

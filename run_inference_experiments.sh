@@ -23,6 +23,10 @@
 #                     --num_images, --height, --width, --num_inference_steps, --seed, --guidance_scale, ...;
 #                     they override the defaults above (--prompts replaces the 5 prompts)
 #
+#   --slurm             run all of this as one SLURM job (same folders; HF_HUB_OFFLINE=1), with --sbatch_args
+#                       "...", --dry_run (print the job script) and --wait (block; the job's exit status), as
+#                       run_experiments.sh --slurm; the job's script, id and output go to {output_dir}/slurm/
+#
 # One Python process loads the SDXL pipeline once and, for every run, loads its LoRA, generates and
 # deletes it again; the flags after -- are read by inference_sdxl_ghibli.py's own parser, so every run
 # gets the same prompts, seeds and settings. The report compares the runs of this call; of two runs
@@ -47,12 +51,14 @@ on_flag() {
     --no_report) REPORT=0 ;;
     --no_metrics) REPORT_ARGS+=(--no_metrics) ;;
     --clip_model|--style_images|--alignment_tolerance) REPORT_ARGS+=("$1" "$2") ;;
-    *) return 1 ;;
+    *) take_slurm_flag "$1" || return 1 ;;
   esac
 }
 parse_flags inference_sdxl_ghibli.py \
-  "--sweep_dir --output_dir --model --clip_model --style_images --alignment_tolerance" -- "$@"
+  "--sweep_dir --output_dir --model --clip_model --style_images --alignment_tolerance --sbatch_args" -- "$@"
 INFERENCE_ARGS=("${PASSTHROUGH[@]}")
+check_slurm_flags
+[ "$SLURM_WANTED" = 0 ] || submit_self "$OUTPUT_DIR/slurm" "$@"
 
 runs_text="$(helper runs "$SWEEP_DIR" --model "$MODEL")" || exit $?
 LORAS=()

@@ -8,6 +8,7 @@ The shell scripts call the bookkeeping subcommands; people call ``report`` and `
                                        checkpoints, the newest run that has checkpoints
     prompts                            the original's prompts of a script (checkpoint: 25, sweep: 5)
     generate                           base-vs-LoRA images of several LoRAs with one pipeline
+    slurm-sweep, slurm-job, prepare    the --slurm scripts: submit a job array or one job, check first
     losses                             one plot overlaying the training loss of every run of a sweep
     report                             rank x alpha grid, loss curves, CLIP metrics (CSV, Markdown, heat
                                        maps) and the verdict
@@ -31,7 +32,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.core.cli import derived, run_cli  # noqa: E402
-from utils.sweep.commands import COMMANDS, add_bookkeeping_commands, add_picture_commands  # noqa: E402
+from utils.sweep.commands import COMMANDS, add_bookkeeping_commands, add_picture_commands, add_slurm_commands  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,6 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command_name", required=True)
     add_bookkeeping_commands(commands)
     add_picture_commands(commands)
+    add_slurm_commands(commands)
     args = parser.parse_args(argv)
     passed_through = {name: getattr(args, name)[1:] for name in ("train_args", "inference_args")
                       if getattr(args, name, None) and getattr(args, name)[0] == "--"}  # drop the "--"

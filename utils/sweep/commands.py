@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 from utils.core.atomic import save_image, write_json
+from utils.core.cli import derived
 from utils.inference.prompts import PROMPT_SETS
 from utils.sweep.metrics import DEFAULT_ALIGNMENT_TOLERANCE
 from utils.sweep.outputs import lora_generations
@@ -83,6 +84,34 @@ def add_bookkeeping_commands(commands) -> None:
     losses = commands.add_parser("losses", help="overlay the training loss of every finished run of a sweep")
     losses.add_argument("--results_dir", required=True, help="the sweep's bookkeeping (experiment_results)")
     losses.add_argument("--output", default=None, help="PNG path (default: {results_dir}/loss_curves.png)")
+
+
+def add_slurm_commands(commands) -> None:
+    sweep = commands.add_parser("slurm-sweep", help="submit the runs still to do as one SLURM job array")
+    _add_grid_flags(sweep)
+    sweep.add_argument("--output_dir", required=True)
+    sweep.add_argument("--todo", nargs="+", required=True, metavar="RANK:ALPHA", help="one array task each")
+    sweep.add_argument("--start_time", required=True)
+    sweep.add_argument("--train_script", required=True)
+    sweep.add_argument("--launcher", default="", help="what starts each training (TRAIN_LAUNCHER)")
+    _add_submit_flags(sweep)
+    sweep.add_argument("--requeue", action="store_true", help="a task stopped by SLURM goes back in the queue")
+    sweep.add_argument("train_args", nargs=argparse.REMAINDER)
+
+    job = commands.add_parser("slurm-job", help="submit one command as a SLURM job")
+    job.add_argument("--name", required=True)
+    job.add_argument("--log_dir", required=True, help="the job's output, script and id go here")
+    _add_submit_flags(job)
+    job.add_argument("command", nargs=argparse.REMAINDER)
+
+    prepare = commands.add_parser("prepare", help="resolve the base model here and check the dataset")
+    prepare.add_argument("train_args", nargs=argparse.REMAINDER)
+
+
+def _add_submit_flags(parser) -> None:
+    parser.add_argument("--sbatch_args", default="", help="passed to sbatch as they are")
+    parser.add_argument("--dry_run", action="store_true", help="print the job scripts, submit nothing")
+    parser.add_argument("--wait", action="store_true", help="block until the jobs are done")
 
 
 def add_picture_commands(commands) -> None:
@@ -206,6 +235,23 @@ def _strip(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"plan": _plan, "status-start": _status_start, "status-end": _status_end, "summary": _summary,
+def _slurm_sweep(args: argparse.Namespace) -> int:
+    from utils.sweep.cluster import submit_sweep
+    return submit_sweep(args)
+
+
+def _slurm_job(args: argparse.Namespace) -> int:
+    from utils.sweep.cluster import submit_job
+    return submit_job(derived(args, command=args.command[1:] if args.command[:1] == ["--"] else args.command))
+
+
+def _prepare(args: argparse.Namespace) -> int:
+    from utils.sweep.cluster import prepare_offline
+    prepare_offline(args.train_args)
+    return 0
+
+
+COMMANDS = {"slurm-sweep": _slurm_sweep, "slurm-job": _slurm_job, "prepare": _prepare,
+            "plan": _plan, "status-start": _status_start, "status-end": _status_end, "summary": _summary,
             "runs": _runs, "checkpoints": _checkpoints, "newest-checkpoint-run": _newest_checkpoint_run,
             "prompts": _prompts, "generate": _generate, "losses": _losses, "report": _report, "strip": _strip}

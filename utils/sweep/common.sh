@@ -36,3 +36,37 @@ parse_flags() {
     shift 2
   done
 }
+
+# --slurm for the inference scripts: SLURM_FLAGS collects --slurm, --dry_run, --wait and --sbatch_args VALUE
+# (take_slurm_flag FLAG VALUE, from the script's on_flag); submit_self LOG_DIR "$@" then submits the script
+# itself, without those flags, as one job writing the same folders, and exits with the submission's status.
+SLURM_FLAGS=()
+SLURM_WANTED=0
+SBATCH_ARGS=""
+check_slurm_flags() {
+  if [ "$SLURM_WANTED" = 0 ] && { [ ${#SLURM_FLAGS[@]} -gt 0 ] || [ -n "$SBATCH_ARGS" ]; }; then
+    die "--sbatch_args, --dry_run and --wait go with --slurm"
+  fi
+}
+take_slurm_flag() {
+  case "$1" in
+    --slurm) SLURM_WANTED=1 ;;
+    --dry_run|--wait) SLURM_FLAGS+=("$1") ;;
+    *) return 1 ;;
+  esac
+}
+submit_self() {
+  local log_dir="$1" kept=() skip=0 arg
+  shift
+  for arg in "$@"; do  # the command line without the --slurm flags: what the job runs
+    if [ "$skip" = 1 ]; then skip=0; continue; fi
+    case "$arg" in
+      --slurm|--dry_run|--wait|--sbatch_args=*) ;;
+      --sbatch_args) skip=1 ;;
+      *) kept+=("$arg") ;;
+    esac
+  done
+  helper slurm-job --name "$(basename "$0" .sh)" --log_dir "$log_dir" --sbatch_args="$SBATCH_ARGS" \
+    "${SLURM_FLAGS[@]}" -- bash "$(cd "$(dirname "$0")" && pwd)/$(basename "$0")" "${kept[@]}"
+  exit $?
+}

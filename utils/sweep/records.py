@@ -41,7 +41,7 @@ WEIGHTS_FILE = LORA_WEIGHT_NAME
 INTERRUPTED_CODES = {130, 143}  # SIGINT, SIGTERM
 TIME_FORMAT = TIMESTAMP_FORMAT  # the original's start_time / end_time
 SUCCESS, FAILURE = "성공", "실패"  # the original's status values
-RUN_DIR_LINE = re.compile(r"Run directory: (.+?)\s*$")  # the trainer's log line naming its run folder
+RUN_DIR_FILE = "run_dir.txt"  # the trainer writes its run folder here (train_sdxl_lora.py --run_dir_file)
 
 
 class SweepError(UserError, ValueError):
@@ -125,16 +125,12 @@ def _check_learning_rate(results_dir: Path, rank: str, alpha: str, learning_rate
                          f"{record['learning_rate']}, this sweep uses {learning_rate}; pass another --results_dir")
 
 
-def has_resumable_state(run_dir: Path) -> bool:
-    return any((run_dir / "checkpoints").glob("*/training_state.json"))
-
-
 def plan_runs(results_dir: Path, ranks: list[str], alphas: list[str], learning_rate: str,
               train_args: list[str]) -> list[tuple[str, str, Path, int, str]]:
     """(rank, alpha, status folder, experiment number, run folder to resume or '') of every run still to do.
 
-    Finished runs are skipped. A run that an earlier attempt left with a resumable checkpoint continues
-    in that attempt's run folder.
+    Finished runs are skipped. A run that an earlier attempt left behind continues in that attempt's run
+    folder: from its latest resumable checkpoint, or from the start when it stopped before the first.
     """
     validate_grid(ranks, alphas, learning_rate)
     todo, number = [], 0
@@ -152,28 +148,26 @@ def plan_runs(results_dir: Path, ranks: list[str], alphas: list[str], learning_r
                 logger.info("Skipping %s: finished at %s in %s", folder.name, status.get("ended_at"),
                             status.get("run_dir"))
                 continue
-            earlier = _earlier_run_dir(status) if status else None
-            resume = str(earlier) if earlier and has_resumable_state(earlier) else ""
+            earlier = _earlier_run_dir(folder, status)
+            resume = str(earlier) if earlier and earlier.is_dir() else ""
             todo.append((rank, alpha, folder, number, resume))
     return todo
 
 
-def _earlier_run_dir(status: dict) -> Path | None:
-    if status.get("run_dir"):
+def _earlier_run_dir(folder: Path, status: dict | None) -> Path | None:
+    """The run folder of an earlier attempt: recorded in its status, else named by the trainer."""
+    if status and status.get("run_dir"):
         return Path(status["run_dir"])
-    return run_dir_from_log(Path(status.get("log") or ""), int(status.get("log_offset") or 0))
+    return reported_run_dir(folder)
 
 
-def run_dir_from_log(log: Path, offset: int = 0) -> Path | None:
-    """The run folder the trainer named in its log (the last 'Run directory:' line after ``offset``)."""
+def reported_run_dir(folder: Path) -> Path | None:
+    """The run folder the trainer wrote into ``{folder}/run_dir.txt`` (its --run_dir_file)."""
     try:
-        with open(log, "rb") as handle:
-            handle.seek(offset)
-            text = handle.read().decode("utf-8", errors="replace")
-    except (FileNotFoundError, IsADirectoryError):
+        text = (folder / RUN_DIR_FILE).read_text().strip()
+    except FileNotFoundError:
         return None
-    found = [match.group(1) for match in map(RUN_DIR_LINE.search, text.splitlines()) if match]
-    return Path(found[-1]).resolve() if found else None
+    return Path(text) if text else None
 
 
 def start_status(status_file: Path, rank: str, alpha: str, learning_rate: str, number: int, output_dir: str,
@@ -199,10 +193,11 @@ def start_status(status_file: Path, rank: str, alpha: str, learning_rate: str, n
     return status
 
 
-def _new_run_dir(status: dict) -> Path | None:
-    """The run folder this attempt trained in: named in its log, else the newest folder in the output
-    folder whose config has this rank, alpha and learning rate and was written after the start."""
-    found = run_dir_from_log(Path(status["log"]), int(status.get("log_offset") or 0))
+def _new_run_dir(status_file: Path, status: dict) -> Path | None:
+    """The run folder this attempt trained in: the one the trainer reported (--run_dir_file), else (a trainer
+    without that flag) the newest folder in the output folder whose config has this rank, alpha and learning
+    rate and was written after the start."""
+    found = reported_run_dir(status_file.parent)
     if found:
         return found
     output_dir = Path(status.get("output_dir") or "")
@@ -224,9 +219,10 @@ def end_status(status_file: Path, exit_code: int) -> dict:
     status = read_json(status_file)
     if status is None:
         raise SweepError(f"{status_file}: no status to end (the run was never started)")
-    run_dir = _new_run_dir(status)
+    run_dir = _new_run_dir(status_file, status)
     if run_dir is not None and run_dir.is_dir() and not any(run_dir.iterdir()):
         run_dir.rmdir()  # stopped before it wrote anything: leave no empty folder among the runs
+        (status_file.parent / RUN_DIR_FILE).unlink(missing_ok=True)
         logger.info("%s: removed the empty run folder %s", status_file.parent.name, run_dir)
         run_dir = None
     has_model = run_dir is not None and (run_dir / "final_model" / WEIGHTS_FILE).is_file()

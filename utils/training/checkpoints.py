@@ -14,6 +14,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from utils.core.atomic import write_json
+from utils.core.names import CONFIG_FILE
 from utils.training.run_dir import TrainState, run_name
 
 logger = logging.getLogger(__name__)
@@ -59,27 +60,40 @@ def checkpoints_of(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
 
 
-def find_checkpoint(args: argparse.Namespace, dataset_type: str) -> Path | None:
-    """Resolve --resume_from_checkpoint: a checkpoint folder, a run folder, or 'latest' (the newest
-    checkpoint of a run of this configuration in --output_dir)."""
+def resume_point(args: argparse.Namespace, dataset_type: str) -> tuple[Path | None, Path | None]:
+    """(run folder to train in, checkpoint to load) for --resume_from_checkpoint: a checkpoint folder, a run
+    folder, or 'latest' (the newest checkpoint of a run of this configuration in --output_dir). A run folder
+    without a checkpoint (one stopped before its first) is trained again from the start in place, so one
+    configuration never gets a second folder; (None, None): a new run."""
     wanted = args.resume_from_checkpoint
     if not wanted:
-        return None
+        return None, None
     if wanted != "latest":
         path = Path(wanted)
         if (path / "training_state.json").is_file():
-            return path
+            return path.parent.parent, path
         found = checkpoints_of(path)
         if found:
-            return found[-1]
+            return path, found[-1]
+        if (path / CONFIG_FILE).is_file() or (path.is_dir() and path.parent.resolve() == Path(args.output_dir).resolve()):
+            logger.warning("%s has no resumable checkpoint yet; training it again from the start", path)
+            return path, None
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no training_state.json) or run folder")
     suffix = run_name(args, dataset_type)[len("YYYYmmdd_HHMMSS"):]
-    runs = [p for p in Path(args.output_dir).glob(f"*{suffix}*") if p.is_dir() and checkpoints_of(p)]
-    if not runs:
-        logger.warning("--resume_from_checkpoint latest: no checkpoint in %s for this configuration; "
-                       "starting a new run", args.output_dir)
-        return None
-    return max((checkpoints_of(run)[-1] for run in runs), key=lambda p: p.stat().st_mtime)
+    runs = [p for p in Path(args.output_dir).glob(f"*{suffix}*") if p.is_dir() and not p.name.startswith(".")]
+    with_state = [p for p in runs if checkpoints_of(p)]
+    if with_state:
+        newest = max((checkpoints_of(run)[-1] for run in with_state), key=lambda p: p.stat().st_mtime)
+        return newest.parent.parent, newest
+    unfinished = [p for p in runs if not (p / "final_model").is_dir()]
+    if unfinished:
+        run_dir = max(unfinished, key=lambda p: p.stat().st_mtime)
+        logger.warning("--resume_from_checkpoint latest: %s stopped before its first checkpoint; training it "
+                       "again from the start in that folder", run_dir)
+        return run_dir, None
+    logger.warning("--resume_from_checkpoint latest: no checkpoint in %s for this configuration; "
+                   "starting a new run", args.output_dir)
+    return None, None
 
 
 def save_checkpoint(accelerator, settings, state: TrainState) -> Path:

@@ -69,7 +69,11 @@ def _add_output_flags(p: argparse.ArgumentParser) -> None:
                         help="save a resumable state every N optimizer steps")
     output.add_argument("--checkpoints_total_limit", type=int, default=None)
     output.add_argument("--resume_from_checkpoint", default=None,
-                        help="a checkpoint folder, a run folder, or 'latest'")
+                        help="a checkpoint folder, a run folder, or 'latest'; a run folder (or, for 'latest', the "
+                             "newest unfinished run of this configuration) without a checkpoint starts again in it")
+    output.add_argument("--run_dir_file", default=None,
+                        help="write the run folder's absolute path into this file as soon as it is chosen "
+                             "(for sweeps and schedulers that keep records of runs)")
     output.add_argument("--save_kohya", action="store_true",
                         help="also write kohya_lora.safetensors (ComfyUI/A1111 format) in every model folder")
     output.add_argument("--push_to_hub", action="store_true",

@@ -13,6 +13,7 @@ import csv
 from datetime import datetime
 from pathlib import Path
 
+from utils.core.atomic import replace_file
 from utils.core.names import TIMESTAMP_FORMAT
 
 EPOCH_LOG = "training_log.csv"  # the original's per-epoch log
@@ -78,10 +79,13 @@ class CsvLog:
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = self.read(path) if path.exists() else []
         rows = [row for row in rows if int(row["step"]) <= keep_until_step]
-        with open(path, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=self.FIELDS)
-            writer.writeheader()
-            writer.writerows(rows)
+
+        def fill(temporary: Path) -> None:  # a kill during the cut leaves the old log or the new, never half
+            with open(temporary, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=self.FIELDS, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+        replace_file(path, fill)
 
     @staticmethod
     def read(path: Path) -> list[dict]:

@@ -13,7 +13,8 @@ from pathlib import Path
 
 from utils.core.errors import UserError
 from utils.core.secrets import scrub
-from utils.training.checkpoints import find_checkpoint
+from utils.core.atomic import write_text
+from utils.training.checkpoints import resume_point
 from utils.training.run_dir import create_unique_dir, run_name
 
 
@@ -61,9 +62,11 @@ class RunSettings:
         state = state or distributed_state()
         holder = [None]
         if state.is_main_process:
-            checkpoint = find_checkpoint(args, dataset_type)
-            run_dir = (checkpoint.parent.parent if checkpoint
-                       else create_unique_dir(Path(args.output_dir), run_name(args, dataset_type)))
+            run_dir, checkpoint = resume_point(args, dataset_type)
+            run_dir = run_dir or create_unique_dir(Path(args.output_dir), run_name(args, dataset_type))
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if args.run_dir_file:  # the sweep's record of where this run trains, before any other work
+                write_text(args.run_dir_file, f"{run_dir.resolve()}\n")
             holder = [(str(run_dir), str(checkpoint) if checkpoint else None)]
         run_dir_text, checkpoint_text = broadcast_object_list(holder)[0]
         learning_rate = args.learning_rate
