@@ -145,8 +145,8 @@ def save_model_folder(accelerator, folder: Path, models: list, settings, state: 
         return
     unet, text_encoders = unwrapped(accelerator, models)
     kohya_copy = None
-    if settings.save_kohya:
-        from utils.lora.to_kohya import save_kohya_copy
+    if settings.save_kohya or settings.lora_type != "lora":  # LoHa/LoKr: the copy other tools read
+        from utils.lora.lycoris_files import save_kohya_copy
         kohya_copy = lambda staging: save_kohya_copy(staging, unet.config, title=folder.parent.name)  # noqa: E731
     save_lora(folder, unet, text_encoders, training_metadata=lora_metadata(settings, state), extra_files=kohya_copy)
     if info_name:
@@ -176,6 +176,10 @@ def lora_metadata(settings, state: TrainState) -> dict:
         "lora_alpha": settings.lora_alpha,
         "use_rslora": settings.use_rslora,
         "use_dora": settings.use_dora,
+        "lora_type": settings.lora_type,
+        "lokr_factor": settings.lokr_factor if settings.lora_type == "lokr" else None,
+        "lokr_decompose_both": settings.lokr_decompose_both if settings.lora_type == "lokr" else None,
+        "loraplus_lr_ratio": settings.loraplus_lr_ratio,
         "resolution": settings.resolution,
         "learning_rate": settings.learning_rate,
         "steps": state.global_step,

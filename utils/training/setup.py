@@ -55,11 +55,31 @@ def check_args(args: argparse.Namespace) -> None:
     if args.save_kohya and args.use_dora:
         raise TrainingError("--save_kohya cannot be combined with --use_dora: the kohya format has no exact "
                             "equivalent of PEFT's DoRA magnitudes")
+    check_adapter_args(args)
     if args.push_to_hub:
         from utils.hub.publish import check_hub_target
         if not args.hub_model_id:
             raise TrainingError("--push_to_hub needs --hub_model_id namespace/name")
         check_hub_target(args.hub_model_id)
+
+
+def check_adapter_args(args: argparse.Namespace) -> None:
+    """--lora_type, LoRA+ and EMA flags that cannot work together."""
+    lycoris = args.lora_type != "lora"
+    for flag, used in (("--use_dora", args.use_dora), ("--use_rslora", args.use_rslora),
+                       ("--loraplus_lr_ratio", args.loraplus_lr_ratio is not None),
+                       ("--lora_dropout", args.lora_dropout > 0)):
+        if lycoris and used:
+            raise TrainingError(f"{flag} applies to --lora_type lora only (LoHa/LoKr have no up/down pair "
+                                f"of that kind), not to --lora_type {args.lora_type}")
+    if args.loraplus_lr_ratio is not None and args.loraplus_lr_ratio <= 0:
+        raise TrainingError(f"--loraplus_lr_ratio {args.loraplus_lr_ratio} must be positive")
+    if args.lokr_factor == 0 or args.lokr_factor < -1:
+        raise TrainingError(f"--lokr_factor {args.lokr_factor} must be -1 (automatic) or a positive size")
+    if not 0.0 < args.ema_decay < 1.0:
+        raise TrainingError(f"--ema_decay {args.ema_decay} must be in (0, 1)")
+    if args.ema_update_every < 1:
+        raise TrainingError(f"--ema_update_every {args.ema_update_every} must be at least 1")
 
 
 def _require(module: str, message: str) -> None:
@@ -91,8 +111,13 @@ def split_examples(examples: list[Example], validation_split: float, seed: int) 
 
 
 def lora_config(args: argparse.Namespace, target_modules: list[str]):
-    """PEFT's LoraConfig from the LoRA flags, for the given target modules."""
-    from peft import LoraConfig
+    """PEFT's LoraConfig (or LoHaConfig/LoKrConfig for --lora_type) from the flags, for the target modules."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+    if args.lora_type == "loha":
+        return LoHaConfig(r=args.lora_rank, alpha=args.lora_alpha, target_modules=target_modules)
+    if args.lora_type == "lokr":
+        return LoKrConfig(r=args.lora_rank, alpha=args.lora_alpha, target_modules=target_modules,
+                          decompose_factor=args.lokr_factor, decompose_both=args.lokr_decompose_both)
     return LoraConfig(
         r=args.lora_rank,
         lora_alpha=args.lora_alpha,
