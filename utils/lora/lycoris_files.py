@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import torch
 
 from utils.core.names import LORA_WEIGHT_NAME
-from utils.lora.files import (ADAPTER_METADATA_KEY, adapter_config, read_metadata, read_tensors,
+from utils.lora.files import (ADAPTER_METADATA_KEY, TRAINING_METADATA_KEY, adapter_config, read_metadata, read_tensors,
                               save_safetensors)
 from utils.lora.from_kohya import diffusers_module
 from utils.lora.kohya_names import (COMPONENTS, CONVERSION_METADATA_KEY, KOHYA_WEIGHT_NAME, LoraConversionError,
@@ -98,6 +98,9 @@ def write_lycoris_kohya(modules: list[LycorisModule], metadata: Mapping[str, str
             tensors[f"{name}.{role}"] = tensor.to(dtype or tensor.dtype).contiguous()
         tensors[f"{name}.alpha"] = torch.tensor(m.alpha, dtype=torch.float32)
     header = kohya_metadata(modules, metadata, title)
+    training = json.loads(metadata.get(TRAINING_METADATA_KEY) or "{}")
+    if training.get("lora_rank"):  # LyCORIS records the trained rank (full LoKr factors have none of their own)
+        header["ss_network_dim"], header["ss_network_alpha"] = str(training["lora_rank"]), str(training["lora_alpha"])
     header["ss_network_module"] = LYCORIS_NETWORK_MODULE
     header["ss_network_args"] = json.dumps(dict(args))
     header[CONVERSION_METADATA_KEY] = json.dumps({
