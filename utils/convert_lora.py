@@ -29,6 +29,7 @@ from utils.core.cli import run_cli
 from utils.lora.files import LORA_WEIGHT_NAME, read_metadata, read_tensors
 from utils.lora.from_kohya import is_kohya_state_dict, read_kohya_lora, write_diffusers_lora
 from utils.lora.kohya_names import (COMPONENTS, KOHYA_WEIGHT_NAME, LoraConversionError, LoraModule, ParsedLora, unet_config_for)
+from utils.lora.lycoris_files import (file_adapter_type, read_diffusers_lycoris, read_lycoris_kohya, write_lycoris_diffusers, write_lycoris_kohya)
 from utils.lora.to_kohya import modules_from_peft_weights, read_diffusers_lora, write_kohya_lora
 
 PEFT_WEIGHTS, PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
@@ -155,6 +156,8 @@ def convert(args: argparse.Namespace) -> str:
         raise LoraConversionError(source, "PEFT adapters convert to kohya only; diffusers loads them as they are")
     output = output_path(args, kind, source, target)
 
+    if kind != "peft" and file_adapter_type(source) != "lora":
+        return convert_lycoris(args, kind, source, target, output)
     if kind == "kohya":
         config = unet_config_for(read_metadata(source), args.pretrained_model_name_or_path)
         parsed = read_kohya_lora(source, config)
@@ -165,6 +168,19 @@ def convert(args: argparse.Namespace) -> str:
         config = unet_config_for(parsed.metadata, args.pretrained_model_name_or_path)
         write_kohya_lora(parsed, output, config, args.title, dtype, source)
     return f"{target} LoRA written to {output}: {describe(parsed.modules)}"
+
+
+def convert_lycoris(args: argparse.Namespace, kind: str, source: Path, target: str, output: Path) -> str:
+    """LoHa/LoKr: the project's file to kohya/LyCORIS, or back."""
+    config = unet_config_for(read_metadata(source), args.pretrained_model_name_or_path)
+    if kind == "kohya":
+        modules, metadata = read_lycoris_kohya(source, config)
+        write_lycoris_diffusers(modules, output, metadata)
+    else:
+        modules, metadata, network = read_diffusers_lycoris(source)
+        dtype = getattr(torch, args.dtype) if args.dtype else None
+        write_lycoris_kohya(modules, metadata, network, output, config, args.title, dtype, source)
+    return f"{target} {modules[0].kind} file written to {output}: {len(modules)} modules"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,6 +55,7 @@ def _training_table(training: dict) -> str:
     rank, alpha = training.get("lora_rank"), training.get("lora_alpha")
     scale = f"{alpha / rank:g}" if rank and alpha is not None and not training.get("use_rslora") else "?"
     rows = [
+        ("adapter type", training.get("lora_type") or "lora"),
         ("LoRA rank", _value(training, "lora_rank")),
         ("LoRA alpha", _value(training, "lora_alpha")),
         ("scale (alpha / rank)", scale),

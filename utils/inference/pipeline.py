@@ -14,6 +14,7 @@ import torch
 from utils.core.errors import UserError
 from utils.core.names import LORA_WEIGHT_NAME
 from utils.core.sdxl import load_pipeline
+from utils.lora.lycoris_files import file_adapter_type, peft_states
 
 ADAPTER_NAME = "style"
 WEIGHTS_FILE = LORA_WEIGHT_NAME
@@ -71,8 +72,31 @@ def load_adapter(pipe, lora_path: str, scale: float, weight_name: str | None = N
     source, kwargs = resolve_lora_source(lora_path, allow_pickle)
     if weight_name:
         kwargs["weight_name"] = weight_name
-    pipe.load_lora_weights(source, adapter_name=ADAPTER_NAME, **kwargs)
+    local = Path(source) / kwargs.get("weight_name", WEIGHTS_FILE)
+    if local.is_file() and local.suffix == ".safetensors" and file_adapter_type(local) != "lora":
+        load_lycoris_adapter(pipe, local)
+    else:
+        pipe.load_lora_weights(source, adapter_name=ADAPTER_NAME, **kwargs)
     pipe.set_adapters([ADAPTER_NAME], adapter_weights=[scale])
+
+
+def load_lycoris_adapter(pipe, path: Path) -> None:
+    """A LoHa/LoKr file (the project's own or a kohya/LyCORIS one) as the named adapter, through PEFT;
+    ``--lora_scale`` then works as for LoRA (PEFT's set_scale)."""
+    from peft import PeftConfig, inject_adapter_in_model
+    from peft.utils import set_peft_model_state_dict
+
+    for component, (config, state) in peft_states(path, pipe.unet.config).items():
+        model = getattr(pipe, component)
+        peft_config = PeftConfig.from_peft_type(**{k: v for k, v in config.items() if v is not None})
+        inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER_NAME)
+        result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
+        unexpected = list(getattr(result, "unexpected_keys", []) or [])
+        if unexpected:
+            raise UserError(f"{path}: {len(unexpected)} weight(s) fit no layer of the {component}, e.g. "
+                            f"{unexpected[0]}")
+        if hasattr(model, "_hf_peft_config_loaded"):
+            model._hf_peft_config_loaded = True
 
 
 def unload_adapter(pipe) -> None:

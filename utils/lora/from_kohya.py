@@ -18,7 +18,7 @@ def is_kohya_state_dict(keys: Iterable[str]) -> bool:
     return bool(keys) and all(k.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")) for k in keys)
 
 
-def _diffusers_module(name: str, unet_modules: Mapping[str, str]) -> tuple[str, str] | None:
+def diffusers_module(name: str, unet_modules: Mapping[str, str]) -> tuple[str, str] | None:
     """(component, module path) of a kohya module name."""
     if name.startswith(KOHYA_PREFIXES["unet"]):
         module = unet_modules.get(name)
@@ -50,7 +50,7 @@ def read_kohya_lora(path: str | os.PathLike, unet_config: Mapping[str, Any]) -> 
         parts.setdefault(name, {})[role] = tensor
     modules = []
     for name, part in sorted(parts.items()):
-        target = _diffusers_module(name, unet_modules)
+        target = diffusers_module(name, unet_modules)
         if target is None:
             problems.append(f"{name}: no module of the SDXL UNet/text encoders has this kohya name")
         elif "lora_down.weight" not in part or "lora_up.weight" not in part:

@@ -191,6 +191,7 @@ def kohya_metadata(modules: list[LoraModule], source_metadata: Mapping[str, str]
         "ss_seed": training.get("seed"),
         "ss_noise_offset": training.get("noise_offset"),
         "ss_min_snr_gamma": training.get("snr_gamma"),
+        "ss_loraplus_lr_ratio": training.get("loraplus_lr_ratio"),
         "ss_num_train_images": training.get("num_train_images"),
         "ss_tag_frequency": json.dumps({"dataset": training["tag_frequency"]}, ensure_ascii=False)
         if training.get("tag_frequency") else None,

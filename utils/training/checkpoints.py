@@ -96,7 +96,7 @@ def resume_point(args: argparse.Namespace, dataset_type: str) -> tuple[Path | No
     return None, None
 
 
-def save_checkpoint(accelerator, settings, state: TrainState) -> Path:
+def save_checkpoint(accelerator, settings, state: TrainState, ema=None) -> Path:
     """accelerate state (LoRA, optimizer, scheduler, RNG) written to a temp folder, renamed when complete."""
     final = settings.run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{state.global_step}"
     staging = final.with_name(f".{final.name}.tmp")
@@ -107,6 +107,8 @@ def save_checkpoint(accelerator, settings, state: TrainState) -> Path:
     accelerator.save_state(str(staging))
     accelerator.wait_for_everyone()  # every process has written its part (its RNG state) before the rename
     if accelerator.is_main_process:
+        if ema is not None:
+            ema.save(staging)
         write_json(staging / "training_state.json", asdict(state))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
@@ -123,7 +125,7 @@ def prune_checkpoints(run_dir: Path, limit: int | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def resume(accelerator, settings, state: TrainState) -> None:
+def resume(accelerator, settings, state: TrainState, ema=None) -> None:
     """Load the checkpoint of ``settings.resume_checkpoint`` (if any) into the prepared objects and ``state``."""
     path = settings.resume_checkpoint
     if not path:
@@ -136,4 +138,17 @@ def resume(accelerator, settings, state: TrainState) -> None:
     for key in RESTORED:
         setattr(state, key, saved[key])
     state.epoch_losses = list(saved.get("epoch_losses", []))
+    if ema is not None:
+        _resume_ema(ema, path)
     logger.info("Resumed from %s at step %d", path, state.global_step)
+
+
+def _resume_ema(ema, path: Path) -> None:
+    """The saved moving average, or (a checkpoint of a run without --use_ema) one starting from its weights."""
+    from utils.training.ema import EMA_FILE, AdapterEMA
+    if (path / EMA_FILE).is_file():
+        ema.load(path)
+        return
+    logger.warning("%s: no %s (saved without --use_ema); the moving average starts from the resumed weights",
+                   path, EMA_FILE)
+    ema.shadow = AdapterEMA(ema.params, ema.decay).shadow

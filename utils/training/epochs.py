@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import math
 
+from utils.training.ema import weights_of
 from utils.training.loss_log import log_timestamp
 from utils.training.plots import plot_losses
 from utils.training.run_dir import save_model_folder
@@ -41,7 +42,7 @@ def _best_model(run, epoch: int, metric: float, info: dict) -> None:
     if math.isfinite(metric) and metric < state.best_metric:
         state.best_metric, state.best_epoch = metric, epoch
         save_model_folder(run.accelerator, run.settings.run_dir / "best_model", run.models, run.settings, state,
-                          "best_model_info.json", info)
+                          "best_model_info.json", info, ema=run.ema)
 
 
 def _epoch_checkpoint(run, epoch: int, info: dict) -> None:
@@ -51,7 +52,7 @@ def _epoch_checkpoint(run, epoch: int, info: dict) -> None:
         return
     info = {"epoch": epoch, "global_step": run.state.global_step, **info}  # the original's key order
     save_model_folder(run.accelerator, settings.run_dir / f"checkpoint_epoch_{epoch}", run.models, settings,
-                      run.state, "checkpoint_info.json", info)
+                      run.state, "checkpoint_info.json", info, ema=run.ema)
     if run.accelerator.is_main_process:
         plot_losses(settings.run_dir, settings.logging_dir)
 
@@ -61,8 +62,9 @@ def _validation(run, epoch: int) -> None:
     settings = run.settings
     if settings.validation_prompt and (epoch + 1) % settings.validation_epochs == 0:
         from utils.training.validation import log_validation_images
-        log_validation_images(run.accelerator, settings, settings.run_dir, run.components, run.models, epoch + 1,
-                              run.state.global_step)
+        with weights_of(run.ema):
+            log_validation_images(run.accelerator, settings, settings.run_dir, run.components, run.models,
+                                  epoch + 1, run.state.global_step)
 
 
 def finish(run) -> None:
@@ -72,7 +74,7 @@ def finish(run) -> None:
     save_model_folder(accelerator, run_dir / "final_model", run.models, run.settings, state, "final_model_info.json",
                       {"step": state.global_step, "initial_eval_loss": state.initial_eval_loss,
                        "final_eval_loss": state.last_eval_loss, "best_epoch": state.best_epoch,
-                       "skipped_nonfinite_steps": state.skipped_steps})
+                       "skipped_nonfinite_steps": state.skipped_steps}, ema=run.ema)
     if accelerator.is_main_process:
         plot_losses(run_dir, run.settings.logging_dir)
         logger.info("Finished: %s", run_dir / "final_model")

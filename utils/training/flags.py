@@ -93,6 +93,23 @@ def _add_lora_flags(p: argparse.ArgumentParser) -> None:
     lora.add_argument("--use_rslora", action="store_true", help="scale by alpha/sqrt(rank) instead of alpha/rank")
     lora.add_argument("--init_lora_weights", default="gaussian", choices=["gaussian", "kaiming"])
     lora.add_argument("--train_text_encoder", action="store_true", help="LoRA on both text encoders too")
+    lora.add_argument("--lora_type", default="lora", choices=["lora", "loha", "lokr"],
+                      help="adapter family: LoRA, or LyCORIS' LoHa (Hadamard product) or LoKr (Kronecker product), "
+                           "through PEFT; rank and alpha give the scale alpha/rank for all three")
+    lora.add_argument("--lokr_factor", type=int, default=-1,
+                      help="LoKr: LyCORIS' factor, the size of the small Kronecker factor (-1: automatic, "
+                           "near the square root of each layer's size)")
+    lora.add_argument("--lokr_decompose_both", action="store_true",
+                      help="LoKr: decompose the small factor to rank too (LyCORIS' decompose_both)")
+    lora.add_argument("--loraplus_lr_ratio", type=float, default=None,
+                      help="LoRA+: the up (B) matrices learn at this multiple of the learning rate "
+                           "(kohya's loraplus_lr_ratio; 16 is the paper's choice); lora and DoRA only")
+    ema = p.add_argument_group("EMA of the adapter weights")
+    ema.add_argument("--use_ema", action="store_true",
+                     help="keep an fp32 exponential moving average of the trainable adapter weights; validation "
+                          "uses it and model folders hold it as the model to use (raw weights kept beside)")
+    ema.add_argument("--ema_decay", type=float, default=0.999)
+    ema.add_argument("--ema_update_every", type=int, default=1, help="update the EMA every N optimizer steps")
 
 
 def _add_optimizer_flags(p: argparse.ArgumentParser) -> None:

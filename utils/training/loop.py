@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from utils.core.errors import TrainingInterrupted
 from utils.training.checkpoints import checkpoints_of, save_checkpoint
+from utils.training.ema import weights_of
 from utils.training.epochs import end_of_epoch
 from utils.training.interrupts import StopRequest
 from utils.training.loss import denoising_loss, evaluate, evaluate_base, sample_noise
@@ -40,7 +41,8 @@ def train_loop(run: Run, stop: StopRequest) -> None:
         record_losses(run, losses, progress)
         eval_loss = None
         if run.eval_set.plan.after_epoch(epoch, run.num_epochs - 1):
-            eval_loss = evaluate(run.unet, run.components.noise_scheduler, run.eval_set)
+            with weights_of(run.ema):
+                eval_loss = evaluate(run.unet, run.components.noise_scheduler, run.eval_set)
         end_of_epoch(run, epoch, run.lr_scheduler.get_last_lr()[0], eval_loss,
                      select_by="eval_loss" if run.eval_set.batches else "train_loss")
         if deferred:
@@ -81,6 +83,8 @@ def _run_epoch(run: Run, stop: StopRequest, epoch: int, losses: StepLosses, prog
                          state.global_step + 1, window_images, local_loss.item())
         window, window_images = [], []
         state.global_step += 1
+        if run.ema is not None:
+            run.ema.update(state.global_step)
         run.timeline.step_done()
         losses.add(epoch, state.global_step, run.lr_scheduler.get_last_lr()[0],
                    accelerator.gather(local_loss[None]).mean(), skipped)
@@ -126,7 +130,7 @@ def checkpoint_or_stop(run: Run, stop: StopRequest, progress, losses: StepLosses
     checkpoint = run.settings.checkpointing_steps and run.state.global_step % run.settings.checkpointing_steps == 0
     if checkpoint:
         record_losses(run, losses, progress)
-        save_checkpoint(run.accelerator, run.settings, run.state)
+        save_checkpoint(run.accelerator, run.settings, run.state, run.ema)
     exchange = run.accelerator.num_processes == 1 or not losses.pending
     if exchange and stop_requested(stop, run.accelerator):
         record_losses(run, losses, progress)
@@ -222,9 +226,9 @@ def stop_requested(stop: StopRequest, accelerator) -> bool:
 
 def stop_now(run: Run, stop: StopRequest) -> None:
     """Save a resumable state and the current LoRA, then end with a message on how to resume."""
-    checkpoint = save_checkpoint(run.accelerator, run.settings, run.state)
+    checkpoint = save_checkpoint(run.accelerator, run.settings, run.state, run.ema)
     save_model_folder(run.accelerator, run.settings.run_dir / "interrupted_model", run.models, run.settings,
-                      run.state, "interrupted_model_info.json", {"step": run.state.global_step})
+                      run.state, "interrupted_model_info.json", {"step": run.state.global_step}, ema=run.ema)
     run.accelerator.end_training()
     command = command_line()
     if "--resume_from_checkpoint" not in command:

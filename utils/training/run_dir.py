@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -30,6 +32,7 @@ from utils.core.atomic import write_json
 from utils.core.names import CONFIG_FILE, RUN_STAMP_FORMAT, SDXL_BASE_MODEL_VERSION
 from utils.core.secrets import mask_argv
 from utils.lora.files import save_lora
+from utils.training.ema import RAW_WEIGHT_NAME, weights_of
 
 
 @dataclass
@@ -139,16 +142,26 @@ def unwrapped(accelerator, models: list) -> tuple:
 
 
 def save_model_folder(accelerator, folder: Path, models: list, settings, state: TrainState, info_name: str | None,
-                      info: dict) -> None:
-    """Write a LoRA folder (diffusers format) and, beside the weights, its info JSON."""
+                      info: dict, ema=None) -> None:
+    """Write a LoRA folder (diffusers format) and, beside the weights, its info JSON. With ``ema`` the folder's
+    model is the moving average, and the raw weights are kept beside it (``raw_lora_weights.safetensors``)."""
     if not accelerator.is_main_process:
         return
     unet, text_encoders = unwrapped(accelerator, models)
-    kohya_copy = None
-    if settings.save_kohya:
-        from utils.lora.to_kohya import save_kohya_copy
-        kohya_copy = lambda staging: save_kohya_copy(staging, unet.config, title=folder.parent.name)  # noqa: E731
-    save_lora(folder, unet, text_encoders, training_metadata=lora_metadata(settings, state), extra_files=kohya_copy)
+    metadata = lora_metadata(settings, state)
+    copies = []
+    if settings.save_kohya or settings.lora_type != "lora":  # LoHa/LoKr: the copy other tools read
+        from utils.lora.lycoris_files import save_kohya_copy
+        copies.append(lambda staging: save_kohya_copy(staging, unet.config, title=folder.parent.name))
+    info = {**info, "lora_type": settings.lora_type, "adapter_weights": "ema" if ema is not None else "raw"}
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.raw.") as raw_dir:
+        if ema is not None:
+            raw = save_lora(Path(raw_dir) / "raw", unet, text_encoders, {**metadata, "adapter_weights": "raw"})
+            copies.append(lambda staging: shutil.copyfile(raw, staging / RAW_WEIGHT_NAME))
+            info.update(raw_weights_file=RAW_WEIGHT_NAME, ema_decay=settings.ema_decay)
+        with weights_of(ema):
+            save_lora(folder, unet, text_encoders, training_metadata={**metadata, "adapter_weights": info[
+                "adapter_weights"]}, extra_files=lambda staging: [copy(staging) for copy in copies])
     if info_name:
         write_json(folder / info_name, info)
 
@@ -176,6 +189,11 @@ def lora_metadata(settings, state: TrainState) -> dict:
         "lora_alpha": settings.lora_alpha,
         "use_rslora": settings.use_rslora,
         "use_dora": settings.use_dora,
+        "lora_type": settings.lora_type,
+        "lokr_factor": settings.lokr_factor if settings.lora_type == "lokr" else None,
+        "lokr_decompose_both": settings.lokr_decompose_both if settings.lora_type == "lokr" else None,
+        "loraplus_lr_ratio": settings.loraplus_lr_ratio,
+        "use_ema": settings.use_ema,
         "resolution": settings.resolution,
         "learning_rate": settings.learning_rate,
         "steps": state.global_step,

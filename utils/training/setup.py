@@ -16,6 +16,7 @@ from utils.data.records import Example, folder_counts
 from utils.training.batches import BucketBatchSampler, IndexDataset, PixelDataset, assign_buckets
 from utils.training.caching import fill_caches
 from utils.training.checkpoints import register_checkpoint_hooks, resume
+from utils.training.ema import AdapterEMA
 from utils.training.loss import BatchMaker, EvalSet, build_eval_set
 from utils.training.loss_log import CsvLog, open_logs
 from utils.training.run_dir import TrainState, tag_frequency, tracker_config, write_experiment_config
@@ -55,11 +56,31 @@ def check_args(args: argparse.Namespace) -> None:
     if args.save_kohya and args.use_dora:
         raise TrainingError("--save_kohya cannot be combined with --use_dora: the kohya format has no exact "
                             "equivalent of PEFT's DoRA magnitudes")
+    check_adapter_args(args)
     if args.push_to_hub:
         from utils.hub.publish import check_hub_target
         if not args.hub_model_id:
             raise TrainingError("--push_to_hub needs --hub_model_id namespace/name")
         check_hub_target(args.hub_model_id)
+
+
+def check_adapter_args(args: argparse.Namespace) -> None:
+    """--lora_type, LoRA+ and EMA flags that cannot work together."""
+    lycoris = args.lora_type != "lora"
+    for flag, used in (("--use_dora", args.use_dora), ("--use_rslora", args.use_rslora),
+                       ("--loraplus_lr_ratio", args.loraplus_lr_ratio is not None),
+                       ("--lora_dropout", args.lora_dropout > 0)):
+        if lycoris and used:
+            raise TrainingError(f"{flag} applies to --lora_type lora only (LoHa/LoKr have no up/down pair "
+                                f"of that kind), not to --lora_type {args.lora_type}")
+    if args.loraplus_lr_ratio is not None and args.loraplus_lr_ratio <= 0:
+        raise TrainingError(f"--loraplus_lr_ratio {args.loraplus_lr_ratio} must be positive")
+    if args.lokr_factor == 0 or args.lokr_factor < -1:
+        raise TrainingError(f"--lokr_factor {args.lokr_factor} must be -1 (automatic) or a positive size")
+    if not 0.0 < args.ema_decay < 1.0:
+        raise TrainingError(f"--ema_decay {args.ema_decay} must be in (0, 1)")
+    if args.ema_update_every < 1:
+        raise TrainingError(f"--ema_update_every {args.ema_update_every} must be at least 1")
 
 
 def _require(module: str, message: str) -> None:
@@ -91,8 +112,13 @@ def split_examples(examples: list[Example], validation_split: float, seed: int) 
 
 
 def lora_config(args: argparse.Namespace, target_modules: list[str]):
-    """PEFT's LoraConfig from the LoRA flags, for the given target modules."""
-    from peft import LoraConfig
+    """PEFT's LoraConfig (or LoHaConfig/LoKrConfig for --lora_type) from the flags, for the target modules."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+    if args.lora_type == "loha":
+        return LoHaConfig(r=args.lora_rank, alpha=args.lora_alpha, target_modules=target_modules)
+    if args.lora_type == "lokr":
+        return LoKrConfig(r=args.lora_rank, alpha=args.lora_alpha, target_modules=target_modules,
+                          decompose_factor=args.lokr_factor, decompose_both=args.lokr_decompose_both)
     return LoraConfig(
         r=args.lora_rank,
         lora_alpha=args.lora_alpha,
@@ -138,8 +164,18 @@ def set_gradient_checkpointing(components, args: argparse.Namespace, device: tor
     return enabled
 
 
-def make_optimizer(settings: RunSettings, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    """The --optimizer over the LoRA parameters, at the run's learning rate (after --scale_lr)."""
+def loraplus_groups(models: list, params: list[torch.nn.Parameter], settings: RunSettings) -> list:
+    """The parameters, or with --loraplus_lr_ratio two groups: the up (lora_B) matrices at ratio x the rate."""
+    if settings.loraplus_lr_ratio is None:
+        return params
+    up = {id(p) for model in models for name, p in model.named_parameters() if ".lora_B." in name}
+    return [{"params": [p for p in params if id(p) not in up], "lr": settings.learning_rate},
+            {"params": [p for p in params if id(p) in up],
+             "lr": settings.learning_rate * settings.loraplus_lr_ratio}]
+
+
+def make_optimizer(settings: RunSettings, params: list) -> torch.optim.Optimizer:
+    """The --optimizer over the LoRA parameters (or parameter groups), at the run's learning rate."""
     kwargs = dict(lr=settings.learning_rate, betas=(settings.adam_beta1, settings.adam_beta2),
                   weight_decay=settings.adam_weight_decay, eps=settings.adam_epsilon)
     if settings.optimizer == "adamw8bit":
@@ -150,7 +186,8 @@ def make_optimizer(settings: RunSettings, params: list[torch.nn.Parameter]) -> t
         return prodigyopt.Prodigy(params, lr=settings.learning_rate, betas=kwargs["betas"],
                                   weight_decay=settings.adam_weight_decay)
     # Fused: one kernel per step, and it can skip a step on the device (see skip_on_device).
-    fused = all(p.device.type in ("cuda", "cpu") and p.dtype == torch.float32 for p in params)
+    flat = [p for group in params for p in group["params"]] if params and isinstance(params[0], dict) else params
+    fused = all(p.device.type in ("cuda", "cpu") and p.dtype == torch.float32 for p in flat)
     return torch.optim.AdamW(params, fused=fused, **kwargs)
 
 
@@ -189,6 +226,7 @@ class Run:
     epoch_log: CsvLog | None = None  # logs/training_log.csv, the original's: one row per epoch
     step_log: CsvLog | None = None  # logs/training_steps.csv: one row per optimizer step
     nonfinite_in_a_row: int = 0
+    ema: AdapterEMA | None = None  # --use_ema: the moving average of the adapter weights
 
     @property
     def unet(self):
@@ -222,7 +260,8 @@ def prepare_run(settings: RunSettings, examples: list[Example], timeline: Timeli
             fill_caches(batch_maker, items, settings, accelerator)
     gradient_checkpointing = set_gradient_checkpointing(components, settings, accelerator.device, weight_dtype)
     sampler, dataloader = _loader(settings, items)
-    optimizer, lr_scheduler, steps_per_epoch, max_train_steps = _schedule(settings, params, len(dataloader),
+    groups = loraplus_groups([components.unet, *components.text_encoders], params, settings)
+    optimizer, lr_scheduler, steps_per_epoch, max_train_steps = _schedule(settings, groups, len(dataloader),
                                                                           accelerator.num_processes)
     with timeline.phase("accelerate prepare"):
         models, optimizer, dataloader, lr_scheduler = _prepare(accelerator, settings, components, optimizer,
@@ -230,7 +269,8 @@ def prepare_run(settings: RunSettings, examples: list[Example], timeline: Timeli
     run = Run(settings, accelerator, components, models, params, optimizer, lr_scheduler, dataloader, sampler,
               batch_maker, eval_set, TrainState(max_train_steps=max_train_steps, steps_per_epoch=steps_per_epoch),
               math.ceil(max_train_steps / steps_per_epoch), timeline=timeline,
-              gradient_checkpointing=gradient_checkpointing)
+              gradient_checkpointing=gradient_checkpointing,
+              ema=AdapterEMA(params, settings.ema_decay, settings.ema_update_every) if settings.use_ema else None)
     _start(run, items, held_out, plan, mixed_precision)
     return run
 
@@ -323,7 +363,7 @@ def _start(run: Run, items: list, held_out: list, plan: EvalPlan, mixed_precisio
                           "tag_frequency": tag_frequency([i.example.caption for i in items])}
     if settings.resume_from_checkpoint:
         with run.timeline.phase("resume"):
-            resume(accelerator, settings, state)
+            resume(accelerator, settings, state, run.ema)
     write_experiment_config(accelerator, settings, state, len(items), len(held_out), mixed_precision)
     if accelerator.is_main_process and _trackers(settings.report_to):
         accelerator.init_trackers("sdxl_lora", config=tracker_config(settings))

@@ -1,0 +1,256 @@
+"""LoHa and LoKr beside LoRA, the EMA of the adapter weights, and LoRA+.
+
+LoHa/LoKr: a short training changes the image; the saved file (and its kohya/LyCORIS copy) reloaded through
+inference_sdxl_ghibli.py gives the image of the trained weights put into the model directly. On the full-size
+SDXL layout the kohya/LyCORIS file, read with LyCORIS' published formulas, gives PEFT's weight delta."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import ROOT, load_pipe, only_run_dir, pixels, run_script
+from utils.lora.files import LORA_WEIGHT_NAME, read_metadata, read_tensors, save_safetensors
+from utils.lora.kohya_names import KOHYA_WEIGHT_NAME, SDXL_UNET_CONFIG, unet_kohya_names, unet_layers
+
+TRAIN = ["--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "2", "--learning_rate", "1e-2",
+         "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--report_to", "none", "--mixed_precision", "no",
+         "--no-gradient_checkpointing", "--save_steps", "100", "--checkpointing_steps", "2"]
+INFER = ["--prompt", "a house in ghibli style", "--num_images", "1", "--height", "64", "--width", "64",
+         "--num_inference_steps", "2"]
+SDXL_CONFIG = Path("/work/shared/sdxl-base-1.0-config/unet.json")
+ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def train(tiny_model_dir, dataset_dir, output_dir, *extra) -> Path:
+    run_script("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_dir",
+               str(dataset_dir), "--output_dir", str(output_dir), *TRAIN, *extra)
+    return only_run_dir(output_dir)
+
+
+def infer(tiny_model_dir, out_dir, lora: Path, *extra) -> np.ndarray:
+    run_script(str(ROOT / "inference_sdxl_ghibli.py"), "--pretrained_model_name_or_path", str(tiny_model_dir),
+               "--output_dir", str(out_dir), "--lora_model_path", str(lora), *INFER, *extra)
+    (image,) = out_dir.glob("lora_prompt1_*.png")
+    return pixels(image)
+
+
+@pytest.fixture(scope="module")
+def adapter_runs(tiny_model_dir, tiny_dataset_dir, tmp_path_factory) -> dict:
+    return {kind: train(tiny_model_dir, tiny_dataset_dir, tmp_path_factory.mktemp(kind), "--lora_type", kind,
+                        "--lora_alpha", "4")
+            for kind in ("loha", "lokr")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_trained_adapter_reloads_through_inference_with_the_same_image(adapter_runs, tiny_model_dir, kind, tmp_path):
+    from peft import LoHaConfig, LoKrConfig
+    from peft.utils import set_peft_model_state_dict
+
+    run_dir = adapter_runs[kind]
+    config = json.loads((run_dir / "experiment_config.json").read_text())
+    assert config["lora_type"] == kind
+    info = json.loads((run_dir / "final_model" / "final_model_info.json").read_text())
+    assert (info["lora_type"], info["adapter_weights"]) == (kind, "raw")
+    training = json.loads(read_metadata(run_dir / "final_model" / LORA_WEIGHT_NAME)["ghibli_training"])
+    assert training["lora_type"] == kind
+    kohya_header = read_metadata(run_dir / "final_model" / KOHYA_WEIGHT_NAME)
+    assert kohya_header["ss_network_module"] == "lycoris.kohya"
+    assert json.loads(kohya_header["ss_network_args"])["algo"] == kind
+
+    # The trained weights as the training process held them (its resumable state), put in directly.
+    pipe = load_pipe(tiny_model_dir)
+    base = np.asarray(pipe("a house in ghibli style", num_inference_steps=2, height=64, width=64, guidance_scale=5.0,
+                           negative_prompt="blurry, low quality, distorted, deformed, ugly, bad anatomy",
+                           generator=torch.Generator("cpu").manual_seed(42)).images[0], dtype=np.float32)
+    peft_config = (LoHaConfig(r=8, alpha=4, target_modules=list(ATTENTION)) if kind == "loha"
+                   else LoKrConfig(r=8, alpha=4, target_modules=list(ATTENTION)))
+    pipe.unet.add_adapter(peft_config)
+    state = read_tensors(run_dir / "checkpoints" / "checkpoint-2" / "lora_unet.safetensors")
+    assert not set_peft_model_state_dict(pipe.unet, state).unexpected_keys
+    direct = np.asarray(pipe("a house in ghibli style", num_inference_steps=2, height=64, width=64,
+                             guidance_scale=5.0,
+                             negative_prompt="blurry, low quality, distorted, deformed, ugly, bad anatomy",
+                             generator=torch.Generator("cpu").manual_seed(42)).images[0], dtype=np.float32)
+    assert np.abs(direct - base).mean() > 0.05, "training did not change the image"
+
+    own = infer(tiny_model_dir, tmp_path / "own", run_dir / "final_model")
+    kohya = infer(tiny_model_dir, tmp_path / "kohya", run_dir / "final_model" / KOHYA_WEIGHT_NAME)
+    assert np.abs(own[..., :3] - direct).max() <= 1.0
+    assert np.abs(kohya - own).max() <= 1.0
+    off = infer(tiny_model_dir, tmp_path / "off", run_dir / "final_model", "--lora_scale", "0")
+    assert np.abs(off[..., :3] - base).max() <= 1.0
+
+
+# ----------------------------------------------------------------------------- the full-size SDXL layout
+
+
+def lycoris_delta(weights: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    """LyCORIS' published formulas, read from its kohya-format keys (which this pops, to show all are used)."""
+    alpha = weights.pop("alpha").item()
+    if "hada_w1_a" in weights:
+        w1b = weights.pop("hada_w1_b")
+        delta = (weights.pop("hada_w1_a") @ w1b) * (weights.pop("hada_w2_a") @ weights.pop("hada_w2_b"))
+        return (delta * alpha / w1b.shape[0]).reshape(shape)
+    dim = None
+    w1 = weights.pop("lokr_w1", None)
+    if w1 is None:
+        w1b = weights.pop("lokr_w1_b")
+        w1, dim = weights.pop("lokr_w1_a") @ w1b, w1b.shape[0]
+    w2 = weights.pop("lokr_w2", None)
+    if w2 is None:
+        w2b = weights.pop("lokr_w2_b")
+        w2, dim = weights.pop("lokr_w2_a") @ w2b, w2b.shape[0]
+    if w2.dim() == 4:
+        w1 = w1[:, :, None, None]
+    scale = alpha / dim if dim else 1.0
+    return torch.kron(w1, w2).reshape(shape) * scale
+
+
+def peft_layers(kind: str, targets: dict[str, tuple]):
+    """PEFT LoHa/LoKr layers with random factors on bare Linear/Conv2d layers of the given shapes."""
+    from peft import LoHaConfig, LoKrConfig
+    from peft.tuners.loha.layer import Conv2d as HaConv, Linear as HaLinear
+    from peft.tuners.lokr.layer import Conv2d as KrConv, Linear as KrLinear
+
+    config = (LoHaConfig(r=8, alpha=4, init_weights=False) if kind == "loha"
+              else LoKrConfig(r=8, alpha=4, init_weights=False))
+    for module, (_, down, up) in targets.items():
+        if len(down) == 1:
+            base = torch.nn.utils.skip_init(torch.nn.Linear, down[0], up[0], bias=False)
+            layer = (HaLinear if kind == "loha" else KrLinear)(base, "default", config=config, r=8, alpha=4)
+        else:
+            base = torch.nn.utils.skip_init(torch.nn.Conv2d, down[0], up[0], down[1:], padding=1, bias=False)
+            layer = (HaConv if kind == "loha" else KrConv)(base, "default", config=config, r=8, alpha=4)
+        yield module, layer, config
+
+
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_kohya_file_on_full_sdxl_gives_the_peft_delta(kind, tmp_path):
+    from utils.convert_lora import main as convert
+    from utils.lora.lycoris_files import save_kohya_copy
+
+    sdxl = json.loads(SDXL_CONFIG.read_text()) if SDXL_CONFIG.is_file() else SDXL_UNET_CONFIG
+    layers = unet_layers(sdxl)
+    targets = {m: shapes for m, shapes in layers.items() if m.endswith(ATTENTION)}
+    targets.update({m: layers[m] for m in ("down_blocks.1.resnets.0.conv1", "up_blocks.0.resnets.2.conv2")})
+    assert len(targets) == 562
+    tensors, deltas, config = {}, {}, None
+    for module, layer, config in peft_layers(kind, targets):
+        for role in layer.adapter_layer_names:
+            if "default" in getattr(layer, role):
+                tensors[f"unet.{module}.{role}"] = getattr(layer, role)["default"].detach().clone()
+        deltas[module] = layer.get_delta_weight("default").detach()
+    config = {**config.to_dict(), "target_modules": list(ATTENTION)}
+    metadata = {"lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in config.items()}, default=str)}
+    folder = tmp_path / "model"
+    folder.mkdir()
+    save_safetensors(tensors, folder / LORA_WEIGHT_NAME, metadata)
+    kohya_path = save_kohya_copy(folder, sdxl)
+
+    kohya = read_tensors(kohya_path)
+    names = {name: module for module, name in unet_kohya_names(sdxl).items()}
+    grouped: dict[str, dict] = {}
+    for key, tensor in kohya.items():
+        name, _, role = key.partition(".")
+        grouped.setdefault(name, {})[role] = tensor
+    assert {names[name] for name in grouped} == set(deltas)
+    worst = 0.0
+    for name, weights in grouped.items():
+        expected = deltas[names[name]]
+        got = lycoris_delta(weights, expected.shape)
+        assert not weights, f"{name}: keys left unread: {sorted(weights)}"
+        worst = max(worst, float((got - expected).norm() / expected.norm()))
+    assert worst <= 1e-5
+
+    # Back to the project's file, then to kohya again: the same tensors both ways.
+    convert([str(kohya_path), "--output", str(tmp_path / "back")])
+    back = read_tensors(tmp_path / "back" / LORA_WEIGHT_NAME)
+    assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    convert([str(tmp_path / "back" / LORA_WEIGHT_NAME), "--output", str(tmp_path / "again.safetensors")])
+    again = read_tensors(tmp_path / "again.safetensors")
+    assert again.keys() == kohya.keys() and all(torch.equal(again[k], kohya[k]) for k in kohya)
+
+
+# ----------------------------------------------------------------------------- EMA and LoRA+
+
+
+def unet_lora_names(tiny_model_dir) -> list[str]:
+    """The trainable LoRA parameters of the tiny UNet in the trainer's order, as PEFT state-dict keys."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_model_dir, subfolder="unet")
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=list(ATTENTION), init_lora_weights="gaussian"))
+    return [n.replace(".default", "") for n, p in unet.named_parameters() if p.requires_grad]
+
+
+@pytest.mark.slow
+def test_ema_follows_the_raw_weights_and_resumes_bit_equal(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    decay = 0.75
+    flags = ["--max_train_steps", "3", "--checkpointing_steps", "1", "--train_batch_size", "1", "--use_ema",
+             "--ema_decay", str(decay), "--lora_rank", "4", "--lora_alpha", "4"]
+    run_dir = train(tiny_model_dir, tiny_dataset_dir, tmp_path / "straight", *flags)
+    names = unet_lora_names(tiny_model_dir)
+    checkpoint = [run_dir / "checkpoints" / f"checkpoint-{step}" for step in (1, 2, 3)]
+    raw = [read_tensors(c / "lora_unet.safetensors") for c in checkpoint]
+    ema = [read_tensors(c / "ema.safetensors") for c in checkpoint]
+    ema = [{name: e[f"{i:05d}"] for i, name in enumerate(names)} for e in ema]
+    for name in names:
+        if "lora_B" in name:  # PEFT starts B at zero, so the first average is (1 - decay) x the first step
+            assert torch.equal(ema[0][name], raw[0][name] * (1 - decay))
+        reference = ema[0][name]
+        for step in (1, 2):
+            reference = reference * decay + raw[step][name] * (1 - decay)
+            torch.testing.assert_close(ema[step][name], reference, rtol=0, atol=1e-7)
+    final = run_dir / "final_model"
+    info = json.loads((final / "final_model_info.json").read_text())
+    assert (info["adapter_weights"], info["raw_weights_file"]) == ("ema", "raw_lora_weights.safetensors")
+    model, kept = read_tensors(final / LORA_WEIGHT_NAME), read_tensors(final / info["raw_weights_file"])
+    key = next(k for k in model if "lora_B" in k)
+    assert not torch.equal(model[key], kept[key])
+    assert all(torch.equal(model[f"unet.{n}"], ema[2][n]) for n in names)
+    assert all(torch.equal(kept[f"unet.{n}"], raw[2][n]) for n in names)
+
+    # Resume from step 1 in a copy of the run: the same EMA and weights at the end, bit for bit.
+    copy = tmp_path / "resumed" / run_dir.name
+    shutil.copytree(run_dir, copy)
+    for folder in [*checkpoint[1:], final]:
+        shutil.rmtree(copy / folder.relative_to(run_dir))
+    train(tiny_model_dir, tiny_dataset_dir, tmp_path / "resumed", *flags, "--resume_from_checkpoint",
+          str(copy / "checkpoints" / "checkpoint-1"))
+    for file in ("checkpoints/checkpoint-3/ema.safetensors", f"final_model/{LORA_WEIGHT_NAME}",
+                 "final_model/raw_lora_weights.safetensors"):
+        first, second = read_tensors(run_dir / file), read_tensors(copy / file)
+        assert all(torch.equal(first[k], second[k]) for k in first), file
+
+
+def test_loraplus_puts_the_up_matrices_at_ratio_times_the_rate():
+    from peft import LoraConfig
+
+    from utils.training.flags import parse_training_args
+    from utils.training.setup import check_args, loraplus_groups, make_optimizer
+    from utils.training.settings import TrainingError
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    from peft import inject_adapter_in_model
+    inject_adapter_in_model(LoraConfig(r=2, target_modules=["0"]), model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    args = parse_training_args(["--loraplus_lr_ratio", "16", "--learning_rate", "1e-4"])
+
+    class Settings:  # the fields make_optimizer reads, as RunSettings gives them
+        def __getattr__(self, name):
+            return getattr(args, name)
+    optimizer = make_optimizer(Settings(), loraplus_groups([model], params, Settings()))
+    up = {id(p) for n, p in model.named_parameters() if "lora_B" in n}
+    rates = sorted((g["lr"], all(id(p) in up for p in g["params"])) for g in optimizer.param_groups)
+    assert rates == [(1e-4, False), (16e-4, True)]
+    with pytest.raises(TrainingError, match="--loraplus_lr_ratio applies to --lora_type lora only"):
+        check_args(parse_training_args(["--lora_type", "lokr", "--loraplus_lr_ratio", "16",
+                                        "--pretrained_model_name_or_path", str(ROOT)]))
