@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from utils.core.names import SDXL_BASE_ID
+from utils.training.config_file import add_config_arguments, apply_config_file
 from utils.data.listing import add_dataset_arguments
 
 
@@ -12,6 +13,8 @@ def parse_training_args(argv: list[str] | None = None, description: str | None =
     """train_sdxl_lora.py's flags (the original's names and defaults, plus the additions)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_arguments(p)
+    add_config_arguments(p)
+    apply_config_file(p, argv)
     return p.parse_args(argv)
 
 
