@@ -154,6 +154,9 @@ def _add_evaluation_flags(p: argparse.ArgumentParser) -> None:
     val.add_argument("--num_validation_images", type=int, default=2)
     val.add_argument("--validation_epochs", type=int, default=1)
     val.add_argument("--validation_steps", type=int, default=25, help="inference steps per validation image")
+    val.add_argument("--validation_prompts_file", default=None,
+                     help="validation prompts, one per line, with kohya's inline options (--n negative, --w/--h "
+                          "size, --s steps, --l guidance, --d seed); replaces --validation_prompt")
 
 
 def _add_style_flags(p: argparse.ArgumentParser) -> None:

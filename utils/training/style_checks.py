@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from utils.core.prompt_file import read_prompt_file
 from utils.training.settings import TrainingError
 
 
@@ -18,6 +19,8 @@ def check_style_args(args: argparse.Namespace) -> None:
     if args.shuffle_caption and not args.caption_separator:
         raise StyleOptionError("--caption_separator must not be empty")
     _check_timesteps(args)
+    if args.validation_prompts_file:
+        read_prompt_file(args.validation_prompts_file)  # a bad file fails here, not at the first epoch's end
 
 
 def _check_timesteps(args: argparse.Namespace) -> None:
