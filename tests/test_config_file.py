@@ -142,3 +142,14 @@ def test_the_sweep_passes_a_config_file_to_each_run(tiny_model_dir, tiny_dataset
     config_json = json.loads((run / "experiment_config.json").read_text())
     # The sweep's own flags win over the file; the rest comes from it.
     assert (config_json["lora_rank"], config_json["lora_alpha"], config_json["resolution"]) == (2, 4.0, 32)
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "docs" / "recipes").glob("*.toml")), ids=lambda p: p.name)
+def test_the_documented_recipes_parse_and_are_the_ones_in_the_guides(recipe):
+    result = subprocess.run([sys.executable, "train_sdxl_lora.py", "--config_file", str(recipe), "--output_config"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    effective = {line.split(" = ", 1)[0] for line in result.stdout.splitlines() if " = " in line}
+    assert {"shuffle_caption", "timestep_bias_strategy", "lora_rank", "resolution"} <= effective
+    for guide in ("docs/style-options.md", "docs/ko/style-options.md"):
+        assert recipe.read_text() in (ROOT / guide).read_text()
