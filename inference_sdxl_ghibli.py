@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 
 from utils.core.cli import run_cli
-from utils.inference.flags import DEFAULT_NEGATIVE, default_lora, parse_inference_args, settings_of  # noqa: F401
+from utils.inference.flags import (DEFAULT_NEGATIVE, default_lora, parse_inference_args, prompt_seeds,  # noqa: F401
+                                   prompt_settings, settings_of)
 from utils.inference.prompts import DEFAULT_PROMPTS  # noqa: F401 (the 16 default prompts, importable from here)
 
 logger = logging.getLogger("inference_sdxl_ghibli")
@@ -106,10 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     pipe, _ = open_pipeline(args.pretrained_model_name_or_path, revision=args.revision, variant=args.variant,
                             device=args.device, allow_pickle=args.allow_pickle)
     run_comparison(
-        pipe, args.prompts, lora_path, args.lora_scale, settings_of(args), args.num_images, args.seed,
+        pipe, args.prompts, lora_path, args.lora_scale, prompt_settings(args), args.num_images, args.seed,
         Path(args.output_dir), args.pretrained_model_name_or_path, run_base=args.run_base_inference,
         base_results_dir=Path(args.base_results_dir) if args.base_results_dir else None,
-        create_grid=args.create_comparison_grid, allow_pickle=args.allow_pickle,
+        create_grid=args.create_comparison_grid, allow_pickle=args.allow_pickle, first_seeds=prompt_seeds(args),
     )
     logger.info("Images written to %s", args.output_dir)
     return 0

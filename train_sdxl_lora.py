@@ -86,6 +86,10 @@ def encode_prompt(prompt_batch: list, text_encoders: list, tokenizers: list, pro
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.output_config:
+        from utils.training.config_file import output_config
+        output_config(args)
+        return 0
     from utils.training.trainer import train
     train(args)
     return 0

@@ -1,8 +1,9 @@
 """One rule for what is secret, and the helpers that hide secrets from files, logs and command lines.
 
 A name is secret when it contains token, secret, key, passw or credential (any case): ``--token``,
-``hub_token``, ``api_key``, ``password``. None of the trainer's or the inference script's flags match,
-so experiment_config.json keeps every flag.
+``hub_token``, ``api_key``, ``password``; except the names in NOT_SECRET, flags that count caption
+tokens. None of the trainer's or the inference script's other flags match, so experiment_config.json
+keeps every flag.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import re
 from typing import Any, Iterable
 
 SECRET_NAME = re.compile(r"token|secret|key|passw|credential", re.IGNORECASE)
+NOT_SECRET = {"keep_tokens"}  # a number of caption tokens (kohya's flag), not an access token
 MASK = "***"
 
 
 def is_secret(name: str) -> bool:
     """Whether a flag or key name (``--hub_token``, ``api_key``) names a secret."""
-    return bool(SECRET_NAME.search(name.lstrip("-")))
+    name = name.lstrip("-")
+    return name.lower() not in NOT_SECRET and bool(SECRET_NAME.search(name))
 
 
 def mask_argv(argv: Iterable[str]) -> list[str]:

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from utils.core.cli import derived
 from utils.core.errors import UserError
 from utils.core.names import SDXL_BASE_ID
+from utils.core.prompt_file import read_prompt_file
 from utils.inference.prompts import DEFAULT_PROMPTS
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,23 @@ def settings_of(args: argparse.Namespace) -> GenerationSettings:
                               args.width)
 
 
+def prompt_settings(args: argparse.Namespace) -> list[GenerationSettings] | GenerationSettings:
+    """One GenerationSettings for every prompt, or, with --prompts_file, one per prompt: its inline options
+    over the flags."""
+    base = settings_of(args)
+    if not getattr(args, "prompt_specs", None):
+        return base
+    return [replace(base, **{name: value for name, value in (
+        ("negative_prompt", spec.negative_prompt), ("num_inference_steps", spec.steps),
+        ("guidance_scale", spec.guidance_scale), ("height", spec.height), ("width", spec.width))
+        if value is not None}) for spec in args.prompt_specs]
+
+
+def prompt_seeds(args: argparse.Namespace) -> list[int | None] | None:
+    """--prompts_file's --d seeds (None where a line has none), else None."""
+    return [spec.seed for spec in args.prompt_specs] if getattr(args, "prompt_specs", None) else None
+
+
 def seeds_for(prompt_index: int, num_images: int, seed: int) -> list[int]:
     """Image i of prompt k (both from 0) uses seed + k * num_images + i."""
     return [seed + prompt_index * num_images + i for i in range(num_images)]
@@ -52,6 +70,9 @@ def add_inference_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default: the newest {RUNS_DIR}/*/final_model)")
     p.add_argument("--prompt", default=None, help="one prompt (takes precedence over --prompts)")
     p.add_argument("--prompts", nargs="+", default=None, help="several prompts (default: the original's 16)")
+    p.add_argument("--prompts_file", default=None,
+                   help="prompts, one per line, with kohya's inline options (--n negative, --w/--h size, --s steps, "
+                        "--l guidance, --d seed of the first image); takes precedence over --prompt and --prompts")
     p.add_argument("--negative_prompt", default=DEFAULT_NEGATIVE)
     p.add_argument("--num_inference_steps", type=int, default=30)
     p.add_argument("--guidance_scale", type=float, default=5.0)
@@ -76,7 +97,10 @@ def parse_inference_args(argv: list[str] | None = None, description: str | None 
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_inference_arguments(p)
     args = p.parse_args(argv)
-    return derived(args, prompts=[args.prompt] if args.prompt else (args.prompts or DEFAULT_PROMPTS))
+    if args.prompts_file:
+        specs = read_prompt_file(args.prompts_file)
+        return derived(args, prompts=[spec.prompt for spec in specs], prompt_specs=specs)
+    return derived(args, prompts=[args.prompt] if args.prompt else (args.prompts or DEFAULT_PROMPTS), prompt_specs=None)
 
 
 def default_lora(run_base: bool) -> str | None:

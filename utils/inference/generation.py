@@ -66,24 +66,29 @@ def _base_for(pipe, k: int, prompt: str, seeds: list[int], settings: GenerationS
     return base, missing
 
 
-def run_comparison(pipe, prompts: list[str], lora_path: str | None, lora_scale: float, settings: GenerationSettings,
-                   num_images: int, seed: int, output_dir: Path, base_model: str, run_base: bool = True,
-                   base_results_dir: Path | None = None, create_grid: bool = True,
-                   allow_pickle: bool = False) -> list[Path]:
+def run_comparison(pipe, prompts: list[str], lora_path: str | None, lora_scale: float,
+                   settings: GenerationSettings | list[GenerationSettings], num_images: int, seed: int,
+                   output_dir: Path, base_model: str, run_base: bool = True, base_results_dir: Path | None = None,
+                   create_grid: bool = True, allow_pickle: bool = False,
+                   first_seeds: list[int | None] | None = None) -> list[Path]:
     """Generate, save and (optionally) grid base and LoRA images for every prompt; return metadata paths.
 
     ``run_base``: generate base images unless ``base_results_dir`` holds them for the same settings.
     Otherwise base images are taken from ``base_results_dir`` (matched by metadata, else by the original's
     file-name prefix); when none are there and a grid is asked for, they are generated for the grid.
+    ``settings``: one for all prompts, or one per prompt; ``first_seeds``: per prompt, the seed of its
+    first image (the others follow it), or None for the usual seeds.
     """
+    per_prompt = settings if isinstance(settings, list) else [settings] * len(prompts)
     output_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now().strftime(RUN_STAMP_FORMAT)
     pipe.set_progress_bar_config(disable=True)
     want_grid = create_grid and bool(lora_path)
     records, missing = [], []
     for k, prompt in enumerate(tqdm(prompts, desc="Base images")):
-        seeds = seeds_for(k, num_images, seed)
-        base, was_missing = _base_for(pipe, k, prompt, seeds, settings, base_model, base_results_dir, run_base,
+        given = first_seeds[k] if first_seeds else None
+        seeds = seeds_for(k, num_images, seed) if given is None else [given + i for i in range(num_images)]
+        base, was_missing = _base_for(pipe, k, prompt, seeds, per_prompt[k], base_model, base_results_dir, run_base,
                                       make_if_missing=want_grid)
         if was_missing:
             missing.append(k + 1)
@@ -95,7 +100,7 @@ def run_comparison(pipe, prompts: list[str], lora_path: str | None, lora_scale: 
     if lora_path:
         load_adapter(pipe, lora_path, lora_scale, allow_pickle=allow_pickle)
         for k, record in enumerate(tqdm(records, desc="LoRA images")):
-            record["lora"] = generate(pipe, record["prompt"], record["seeds"], settings)
+            record["lora"] = generate(pipe, record["prompt"], record["seeds"], per_prompt[k])
             record["lora_images"] = _save_all(record["lora"], output_dir, f"lora_prompt{k + 1}_{stamp}")
     metadata_paths = []
     for k, record in enumerate(records):
@@ -103,9 +108,9 @@ def run_comparison(pipe, prompts: list[str], lora_path: str | None, lora_scale: 
         if create_grid and record.get("base") and record.get("lora"):
             grid_name = save_comparison_grid(record["base"], record["lora"], record["prompt"], lora_scale,
                                              output_dir, k, stamp).name
-        meta = original_metadata(k, record["prompt"], settings, seed, lora_path, lora_scale, stamp,
+        meta = original_metadata(k, record["prompt"], per_prompt[k], record["seeds"][0] if first_seeds else seed, lora_path, lora_scale, stamp,
                                  record["base_images"], record.get("lora_images", []), grid_name)
-        meta.update(seeds=record["seeds"], settings=asdict(settings), base_model=base_model,
+        meta.update(seeds=record["seeds"], settings=asdict(per_prompt[k]), base_model=base_model,
                     generator_device=generator_device(pipe), base_images=record["base_images"],
                     lora_images=record.get("lora_images", []))
         metadata_paths.append(write_metadata(meta, output_dir, k, stamp))

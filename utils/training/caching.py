@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from utils.core.atomic import replace_file
 from utils.core.sdxl import encode_prompts, vae_latent_distribution
 from utils.training.batches import Item, orientation_time_ids, prepare_item
+from utils.training.captions import caption_text, shuffles
 from utils.training.run_dir import cache_dir
 
 logger = logging.getLogger(__name__)
@@ -90,8 +91,11 @@ def fill_caches(batch_maker, items: list[Item], settings, accelerator) -> None:
     with accelerator.main_process_first():
         batch_maker.latent_cache = cache_latents(items, components.vae, settings.center_crop, settings.random_flip,
                                                  model_id, folder)
-    if not settings.train_text_encoder:
-        captions = [i.example.caption for i in items]
+    if shuffles(settings) and not settings.train_text_encoder:
+        logger.info("Text embeddings are not cached: --shuffle_caption changes the captions at every step "
+                    "(the latents stay cached)")
+    elif not settings.train_text_encoder:
+        captions = [caption_text(i.example.caption, settings) for i in items]
         with accelerator.main_process_first():
             batch_maker.text_cache = cached_text(captions, components, model_id, folder)
     release_encoders(components, settings, accelerator)

@@ -60,7 +60,7 @@ def _epoch_checkpoint(run, epoch: int, info: dict) -> None:
 def _validation(run, epoch: int) -> None:
     """Validation images every --validation_epochs epochs, when there are validation prompts."""
     settings = run.settings
-    if settings.validation_prompt and (epoch + 1) % settings.validation_epochs == 0:
+    if (settings.validation_prompt or settings.validation_prompts_file) and (epoch + 1) % settings.validation_epochs == 0:
         from utils.training.validation import log_validation_images
         with weights_of(run.ema):
             log_validation_images(run.accelerator, settings, settings.run_dir, run.components, run.models,

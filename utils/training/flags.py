@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from utils.core.names import SDXL_BASE_ID
+from utils.training.config_file import add_config_arguments, apply_config_file
 from utils.data.listing import add_dataset_arguments
 
 
@@ -12,12 +13,14 @@ def parse_training_args(argv: list[str] | None = None, description: str | None =
     """train_sdxl_lora.py's flags (the original's names and defaults, plus the additions)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_training_arguments(p)
+    add_config_arguments(p)
+    apply_config_file(p, argv)
     return p.parse_args(argv)
 
 
 def add_training_arguments(p: argparse.ArgumentParser) -> None:
     for add_group in (_add_model_flags, _add_data_flags, _add_output_flags, _add_lora_flags, _add_optimizer_flags,
-                      _add_speed_flags, _add_evaluation_flags):
+                      _add_speed_flags, _add_evaluation_flags, _add_style_flags):
         add_group(p)
 
 
@@ -172,6 +175,38 @@ def _add_evaluation_flags(p: argparse.ArgumentParser) -> None:
     val.add_argument("--num_validation_images", type=int, default=2)
     val.add_argument("--validation_epochs", type=int, default=1)
     val.add_argument("--validation_steps", type=int, default=25, help="inference steps per validation image")
+    val.add_argument("--validation_prompts_file", default=None,
+                     help="validation prompts, one per line, with kohya's inline options (--n negative, --w/--h "
+                          "size, --s steps, --l guidance, --d seed); replaces --validation_prompt")
+
+
+def _add_style_flags(p: argparse.ArgumentParser) -> None:
+    style = p.add_argument_group("style options (kohya sd-scripts' names and meaning)")
+    style.add_argument("--shuffle_caption", action="store_true",
+                       help="shuffle the caption's tokens (split at --caption_separator) at every step; the text "
+                            "embeddings are then computed each step instead of cached")
+    style.add_argument("--keep_tokens", type=int, default=0,
+                       help="with --shuffle_caption: the first N tokens stay in place (default: %(default)s)")
+    style.add_argument("--caption_separator", default=",", help="what separates caption tokens (default: ',')")
+    style.add_argument("--caption_prefix", default=None,
+                       help="text put before every caption, e.g. a trigger word (never shuffled)")
+    timesteps = p.add_argument_group("timestep distribution (the diffusers SDXL example's names and meaning)")
+    timesteps.add_argument("--timestep_bias_strategy", default="none", choices=["none", "earlier", "later", "range"],
+                           help="favour low (earlier), high (later) or a range of timesteps (default: %(default)s)")
+    timesteps.add_argument("--timestep_bias_multiplier", type=float, default=1.0,
+                           help="weight of the favoured timesteps relative to the others (default: %(default)s)")
+    timesteps.add_argument("--timestep_bias_begin", type=int, default=0,
+                           help="--timestep_bias_strategy range: first favoured timestep (default: %(default)s)")
+    timesteps.add_argument("--timestep_bias_end", type=int, default=1000,
+                           help="--timestep_bias_strategy range: end of the favoured timesteps, exclusive "
+                                "(default: %(default)s)")
+    timesteps.add_argument("--timestep_bias_portion", type=float, default=0.25,
+                           help="earlier/later: share of the timesteps favoured (default: %(default)s)")
+    timesteps.add_argument("--timestep_sampling", default="uniform", choices=["uniform", "logit_normal"],
+                           help="uniform, or logit-normal: sigmoid(N(--logit_mean, --logit_std)) of the schedule "
+                                "(default: %(default)s)")
+    timesteps.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal: mean (default: %(default)s)")
+    timesteps.add_argument("--logit_std", type=float, default=1.0, help="logit_normal: std (default: %(default)s)")
 
 
 def checkpointing_setting(value: str) -> bool | str:

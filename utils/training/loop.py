@@ -18,6 +18,7 @@ from utils.training.loss import denoising_loss, evaluate, evaluate_base, sample_
 from utils.training.run_dir import command_line, save_model_folder
 from utils.training.settings import RunSettings, TrainingError
 from utils.training.setup import Run
+from utils.training.timesteps import sample_timesteps
 from utils.training.speed import StepLosses, StepRecord, read_interval
 
 logger = logging.getLogger(__name__)
@@ -147,8 +148,8 @@ def train_micro_step(run: Run, loader_batch: dict) -> tuple[torch.Tensor, torch.
     with accelerator.accumulate(*run.models):
         batch = run.batch_maker(loader_batch)
         noise = sample_noise(batch.latents, settings.noise_offset)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch.latents.shape[0],),
-                                  device=batch.latents.device).long()
+        timesteps = sample_timesteps(settings, scheduler.config.num_train_timesteps, batch.latents.shape[0],
+                                     batch.latents.device)
         loss = denoising_loss(run.unet, scheduler, batch, noise, timesteps, settings.snr_gamma)
         accelerator.backward(loss)
         found_inf = None

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from utils.core.sdxl import encode_prompts, scale_latents, vae_latent_distribution
 from utils.training.batches import Item, orientation_time_ids, prepare_item
+from utils.training.captions import caption_text
 from utils.training.speed import EvalPlan, eval_timesteps
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class BatchMaker:
             latents = vae_latent_distribution(vae, pixels).sample()
             ids = loader_batch["time_ids"][torch.arange(count), flips.long()]
         latents = scale_latents(vae, latents.float()).to(self.weight_dtype).contiguous()
-        captions = [self.items[i].example.caption for i in indices]
+        captions = [caption_text(self.items[i].example.caption, self.settings) for i in indices]
         embeds, pooled = self.encode(captions)
         if self.settings.caption_dropout > 0:
             # Dropped captions get zero embeddings: SDXL's unconditional input at inference
@@ -138,7 +139,7 @@ def build_eval_set(components, items: list[Item], plan: EvalPlan, settings, weig
         item = items[index]
         prepared = prepare_item(item, center_crop=True)
         distribution = vae_latent_distribution(components.vae, prepared.pixels[None])
-        embeds, pooled = encode_prompts(components.tokenizers, components.text_encoders, [item.example.caption])
+        embeds, pooled = encode_prompts(components.tokenizers, components.text_encoders, [caption_text(item.example.caption, settings, shuffle=False)])
         encoded[index] = (scale_latents(components.vae, distribution.mean.float())[0], embeds[0], pooled[0],
                           orientation_time_ids(prepared)[0])
     triples = [encoded[k % len(items)] for k in range(plan.samples)]

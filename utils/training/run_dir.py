@@ -28,10 +28,11 @@ from pathlib import Path
 
 import torch
 
-from utils.core.atomic import write_json
+from utils.core.atomic import write_json, write_text
 from utils.core.names import CONFIG_FILE, RUN_STAMP_FORMAT, SDXL_BASE_MODEL_VERSION
 from utils.core.secrets import mask_argv
 from utils.lora.files import save_lora
+from utils.training.config_file import RUN_CONFIG_FILE, config_toml
 from utils.training.ema import RAW_WEIGHT_NAME, weights_of
 
 
@@ -131,6 +132,7 @@ def write_experiment_config(accelerator, settings, state: TrainState, num_images
     )
     config.update(state.speed_info)  # issue 15: resolved gradient checkpointing and evaluation plan
     write_json(run_dir / CONFIG_FILE, config)
+    write_text(run_dir / RUN_CONFIG_FILE, config_toml(settings.args))
 
 
 # ----------------------------------------------------------------------------- model folders

@@ -48,9 +48,17 @@ class RunSettings:
             raise AttributeError(name)
         return getattr(self.args, name)
 
+    @property
+    def text_embedding_cache(self) -> bool:
+        """Whether the text embeddings are cached: with --cache, unless the text encoders train or
+        --shuffle_caption changes the captions at every step."""
+        return bool(self.args.cache and not self.args.train_text_encoder
+                    and not getattr(self.args, "shuffle_caption", False))
+
     def as_config(self) -> dict:
         """The flags as experiment_config.json records them: derived values in, secrets out."""
         return scrub({**vars(self.args), "dataset_type": self.dataset_type, "learning_rate": self.learning_rate,
+                      "text_embedding_cache": self.text_embedding_cache,
                       "resume_checkpoint_path": str(self.resume_checkpoint) if self.resume_checkpoint else None})
 
     @classmethod

@@ -21,6 +21,7 @@ from utils.training.loss import BatchMaker, EvalSet, build_eval_set
 from utils.training.loss_log import CsvLog, open_logs
 from utils.training.run_dir import TrainState, tag_frequency, tracker_config, write_experiment_config
 from utils.training.settings import RunSettings, TrainingError
+from utils.training.style_checks import check_style_args
 from utils.training.speed import (EvalPlan, Timeline, choose_gradient_checkpointing, estimate_activation_bytes, plan_evaluation)
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise TrainingError("--validation_split must be in [0, 1)")
     if not 0.0 <= args.caption_dropout < 1.0:
         raise TrainingError("--caption_dropout must be in [0, 1)")
+    check_style_args(args)
     if args.save_kohya and args.use_dora:
         raise TrainingError("--save_kohya cannot be combined with --use_dora: the kohya format has no exact "
                             "equivalent of PEFT's DoRA magnitudes")
