@@ -93,7 +93,7 @@ while IFS=$'\t' read -r name cap command; do
     printf '{"rc": %d, "seconds": %d, "cap_s": %d}\n' "$rc" $((SECONDS - start)) "$limit" \
         > "$RESULTS/parts/$name.status"
     echo "   exit $rc after $((SECONDS - start)) s (output: parts/$name.txt)"
-    if [ "$name" = versions ]; then grep -v '^[0-9-]* [0-9:,]* ' "$RESULTS/parts/$name.txt" | head -40; fi
+    if [ "$name" = versions ]; then grep -v '^[0-9]\{4\}-' "$RESULTS/parts/$name.txt" | head -40; fi
 done <<< "$plan"
 
 echo

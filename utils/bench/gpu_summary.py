@@ -73,6 +73,8 @@ def step_rows(data: dict) -> list[dict]:
     """Per measured variant: s/step, peak memory, TFLOP/s executed and MFU (model FLOPs / peak)."""
     from utils.bench.flops import executed_flops
 
+    if not data.get("results"):
+        return []
     settings, peak, flops = data["settings"], data["peak"]["tflops"], data["flops"]
     rows = []
     for key, result in data["results"].items():
@@ -109,9 +111,9 @@ def render(summary: dict) -> str:
     versions = parts["versions"].get("figures", {})
     lines = [f"GPU check -- model {summary['model']}, device {versions.get('gpu', summary['device'])}, "
              f"torch {versions.get('packages', {}).get('torch')}, diffusers {versions.get('packages', {}).get('diffusers')}"]
-    rows = [[name, entry["status"][:90], _seconds(entry.get("seconds")), _headline(name, entry)]
+    rows = [[name, _seconds(entry.get("seconds")), entry["status"][:60], _headline(name, entry)]
             for name, entry in parts.items()]
-    lines += ["", format_table(["part", "status", "s", "result"], rows)]
+    lines += ["", format_table(["part", "s", "status", "result"], rows, left=(0, 2, 3))]
     steps = [row for name in (*BENCHES, "adamw8bit", "compile")
              for row in parts[name].get("figures", {}).get("steps", [])]
     if steps:
@@ -122,7 +124,10 @@ def render(summary: dict) -> str:
     auto = parts["auto_checkpointing"].get("figures", {}).get("configs", {})
     if auto:
         lines += ["", format_table(["auto checkpointing", "estimate GiB", "free GiB", "chose", "peak off GiB",
-                                    "peak on GiB", "verdict"], [_auto_row(c) for c in auto.values()])]
+                                    "peak on GiB", "verdict"], [_auto_row(c) for c in auto.values()], left=(0, 3, 6))]
+    if summary["model"] != "sdxl":
+        lines += ["", f"(model {summary['model']}: the figures prove the paths run; they are not comparable "
+                      "with the anchors and goals below)"]
     lines += ["", "published anchors: " + "; ".join(summary["anchors"])]
     lines += [f"goal: {goal}: {measured}" for goal, measured in goals(steps)]
     return "\n".join(lines)
@@ -165,7 +170,7 @@ def _headline(name: str, entry: dict) -> str:
         return ""
     if "steps" in figures and isinstance(figures["steps"], list):
         text = ", ".join(f"{r['variant']} {r['s_per_step']:.3f} s/step" for r in figures["steps"])
-        return text + "".join(f", compile {r['compile_s']:.0f} s" for r in figures["steps"] if "compile_s" in r)
+        return text + "".join(f", compile time {r['compile_s']:.0f} s" for r in figures["steps"] if "compile_s" in r)
     if name == "inference":
         return ", ".join(f"{mode} {s:.2f} s/image" for mode, s in figures["seconds_per_image"].items())
     if name.startswith("train_"):
