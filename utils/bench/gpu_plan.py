@@ -26,7 +26,7 @@ PROFILES = {
 # Time caps in seconds per part (the whole run also has one budget, which may cut a part shorter).
 CAPS = {
     "sdxl": {"versions": 60, "setup": 150, "bench_full_b1": 150, "train_bf16": 120, "train_fp16": 120,
-             "inference": 100, "bench_full_b4": 130, "bench_half_b1": 90, "auto_checkpointing": 60,
+             "inference": 100, "bench_full_b4": 130, "bench_half_b1": 90, "auto_checkpointing": 90,
              "adamw8bit": 75, "compile": 240},
     "tiny": {"versions": 60, "setup": 60, "bench_full_b1": 120, "train_bf16": 90, "train_fp16": 90,
              "inference": 90, "bench_full_b4": 90, "bench_half_b1": 90, "auto_checkpointing": 60,
