@@ -90,6 +90,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="path to diffusers' examples/text_to_image/train_text_to_image_lora_sdxl.py: adds a "
                         "'diffusers-example' whole run (same model, images, resolution, rank and steps; its own "
                         "defaults otherwise) and the ratios default / example; needs datasets and torchvision")
+    p.add_argument("--model_dir", default=None,
+                   help="a saved diffusers folder of the --model architecture to train instead of building and "
+                        "saving one (e.g. one full-size model shared by several benchmark runs)")
+    p.add_argument("--torch_compile_backend", default="inductor",
+                   help="torch.compile backend of the 'compile' variant (default: %(default)s)")
     p.add_argument("--output_json", default=None, help="also write the results here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return check_resolution(p, p.parse_args(argv))
@@ -105,18 +110,21 @@ def main(argv: list[str] | None = None) -> int:
 
     cuda = torch.cuda.is_available()
     settings = resolve_settings(args, cuda)
-    variants = all_variants(settings["gradient_checkpointing"], settings["mixed_precision"])
+    variants = all_variants(settings["gradient_checkpointing"], settings["mixed_precision"], args.torch_compile_backend)
     wanted = args.variants.split(",") if args.variants else list(variants)
     unknown = [key for key in wanted if key not in variants]
     if unknown:
         raise UserError(f"--variants: unknown {', '.join(unknown)} (choose from {', '.join(variants)})")
     skipped = {key: skip_reason(variants[key], cuda, args.torch_compile) for key in wanted}
     chosen = [variants[key] for key in wanted if not skipped[key]]
-    if args.diffusers_script and (args.whole_run == "off" or not Path(args.diffusers_script).is_file()):
-        raise UserError(f"--diffusers_script {args.diffusers_script}: "
-                        + ("needs --whole_run on or only" if args.whole_run == "off" else "no such file"))
+    _check_paths(args)
     if args.flops_only:
         print_flops(settings)
+        return 0
+    if not chosen and args.whole_run != "only":
+        for key, reason in skipped.items():
+            print(f"skipped {key}: {reason}")
+        _write_json(args, {"settings": settings, "results": {}, "skipped": skipped})
         return 0
     if args.model == "sdxl" and not cuda:
         logger.warning("full-size SDXL on a CPU needs about 16 GB of memory per process and minutes per step; "
@@ -128,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         from utils.tiny.sdxl import make_synthetic_dataset
 
         config = {**settings, "dataset_dir": str(make_synthetic_dataset(Path(scratch) / "data", args.num_images)),
-                  "model_dir": str(save_model(settings["model"], Path(scratch) / "model", device)),
+                  "model_dir": args.model_dir or str(save_model(settings["model"], Path(scratch) / "model", device)),
                   "output_dir": str(Path(scratch) / "runs")}
         whole = {key: whole_run(config, key, args.whole_run_steps)
                  for key in (WHOLE_RUNS if args.whole_run != "off" else ())}
@@ -146,8 +154,16 @@ def main(argv: list[str] | None = None) -> int:
         ratios["whole_runs"] = whole
     _write_json(args, {"settings": settings, "peak": asdict(peak), "flops": results["flops"],
                        "results": results["summary"], "rounds": results["rounds"], "paired": results["paired"],
-                       **ratios})
+                       "skipped": skipped, **ratios})
     return 0
+
+
+def _check_paths(args: argparse.Namespace) -> None:
+    if args.diffusers_script and (args.whole_run == "off" or not Path(args.diffusers_script).is_file()):
+        raise UserError(f"--diffusers_script {args.diffusers_script}: "
+                        + ("needs --whole_run on or only" if args.whole_run == "off" else "no such file"))
+    if args.model_dir and not (Path(args.model_dir) / "model_index.json").is_file():
+        raise UserError(f"--model_dir {args.model_dir}: not a saved diffusers model (no model_index.json)")
 
 
 def _run_variants(args: argparse.Namespace, settings: dict, config: dict, variants: dict[str, Variant],

@@ -19,12 +19,12 @@ def rate_text(value: float) -> str:
     return f"{value:.3g}" if value < 100 else f"{value:.0f}"
 
 
-def format_table(headers: list[str], rows: list[list[str]]) -> str:
-    """Left-aligned first column, right-aligned numbers."""
+def format_table(headers: list[str], rows: list[list[str]], left: tuple[int, ...] = (0,)) -> str:
+    """Left-aligned first column (and the ``left`` columns), right-aligned numbers."""
     widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows)]
 
     def line(cells: list[str]) -> str:
-        first = str(cells[0]).ljust(widths[0])
-        return "  ".join([first] + [str(c).rjust(w) for c, w in zip(cells[1:], widths[1:])])
+        return "  ".join(str(c).ljust(w) if i in left else str(c).rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
     return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(row) for row in rows])

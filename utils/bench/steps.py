@@ -34,9 +34,11 @@ class Variant:
     optimizer: str = "adamw"
     channels_last: bool = False
     compile: bool = False
+    compile_backend: str = "inductor"
 
 
-def all_variants(gradient_checkpointing: bool | str, mixed_precision: str) -> dict[str, Variant]:
+def all_variants(gradient_checkpointing: bool | str, mixed_precision: str,
+                 compile_backend: str = "inductor") -> dict[str, Variant]:
     other = gradient_checkpointing is not True  # 'auto' and off are measured against forced on
     other_gc = "on" if other else "off"
     variants = [
@@ -46,7 +48,9 @@ def all_variants(gradient_checkpointing: bool | str, mixed_precision: str) -> di
         Variant("channels_last", "ours, channels-last UNet", channels_last=True),
         Variant("encoders_on_device", "ours, encoders kept on the device", release_encoders=False),
         Variant("adamw8bit", "ours, 8-bit AdamW", optimizer="adamw8bit"),
-        Variant("compile", "ours, torch.compile(UNet)", compile=True),
+        Variant("compile", "ours, torch.compile(UNet)" + ("" if compile_backend == "inductor"
+                                                          else f", {compile_backend} backend"),
+                compile=True, compile_backend=compile_backend),
     ]
     for precision in ("bf16", "fp16", "no"):
         if precision != mixed_precision:
@@ -81,21 +85,27 @@ class MemoryMeter:
     """Peak memory of this process: CUDA allocations on a GPU, resident set size (RSS) on a CPU.
 
     The training peak is reset when training starts, so it excludes model construction and caching;
-    the process peak includes everything.
+    the process peak includes everything. ``start_bytes`` is what is held when training starts (CUDA
+    allocations, or the RSS), ``free_bytes`` the free device memory then (None on a CPU).
     """
 
     def __init__(self, device: torch.device):
         self.device = device
         self.setup_peak = 0
+        self.start_bytes = 0
+        self.free_bytes: int | None = None
 
     def start_training(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.setup_peak = torch.cuda.max_memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_bytes = torch.cuda.memory_allocated(self.device)
+            self.free_bytes = torch.cuda.mem_get_info(self.device)[0]
         else:
             self.setup_peak = _peak_rss()
             _reset_peak_rss()
+            self.start_bytes = _peak_rss()
 
     def peaks(self) -> tuple[int, int]:
         """(training peak, process peak) in bytes."""
@@ -167,7 +177,7 @@ def run_variant(config: dict, variant: Variant) -> dict:
         for module in [run.components.vae, *run.components.text_encoders]:
             module.to(device)
     if variant.compile:
-        run.models[0] = torch.compile(run.models[0])
+        run.models[0] = torch.compile(run.models[0], backend=variant.compile_backend)
     synchronize(device)
     setup_seconds = time.perf_counter() - started
 
@@ -188,6 +198,7 @@ def run_variant(config: dict, variant: Variant) -> dict:
         "variant": variant.key, "step_seconds": step_seconds[config["warmup"]:],
         "warmup_seconds": sum(step_seconds[:config["warmup"]]), "setup_seconds": setup_seconds,
         "train_peak_bytes": train_peak, "process_peak_bytes": process_peak, "losses": losses,
+        "train_start_bytes": memory.start_bytes, "free_at_start_bytes": memory.free_bytes,
         "mixed_precision": run.accelerator.mixed_precision, "gradient_checkpointing": run.gradient_checkpointing,
         "weight_dtype": str(run.unet.dtype),
     }

@@ -84,7 +84,8 @@ def summarise(results: list[dict]) -> dict:
         "train_peak_bytes": max(r["train_peak_bytes"] for r in results),
         "process_peak_bytes": max(r["process_peak_bytes"] for r in results),
         "gradient_checkpointing": best["gradient_checkpointing"], "mixed_precision": best["mixed_precision"],
-        "final_loss": best["losses"][-1],
+        "final_loss": best["losses"][-1], "warmup_seconds": min(r["warmup_seconds"] for r in results),
+        "train_start_bytes": best["train_start_bytes"], "free_at_start_bytes": best["free_at_start_bytes"],
     }
 
 

@@ -221,15 +221,17 @@ def _synthetic_image(index: int, size: tuple[int, int], rng: np.random.Generator
     return image, caption
 
 
-def make_synthetic_dataset(dataset_dir: str | os.PathLike, num_images: int = 12, seed: int = 0) -> Path:
-    """Write a synthetic style dataset in the original layout: ``images/`` and ``captions.json``."""
+def make_synthetic_dataset(dataset_dir: str | os.PathLike, num_images: int = 12, seed: int = 0,
+                           size: tuple[int, int] | None = None) -> Path:
+    """Write a synthetic style dataset in the original layout: ``images/`` and ``captions.json``.
+
+    Images come in a few small sizes, or all at ``size`` (width, height) when given."""
     dataset_dir = Path(dataset_dir)
     (dataset_dir / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     captions = {}
     for index in range(num_images):
-        size = SYNTHETIC_SIZES[index % len(SYNTHETIC_SIZES)]
-        image, caption = _synthetic_image(index, size, rng)
+        image, caption = _synthetic_image(index, size or SYNTHETIC_SIZES[index % len(SYNTHETIC_SIZES)], rng)
         name = f"ghibli_{index:03d}.png"
         image.save(dataset_dir / "images" / name)
         captions[name] = caption
