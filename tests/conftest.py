@@ -84,12 +84,14 @@ def worker_group(item) -> str:
     return item.path.name
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into the test ids
+def pytest_itemcollected(item) -> None:  # before xdist's collection hook, which reads the groups into the ids
+    item.add_marker(pytest.mark.xdist_group(worker_group(item)))
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if SLOW_FIXTURES & set(item.fixturenames) or item.name.startswith(SLOW_TESTS.get(item.path.name, ())):
             item.add_marker(pytest.mark.slow)
-        item.add_marker(pytest.mark.xdist_group(worker_group(item)))
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ from tests.conftest import TRAINED_ALPHA, TRAINED_RANK
 from tests.fakes.hub_server import HubServer
 from tests.helpers import ROOT, run_script
 from utils.lora.files import LORA_WEIGHT_NAME, TRAINING_METADATA_KEY, read_metadata
+from utils.core.secrets import NOT_SECRET
 
 TOKEN = "hf_TestTokenThatMustNeverBePublished42"
 GENERATION = ["--prompt", "a village in ghibli style", "--steps", "3", "--height", "64", "--width", "64",
@@ -164,7 +165,9 @@ def test_only_allow_listed_files_leave_the_folder(trained_run, hub, tmp_path):
                    or name.endswith((".env", ".bin", ".pt", ".pkl")) for name in files)
     uploaded = json.loads(files["experiment_config.json"])
     assert uploaded["wandb"] == {"project": "ghibli"} and uploaded["lora_rank"] == TRAINED_RANK
-    assert not any(SECRET_NAME.search(key) for key in uploaded)
+    # keep_tokens is kohya's count of caption tokens that stay in place (an int), not an access token
+    assert not any(SECRET_NAME.search(key) for key in uploaded if key not in NOT_SECRET)
+    assert isinstance(uploaded["keep_tokens"], int)
 
 
 def test_pull_request_and_login_store_token(trained_run, hub, tmp_path):
