@@ -23,7 +23,6 @@ TRAIN = ["--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "
          "--no-gradient_checkpointing", "--save_steps", "100", "--checkpointing_steps", "2"]
 INFER = ["--prompt", "a house in ghibli style", "--num_images", "1", "--height", "64", "--width", "64",
          "--num_inference_steps", "2"]
-SDXL_CONFIG = Path("/work/shared/sdxl-base-1.0-config/unet.json")
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -136,8 +135,7 @@ def test_kohya_file_on_full_sdxl_gives_the_peft_delta(kind, tmp_path):
     from utils.convert_lora import main as convert
     from utils.lora.lycoris_files import save_kohya_copy
 
-    sdxl = json.loads(SDXL_CONFIG.read_text()) if SDXL_CONFIG.is_file() else SDXL_UNET_CONFIG
-    layers = unet_layers(sdxl)
+    layers = unet_layers(SDXL_UNET_CONFIG)  # SDXL base 1.0's UNet config (test_kohya holds it to the public file)
     targets = {m: shapes for m, shapes in layers.items() if m.endswith(ATTENTION)}
     targets.update({m: layers[m] for m in ("down_blocks.1.resnets.0.conv1", "up_blocks.0.resnets.2.conv2")})
     assert len(targets) == 562
@@ -152,10 +150,10 @@ def test_kohya_file_on_full_sdxl_gives_the_peft_delta(kind, tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()
     save_safetensors(tensors, folder / LORA_WEIGHT_NAME, metadata)
-    kohya_path = save_kohya_copy(folder, sdxl)
+    kohya_path = save_kohya_copy(folder, SDXL_UNET_CONFIG)
 
     kohya = read_tensors(kohya_path)
-    names = {name: module for module, name in unet_kohya_names(sdxl).items()}
+    names = {name: module for module, name in unet_kohya_names(SDXL_UNET_CONFIG).items()}
     grouped: dict[str, dict] = {}
     for key, tensor in kohya.items():
         name, _, role = key.partition(".")

@@ -22,7 +22,7 @@ from utils.lora.kohya_names import (COMPONENTS, CONVERSION_METADATA_KEY, KOHYA_W
                                     unet_layers)
 from utils.lora.lycoris import (LycorisModule, adapter_type, group_roles, kind_of_roles, modules_from_peft,
                                 peft_config_dict)
-from utils.lora.to_kohya import convert_diffusers_to_kohya, kohya_metadata, kohya_name
+from utils.lora.to_kohya import convert_diffusers_to_kohya, kohya_metadata, kohya_name, tensors_by_component
 
 LYCORIS_NETWORK_MODULE = "lycoris.kohya"
 
@@ -49,14 +49,7 @@ def network_args(kind: str, configs: Mapping[str, Mapping[str, Any]]) -> dict[st
 
 def read_diffusers_lycoris(path: str | os.PathLike) -> tuple[list[LycorisModule], dict[str, str], dict[str, str]]:
     """(modules, header, network args) of the project's LoHa/LoKr file; unreadable keys are all listed."""
-    weights: dict[str, dict[str, torch.Tensor]] = {}
-    problems = []
-    for key, tensor in read_tensors(path).items():
-        component, _, rest = key.partition(".")
-        if component in COMPONENTS and rest:
-            weights.setdefault(component, {})[rest] = tensor
-        else:
-            problems.append(f"{key}: no unet./text_encoder./text_encoder_2. prefix")
+    weights, problems = tensors_by_component(path)
     configs = {component: adapter_config(path, component) for component in weights}
     modules, more = modules_from_peft(path, weights, configs)
     if problems + more:

@@ -97,17 +97,23 @@ def modules_from_peft_weights(source: str | os.PathLike, weights: Mapping[str, M
     return ParsedLora(modules, {}, problems, any(config.get("use_rslora") for config in configs.values()))
 
 
-def read_diffusers_lora(path: str | os.PathLike) -> ParsedLora:
-    """LoRA modules of a diffusers-format file (``unet.``/``text_encoder.``/``text_encoder_2.`` keys) and its header."""
-    tensors = read_tensors(path)
+def tensors_by_component(path: str | os.PathLike) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """The tensors of a project-format file grouped by component (``unet``, ``text_encoder``, ``text_encoder_2``,
+    prefix removed), and one problem line per key without such a prefix."""
     weights: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
-    for key, tensor in tensors.items():
+    for key, tensor in read_tensors(path).items():
         component, _, rest = key.partition(".")
         if component in COMPONENTS and rest:
             weights.setdefault(component, {})[rest] = tensor
         else:
             unknown.append(f"{key}: no unet./text_encoder./text_encoder_2. prefix")
+    return weights, unknown
+
+
+def read_diffusers_lora(path: str | os.PathLike) -> ParsedLora:
+    """LoRA modules of a diffusers-format file (``unet.``/``text_encoder.``/``text_encoder_2.`` keys) and its header."""
+    weights, unknown = tensors_by_component(path)
     configs = {component: adapter_config(path, component) for component in weights}
     parsed = modules_from_peft_weights(path, weights, configs)
     parsed.metadata, parsed.problems = read_metadata(path), unknown + parsed.problems
