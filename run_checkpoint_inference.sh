@@ -29,6 +29,8 @@
 #
 # One Python process loads the pipeline once; the base images are made once and reused for every
 # checkpoint, so the columns of the strip differ from each other only by their LoRA.
+#
+# Example: ./run_checkpoint_inference.sh --run_dir output_ghibli/<run>
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -45,6 +45,8 @@
 # still queued); scancel or preemption records a run as interrupted, not failed; one run failing does not
 # stop the others.
 # Exit status: 0 when every run finished, 1 when one failed, 2 on bad flags, 130/143 when stopped.
+#
+# Example: ./run_experiments.sh --gpus 0,1 -- --dataset_dir dataset_ghibli --num_train_epochs 20
 set -euo pipefail
 set -m  # every run in its own process group, so stopping it reaches the whole tree
 

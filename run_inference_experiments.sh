@@ -31,6 +31,8 @@
 # deletes it again; the flags after -- are read by inference_sdxl_ghibli.py's own parser, so every run
 # gets the same prompts, seeds and settings. The report compares the runs of this call; of two runs
 # with the same rank and alpha it uses the newer.
+#
+# Example: ./run_inference_experiments.sh --sweep_dir output_ghibli -- --num_images 3
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -38,7 +38,10 @@ DEFAULT_BASE = SDXL_BASE_ID
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python hf/hf_inference.py --prompt \"a beautiful landscape in Ghibli style\" \\\n"
+               "      --lora_model_id moving-j/sdxl-base-1.0-ghibli-lora-r4 --output generated_image.png")
     p.add_argument("--prompt", required=True)
     p.add_argument("--base_model_id", default=DEFAULT_BASE, help="Hub id, diffusers folder or .safetensors file")
     p.add_argument("--lora_model_id", default=None, help="Hub id, LoRA folder or .safetensors file (none: base only)")

@@ -51,7 +51,10 @@ def upload_model_to_hf(model_path: str | os.PathLike, repo_name: str, token: str
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from utils.hub.publish import DEFAULT_LICENSE
 
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python hf/upload_to_hf.py --model_path output_ghibli/<run> \\\n"
+               "      --repo_name you/sdxl-ghibli-lora-r4")
     p.add_argument("--model_path", required=True,
                    help="a run directory (its final_model/ is published) or a model folder "
                         "(final_model/, best_model/, checkpoint_epoch_N/)")

@@ -32,7 +32,9 @@ DEFAULT_STEPS = {"tiny": 10, "small": 4, "sdxl": 30}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python utils/benchmark_inference.py --model small")
     p.add_argument("--model", choices=MODELS, default="small")
     p.add_argument("--resolution", type=int, default=None, help="default: tiny 128, small 256, sdxl 1024")
     p.add_argument("--num_inference_steps", type=int, default=None, help="default: tiny 10, small 4, sdxl 30")

@@ -55,7 +55,9 @@ logger = logging.getLogger("benchmark_train")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python utils/benchmark_train.py --model small")
     p.add_argument("--model", choices=MODELS, default="small",
                    help="tiny: the test model; small: SDXL topology at 1/4 width (CPU); sdxl: full size (GPU)")
     p.add_argument("--resolution", type=int, default=None, help="default: tiny 128, small 256, sdxl 1024")

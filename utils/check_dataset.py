@@ -25,7 +25,9 @@ from utils.data.records import DatasetError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python utils/check_dataset.py --dataset_dir dataset_ghibli")
     add_dataset_arguments(parser, default_type="auto", default_policy="fail")
     return parser.parse_args(argv)
 

@@ -93,7 +93,10 @@ def _check_output(output_dir: Path, dataset_dir: Path, overwrite: bool) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python utils/convert_dataset.py --dataset_dir dataset_ghibli --to kohya \\\n"
+               "      --output_dir dataset_kohya")
     add_dataset_arguments(parser, default_type="auto")
     parser.add_argument("--to", required=True, choices=TARGETS, help="the layout to write")
     parser.add_argument("--output_dir", required=True, help="the new dataset folder")

@@ -38,7 +38,9 @@ UNET_MARKERS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python utils/convert_lora.py output_ghibli/<run>/final_model")
     p.add_argument("input", help="a LoRA .safetensors file, a model folder (pytorch_lora_weights.safetensors) "
                                  "or a PEFT adapter folder (adapter_model.safetensors + adapter_config.json)")
     p.add_argument("--output", default=None,

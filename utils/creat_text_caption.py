@@ -126,7 +126,10 @@ def _temperature(text: str) -> float:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Caption images with Gemini into a captions JSON file.")
+    parser = argparse.ArgumentParser(
+        description="Caption images with Gemini into a captions JSON file.",
+        epilog="example:\n  python utils/creat_text_caption.py --image-dir dataset_ghibli/images \\\n"
+               "      --output dataset_ghibli/captions.json")
     parser.add_argument("--image-dir", "--image_dir", dest="image_dir", default=DEFAULT_IMAGE_DIR,
                         help=f"folder of images to caption (default {DEFAULT_IMAGE_DIR})")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="instruction sent with every image")

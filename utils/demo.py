@@ -188,7 +188,9 @@ def check_style(report: Path, spread: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python -m utils.demo")
     parser.add_argument("--work_dir", default=str(ROOT / "demo_work"), help="data, runs and images go here")
     parser.add_argument("--results_dir", default=str(ROOT / "results"))
     parser.add_argument("--model_dir", default=str(DEMO_SDXL_DIR), help="the base model (a diffusers folder)")

@@ -32,7 +32,9 @@ ACTIONS = ("plan", "versions", "setup", "auto_checkpointing", "train_run", "summ
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python utils/gpu_check.py summary --out gpu_check_out")
     p.add_argument("action", choices=ACTIONS)
     p.add_argument("--model", choices=["sdxl", "tiny"], default="sdxl")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")

@@ -11,6 +11,8 @@
 # Options: --out DIR (default $OUT, else ./gpu_check_out), --work DIR (model and dataset, default
 # ${TMPDIR:-/tmp}/gpu_check_work), --budget_s N (default 530), --parts a,b,... (a subset),
 # --python PATH (default $PYTHON, else python3). See docs/gpu-check.md.
+#
+# Example: utils/gpu_check.sh --device cpu --model tiny
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -20,7 +22,7 @@ RESULTS="${OUT:-$ROOT/gpu_check_out}"
 WORK="${TMPDIR:-/tmp}/gpu_check_work"
 WHEELS="$ROOT/.gpu_wheels"
 
-usage() { sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^set -uo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
 while (($#)); do
     case "$1" in
         --device) DEVICE="$2"; shift 2 ;;

@@ -26,7 +26,9 @@ __all__ = ["save_tiny_clip", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python utils/make_tiny_clip.py --output_dir tiny_clip")
     parser.add_argument("--output_dir", default="tiny_clip", help="where to save the tiny CLIP")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -21,7 +21,9 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from utils.tiny.sdxl import make_synthetic_dataset, save_tiny_sdxl
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python utils/make_tiny_sdxl.py --model_dir tiny_sdxl --dataset_dir tiny_dataset")
     parser.add_argument("--model_dir", default="tiny_sdxl", help="where to save the tiny pipeline")
     parser.add_argument("--dataset_dir", default=None, help="also write a synthetic dataset here")
     parser.add_argument("--num_images", type=int, default=12)

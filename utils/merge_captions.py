@@ -134,7 +134,9 @@ def merge_captions(file1_path: str | os.PathLike, file2_path: str | os.PathLike,
 # --- the command line ------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Merge captions JSON files; later files win on duplicates.")
+    parser = argparse.ArgumentParser(
+        description="Merge captions JSON files; later files win on duplicates.",
+        epilog="example:\n  python utils/merge_captions.py --files a.json b.json --output captions.json")
     parser.add_argument("--file1", type=Path, default=None,
                         help=f"first captions file (default {DEFAULT_FILE1}, unless --files or positional files are given)")
     parser.add_argument("--file2", type=Path, default=None,

@@ -34,7 +34,9 @@ from utils.tiny.pretrain import STAGES, pretrain
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python -m utils.pretrain_demo_model --seed 0")
     parser.add_argument("--output_dir", default=str(DEMO_MODELS_DIR))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num_scenes", type=int, default=4000, help="photo scenes (half as many Ghibli-like ones)")

@@ -17,7 +17,9 @@ from utils.tiny.scenes import STYLES, write_style_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python -m utils.scenes --output_dir dataset_ghibli --num_images 24")
     parser.add_argument("--output_dir", default="dataset_ghibli")
     parser.add_argument("--num_images", type=int, default=24)
     parser.add_argument("--seed", type=int, default=1234)

@@ -36,7 +36,9 @@ from utils.sweep.commands import COMMANDS, add_bookkeeping_commands, add_picture
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python -m utils.sweep_report report --inference_dir output_visualization_additional_2")
     commands = parser.add_subparsers(dest="command_name", required=True)
     add_bookkeeping_commands(commands)
     add_picture_commands(commands)

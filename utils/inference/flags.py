@@ -94,7 +94,10 @@ def add_inference_arguments(p: argparse.ArgumentParser) -> None:
 
 def parse_inference_args(argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
     """The inference flags, with ``prompts`` resolved: --prompt, else --prompts, else the original's 16."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python inference_sdxl_ghibli.py \\\n"
+               "      --prompt \"a quiet seaside town in ghibli style\" --run_base_inference --create_comparison_grid")
     add_inference_arguments(p)
     args = p.parse_args(argv)
     if args.prompts_file:

@@ -11,7 +11,10 @@ from utils.data.listing import add_dataset_arguments
 
 def parse_training_args(argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
     """train_sdxl_lora.py's flags (the original's names and defaults, plus the additions)."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python train_sdxl_lora.py --dataset_dir dataset_ghibli \\\n"
+               "      --output_dir output_ghibli --lora_rank 4 --lora_alpha 8")
     add_training_arguments(p)
     add_config_arguments(p)
     apply_config_file(p, argv)
