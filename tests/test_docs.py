@@ -1,4 +1,4 @@
-"""The README and the guides in docs/ against the code they describe (no training; about 15 s).
+"""The README and the guides in docs/ against the code they describe (no training; 15-20 s on 2 busy cores).
 
 Rules, kept simple on purpose:
 
