@@ -17,7 +17,7 @@ process for a speed ratio that background load cannot skew.
 Whole runs (--whole_run, on by default): train_sdxl_lora.py itself, start to exit, for
   naive      the original's loop: encoders every step (--no-cache), gradient checkpointing always on,
              no fixed-noise evaluation
-  previous   this project before issue 15: cached, checkpointing on, fixed-noise loss after every epoch
+  previous   an earlier default of this project: cached, checkpointing on, fixed-noise loss after every epoch
              on 32 triples
   default    no flags: cached, checkpointing auto, evaluation within ~5% of the compute
 with the time to the first step, the first-to-last-step rate, the steady-state rate (median step
