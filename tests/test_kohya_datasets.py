@@ -1,4 +1,4 @@
-"""kohya-style dataset folders (issue 19): N_name/ repeat counts, caption extensions, one report per run."""
+"""kohya-style dataset folders: N_name/ repeat counts, caption extensions, one report per run."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The house rules of issue 16, read from the source (AST only, under a second): copy to tests/test_layout.py.
+"""The house rules of the layout, read from the source (AST only, under a second).
 
 1. Imports point one way: commands -> subpackages -> core. Each subpackage has a rank; a module may
    import (at module level or inside a function) only its own package or packages of a lower rank,

@@ -109,7 +109,7 @@ def save_model(model: str, folder: Path, device: torch.device) -> Path:
 WHOLE_RUNS = {
     "naive": ("the original's loop (--no-cache, checkpointing on, no eval)",
               ["--no-cache", "--gradient_checkpointing", "--eval_loss_epochs", "0"]),
-    "previous": ("before issue 15 (cache, checkpointing on, eval every epoch x 32)",
+    "previous": ("previous (cache, checkpointing on, eval every epoch x 32)",
                  ["--gradient_checkpointing", "--eval_loss_epochs", "1", "--eval_loss_samples", "32"]),
     "default": ("default (no flags)", []),
 }
