@@ -29,12 +29,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python utils/check_dataset.py --dataset_dir dataset_ghibli")
     add_dataset_arguments(parser, default_type="auto", default_policy="fail")
+    parser.add_argument("--masked_loss", action="store_true",
+                        help="check each image's loss mask too, as training with --masked_loss does")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    report = preflight.check(listing_from_args(args), args.min_image_size, args.max_image_pixels)
+    report = preflight.check(listing_from_args(args), args.min_image_size, args.max_image_pixels,
+                             masks=args.masked_loss)
     print("\n".join(report.lines()))
     try:
         preflight.enforce(report, args.bad_image_policy)

@@ -154,10 +154,17 @@ def load_training_examples(args: argparse.Namespace, report_here: bool = True) -
     any problem with --bad_image_policy fail.
     """
     listing = listing_from_args(args)
+    return checked_examples(listing, args, report_here, masks=getattr(args, "masked_loss", False)), listing.dataset_type
+
+
+def checked_examples(listing: Listing, args: argparse.Namespace, report_here: bool, masks: bool = False,
+                     title: str = "Dataset check") -> list[Example]:
+    """The usable examples of ``listing`` after the preflight check (with loss masks when ``masks``), the
+    report logged under ``title`` when ``report_here``; DatasetError when training must not start."""
     report = preflight.check(listing, getattr(args, "min_image_size", 64), getattr(args, "max_image_pixels", None),
-                             progress=report_here)
+                             progress=report_here, masks=masks)
     policy = getattr(args, "bad_image_policy", "skip")
     if report_here:
-        preflight.log_report(report, policy)
+        preflight.log_report(report, policy, title)
     preflight.enforce(report, policy)
-    return report.examples, listing.dataset_type
+    return report.examples

@@ -19,6 +19,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from utils.data.images import to_rgb
+from utils.data.masks import mask_problem
 from utils.data.records import DatasetError, Entry, Example, FolderCount, Listing, Problem, folder_counts
 
 logger = logging.getLogger(__name__)
@@ -91,11 +92,12 @@ class Report:
     converted: Counter = field(default_factory=Counter)  # source mode -> number of images converted
     rotated: int = 0
     listing_notes: list[str] = field(default_factory=list)  # e.g. kohya 0_name/ folders left out
+    masks: dict[Path, Path] = field(default_factory=dict)  # checked with masks: image -> its mask source
 
     @property
     def examples(self) -> list[Example]:
-        return [Example(entry.image_path, entry.caption.strip(), entry.folder, entry.repeats)
-                for entry in self.usable]
+        return [Example(entry.image_path, entry.caption.strip(), entry.folder, entry.repeats,
+                        self.masks.get(entry.image_path)) for entry in self.usable]
 
     def folders(self) -> list[FolderCount]:
         """Usable images per kohya folder with their repeats; empty when no folder or repeat sets them apart."""
@@ -140,8 +142,9 @@ def _entry_problem(entry: Entry) -> str | None:
 
 
 def check(listing: Listing, min_image_size: int = 64, max_image_pixels: int | None = None,
-          progress: bool = True) -> Report:
-    """Check every entry of ``listing``; each image is decoded once. ``progress``: show a progress bar."""
+          progress: bool = True, masks: bool = False) -> Report:
+    """Check every entry of ``listing``; each image is decoded once. ``progress``: show a progress bar.
+    ``masks`` (--masked_loss): each image needs a usable loss mask too (utils/data/masks.py)."""
     report = Report(listing.dataset_type, listing.source, len(listing.entries) + len(listing.problems),
                     problems=list(listing.problems), listing_notes=list(listing.notes))
     for entry in tqdm(listing.entries, desc="Checking images", unit="image", disable=not progress):
@@ -149,6 +152,8 @@ def check(listing: Listing, min_image_size: int = 64, max_image_pixels: int | No
         if reason is None:
             result = check_image(entry.image_path, min_image_size, max_image_pixels)
             reason = result.reason
+            if reason is None and masks:
+                report.masks[entry.image_path], reason = mask_problem(entry.image_path)
             if reason is None:
                 report.usable.append(entry)
                 report.rotated += result.rotated
@@ -159,13 +164,13 @@ def check(listing: Listing, min_image_size: int = 64, max_image_pixels: int | No
     return report
 
 
-def log_report(report: Report, policy: str = "skip") -> None:
-    logger.info("Dataset check: %s", report.summary())
+def log_report(report: Report, policy: str = "skip", title: str = "Dataset check") -> None:
+    logger.info("%s: %s", title, report.summary())
     action = "skipped" if policy == "skip" else "not allowed with --bad_image_policy fail"
     for problem in report.problems:
         logger.warning("%s (%s)", problem, action)
     for note in report.notes():
-        logger.info("Dataset check: %s", note)
+        logger.info("%s: %s", title, note)
 
 
 def enforce(report: Report, policy: str = "skip") -> None:

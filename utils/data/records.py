@@ -24,6 +24,8 @@ class Example:
     caption: str
     folder: str = "."  # the kohya folder it came from ("." for the other layouts)
     repeats: int = 1  # times the image is seen per epoch (kohya's N_name/ folders)
+    mask_path: Path | None = None  # --masked_loss: the mask file, or the image itself for its alpha channel
+    is_reg: bool = False  # a regularisation image (--reg_data_dir), its loss weighted by --prior_loss_weight
 
 
 @dataclass(frozen=True)

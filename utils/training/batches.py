@@ -11,6 +11,7 @@ import torch
 
 from utils.core.sdxl import time_ids
 from utils.data.images import open_rgb, upright_size
+from utils.data.masks import open_mask
 from utils.data.records import Example
 from utils.training.buckets import Prepared, make_buckets, nearest_bucket, prepare_image
 
@@ -36,6 +37,23 @@ def assign_buckets(examples: list[Example], resolution: int, use_buckets: bool, 
 def prepare_item(item: Item, center_crop: bool) -> Prepared:
     rng = random.Random(item.crop_seed)
     return prepare_image(open_rgb(item.example.image_path), item.bucket, center_crop, rng)
+
+
+def prepare_mask(item: Item, center_crop: bool) -> torch.Tensor:
+    """(H, W) in [0, 1]: the item's loss mask resized and cropped exactly as its image (the same function
+    and the same crop seed, at the image's size); all ones for an item without a mask (regularisation)."""
+    if item.example.mask_path is None:
+        width, height = item.bucket
+        return torch.ones(height, width)
+    mask = open_mask(item.example.mask_path, item.example.image_path).convert("RGB")
+    prepared = prepare_image(mask, item.bucket, center_crop, random.Random(item.crop_seed))
+    return (prepared.pixels[0] + 1.0) / 2.0
+
+
+def latent_mask(mask: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Masks (..., H, W) averaged down to the latents' (h, w): each latent pixel gets its area's share."""
+    flat = mask.reshape(-1, 1, *mask.shape[-2:]).float()
+    return torch.nn.functional.interpolate(flat, size=size, mode="area").reshape(*mask.shape[:-2], *size)
 
 
 class BucketBatchSampler(torch.utils.data.Sampler):
@@ -94,17 +112,21 @@ class BucketBatchSampler(torch.utils.data.Sampler):
 
 
 class PixelDataset(torch.utils.data.Dataset):
-    """Index -> pixels in both orientations and their time ids (used when caching is off)."""
+    """Index -> pixels, the time ids of both orientations and, with ``masks``, the loss mask at pixel size
+    (used when caching is off)."""
 
-    def __init__(self, items: list[Item], center_crop: bool):
-        self.items, self.center_crop = items, center_crop
+    def __init__(self, items: list[Item], center_crop: bool, masks: bool = False):
+        self.items, self.center_crop, self.masks = items, center_crop, masks
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, index: int) -> dict:
         prepared = prepare_item(self.items[index], self.center_crop)
-        return {"index": index, "pixels": prepared.pixels, "time_ids": orientation_time_ids(prepared)}
+        item = {"index": index, "pixels": prepared.pixels, "time_ids": orientation_time_ids(prepared)}
+        if self.masks:
+            item["mask"] = prepare_mask(self.items[index], self.center_crop)
+        return item
 
 
 class IndexDataset(torch.utils.data.Dataset):

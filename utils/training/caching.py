@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from utils.core.atomic import replace_file
 from utils.core.sdxl import encode_prompts, vae_latent_distribution
-from utils.training.batches import Item, orientation_time_ids, prepare_item
+from utils.training.batches import Item, latent_mask, orientation_time_ids, prepare_item, prepare_mask
 from utils.training.captions import caption_text, shuffles
 from utils.training.run_dir import cache_dir
 
@@ -32,43 +32,59 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def latent_cache_key(item: Item, model_id: str, center_crop: bool) -> str:
-    """Changes whenever the image content, model, bucket or crop would change the latents."""
+def latent_cache_key(item: Item, model_id: str, center_crop: bool, masks: bool = False) -> str:
+    """Changes whenever the image content, model, bucket or crop would change the latents; with ``masks``
+    (--masked_loss) also the mask's content, so a file cached without its mask is never read for one."""
     parts = [_file_digest(item.example.image_path), model_id, item.bucket, center_crop, item.crop_seed]
+    if masks:
+        source = item.example.mask_path
+        parts.append(["mask", "none" if source is None else "alpha" if source == item.example.image_path
+                      else _file_digest(source)])
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:32]
 
 
 @dataclass
 class LatentCache:
-    """Per item: VAE distribution parameters (2, 2C, h, w) for both orientations, and time ids (2, 6)."""
+    """Per item: VAE distribution parameters (2, 2C, h, w) for both orientations, and time ids (2, 6);
+    with --masked_loss the loss masks at latent size (2, h, w), row 1 mirrored."""
 
     parameters: list[torch.Tensor]
     time_ids: list[torch.Tensor]
+    masks: list[torch.Tensor] | None = None
 
 
 @torch.no_grad()
 def cache_latents(items: list[Item], vae, center_crop: bool, flip: bool, model_id: str,
-                  cache_dir: Path | None = None) -> LatentCache:
-    parameters, all_time_ids = [], []
+                  cache_dir: Path | None = None, masks: bool = False) -> LatentCache:
+    cache = LatentCache([], [], [] if masks else None)
     for item in tqdm(items, desc="Caching latents", leave=False):
         # The key reads the whole image file: computed only when a disk cache is kept.
-        path = cache_dir / f"{latent_cache_key(item, model_id, center_crop)}.safetensors" if cache_dir else None
+        path = cache_dir / f"{latent_cache_key(item, model_id, center_crop, masks)}.safetensors" if cache_dir else None
         if path is not None and path.is_file():
             stored = load_file(str(path))
-            parameters.append(stored["parameters"])
-            all_time_ids.append(stored["time_ids"])
-            continue
-        prepared = prepare_item(item, center_crop)
-        pixels = torch.stack([prepared.pixels, prepared.pixels.flip(-1)] if flip else [prepared.pixels])
-        params = vae_latent_distribution(vae, pixels).parameters.float().cpu()
-        if not flip:
-            params = torch.cat([params, params])  # row 1 is never used without flips
-        parameters.append(params)
-        all_time_ids.append(orientation_time_ids(prepared))
-        if path is not None:
-            stored = {"parameters": parameters[-1].contiguous(), "time_ids": all_time_ids[-1]}
-            replace_file(path, lambda temporary: save_file(stored, str(temporary)))
-    return LatentCache(parameters, all_time_ids)
+        else:
+            stored = _encode(item, vae, center_crop, flip, masks)
+            if path is not None:
+                replace_file(path, lambda temporary: save_file(stored, str(temporary)))
+        cache.parameters.append(stored["parameters"])
+        cache.time_ids.append(stored["time_ids"])
+        if masks:
+            cache.masks.append(stored["masks"])
+    return cache
+
+
+def _encode(item: Item, vae, center_crop: bool, flip: bool, masks: bool) -> dict[str, torch.Tensor]:
+    """One item's cache entry: latent distribution and time ids of both orientations (and its mask)."""
+    prepared = prepare_item(item, center_crop)
+    pixels = torch.stack([prepared.pixels, prepared.pixels.flip(-1)] if flip else [prepared.pixels])
+    params = vae_latent_distribution(vae, pixels).parameters.float().cpu()
+    if not flip:
+        params = torch.cat([params, params])  # row 1 is never used without flips
+    stored = {"parameters": params.contiguous(), "time_ids": orientation_time_ids(prepared)}
+    if masks:
+        mask = latent_mask(prepare_mask(item, center_crop), tuple(params.shape[-2:]))
+        stored["masks"] = torch.stack([mask, mask.flip(-1)]).contiguous()
+    return stored
 
 
 @torch.no_grad()
@@ -90,7 +106,7 @@ def fill_caches(batch_maker, items: list[Item], settings, accelerator) -> None:
     folder = cache_dir(settings) if settings.cache_latents_to_disk else None
     with accelerator.main_process_first():
         batch_maker.latent_cache = cache_latents(items, components.vae, settings.center_crop, settings.random_flip,
-                                                 model_id, folder)
+                                                 model_id, folder, getattr(settings, "masked_loss", False))
     if shuffles(settings) and not settings.train_text_encoder:
         logger.info("Text embeddings are not cached: --shuffle_caption changes the captions at every step "
                     "(the latents stay cached)")

@@ -193,6 +193,14 @@ def _add_style_flags(p: argparse.ArgumentParser) -> None:
     style.add_argument("--caption_separator", default=",", help="what separates caption tokens (default: ',')")
     style.add_argument("--caption_prefix", default=None,
                        help="text put before every caption, e.g. a trigger word (never shuffled)")
+    style.add_argument("--masked_loss", action="store_true",
+                       help="average the loss over each image's mask: a same-stem file in masks/ beside the "
+                            "image's folder (grey level), else the image's alpha channel; white trains")
+    style.add_argument("--reg_data_dir", default=None,
+                       help="regularisation images (any dataset layout), mixed into the batches and balanced to "
+                            "the training images' count per epoch as kohya does")
+    style.add_argument("--prior_loss_weight", type=float, default=1.0,
+                       help="loss weight of the regularisation images (default: %(default)s)")
     timesteps = p.add_argument_group("timestep distribution (the diffusers SDXL example's names and meaning)")
     timesteps.add_argument("--timestep_bias_strategy", default="none", choices=["none", "earlier", "later", "range"],
                            help="favour low (earlier), high (later) or a range of timesteps (default: %(default)s)")

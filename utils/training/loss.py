@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.core.sdxl import encode_prompts, scale_latents, vae_latent_distribution
-from utils.training.batches import Item, orientation_time_ids, prepare_item
+from utils.training.batches import Item, latent_mask, orientation_time_ids, prepare_item
 from utils.training.captions import caption_text
 from utils.training.speed import EvalPlan, eval_timesteps
 
@@ -23,6 +23,8 @@ class Batch:
     prompt_embeds: torch.Tensor
     pooled: torch.Tensor
     time_ids: torch.Tensor
+    mask: torch.Tensor | None = None  # --masked_loss: (B, 1, h, w) in [0, 1] at latent size
+    loss_weights: torch.Tensor | None = None  # (B,): --prior_loss_weight for regularisation images, else 1
 
 
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -38,6 +40,13 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> t
 def denoising_loss(unet, noise_scheduler, batch: Batch, noise: torch.Tensor, timesteps: torch.Tensor,
                    snr_gamma: float | None = None) -> torch.Tensor:
     """Mean squared error of the UNet's prediction against the scheduler's target."""
+    prediction, target = predict(unet, noise_scheduler, batch, noise, timesteps)
+    return batch_loss(prediction, target, batch, noise_scheduler, timesteps, snr_gamma)
+
+
+def predict(unet, noise_scheduler, batch: Batch, noise: torch.Tensor,
+            timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the UNet's prediction for the noised latents, the scheduler's target: the noise, or v)."""
     noisy = noise_scheduler.add_noise(batch.latents, noise, timesteps)
     prediction = unet(
         noisy, timesteps, batch.prompt_embeds,
@@ -48,9 +57,29 @@ def denoising_loss(unet, noise_scheduler, batch: Batch, noise: torch.Tensor, tim
         target = noise_scheduler.get_velocity(batch.latents, noise, timesteps)
     else:
         target = noise
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+    return prediction, target
+
+
+def batch_loss(prediction: torch.Tensor, target: torch.Tensor, batch: Batch, noise_scheduler,
+               timesteps: torch.Tensor, snr_gamma: float | None = None) -> torch.Tensor:
+    """The batch's loss: per image the squared error averaged over its pixels, or with a mask over the
+    mask, sum(l*m) / sum(m); then times the image's min-SNR weight and its loss weight; then the batch mean.
+
+    The mask only chooses which latent pixels an image's loss averages, whatever the target is (noise, or
+    v with --prediction_type v_prediction); min-SNR-γ then weights that per-image loss by its timestep
+    exactly as the unmasked loss, and --prior_loss_weight multiplies a regularisation image's loss last
+    (kohya sd-scripts' order). The batch mean divides by the batch size, as kohya does, so an image of
+    weight 0 still counts in it."""
+    per_pixel = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    if batch.mask is None:
+        per_sample = per_pixel.mean(dim=(1, 2, 3))
+    else:
+        mask = batch.mask.float().expand_as(per_pixel)
+        per_sample = (per_pixel * mask).sum(dim=(1, 2, 3)) / mask.sum(dim=(1, 2, 3)).clamp(min=1e-8)
     if snr_gamma:
         per_sample = per_sample * min_snr_weights(noise_scheduler, timesteps, snr_gamma)
+    if batch.loss_weights is not None:
+        per_sample = per_sample * batch.loss_weights.float()
     return per_sample.mean()
 
 
@@ -65,6 +94,9 @@ class BatchMaker:
     device: torch.device
     latent_cache: object = None
     text_cache: dict | None = None
+
+    def __post_init__(self) -> None:
+        self.has_reg = any(item.example.is_reg for item in self.items)
 
     def __call__(self, loader_batch: dict) -> Batch:
         indices = loader_batch["index"].tolist()
@@ -91,7 +123,28 @@ class BatchMaker:
             embeds = embeds * keep[:, None, None].to(embeds.dtype)
             pooled = pooled * keep[:, None].to(pooled.dtype)
         return Batch(latents, embeds.to(self.weight_dtype), pooled.to(self.weight_dtype),
-                     ids.to(self.device, self.weight_dtype))
+                     ids.to(self.device, self.weight_dtype), self.masks(indices, flips, loader_batch, latents),
+                     self.loss_weights(indices))
+
+    def masks(self, indices: list[int], flips: torch.Tensor, loader_batch: dict,
+              latents: torch.Tensor) -> torch.Tensor | None:
+        """--masked_loss: the batch's masks (B, 1, h, w) at latent size, mirrored where the image is."""
+        if not getattr(self.settings, "masked_loss", False):
+            return None
+        if self.latent_cache is not None:
+            masks = torch.stack([self.latent_cache.masks[i][int(f)] for i, f in zip(indices, flips)])
+        else:
+            pixels = loader_batch["mask"].clone()
+            pixels[flips] = pixels[flips].flip(-1)
+            masks = latent_mask(pixels, tuple(latents.shape[-2:]))
+        return self.to_device(masks[:, None].contiguous())
+
+    def loss_weights(self, indices: list[int]) -> torch.Tensor | None:
+        """(B,): --prior_loss_weight for regularisation images, 1 for the others; None without them."""
+        if not self.has_reg:
+            return None
+        weight = float(getattr(self.settings, "prior_loss_weight", 1.0))
+        return self.to_device(torch.tensor([weight if self.items[i].example.is_reg else 1.0 for i in indices]))
 
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.text_cache is not None:

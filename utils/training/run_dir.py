@@ -119,6 +119,7 @@ def write_experiment_config(accelerator, settings, state: TrainState, num_images
         num_held_out_images=num_held_out,
         images_seen_per_epoch=state.dataset_info.get("images_per_epoch", num_images),  # issue 19: kohya repeats
         dataset_folders=state.dataset_info.get("folders", []),
+        **state.dataset_info.get("regularisation", {}),  # --reg_data_dir: listed, used, seen per epoch
         max_train_steps=state.max_train_steps,
         steps_per_epoch=state.steps_per_epoch,
         effective_batch_size=settings.train_batch_size * settings.gradient_accumulation_steps

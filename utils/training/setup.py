@@ -12,14 +12,16 @@ from dataclasses import dataclass, field
 import torch
 
 from utils.core.sdxl import DTYPES, check_model_source, load_components, resolve_mixed_precision
-from utils.data.records import Example, folder_counts
+from utils.data.records import Example
+from utils.data.regularisation import balance
 from utils.training.batches import BucketBatchSampler, IndexDataset, PixelDataset, assign_buckets
 from utils.training.caching import fill_caches
+from utils.training.dataset_info import dataset_info, dataset_line
 from utils.training.checkpoints import register_checkpoint_hooks, resume
 from utils.training.ema import AdapterEMA
 from utils.training.loss import BatchMaker, EvalSet, build_eval_set
 from utils.training.loss_log import CsvLog, open_logs
-from utils.training.run_dir import TrainState, tag_frequency, tracker_config, write_experiment_config
+from utils.training.run_dir import TrainState, tracker_config, write_experiment_config
 from utils.training.settings import RunSettings, TrainingError
 from utils.training.style_checks import check_style_args
 from utils.training.speed import (EvalPlan, Timeline, choose_gradient_checkpointing, estimate_activation_bytes, plan_evaluation)
@@ -235,8 +237,10 @@ class Run:
         return self.models[0]
 
 
-def prepare_run(settings: RunSettings, examples: list[Example], timeline: Timeline | None = None) -> Run:
+def prepare_run(settings: RunSettings, examples: list[Example], timeline: Timeline | None = None,
+                reg_examples: list[Example] = ()) -> Run:
     """Load the model, add LoRA, cache, build data, optimizer and schedule; resume if asked.
+    ``reg_examples`` (--reg_data_dir) join the training items after kohya's balancing.
 
     Each phase is timed (logged at INFO with the first step); nothing that the first step does not need
     runs before it (the loss before training is measured at the end, with the adapters off)."""
@@ -249,7 +253,8 @@ def prepare_run(settings: RunSettings, examples: list[Example], timeline: Timeli
     weight_dtype = DTYPES[mixed_precision]
     accelerator = _accelerator(settings, mixed_precision)
     components, params = _load_models(settings, accelerator.device, weight_dtype, timeline)
-    items = assign_buckets(train_examples, settings.resolution, not settings.no_buckets, settings.seed)
+    items = assign_buckets(train_examples + balance(train_examples, list(reg_examples)), settings.resolution,
+                           not settings.no_buckets, settings.seed)
     plan = evaluation_plan(settings, sum(getattr(i.example, "repeats", 1) for i in items), accelerator.num_processes)
     logger.info("Evaluation: %s", plan.describe())
     with timeline.phase("evaluation set"):
@@ -273,7 +278,8 @@ def prepare_run(settings: RunSettings, examples: list[Example], timeline: Timeli
               math.ceil(max_train_steps / steps_per_epoch), timeline=timeline,
               gradient_checkpointing=gradient_checkpointing,
               ema=AdapterEMA(params, settings.ema_decay, settings.ema_update_every) if settings.use_ema else None)
-    _start(run, items, held_out, plan, mixed_precision)
+    state_info = dataset_info(items, len(reg_examples))
+    _start(run, state_info, held_out, plan, mixed_precision)
     return run
 
 
@@ -315,7 +321,8 @@ def _loader(settings: RunSettings, items: list) -> tuple[BucketBatchSampler, tor
     """Batches of one bucket each, in a seeded order; dataset indices when cached, else pixels."""
     sampler = BucketBatchSampler([item.bucket for item in items], settings.train_batch_size, settings.seed,
                                  repeats=[item.example.repeats for item in items])  # issue 19: kohya repeats
-    dataset = IndexDataset(len(items)) if settings.cache else PixelDataset(items, settings.center_crop)
+    dataset = (IndexDataset(len(items)) if settings.cache
+               else PixelDataset(items, settings.center_crop, getattr(settings, "masked_loss", False)))
     dataloader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=settings.dataloader_num_workers,
         generator=torch.Generator().manual_seed(settings.seed),  # keeps the global RNG untouched for resume
@@ -352,27 +359,22 @@ def _prepare(accelerator, settings: RunSettings, components, optimizer, dataload
     return models, optimizer, dataloader, lr_scheduler
 
 
-def _start(run: Run, items: list, held_out: list, plan: EvalPlan, mixed_precision: str) -> None:
+def _start(run: Run, info: dict, held_out: list, plan: EvalPlan, mixed_precision: str) -> None:
     """The run's starting state (resumed if asked), experiment_config.json, trackers and loss logs."""
     settings, accelerator, state = run.settings, run.accelerator, run.state
     state.speed_info = {"resolved_gradient_checkpointing": run.gradient_checkpointing,
                         "eval_loss_plan": {"every_epochs": plan.every_epochs, "samples": plan.samples,
                                            "measurements": plan.measurements, "share_of_training": plan.share}}
-    folders = folder_counts([item.example for item in items])  # issue 19: kohya repeats per folder
-    state.dataset_info = {"num_train_images": len(items),
-                          "images_per_epoch": sum(folder.images_per_epoch for folder in folders),
-                          "folders": [folder.as_dict() for folder in folders],
-                          "tag_frequency": tag_frequency([i.example.caption for i in items])}
+    state.dataset_info = info
     if settings.resume_from_checkpoint:
         with run.timeline.phase("resume"):
             resume(accelerator, settings, state, run.ema)
-    write_experiment_config(accelerator, settings, state, len(items), len(held_out), mixed_precision)
+    write_experiment_config(accelerator, settings, state, info["num_train_images"], len(held_out), mixed_precision)
     if accelerator.is_main_process and _trackers(settings.report_to):
         accelerator.init_trackers("sdxl_lora", config=tracker_config(settings))
     run.epoch_log, run.step_log = open_logs(settings.run_dir, settings.logging_dir, accelerator.is_main_process,
                                             state.global_step)
     if accelerator.is_main_process:  # issue 19: the dataset summary once per run
-        logger.info("%d training images (%d held out), %d seen per epoch, %d optimizer steps, batch %d x %d "
-                    "accumulation x %d processes", len(items), len(held_out), state.dataset_info["images_per_epoch"],
-                    state.max_train_steps, settings.train_batch_size, settings.gradient_accumulation_steps,
-                    accelerator.num_processes)
+        logger.info("%s, batch %d x %d accumulation x %d processes",
+                    dataset_line(info, len(held_out), state.max_train_steps, settings.prior_loss_weight),
+                    settings.train_batch_size, settings.gradient_accumulation_steps, accelerator.num_processes)

@@ -4,6 +4,7 @@ images), before anything is loaded."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from utils.core.prompt_file import read_prompt_file
 from utils.training.settings import TrainingError
@@ -19,6 +20,10 @@ def check_style_args(args: argparse.Namespace) -> None:
     if args.shuffle_caption and not args.caption_separator:
         raise StyleOptionError("--caption_separator must not be empty")
     _check_timesteps(args)
+    if args.prior_loss_weight < 0:
+        raise StyleOptionError(f"--prior_loss_weight {args.prior_loss_weight} must not be negative")
+    if args.reg_data_dir and not Path(args.reg_data_dir).is_dir():
+        raise StyleOptionError(f"--reg_data_dir {args.reg_data_dir}: folder not found")
     if args.validation_prompts_file:
         read_prompt_file(args.validation_prompts_file)  # a bad file fails here, not at the first epoch's end
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from utils.data.listing import load_training_examples
+from utils.data.regularisation import load_reg_examples
 from utils.training.epochs import finish
 from utils.training.interrupts import StopRequest
 from utils.training.loop import out_of_memory_message, train_loop
@@ -35,8 +36,9 @@ def train(args: argparse.Namespace) -> Path:
     check_args(args)
     with timeline.phase("dataset check"):
         examples, dataset_type = _load_examples(args)
+        reg_examples = load_reg_examples(args, report_here=is_main_process()) if args.reg_data_dir else []
     settings = RunSettings.make(args, dataset_type)
-    run = prepare_run(settings, examples, timeline)
+    run = prepare_run(settings, examples, timeline, reg_examples)
     try:
         with StopRequest() as stop:
             train_loop(run, stop)
