@@ -190,7 +190,8 @@ def test_a_target_change_outside_the_mask_leaves_the_gradient_unchanged(masked_r
 
 
 def test_a_full_mask_gives_the_unmasked_loss():
-    from utils.training.loss import Batch, batch_loss
+    from utils.training.loss import batch_loss
+    from utils.training.model_inputs import Batch
 
     generator = torch.Generator().manual_seed(1)
     prediction, target = (torch.randn(2, 4, 4, 4, generator=generator) for _ in range(2))

@@ -160,7 +160,8 @@ def test_the_prior_loss_weight_reaches_the_loss(straight_run):
     """Loss weights multiply each image's loss, and the batch mean divides by the batch size (kohya's way):
     with weight 0 a batch of a training and a regularisation image has half the gradient of the training
     image alone; the gradient is linear in the weight."""
-    from utils.training.loss import Batch, batch_loss, predict
+    from utils.training.loss import batch_loss, predict
+    from utils.training.model_inputs import Batch
 
     run = straight_run[0]
     items = run.batch_maker.items

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from tests.helpers import run_script
-from utils.training.speed import (EVAL_BUDGET, GIB, StepLosses, choose_gradient_checkpointing, estimate_activation_bytes, plan_evaluation)
+from utils.training.evaluation import EVAL_BUDGET, plan_evaluation
+from utils.training.memory import GIB, choose_gradient_checkpointing, estimate_activation_bytes
+from utils.training.step_losses import StepLosses
 
 
 def test_gradient_checkpointing_flag_keeps_the_original_form_and_defaults_to_auto():

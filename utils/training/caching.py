@@ -19,9 +19,13 @@ from utils.core.atomic import replace_file
 from utils.core.sdxl import encode_prompts, vae_latent_distribution
 from utils.training.batches import Item, latent_mask, orientation_time_ids, prepare_item, prepare_mask
 from utils.training.captions import caption_text, shuffles
-from utils.training.run_dir import cache_dir
 
 logger = logging.getLogger(__name__)
+
+
+def latent_cache_dir(args) -> Path:
+    """--cache_latents_to_disk: the folder shared by the runs of one --output_dir."""
+    return Path(args.output_dir) / ".latent_cache"
 
 
 def _file_digest(path: Path) -> str:
@@ -103,7 +107,7 @@ def fill_caches(batch_maker, items: list[Item], settings, accelerator) -> None:
     components = batch_maker.components
     model_id = (f"{settings.pretrained_model_name_or_path}|{settings.pretrained_vae_model_name_or_path}"
                 f"|{settings.revision}")
-    folder = cache_dir(settings) if settings.cache_latents_to_disk else None
+    folder = latent_cache_dir(settings) if settings.cache_latents_to_disk else None
     with accelerator.main_process_first():
         batch_maker.latent_cache = cache_latents(items, components.vae, settings.center_crop, settings.random_flip,
                                                  model_id, folder, getattr(settings, "masked_loss", False))

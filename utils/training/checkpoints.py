@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from utils.core.atomic import write_json
 from utils.core.names import CONFIG_FILE
-from utils.training.run_dir import TrainState, run_name
+from utils.training.run_dir import run_name
+from utils.training.state import TrainState
 
 logger = logging.getLogger(__name__)
 

@@ -5,7 +5,6 @@ file's metadata and the dataset line of the log."""
 from __future__ import annotations
 
 from utils.data.records import folder_counts
-from utils.training.run_dir import tag_frequency
 
 
 def dataset_info(items: list, num_reg_listed: int = 0) -> dict:
@@ -32,3 +31,12 @@ def dataset_line(info: dict, num_held_out: int, max_train_steps: int, prior_loss
                  f"{reg['num_reg_images']} used, prior loss weight {prior_loss_weight:g})")
     return (f"{info['num_train_images']} training images ({num_held_out} held out), {info['images_per_epoch']} seen "
             f"per epoch{mixed}, {max_train_steps} optimizer steps")
+
+
+def tag_frequency(captions: list[str]) -> dict[str, int]:
+    """How often each comma-separated tag appears in the captions (kohya's ss_tag_frequency)."""
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for tag in {t.strip() for t in caption.split(",") if t.strip()}:
+            counts[tag] = counts.get(tag, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))

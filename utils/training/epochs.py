@@ -9,7 +9,7 @@ import math
 from utils.training.ema import weights_of
 from utils.training.loss_log import log_timestamp
 from utils.training.plots import plot_losses
-from utils.training.run_dir import save_model_folder
+from utils.training.lora_folders import save_model_folder
 
 logger = logging.getLogger(__name__)
 

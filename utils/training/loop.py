@@ -14,12 +14,14 @@ from utils.training.checkpoints import checkpoints_of, save_checkpoint
 from utils.training.ema import weights_of
 from utils.training.epochs import end_of_epoch
 from utils.training.interrupts import StopRequest
-from utils.training.loss import denoising_loss, evaluate, evaluate_base, sample_noise
-from utils.training.run_dir import command_line, save_model_folder
+from utils.training.evaluation import evaluate, evaluate_base
+from utils.training.experiment_config import command_line
+from utils.training.lora_folders import save_model_folder
+from utils.training.loss import denoising_loss, sample_noise
 from utils.training.settings import RunSettings, TrainingError
 from utils.training.setup import Run
 from utils.training.timesteps import sample_timesteps
-from utils.training.speed import StepLosses, StepRecord, read_interval
+from utils.training.step_losses import StepLosses, StepRecord, read_interval
 
 logger = logging.getLogger(__name__)
 

@@ -19,12 +19,15 @@ from utils.training.caching import fill_caches
 from utils.training.dataset_info import dataset_info, dataset_line
 from utils.training.checkpoints import register_checkpoint_hooks, resume
 from utils.training.ema import AdapterEMA
-from utils.training.loss import BatchMaker, EvalSet, build_eval_set
+from utils.training.evaluation import EvalPlan, EvalSet, build_eval_set, evaluation_plan
+from utils.training.experiment_config import tracker_config, write_experiment_config
 from utils.training.loss_log import CsvLog, open_logs
-from utils.training.run_dir import TrainState, tracker_config, write_experiment_config
+from utils.training.memory import choose_gradient_checkpointing, estimate_activation_bytes
+from utils.training.model_inputs import BatchMaker
 from utils.training.settings import RunSettings, TrainingError
 from utils.training.style_checks import check_style_args
-from utils.training.speed import (EvalPlan, Timeline, choose_gradient_checkpointing, estimate_activation_bytes, plan_evaluation)
+from utils.training.state import TrainState
+from utils.training.timeline import Timeline
 
 logger = logging.getLogger(__name__)
 
@@ -195,14 +198,6 @@ def make_optimizer(settings: RunSettings, params: list) -> torch.optim.Optimizer
     return torch.optim.AdamW(params, fused=fused, **kwargs)
 
 
-def evaluation_plan(args: argparse.Namespace, num_items: int, num_processes: int) -> EvalPlan:
-    """The fixed-noise loss's cadence and size for this run's planned training compute."""
-    batches = math.ceil(num_items / args.train_batch_size)
-    steps_per_epoch = math.ceil(math.ceil(batches / num_processes) / args.gradient_accumulation_steps)
-    steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    effective_batch = args.train_batch_size * args.gradient_accumulation_steps * num_processes
-    return plan_evaluation(steps * effective_batch, math.ceil(steps / steps_per_epoch), args.eval_loss_epochs,
-                           args.eval_loss_samples)
 
 
 # ----------------------------------------------------------------------------- the run

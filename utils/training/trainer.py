@@ -4,11 +4,12 @@ Order of work: check everything cheap (flags, dataset) -> settings made once (ru
 learning rate) -> load SDXL frozen -> inject LoRA with PEFT -> cache latents/embeddings -> train with
 accelerate -> write the original's run-directory layout as it goes.
 
-    settings.py   the flags plus what is derived from them        setup.py    prepare_run: model, data, optimizer
-    loss.py       batches to model inputs, the loss, evaluation   caching.py  latent and text caches
-    loop.py       the training loop, non-finite guard, stops      epochs.py   end-of-epoch files, final_model
-    run_dir.py    run folder, config, LoRA folders                checkpoints.py  resumable state
-    loss_log.py   the CSV loss logs                                plots.py    the loss curve
+    settings.py     the flags plus what is derived from them       setup.py        prepare_run: model, data, optimizer
+    model_inputs.py batches to model inputs                         loss.py         the denoising loss
+    evaluation.py   the fixed-noise validation loss                 caching.py      latent and text caches
+    loop.py         the training loop, non-finite guard, stops      epochs.py       end-of-epoch files, final_model
+    run_dir.py      the run folder's name                           checkpoints.py  resumable state
+    lora_folders.py LoRA folders                                    loss_log.py     the CSV loss logs
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from utils.training.interrupts import StopRequest
 from utils.training.loop import out_of_memory_message, train_loop
 from utils.training.settings import RunSettings, TrainingError, distributed_state
 from utils.training.setup import check_args, prepare_run
-from utils.training.speed import Timeline
+from utils.training.timeline import Timeline
 
 __all__ = ["TrainingError", "is_main_process", "train"]
 
