@@ -177,7 +177,7 @@ def test_a_target_change_outside_the_mask_leaves_the_gradient_unchanged(masked_r
     prediction, target = predict(run.unet, scheduler, batch, noise, timesteps)
 
     def gradient(change: torch.Tensor) -> torch.Tensor:
-        loss = batch_loss(prediction, target + change, batch, scheduler, timesteps, run.settings.snr_gamma)
+        loss = batch_loss(prediction, target + change, batch, scheduler, timesteps, run.settings.args.snr_gamma)
         return torch.cat([g.flatten() for g in torch.autograd.grad(loss, run.params, retain_graph=True)])
 
     base = gradient(torch.zeros_like(target))

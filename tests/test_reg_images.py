@@ -127,7 +127,7 @@ def test_steps_and_images_per_epoch_follow_kohyas_rule(straight_run):
     assert (config["steps_per_epoch"], config["max_train_steps"]) == (6, 12)
     assert (config["num_train_images"], config["images_seen_per_epoch"]) == (3, 6)
     assert (config["num_reg_images"], config["num_reg_images_used"], config["reg_images_per_epoch"]) == (5, 3, 3)
-    assert config["reg_data_dir"] == str(run.settings.reg_data_dir) and config["prior_loss_weight"] == 1.0
+    assert config["reg_data_dir"] == str(run.settings.args.reg_data_dir) and config["prior_loss_weight"] == 1.0
     assert config["dataset_folders"] == [{"folder": ".", "images": 3, "repeats": 1, "images_per_epoch": 3}]
     steps = csv_rows(run.settings.run_dir / "logs" / "training_steps.csv")
     # The linear schedule runs over all 12 steps, the regularisation steps included.

@@ -102,23 +102,23 @@ def cache_text(captions: list[str], tokenizers: list,
     return cache
 
 
-def fill_caches(batch_maker, items: list[Item], settings, accelerator) -> None:
+def fill_caches(batch_maker, items: list[Item], args, accelerator) -> None:
     """Fill the BatchMaker's latent (and, unless the text encoders train, text) cache; then release the encoders."""
     components = batch_maker.components
-    model_id = (f"{settings.pretrained_model_name_or_path}|{settings.pretrained_vae_model_name_or_path}"
-                f"|{settings.revision}")
-    folder = latent_cache_dir(settings) if settings.cache_latents_to_disk else None
+    model_id = (f"{args.pretrained_model_name_or_path}|{args.pretrained_vae_model_name_or_path}"
+                f"|{args.revision}")
+    folder = latent_cache_dir(args) if args.cache_latents_to_disk else None
     with accelerator.main_process_first():
-        batch_maker.latent_cache = cache_latents(items, components.vae, settings.center_crop, settings.random_flip,
-                                                 model_id, folder, getattr(settings, "masked_loss", False))
-    if shuffles(settings) and not settings.train_text_encoder:
+        batch_maker.latent_cache = cache_latents(items, components.vae, args.center_crop, args.random_flip,
+                                                 model_id, folder, getattr(args, "masked_loss", False))
+    if shuffles(args) and not args.train_text_encoder:
         logger.info("Text embeddings are not cached: --shuffle_caption changes the captions at every step "
                     "(the latents stay cached)")
-    elif not settings.train_text_encoder:
-        captions = [caption_text(i.example.caption, settings) for i in items]
+    elif not args.train_text_encoder:
+        captions = [caption_text(i.example.caption, args) for i in items]
         with accelerator.main_process_first():
             batch_maker.text_cache = cached_text(captions, components, model_id, folder)
-    release_encoders(components, settings, accelerator)
+    release_encoders(components, args, accelerator)
 
 
 def cached_text(captions: list[str], components, model_id: str, cache_dir: Path | None) -> dict:
@@ -140,12 +140,12 @@ def cached_text(captions: list[str], components, model_id: str, cache_dir: Path 
     return cache
 
 
-def release_encoders(components, settings, accelerator) -> None:
+def release_encoders(components, args, accelerator) -> None:
     """After caching, the VAE (and the text encoders, unless trained) leave the accelerator."""
     if accelerator.device.type == "cpu":
         return
     components.vae.to("cpu")
-    if not settings.train_text_encoder:
+    if not args.train_text_encoder:
         for encoder in components.text_encoders:
             encoder.to("cpu")
     torch.cuda.empty_cache()

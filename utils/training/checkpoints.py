@@ -113,7 +113,7 @@ def save_checkpoint(accelerator, settings, state: TrainState, ema=None) -> Path:
         write_json(staging / "training_state.json", asdict(state))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
-        prune_checkpoints(settings.run_dir, settings.checkpoints_total_limit)
+        prune_checkpoints(settings.run_dir, settings.args.checkpoints_total_limit)
         logger.info("Saved resumable state to %s", final)
     accelerator.wait_for_everyone()
     return final

@@ -103,24 +103,24 @@ class EvalSet:
 
 
 @torch.no_grad()
-def build_eval_set(components, items: list[Item], plan: EvalPlan, settings, weight_dtype: torch.dtype,
+def build_eval_set(components, items: list[Item], plan: EvalPlan, args, weight_dtype: torch.dtype,
                    device: torch.device) -> EvalSet:
     """``plan.samples`` triples: images in turn, one timestep each spread over the schedule, seeded noise."""
     eval_set = EvalSet(plan=plan)
     if not plan.every_epochs or not items:
         return eval_set
-    generator = torch.Generator().manual_seed(settings.seed + 1)
+    generator = torch.Generator().manual_seed(args.seed + 1)
     timesteps = eval_timesteps(plan.samples, components.noise_scheduler.config.num_train_timesteps)
     encoded = {}
     for index in sorted({k % len(items) for k in range(plan.samples)}):
         item = items[index]
         prepared = prepare_item(item, center_crop=True)
         distribution = vae_latent_distribution(components.vae, prepared.pixels[None])
-        embeds, pooled = encode_prompts(components.tokenizers, components.text_encoders, [caption_text(item.example.caption, settings, shuffle=False)])
+        embeds, pooled = encode_prompts(components.tokenizers, components.text_encoders, [caption_text(item.example.caption, args, shuffle=False)])
         encoded[index] = (scale_latents(components.vae, distribution.mean.float())[0], embeds[0], pooled[0],
                           orientation_time_ids(prepared)[0])
     triples = [encoded[k % len(items)] for k in range(plan.samples)]
-    chunk = max(1, 4 * settings.train_batch_size)
+    chunk = max(1, 4 * args.train_batch_size)
     for start in range(0, plan.samples, chunk):
         part = triples[start:start + chunk]
         latents = torch.stack([t[0] for t in part])

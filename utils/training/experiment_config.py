@@ -48,12 +48,12 @@ def write_experiment_config(accelerator, settings, state: TrainState, num_images
         **state.dataset_info.get("regularisation", {}),  # --reg_data_dir: listed, used, seen per epoch
         max_train_steps=state.max_train_steps,
         steps_per_epoch=state.steps_per_epoch,
-        effective_batch_size=settings.train_batch_size * settings.gradient_accumulation_steps
+        effective_batch_size=settings.args.train_batch_size * settings.args.gradient_accumulation_steps
         * accelerator.num_processes,
         num_processes=accelerator.num_processes,
         resolved_mixed_precision=mixed_precision,
-        lora_scale=settings.lora_alpha / (math.sqrt(settings.lora_rank) if settings.use_rslora
-                                          else settings.lora_rank),
+        lora_scale=settings.args.lora_alpha / (math.sqrt(settings.args.lora_rank) if settings.args.use_rslora
+                                          else settings.args.lora_rank),
         command=command_line(),
         versions={"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__},
     )

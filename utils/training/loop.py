@@ -65,7 +65,7 @@ def _run_epoch(run: Run, stop: StopRequest, epoch: int, losses: StepLosses, prog
     state, accelerator = run.state, run.accelerator
     for model in run.models:
         model.train()
-    skip = (state.global_step - epoch * state.steps_per_epoch) * run.settings.gradient_accumulation_steps
+    skip = (state.global_step - epoch * state.steps_per_epoch) * run.settings.args.gradient_accumulation_steps
     loader = accelerator.skip_first_batches(run.dataloader, skip) if skip > 0 else run.dataloader
     if skip == 0:
         state.epoch_losses = []  # on a mid-epoch resume they come from the checkpoint
@@ -123,14 +123,14 @@ def count_nonfinite(run: Run, record: StepRecord) -> None:
     run.state.skipped_steps += 1
     logger.warning("Step %d skipped: non-finite %s (%d in a row)", record.step,
                    "loss" if not math.isfinite(record.loss) else "gradient", run.nonfinite_in_a_row)
-    if run.nonfinite_in_a_row >= run.settings.max_nonfinite_steps:
+    if run.nonfinite_in_a_row >= run.settings.args.max_nonfinite_steps:
         raise TrainingError(nonfinite_message(run))
 
 
 def checkpoint_or_stop(run: Run, stop: StopRequest, progress, losses: StepLosses) -> None:
     """After an optimizer step: the resumable state every --checkpointing_steps, and the stop on a signal.
     With several processes the stop flag is exchanged only when the losses are read (no sync per step)."""
-    checkpoint = run.settings.checkpointing_steps and run.state.global_step % run.settings.checkpointing_steps == 0
+    checkpoint = run.settings.args.checkpointing_steps and run.state.global_step % run.settings.args.checkpointing_steps == 0
     if checkpoint:
         record_losses(run, losses, progress)
         save_checkpoint(run.accelerator, run.settings, run.state, run.ema)
@@ -149,14 +149,14 @@ def train_micro_step(run: Run, loader_batch: dict) -> tuple[torch.Tensor, torch.
     skipped = torch.zeros((), dtype=torch.bool, device=accelerator.device)
     with accelerator.accumulate(*run.models):
         batch = run.batch_maker(loader_batch)
-        noise = sample_noise(batch.latents, settings.noise_offset)
-        timesteps = sample_timesteps(settings, scheduler.config.num_train_timesteps, batch.latents.shape[0],
+        noise = sample_noise(batch.latents, settings.args.noise_offset)
+        timesteps = sample_timesteps(settings.args, scheduler.config.num_train_timesteps, batch.latents.shape[0],
                                      batch.latents.device)
-        loss = denoising_loss(run.unet, scheduler, batch, noise, timesteps, settings.snr_gamma)
+        loss = denoising_loss(run.unet, scheduler, batch, noise, timesteps, settings.args.snr_gamma)
         accelerator.backward(loss)
         found_inf = None
         if accelerator.sync_gradients:
-            max_norm = settings.max_grad_norm if settings.max_grad_norm > 0 else math.inf
+            max_norm = settings.args.max_grad_norm if settings.args.max_grad_norm > 0 else math.inf
             norm = accelerator.clip_grad_norm_(run.params, max_norm)
             skipped = nonfinite_step(run, loss, norm)
             found_inf = skip_on_device(run, skipped)
@@ -212,7 +212,7 @@ def nonfinite_message(run: Run) -> str:
 def out_of_memory_message(settings: RunSettings) -> str:
     checkpoints = checkpoints_of(settings.run_dir)
     last = f" The last checkpoint, {checkpoints[-1]}, is intact." if checkpoints else ""
-    return (f"out of GPU memory at --resolution {settings.resolution}, --train_batch_size {settings.train_batch_size}. "
+    return (f"out of GPU memory at --resolution {settings.args.resolution}, --train_batch_size {settings.args.train_batch_size}. "
             "Ways to fit: a smaller --train_batch_size (with --gradient_accumulation_steps to keep the effective "
             "batch), a lower --resolution, --gradient_checkpointing, --optimizer adamw8bit, "
             "--mixed_precision bf16 or fp16, keeping --cache on (the VAE and text encoders then leave the GPU), "

@@ -31,15 +31,15 @@ def save_model_folder(accelerator, folder: Path, models: list, settings, state: 
     unet, text_encoders = unwrapped(accelerator, models)
     metadata = lora_metadata(settings, state)
     copies = []
-    if settings.save_kohya or settings.lora_type != "lora":  # LoHa/LoKr: the copy other tools read
+    if settings.args.save_kohya or settings.args.lora_type != "lora":  # LoHa/LoKr: the copy other tools read
         from utils.lora.lycoris_files import save_kohya_copy
         copies.append(lambda staging: save_kohya_copy(staging, unet.config, title=folder.parent.name))
-    info = {**info, "lora_type": settings.lora_type, "adapter_weights": "ema" if ema is not None else "raw"}
+    info = {**info, "lora_type": settings.args.lora_type, "adapter_weights": "ema" if ema is not None else "raw"}
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.raw.") as raw_dir:
         if ema is not None:
             raw = save_lora(Path(raw_dir) / "raw", unet, text_encoders, {**metadata, "adapter_weights": "raw"})
             copies.append(lambda staging: shutil.copyfile(raw, staging / RAW_WEIGHT_NAME))
-            info.update(raw_weights_file=RAW_WEIGHT_NAME, ema_decay=settings.ema_decay)
+            info.update(raw_weights_file=RAW_WEIGHT_NAME, ema_decay=settings.args.ema_decay)
         with weights_of(ema):
             save_lora(folder, unet, text_encoders, training_metadata={**metadata, "adapter_weights": info[
                 "adapter_weights"]}, extra_files=lambda staging: [copy(staging) for copy in copies])
@@ -50,33 +50,33 @@ def save_model_folder(accelerator, folder: Path, models: list, settings, state: 
 def lora_metadata(settings, state: TrainState) -> dict:
     """Facts about the training stored in the LoRA file's header (no secrets, no local paths but the model's)."""
     return {
-        "base_model": settings.pretrained_model_name_or_path,
+        "base_model": settings.args.pretrained_model_name_or_path,
         "base_model_version": SDXL_BASE_MODEL_VERSION,
         "num_train_images": state.dataset_info.get("num_train_images"),
         "tag_frequency": state.dataset_info.get("tag_frequency"),
         "epoch": math.ceil(state.global_step / state.steps_per_epoch),
         "max_train_steps": state.max_train_steps,
-        "train_batch_size": settings.train_batch_size,
-        "gradient_accumulation_steps": settings.gradient_accumulation_steps,
-        "lr_scheduler": settings.lr_scheduler,
-        "optimizer": settings.optimizer,
-        "mixed_precision": settings.mixed_precision,
-        "seed": settings.seed,
-        "noise_offset": settings.noise_offset,
-        "snr_gamma": settings.snr_gamma,
-        "lora_target_modules": settings.lora_target_modules,
+        "train_batch_size": settings.args.train_batch_size,
+        "gradient_accumulation_steps": settings.args.gradient_accumulation_steps,
+        "lr_scheduler": settings.args.lr_scheduler,
+        "optimizer": settings.args.optimizer,
+        "mixed_precision": settings.args.mixed_precision,
+        "seed": settings.args.seed,
+        "noise_offset": settings.args.noise_offset,
+        "snr_gamma": settings.args.snr_gamma,
+        "lora_target_modules": settings.args.lora_target_modules,
         "training_command": command_line(),
-        "lora_rank": settings.lora_rank,
-        "lora_alpha": settings.lora_alpha,
-        "use_rslora": settings.use_rslora,
-        "use_dora": settings.use_dora,
-        "lora_type": settings.lora_type,
-        "lokr_factor": settings.lokr_factor if settings.lora_type == "lokr" else None,
-        "lokr_decompose_both": settings.lokr_decompose_both if settings.lora_type == "lokr" else None,
-        "loraplus_lr_ratio": settings.loraplus_lr_ratio,
-        "use_ema": settings.use_ema,
-        "resolution": settings.resolution,
+        "lora_rank": settings.args.lora_rank,
+        "lora_alpha": settings.args.lora_alpha,
+        "use_rslora": settings.args.use_rslora,
+        "use_dora": settings.args.use_dora,
+        "lora_type": settings.args.lora_type,
+        "lokr_factor": settings.args.lokr_factor if settings.args.lora_type == "lokr" else None,
+        "lokr_decompose_both": settings.args.lokr_decompose_both if settings.args.lora_type == "lokr" else None,
+        "loraplus_lr_ratio": settings.args.loraplus_lr_ratio,
+        "use_ema": settings.args.use_ema,
+        "resolution": settings.args.resolution,
         "learning_rate": settings.learning_rate,
         "steps": state.global_step,
-        "train_text_encoder": settings.train_text_encoder,
+        "train_text_encoder": settings.args.train_text_encoder,
     }

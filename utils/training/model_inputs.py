@@ -4,6 +4,7 @@ and per-image loss weights."""
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,7 @@ class BatchMaker:
 
     components: object
     items: list[Item]
-    settings: object  # the run's RunSettings (or the parsed flags)
+    args: argparse.Namespace  # the flags
     weight_dtype: torch.dtype
     device: torch.device
     latent_cache: object = None
@@ -41,7 +42,7 @@ class BatchMaker:
     def __call__(self, loader_batch: dict) -> Batch:
         indices = loader_batch["index"].tolist()
         count = len(indices)
-        flips = (torch.rand(count) < 0.5) if self.settings.random_flip else torch.zeros(count, dtype=torch.bool)
+        flips = (torch.rand(count) < 0.5) if self.args.random_flip else torch.zeros(count, dtype=torch.bool)
         vae = self.components.vae
         if self.latent_cache is not None:
             from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -54,12 +55,12 @@ class BatchMaker:
             latents = vae_latent_distribution(vae, pixels).sample()
             ids = loader_batch["time_ids"][torch.arange(count), flips.long()]
         latents = scale_latents(vae, latents.float()).to(self.weight_dtype).contiguous()
-        captions = [caption_text(self.items[i].example.caption, self.settings) for i in indices]
+        captions = [caption_text(self.items[i].example.caption, self.args) for i in indices]
         embeds, pooled = self.encode(captions)
-        if self.settings.caption_dropout > 0:
+        if self.args.caption_dropout > 0:
             # Dropped captions get zero embeddings: SDXL's unconditional input at inference
             # (force_zeros_for_empty_prompt), which classifier-free guidance contrasts with.
-            keep = (torch.rand(count) >= self.settings.caption_dropout).to(self.device)
+            keep = (torch.rand(count) >= self.args.caption_dropout).to(self.device)
             embeds = embeds * keep[:, None, None].to(embeds.dtype)
             pooled = pooled * keep[:, None].to(pooled.dtype)
         return Batch(latents, embeds.to(self.weight_dtype), pooled.to(self.weight_dtype),
@@ -69,7 +70,7 @@ class BatchMaker:
     def masks(self, indices: list[int], flips: torch.Tensor, loader_batch: dict,
               latents: torch.Tensor) -> torch.Tensor | None:
         """--masked_loss: the batch's masks (B, 1, h, w) at latent size, mirrored where the image is."""
-        if not getattr(self.settings, "masked_loss", False):
+        if not getattr(self.args, "masked_loss", False):
             return None
         if self.latent_cache is not None:
             masks = torch.stack([self.latent_cache.masks[i][int(f)] for i, f in zip(indices, flips)])
@@ -83,7 +84,7 @@ class BatchMaker:
         """(B,): --prior_loss_weight for regularisation images, 1 for the others; None without them."""
         if not self.has_reg:
             return None
-        weight = float(getattr(self.settings, "prior_loss_weight", 1.0))
+        weight = float(getattr(self.args, "prior_loss_weight", 1.0))
         return self.to_device(torch.tensor([weight if self.items[i].example.is_reg else 1.0 for i in indices]))
 
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

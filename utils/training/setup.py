@@ -171,33 +171,34 @@ def set_gradient_checkpointing(components, args: argparse.Namespace, device: tor
     return enabled
 
 
-def loraplus_groups(models: list, params: list[torch.nn.Parameter], settings: RunSettings) -> list:
-    """The parameters, or with --loraplus_lr_ratio two groups: the up (lora_B) matrices at ratio x the rate."""
-    if settings.loraplus_lr_ratio is None:
+def loraplus_groups(models: list, params: list[torch.nn.Parameter], args: argparse.Namespace,
+                    learning_rate: float | None = None) -> list:
+    """The parameters, or with --loraplus_lr_ratio two groups: the up (lora_B) matrices at ratio x the rate.
+    ``learning_rate``: the run's rate (after --scale_lr); by default --learning_rate."""
+    if args.loraplus_lr_ratio is None:
         return params
+    rate = args.learning_rate if learning_rate is None else learning_rate
     up = {id(p) for model in models for name, p in model.named_parameters() if ".lora_B." in name}
-    return [{"params": [p for p in params if id(p) not in up], "lr": settings.learning_rate},
-            {"params": [p for p in params if id(p) in up],
-             "lr": settings.learning_rate * settings.loraplus_lr_ratio}]
+    return [{"params": [p for p in params if id(p) not in up], "lr": rate},
+            {"params": [p for p in params if id(p) in up], "lr": rate * args.loraplus_lr_ratio}]
 
 
-def make_optimizer(settings: RunSettings, params: list) -> torch.optim.Optimizer:
-    """The --optimizer over the LoRA parameters (or parameter groups), at the run's learning rate."""
-    kwargs = dict(lr=settings.learning_rate, betas=(settings.adam_beta1, settings.adam_beta2),
-                  weight_decay=settings.adam_weight_decay, eps=settings.adam_epsilon)
-    if settings.optimizer == "adamw8bit":
+def make_optimizer(args: argparse.Namespace, params: list, learning_rate: float | None = None) -> torch.optim.Optimizer:
+    """The --optimizer over the LoRA parameters (or parameter groups), at ``learning_rate`` (the run's rate,
+    after --scale_lr; by default --learning_rate)."""
+    rate = args.learning_rate if learning_rate is None else learning_rate
+    kwargs = dict(lr=rate, betas=(args.adam_beta1, args.adam_beta2), weight_decay=args.adam_weight_decay,
+                  eps=args.adam_epsilon)
+    if args.optimizer == "adamw8bit":
         import bitsandbytes as bnb
         return bnb.optim.AdamW8bit(params, **kwargs)
-    if settings.optimizer == "prodigy":
+    if args.optimizer == "prodigy":
         import prodigyopt
-        return prodigyopt.Prodigy(params, lr=settings.learning_rate, betas=kwargs["betas"],
-                                  weight_decay=settings.adam_weight_decay)
+        return prodigyopt.Prodigy(params, lr=rate, betas=kwargs["betas"], weight_decay=args.adam_weight_decay)
     # Fused: one kernel per step, and it can skip a step on the device (see skip_on_device).
     flat = [p for group in params for p in group["params"]] if params and isinstance(params[0], dict) else params
     fused = all(p.device.type in ("cuda", "cpu") and p.dtype == torch.float32 for p in flat)
     return torch.optim.AdamW(params, fused=fused, **kwargs)
-
-
 
 
 # ----------------------------------------------------------------------------- the run
@@ -243,26 +244,26 @@ def prepare_run(settings: RunSettings, examples: list[Example], timeline: Timeli
     with timeline.phase("imports"):
         import accelerate  # noqa: F401  (timed here; used below)
         import diffusers.optimization  # noqa: F401
-    train_examples, held_out = split_examples(examples, settings.validation_split, settings.seed)
-    mixed_precision = resolve_mixed_precision(settings.mixed_precision)
+    train_examples, held_out = split_examples(examples, settings.args.validation_split, settings.args.seed)
+    mixed_precision = resolve_mixed_precision(settings.args.mixed_precision)
     weight_dtype = DTYPES[mixed_precision]
     accelerator = _accelerator(settings, mixed_precision)
     components, params = _load_models(settings, accelerator.device, weight_dtype, timeline)
-    items = assign_buckets(train_examples + balance(train_examples, list(reg_examples)), settings.resolution,
-                           not settings.no_buckets, settings.seed)
-    plan = evaluation_plan(settings, sum(getattr(i.example, "repeats", 1) for i in items), accelerator.num_processes)
+    items = assign_buckets(train_examples + balance(train_examples, list(reg_examples)), settings.args.resolution,
+                           not settings.args.no_buckets, settings.args.seed)
+    plan = evaluation_plan(settings.args, sum(getattr(i.example, "repeats", 1) for i in items), accelerator.num_processes)
     logger.info("Evaluation: %s", plan.describe())
     with timeline.phase("evaluation set"):
-        eval_items = assign_buckets(held_out or train_examples[:EVAL_IMAGES], settings.resolution, False,
-                                    settings.seed)
-        eval_set = build_eval_set(components, eval_items, plan, settings, weight_dtype, accelerator.device)
-    batch_maker = BatchMaker(components, items, settings, weight_dtype, accelerator.device)
-    if settings.cache:
+        eval_items = assign_buckets(held_out or train_examples[:EVAL_IMAGES], settings.args.resolution, False,
+                                    settings.args.seed)
+        eval_set = build_eval_set(components, eval_items, plan, settings.args, weight_dtype, accelerator.device)
+    batch_maker = BatchMaker(components, items, settings.args, weight_dtype, accelerator.device)
+    if settings.args.cache:
         with timeline.phase("caching"):
-            fill_caches(batch_maker, items, settings, accelerator)
-    gradient_checkpointing = set_gradient_checkpointing(components, settings, accelerator.device, weight_dtype)
+            fill_caches(batch_maker, items, settings.args, accelerator)
+    gradient_checkpointing = set_gradient_checkpointing(components, settings.args, accelerator.device, weight_dtype)
     sampler, dataloader = _loader(settings, items)
-    groups = loraplus_groups([components.unet, *components.text_encoders], params, settings)
+    groups = loraplus_groups([components.unet, *components.text_encoders], params, settings.args, settings.learning_rate)
     optimizer, lr_scheduler, steps_per_epoch, max_train_steps = _schedule(settings, groups, len(dataloader),
                                                                           accelerator.num_processes)
     with timeline.phase("accelerate prepare"):
@@ -272,7 +273,7 @@ def prepare_run(settings: RunSettings, examples: list[Example], timeline: Timeli
               batch_maker, eval_set, TrainState(max_train_steps=max_train_steps, steps_per_epoch=steps_per_epoch),
               math.ceil(max_train_steps / steps_per_epoch), timeline=timeline,
               gradient_checkpointing=gradient_checkpointing,
-              ema=AdapterEMA(params, settings.ema_decay, settings.ema_update_every) if settings.use_ema else None)
+              ema=AdapterEMA(params, settings.args.ema_decay, settings.args.ema_update_every) if settings.args.use_ema else None)
     state_info = dataset_info(items, len(reg_examples))
     _start(run, state_info, held_out, plan, mixed_precision)
     return run
@@ -285,14 +286,14 @@ def _accelerator(settings: RunSettings, mixed_precision: str):
 
     run_dir = settings.run_dir
     accelerator = Accelerator(
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        gradient_accumulation_steps=settings.args.gradient_accumulation_steps,
         mixed_precision=mixed_precision,
-        log_with=_trackers(settings.report_to) or None,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / settings.logging_dir)),
+        log_with=_trackers(settings.args.report_to) or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / settings.args.logging_dir)),
     )
     logger.info("Run directory: %s", run_dir)
-    set_seed(settings.seed)
-    if settings.allow_tf32:
+    set_seed(settings.args.seed)
+    if settings.args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return accelerator
@@ -301,26 +302,26 @@ def _accelerator(settings: RunSettings, mixed_precision: str):
 def _load_models(settings: RunSettings, device: torch.device, weight_dtype: torch.dtype, timeline: Timeline):
     """(components, trainable LoRA parameters): SDXL loaded frozen onto the device, LoRA injected."""
     with timeline.phase("model loading"):
-        components = load_components(settings.pretrained_model_name_or_path, settings.revision, settings.variant,
-                                     weight_dtype, settings.pretrained_vae_model_name_or_path, settings.allow_pickle)
-        if settings.prediction_type:
-            components.noise_scheduler.register_to_config(prediction_type=settings.prediction_type)
+        components = load_components(settings.args.pretrained_model_name_or_path, settings.args.revision, settings.args.variant,
+                                     weight_dtype, settings.args.pretrained_vae_model_name_or_path, settings.args.allow_pickle)
+        if settings.args.prediction_type:
+            components.noise_scheduler.register_to_config(prediction_type=settings.args.prediction_type)
         for module in [components.unet, components.vae, *components.text_encoders]:
             module.to(device)
     with timeline.phase("LoRA"):
-        params = inject_lora(components, settings)
+        params = inject_lora(components, settings.args)
     return components, params
 
 
 def _loader(settings: RunSettings, items: list) -> tuple[BucketBatchSampler, torch.utils.data.DataLoader]:
     """Batches of one bucket each, in a seeded order; dataset indices when cached, else pixels."""
-    sampler = BucketBatchSampler([item.bucket for item in items], settings.train_batch_size, settings.seed,
+    sampler = BucketBatchSampler([item.bucket for item in items], settings.args.train_batch_size, settings.args.seed,
                                  repeats=[item.example.repeats for item in items])  # issue 19: kohya repeats
-    dataset = (IndexDataset(len(items)) if settings.cache
-               else PixelDataset(items, settings.center_crop, getattr(settings, "masked_loss", False)))
+    dataset = (IndexDataset(len(items)) if settings.args.cache
+               else PixelDataset(items, settings.args.center_crop, settings.args.masked_loss))
     dataloader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=settings.dataloader_num_workers,
-        generator=torch.Generator().manual_seed(settings.seed),  # keeps the global RNG untouched for resume
+        dataset, batch_sampler=sampler, num_workers=settings.args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(settings.args.seed),  # keeps the global RNG untouched for resume
     )
     return sampler, dataloader
 
@@ -329,26 +330,26 @@ def _schedule(settings: RunSettings, params: list, num_batches: int, num_process
     """(optimizer, learning-rate scheduler, steps per epoch, total optimizer steps)."""
     from diffusers.optimization import get_scheduler
 
-    optimizer = make_optimizer(settings, params)
-    steps_per_epoch = math.ceil(math.ceil(num_batches / num_processes) / settings.gradient_accumulation_steps)
-    max_train_steps = settings.max_train_steps or settings.num_train_epochs * steps_per_epoch
-    if settings.lr_warmup_steps >= max_train_steps:
+    optimizer = make_optimizer(settings.args, params, settings.learning_rate)
+    steps_per_epoch = math.ceil(math.ceil(num_batches / num_processes) / settings.args.gradient_accumulation_steps)
+    max_train_steps = settings.args.max_train_steps or settings.args.num_train_epochs * steps_per_epoch
+    if settings.args.lr_warmup_steps >= max_train_steps:
         logger.warning("--lr_warmup_steps %d is not below the %d training steps: the learning rate never "
-                       "leaves warm-up", settings.lr_warmup_steps, max_train_steps)
+                       "leaves warm-up", settings.args.lr_warmup_steps, max_train_steps)
     # accelerate steps a prepared scheduler once per process per optimizer step.
-    lr_scheduler = get_scheduler(settings.lr_scheduler, optimizer=optimizer,
-                                 num_warmup_steps=settings.lr_warmup_steps * num_processes,
+    lr_scheduler = get_scheduler(settings.args.lr_scheduler, optimizer=optimizer,
+                                 num_warmup_steps=settings.args.lr_warmup_steps * num_processes,
                                  num_training_steps=max_train_steps * num_processes)
     return optimizer, lr_scheduler, steps_per_epoch, max_train_steps
 
 
 def _prepare(accelerator, settings: RunSettings, components, optimizer, dataloader, lr_scheduler):
     """accelerate.prepare of the trained models and the training objects; checkpoints keep only LoRA."""
-    trained = [components.unet] + (components.text_encoders if settings.train_text_encoder else [])
+    trained = [components.unet] + (components.text_encoders if settings.args.train_text_encoder else [])
     prepared = accelerator.prepare(*trained, optimizer, dataloader, lr_scheduler)
     models, (optimizer, dataloader, lr_scheduler) = list(prepared[:len(trained)]), prepared[len(trained):]
     components.unet = models[0]
-    if settings.train_text_encoder:
+    if settings.args.train_text_encoder:
         components.text_encoders = models[1:]
     register_checkpoint_hooks(accelerator)
     return models, optimizer, dataloader, lr_scheduler
@@ -361,15 +362,15 @@ def _start(run: Run, info: dict, held_out: list, plan: EvalPlan, mixed_precision
                         "eval_loss_plan": {"every_epochs": plan.every_epochs, "samples": plan.samples,
                                            "measurements": plan.measurements, "share_of_training": plan.share}}
     state.dataset_info = info
-    if settings.resume_from_checkpoint:
+    if settings.args.resume_from_checkpoint:
         with run.timeline.phase("resume"):
             resume(accelerator, settings, state, run.ema)
     write_experiment_config(accelerator, settings, state, info["num_train_images"], len(held_out), mixed_precision)
-    if accelerator.is_main_process and _trackers(settings.report_to):
+    if accelerator.is_main_process and _trackers(settings.args.report_to):
         accelerator.init_trackers("sdxl_lora", config=tracker_config(settings))
-    run.epoch_log, run.step_log = open_logs(settings.run_dir, settings.logging_dir, accelerator.is_main_process,
+    run.epoch_log, run.step_log = open_logs(settings.run_dir, settings.args.logging_dir, accelerator.is_main_process,
                                             state.global_step)
     if accelerator.is_main_process:  # issue 19: the dataset summary once per run
         logger.info("%s, batch %d x %d accumulation x %d processes",
-                    dataset_line(info, len(held_out), state.max_train_steps, settings.prior_loss_weight),
-                    settings.train_batch_size, settings.gradient_accumulation_steps, accelerator.num_processes)
+                    dataset_line(info, len(held_out), state.max_train_steps, settings.args.prior_loss_weight),
+                    settings.args.train_batch_size, settings.args.gradient_accumulation_steps, accelerator.num_processes)

@@ -20,20 +20,20 @@ def timestep_weights(strategy: str, multiplier: float, begin: int, end: int, por
     return weights / weights.sum()
 
 
-def biased(settings) -> bool:
-    return getattr(settings, "timestep_bias_strategy", "none") != "none"
+def biased(args) -> bool:
+    return getattr(args, "timestep_bias_strategy", "none") != "none"
 
 
-def sample_timesteps(settings, num_timesteps: int, count: int, device: torch.device) -> torch.Tensor:
+def sample_timesteps(args, num_timesteps: int, count: int, device: torch.device) -> torch.Tensor:
     """``count`` timesteps (long) on ``device``, drawn from torch's global generator. Uniform draws are
     exactly the ones the trainer always made."""
-    if biased(settings):
-        weights = timestep_weights(settings.timestep_bias_strategy, settings.timestep_bias_multiplier,
-                                   settings.timestep_bias_begin, settings.timestep_bias_end,
-                                   settings.timestep_bias_portion, num_timesteps)
+    if biased(args):
+        weights = timestep_weights(args.timestep_bias_strategy, args.timestep_bias_multiplier,
+                                   args.timestep_bias_begin, args.timestep_bias_end,
+                                   args.timestep_bias_portion, num_timesteps)
         return torch.multinomial(weights.float(), count, replacement=True).to(device)
-    if getattr(settings, "timestep_sampling", "uniform") == "logit_normal":
-        normal = torch.randn(count) * settings.logit_std + settings.logit_mean
+    if getattr(args, "timestep_sampling", "uniform") == "logit_normal":
+        normal = torch.randn(count) * args.logit_std + args.logit_mean
         fraction = torch.sigmoid(normal)
         return (fraction * num_timesteps).long().clamp(max=num_timesteps - 1).to(device)
     return torch.randint(0, num_timesteps, (count,), device=device).long()

@@ -47,11 +47,11 @@ def train(args: argparse.Namespace) -> Path:
         raise TrainingError(out_of_memory_message(settings)) from error
     finish(run)
     if run.accelerator.is_main_process:
-        run.timeline.write(settings.run_dir / settings.logging_dir / "timings.json")
+        run.timeline.write(settings.run_dir / settings.args.logging_dir / "timings.json")
     run.accelerator.end_training()
-    if settings.push_to_hub and run.accelerator.is_main_process:
+    if settings.args.push_to_hub and run.accelerator.is_main_process:
         from utils.hub.publish import push_run_to_hub
-        push_run_to_hub(settings.run_dir, settings.hub_model_id, private=settings.hub_private)
+        push_run_to_hub(settings.run_dir, settings.args.hub_model_id, private=settings.args.hub_private)
     return settings.run_dir
 
 
