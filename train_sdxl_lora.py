@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
         from utils.training.config_file import output_config
         output_config(args)
         return 0
-    from utils.training.trainer import train
+    from utils.training.recipe import train
     train(args)
     return 0
 

@@ -125,9 +125,9 @@ def masked_run(tiny_model_dir, masked_dataset, tmp_path_factory):
     from utils.data.listing import load_training_examples
     from utils.training.epochs import finish
     from utils.training.interrupts import StopRequest
-    from utils.training.loop import train_loop
+    from utils.training.checks import check_args
+    from utils.training.recipe import set_up, train_loop
     from utils.training.settings import RunSettings
-    from utils.training.setup import check_args, prepare_run
 
     args = parse_training_args([
         "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_dir", str(masked_dataset),
@@ -136,7 +136,7 @@ def masked_run(tiny_model_dir, masked_dataset, tmp_path_factory):
         "--learning_rate", "1e-2", *SMALL, "--masked_loss", "--snr_gamma", "5", "--prediction_type", "v_prediction"])
     check_args(args)
     examples, dataset_type = load_training_examples(args, report_here=False)
-    run = prepare_run(RunSettings.make(args, dataset_type), examples)
+    run = set_up(RunSettings.make(args, dataset_type), examples)
     with StopRequest() as stop:
         train_loop(run, stop)
     finish(run)

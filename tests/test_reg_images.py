@@ -77,9 +77,9 @@ def straight_run(tiny_model_dir, datasets, tmp_path_factory):
     from utils.data.regularisation import load_reg_examples
     from utils.training.epochs import finish
     from utils.training.interrupts import StopRequest
-    from utils.training.loop import train_loop
+    from utils.training.checks import check_args
+    from utils.training.recipe import set_up, train_loop
     from utils.training.settings import RunSettings
-    from utils.training.setup import check_args, prepare_run
 
     args = flags(tiny_model_dir, *datasets, tmp_path_factory.mktemp("straight"))
     check_args(args)
@@ -88,13 +88,13 @@ def straight_run(tiny_model_dir, datasets, tmp_path_factory):
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    loggers = [logging.getLogger("utils.training.loop"), logging.getLogger("utils.training.setup")]
+    loggers = [logging.getLogger("utils.training.recipe")]
     levels = [log.level for log in loggers]
     for log in loggers:
         log.addHandler(handler)
         log.setLevel(logging.DEBUG)
     try:
-        run = prepare_run(RunSettings.make(args, dataset_type), examples, reg_examples=reg)
+        run = set_up(RunSettings.make(args, dataset_type), examples, reg_examples=reg)
         with StopRequest() as stop:
             train_loop(run, stop)
         finish(run)
@@ -138,7 +138,7 @@ def test_steps_and_images_per_epoch_follow_kohyas_rule(straight_run):
 
 @pytest.mark.slow
 def test_resume_mid_epoch_equals_the_straight_run(straight_run, tiny_model_dir, datasets, tmp_path):
-    from utils.training.trainer import train
+    from utils.training.recipe import train
 
     straight = straight_run[0].settings.run_dir
     copy = tmp_path / "resumed" / straight.name

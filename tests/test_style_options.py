@@ -93,7 +93,7 @@ def test_logit_normal_has_the_given_mean_and_std_on_the_logit_scale(mean, std):
 
 
 def test_bad_timestep_options_are_one_line_errors():
-    from utils.training.style_checks import StyleOptionError, check_style_args
+    from utils.training.checks import StyleOptionError, check_style_args
 
     for flags, words in [
         (dict(timestep_bias_strategy="later", timestep_sampling="logit_normal"), "does not go with"),
@@ -112,9 +112,9 @@ def shuffled_run(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
     from utils.data.listing import load_training_examples
     from utils.training.epochs import finish
     from utils.training.interrupts import StopRequest
-    from utils.training.loop import train_loop
+    from utils.training.checks import check_args
+    from utils.training.recipe import set_up, train_loop
     from utils.training.settings import RunSettings
-    from utils.training.setup import check_args, prepare_run
 
     output = tmp_path_factory.mktemp("style_run")
     args = parse_training_args([
@@ -135,7 +135,7 @@ def shuffled_run(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
     level = caching_logger.level
     caching_logger.setLevel(logging.INFO)
     try:
-        run = prepare_run(settings, examples)
+        run = set_up(settings, examples)
         with StopRequest() as stop:
             train_loop(run, stop)
         finish(run)

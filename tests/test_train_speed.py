@@ -95,7 +95,7 @@ def test_step_losses_are_read_in_one_transfer_every_n_steps_with_their_skip_flag
 
 def test_a_nonfinite_step_is_skipped_on_the_device_without_reading_the_flag():
     """The fused AdamW's found_inf: no update of the weights, the moments or the step count."""
-    from utils.training.loop import nonfinite_step, skip_on_device
+    from utils.training.guards import nonfinite_step, skip_on_device
 
     weight = torch.nn.Parameter(torch.ones(4))
     optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)

@@ -83,7 +83,7 @@ def auto_checkpointing(model: str, places: Places, device: str) -> dict:
     """For each step benchmark: what the trainer's auto rule chooses, from its estimate and the free memory
     the run had when training started, against the peaks measured with checkpointing off and on."""
     from utils.training.flags import parse_training_args
-    from utils.training.setup import lora_config
+    from utils.training.adapters import lora_config
 
     unet_config = json.loads((places.model_dir / "unet" / "config.json").read_text())
     args = parse_training_args([])

@@ -1,20 +1,23 @@
 """The fixed-noise validation loss: how often and on how many (latent, noise, timestep) triples it is
 measured within its share of the training compute (``EvalPlan``), the triples themselves, fixed once
-(``EvalSet``), and the measurement."""
+(``EvalSet``), the measurement, and the seeded share of the images held out for it (--validation_split)."""
 
 from __future__ import annotations
 
 import argparse
 import math
+import random
 from dataclasses import dataclass, field
 
 import torch
 
 from utils.core.sdxl import encode_prompts, scale_latents, vae_latent_distribution
+from utils.data.records import Example
 from utils.training.batches import Item, orientation_time_ids, prepare_item
 from utils.training.captions import caption_text
 from utils.training.loss import denoising_loss
 from utils.training.model_inputs import Batch
+from utils.training.settings import TrainingError
 
 EVAL_BUDGET = 0.05  # share of the training compute the fixed-noise loss may take
 FORWARD_PER_TRAINING_SAMPLE = 3  # a training step (forward + backward) costs about 3 forward passes
@@ -152,3 +155,18 @@ def evaluate_base(run) -> float | None:
         return evaluate(run.unet, run.components.noise_scheduler, run.eval_set)
     finally:
         unet.enable_adapters()
+
+
+def split_examples(examples: list[Example], validation_split: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Hold out a fixed, seeded share of the images for the validation loss (at least one if asked)."""
+    if validation_split <= 0:
+        return examples, []
+    count = max(1, round(len(examples) * validation_split))
+    if count >= len(examples):
+        raise TrainingError(f"--validation_split {validation_split} leaves no training images "
+                            f"out of {len(examples)}")
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held_out = set(order[:count])
+    return ([e for i, e in enumerate(examples) if i not in held_out],
+            [e for i, e in enumerate(examples) if i in held_out])

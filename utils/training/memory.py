@@ -1,9 +1,16 @@
 """Whether a training step fits in GPU memory without gradient checkpointing: the activations it keeps for
-the backward, counted on the meta device, and the choice (forced by a flag, or automatic) made from them."""
+the backward, counted on the meta device, and the choice (forced by a flag, or automatic) made from them and applied to the models."""
 
 from __future__ import annotations
 
+import argparse
+import logging
+
 import torch
+
+from utils.training.adapters import lora_config
+
+logger = logging.getLogger(__name__)
 
 GIB = 1024 ** 3
 ACTIVATION_MARGIN = 1.3  # allocator fragmentation, the backward's transient buffers, the loss
@@ -69,3 +76,21 @@ def choose_gradient_checkpointing(setting, device_type: str, free_bytes: int | N
     if needed <= free_bytes:
         return False, f"auto: off, the step fits without it ({numbers})"
     return True, f"auto: on, the step would not fit without it ({numbers})"
+
+
+def set_gradient_checkpointing(components, args: argparse.Namespace, device: torch.device,
+                               weight_dtype: torch.dtype) -> bool:
+    """Decide (forced by a flag, or auto from the device and free memory) and apply; log the choice."""
+    free = activations = None
+    if args.gradient_checkpointing == "auto" and device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+        activations = estimate_activation_bytes(components.unet.config, args.resolution, args.train_batch_size,
+                                                weight_dtype, lora_config(args, args.lora_target_modules))
+    enabled, reason = choose_gradient_checkpointing(args.gradient_checkpointing, device.type, free, activations)
+    logger.info("Gradient checkpointing %s: %s", "on" if enabled else "off", reason)
+    if enabled:
+        components.unet.enable_gradient_checkpointing()
+        if args.train_text_encoder:
+            for encoder in components.text_encoders:
+                encoder.gradient_checkpointing_enable()
+    return enabled

@@ -1,5 +1,6 @@
-"""The training loop: epochs of optimizer steps, the loss log as it goes, the non-finite guard, resumable
-checkpoints every --checkpointing_steps and a clean stop on a signal."""
+"""What guards a training step: the buffered step losses read into the logs, non-finite steps skipped on
+the device and counted (the run stops after too many in a row), the resumable checkpoint every
+--checkpointing_steps, the clean stop on a signal, and the messages for a run that cannot go on."""
 
 from __future__ import annotations
 
@@ -7,99 +8,17 @@ import logging
 import math
 
 import torch
-from tqdm.auto import tqdm
 
 from utils.core.errors import TrainingInterrupted
 from utils.training.checkpoints import checkpoints_of, save_checkpoint
-from utils.training.ema import weights_of
-from utils.training.epochs import end_of_epoch
-from utils.training.interrupts import StopRequest
-from utils.training.evaluation import evaluate, evaluate_base
 from utils.training.experiment_config import command_line
+from utils.training.interrupts import StopRequest
 from utils.training.lora_folders import save_model_folder
-from utils.training.loss import denoising_loss, sample_noise
 from utils.training.settings import RunSettings, TrainingError
-from utils.training.setup import Run
-from utils.training.timesteps import sample_timesteps
-from utils.training.step_losses import StepLosses, StepRecord, read_interval
+from utils.training.run import Run
+from utils.training.step_losses import StepLosses, StepRecord
 
 logger = logging.getLogger(__name__)
-
-
-def train_loop(run: Run, stop: StopRequest) -> None:
-    """Epochs are 0-based, as in the original. A step that ends an epoch is checkpointed (or stopped at)
-    only after the epoch's own work (log row, best_model, checkpoint_epoch_N): a resumable state then
-    never lies between an epoch's last step and its end-of-epoch files.
-
-    Step losses stay on the device and are read every few steps (``StepLosses``), and wherever the loop
-    needs them: at an epoch's end, before a checkpoint, on a stop."""
-    state = run.state
-    losses = StepLosses(read_interval(run.accelerator.device.type))
-    progress = tqdm(total=state.max_train_steps, initial=state.global_step, desc="Training",
-                    disable=not run.accelerator.is_local_main_process)
-    for epoch in range(state.global_step // state.steps_per_epoch, run.num_epochs):
-        if state.global_step >= state.max_train_steps:  # resumed from the last step's checkpoint
-            break
-        deferred = _run_epoch(run, stop, epoch, losses, progress)
-        record_losses(run, losses, progress)
-        eval_loss = None
-        if run.eval_set.plan.after_epoch(epoch, run.num_epochs - 1):
-            with weights_of(run.ema):
-                eval_loss = evaluate(run.unet, run.components.noise_scheduler, run.eval_set)
-        end_of_epoch(run, epoch, run.lr_scheduler.get_last_lr()[0], eval_loss,
-                     select_by="eval_loss" if run.eval_set.batches else "train_loss")
-        if deferred:
-            checkpoint_or_stop(run, stop, progress, losses)
-        if state.global_step >= state.max_train_steps:
-            break
-    progress.close()
-    if state.initial_eval_loss is None and run.eval_set.batches:
-        state.initial_eval_loss = evaluate_base(run)
-        logger.info("Fixed-noise validation loss: %.5f before training, %s after", state.initial_eval_loss,
-                    f"{state.last_eval_loss:.5f}" if state.last_eval_loss is not None else "n/a")
-
-
-def _run_epoch(run: Run, stop: StopRequest, epoch: int, losses: StepLosses, progress) -> bool:
-    """The optimizer steps of epoch ``epoch`` (from where a resumed run stands). Returns True when the
-    epoch's last step still waits for its checkpoint or stop (after the end-of-epoch work)."""
-    state, accelerator = run.state, run.accelerator
-    for model in run.models:
-        model.train()
-    skip = (state.global_step - epoch * state.steps_per_epoch) * run.settings.args.gradient_accumulation_steps
-    loader = accelerator.skip_first_batches(run.dataloader, skip) if skip > 0 else run.dataloader
-    if skip == 0:
-        state.epoch_losses = []  # on a mid-epoch resume they come from the checkpoint
-    run.sampler.use_epoch(epoch)
-    epoch_end = min((epoch + 1) * state.steps_per_epoch, state.max_train_steps)
-    deferred = False
-    window: list[torch.Tensor] = []
-    window_images: list[int] = []
-    for loader_batch in loader:
-        loss, skipped = train_micro_step(run, loader_batch)
-        window.append(loss)
-        window_images += loader_batch["index"].tolist()
-        if not accelerator.sync_gradients:
-            continue
-        local_loss = torch.stack(window).mean()
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("process %d step %d images %s loss %.6f", accelerator.process_index,
-                         state.global_step + 1, window_images, local_loss.item())
-        window, window_images = [], []
-        state.global_step += 1
-        if run.ema is not None:
-            run.ema.update(state.global_step)
-        run.timeline.step_done()
-        losses.add(epoch, state.global_step, run.lr_scheduler.get_last_lr()[0],
-                   accelerator.gather(local_loss[None]).mean(), skipped)
-        progress.update(1)
-        if losses.due(state.global_step):
-            record_losses(run, losses, progress)
-        deferred = state.global_step >= epoch_end
-        if not deferred:
-            checkpoint_or_stop(run, stop, progress, losses)
-        if state.global_step >= state.max_train_steps:
-            break
-    return deferred
 
 
 def record_losses(run: Run, losses: StepLosses, progress) -> None:
@@ -139,33 +58,6 @@ def checkpoint_or_stop(run: Run, stop: StopRequest, progress, losses: StepLosses
         record_losses(run, losses, progress)
         progress.close()
         stop_now(run, stop)
-
-
-def train_micro_step(run: Run, loader_batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and backward of one batch; at an accumulation boundary, the optimizer step, skipped when
-    the loss or the gradient is not finite. Returns (loss, skipped) as device tensors: nothing here waits
-    for the device, unless the optimizer cannot skip a step by itself (see skip_on_device)."""
-    settings, accelerator, scheduler = run.settings, run.accelerator, run.components.noise_scheduler
-    skipped = torch.zeros((), dtype=torch.bool, device=accelerator.device)
-    with accelerator.accumulate(*run.models):
-        batch = run.batch_maker(loader_batch)
-        noise = sample_noise(batch.latents, settings.args.noise_offset)
-        timesteps = sample_timesteps(settings.args, scheduler.config.num_train_timesteps, batch.latents.shape[0],
-                                     batch.latents.device)
-        loss = denoising_loss(run.unet, scheduler, batch, noise, timesteps, settings.args.snr_gamma)
-        accelerator.backward(loss)
-        found_inf = None
-        if accelerator.sync_gradients:
-            max_norm = settings.args.max_grad_norm if settings.args.max_grad_norm > 0 else math.inf
-            norm = accelerator.clip_grad_norm_(run.params, max_norm)
-            skipped = nonfinite_step(run, loss, norm)
-            found_inf = skip_on_device(run, skipped)
-        run.optimizer.step()
-        if found_inf is not None:
-            del run.optimizer.optimizer.found_inf, run.optimizer.optimizer.grad_scale
-        run.lr_scheduler.step()
-        run.optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), skipped
 
 
 def nonfinite_step(run: Run, loss: torch.Tensor, grad_norm) -> torch.Tensor:
