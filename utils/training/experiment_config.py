@@ -43,7 +43,7 @@ def write_experiment_config(accelerator, settings, state: TrainState, num_images
     config.update(
         num_train_images=num_images,
         num_held_out_images=num_held_out,
-        images_seen_per_epoch=state.dataset_info.get("images_per_epoch", num_images),  # issue 19: kohya repeats
+        images_seen_per_epoch=state.dataset_info.get("images_per_epoch", num_images),  # kohya repeats counted
         dataset_folders=state.dataset_info.get("folders", []),
         **state.dataset_info.get("regularisation", {}),  # --reg_data_dir: listed, used, seen per epoch
         max_train_steps=state.max_train_steps,
@@ -57,6 +57,6 @@ def write_experiment_config(accelerator, settings, state: TrainState, num_images
         command=command_line(),
         versions={"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__},
     )
-    config.update(state.speed_info)  # issue 15: resolved gradient checkpointing and evaluation plan
+    config.update(state.speed_info)  # the resolved gradient checkpointing and evaluation plan
     write_json(run_dir / CONFIG_FILE, config)
     write_text(run_dir / RUN_CONFIG_FILE, config_toml(settings.args))
