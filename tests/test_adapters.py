@@ -7,16 +7,19 @@ SDXL layout the kohya/LyCORIS file, read with LyCORIS' published formulas, gives
 from __future__ import annotations
 
 import json
-import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tests.helpers import ROOT, load_pipe, only_run_dir, pixels, run_script
+from tests.helpers import ROOT, SCRIPT_ENV, load_pipe, only_run_dir, pixels, run_script, wait_for
 from utils.lora.files import LORA_WEIGHT_NAME, read_metadata, read_tensors, save_safetensors
 from utils.lora.kohya_names import KOHYA_WEIGHT_NAME, SDXL_UNET_CONFIG, unet_kohya_names, unet_layers
+from utils.training.checkpoints import checkpoints_of
 
 TRAIN = ["--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "2", "--learning_rate", "1e-2",
          "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--report_to", "none", "--mixed_precision", "no",
@@ -33,8 +36,11 @@ def train(tiny_model_dir, dataset_dir, output_dir, *extra) -> Path:
 
 
 def infer(tiny_model_dir, out_dir, lora: Path, *extra) -> np.ndarray:
-    run_script(str(ROOT / "inference_sdxl_ghibli.py"), "--pretrained_model_name_or_path", str(tiny_model_dir),
-               "--output_dir", str(out_dir), "--lora_model_path", str(lora), *INFER, *extra)
+    """inference_sdxl_ghibli.py's main, in this process (a subprocess would only add its start-up time)."""
+    from inference_sdxl_ghibli import main
+
+    assert main(["--pretrained_model_name_or_path", str(tiny_model_dir), "--output_dir", str(out_dir),
+                 "--lora_model_path", str(lora), *INFER, *extra]) == 0
     (image,) = out_dir.glob("lora_prompt1_*.png")
     return pixels(image)
 
@@ -139,12 +145,12 @@ def test_kohya_file_on_full_sdxl_gives_the_peft_delta(kind, tmp_path):
     targets = {m: shapes for m, shapes in layers.items() if m.endswith(ATTENTION)}
     targets.update({m: layers[m] for m in ("down_blocks.1.resnets.0.conv1", "up_blocks.0.resnets.2.conv2")})
     assert len(targets) == 562
-    tensors, deltas, config = {}, {}, None
+    tensors, peft, config = {}, {}, None
     for module, layer, config in peft_layers(kind, targets):
         for role in layer.adapter_layer_names:
             if "default" in getattr(layer, role):
                 tensors[f"unet.{module}.{role}"] = getattr(layer, role)["default"].detach().clone()
-        deltas[module] = layer.get_delta_weight("default").detach()
+        peft[module] = layer
     config = {**config.to_dict(), "target_modules": list(ATTENTION)}
     metadata = {"lora_adapter_metadata": json.dumps({f"unet.{k}": v for k, v in config.items()}, default=str)}
     folder = tmp_path / "model"
@@ -158,13 +164,14 @@ def test_kohya_file_on_full_sdxl_gives_the_peft_delta(kind, tmp_path):
     for key, tensor in kohya.items():
         name, _, role = key.partition(".")
         grouped.setdefault(name, {})[role] = tensor
-    assert {names[name] for name in grouped} == set(deltas)
+    assert {names[name] for name in grouped} == set(peft)
     worst = 0.0
-    for name, weights in grouped.items():
-        expected = deltas[names[name]]
-        got = lycoris_delta(weights, expected.shape)
-        assert not weights, f"{name}: keys left unread: {sorted(weights)}"
-        worst = max(worst, float((got - expected).norm() / expected.norm()))
+    with torch.no_grad():  # one module's deltas at a time: the full set would take about 4 GB
+        for name, weights in grouped.items():
+            expected = peft[names[name]].get_delta_weight("default")
+            got = lycoris_delta(weights, expected.shape)
+            assert not weights, f"{name}: keys left unread: {sorted(weights)}"
+            worst = max(worst, float((got - expected).norm() / expected.norm()))
     assert worst <= 1e-5
 
     # Back to the project's file, then to kohya again: the same tensors both ways.
@@ -189,44 +196,67 @@ def unet_lora_names(tiny_model_dir) -> list[str]:
     return [n.replace(".default", "") for n, p in unet.named_parameters() if p.requires_grad]
 
 
+EMA_DECAY = 0.75
+EMA_STEPS = 12
+EMA_FLAGS = ["--max_train_steps", str(EMA_STEPS), "--checkpointing_steps", "1", "--train_batch_size", "1",
+             "--use_ema", "--ema_decay", str(EMA_DECAY), "--lora_rank", "4", "--lora_alpha", "4"]
+EMA_FILES = (f"checkpoints/checkpoint-{EMA_STEPS}/ema.safetensors", f"final_model/{LORA_WEIGHT_NAME}",
+             "final_model/raw_lora_weights.safetensors")
+
+
+@pytest.fixture(scope="module")
+def ema_run(tiny_model_dir, tiny_dataset_dir, tmp_path_factory) -> Path:
+    """A straight run with --use_ema and a resumable state (raw weights and EMA) after every step."""
+    return train(tiny_model_dir, tiny_dataset_dir, tmp_path_factory.mktemp("ema_straight"), *EMA_FLAGS)
+
+
 @pytest.mark.slow
-def test_ema_follows_the_raw_weights_and_resumes_bit_equal(tiny_model_dir, tiny_dataset_dir, tmp_path):
-    decay = 0.75
-    flags = ["--max_train_steps", "3", "--checkpointing_steps", "1", "--train_batch_size", "1", "--use_ema",
-             "--ema_decay", str(decay), "--lora_rank", "4", "--lora_alpha", "4"]
-    run_dir = train(tiny_model_dir, tiny_dataset_dir, tmp_path / "straight", *flags)
+def test_ema_follows_the_raw_weights(ema_run, tiny_model_dir):
     names = unet_lora_names(tiny_model_dir)
-    checkpoint = [run_dir / "checkpoints" / f"checkpoint-{step}" for step in (1, 2, 3)]
+    checkpoint = [ema_run / "checkpoints" / f"checkpoint-{step}" for step in range(1, EMA_STEPS + 1)]
     raw = [read_tensors(c / "lora_unet.safetensors") for c in checkpoint]
     ema = [read_tensors(c / "ema.safetensors") for c in checkpoint]
     ema = [{name: e[f"{i:05d}"] for i, name in enumerate(names)} for e in ema]
     for name in names:
         if "lora_B" in name:  # PEFT starts B at zero, so the first average is (1 - decay) x the first step
-            assert torch.equal(ema[0][name], raw[0][name] * (1 - decay))
+            assert torch.equal(ema[0][name], raw[0][name] * (1 - EMA_DECAY))
         reference = ema[0][name]
-        for step in (1, 2):
-            reference = reference * decay + raw[step][name] * (1 - decay)
+        for step in range(1, EMA_STEPS):
+            reference = reference * EMA_DECAY + raw[step][name] * (1 - EMA_DECAY)
             torch.testing.assert_close(ema[step][name], reference, rtol=0, atol=1e-7)
-    final = run_dir / "final_model"
+    final = ema_run / "final_model"
     info = json.loads((final / "final_model_info.json").read_text())
     assert (info["adapter_weights"], info["raw_weights_file"]) == ("ema", "raw_lora_weights.safetensors")
     model, kept = read_tensors(final / LORA_WEIGHT_NAME), read_tensors(final / info["raw_weights_file"])
-    key = next(k for k in model if "lora_B" in k)
-    assert not torch.equal(model[key], kept[key])
-    assert all(torch.equal(model[f"unet.{n}"], ema[2][n]) for n in names)
-    assert all(torch.equal(kept[f"unet.{n}"], raw[2][n]) for n in names)
+    assert all(not torch.equal(model[f"unet.{n}"], kept[f"unet.{n}"]) for n in names)
+    assert all(torch.equal(model[f"unet.{n}"], ema[-1][n]) for n in names)
+    assert all(torch.equal(kept[f"unet.{n}"], raw[-1][n]) for n in names)
 
-    # Resume from step 1 in a copy of the run: the same EMA and weights at the end, bit for bit.
-    copy = tmp_path / "resumed" / run_dir.name
-    shutil.copytree(run_dir, copy)
-    for folder in [*checkpoint[1:], final]:
-        shutil.rmtree(copy / folder.relative_to(run_dir))
-    train(tiny_model_dir, tiny_dataset_dir, tmp_path / "resumed", *flags, "--resume_from_checkpoint",
-          str(copy / "checkpoints" / "checkpoint-1"))
-    for file in ("checkpoints/checkpoint-3/ema.safetensors", f"final_model/{LORA_WEIGHT_NAME}",
-                 "final_model/raw_lora_weights.safetensors"):
-        first, second = read_tensors(run_dir / file), read_tensors(copy / file)
-        assert all(torch.equal(first[k], second[k]) for k in first), file
+
+@pytest.mark.slow
+def test_ema_run_stopped_by_sigterm_resumes_bit_equal(ema_run, tiny_model_dir, tiny_dataset_dir, tmp_path):
+    output, log = tmp_path / "interrupted", tmp_path / "stderr.log"
+    command = [sys.executable, str(ROOT / "train_sdxl_lora.py"), "--pretrained_model_name_or_path",
+               str(tiny_model_dir), "--dataset_dir", str(tiny_dataset_dir), "--output_dir", str(output), *TRAIN,
+               *EMA_FLAGS]
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, env=SCRIPT_ENV)
+    try:  # the progress bar appears once the stop handler is installed, before the first step
+        wait_for(lambda: "Training:   0%" in log.read_text(), 300, "the training loop", process)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    run_dir = only_run_dir(output)
+    stopped_at = int(checkpoints_of(run_dir)[-1].name.split("-")[1])
+    assert 1 <= stopped_at < EMA_STEPS and not (run_dir / "final_model").exists()
+
+    train(tiny_model_dir, tiny_dataset_dir, output, *EMA_FLAGS, "--resume_from_checkpoint", "latest")
+    for file in EMA_FILES:
+        first, second = read_tensors(ema_run / file), read_tensors(run_dir / file)
+        assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first), file
 
 
 def test_loraplus_puts_the_up_matrices_at_ratio_times_the_rate():

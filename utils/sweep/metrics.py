@@ -30,7 +30,7 @@ METRICS = [
 ]
 CSV_FIELDS = ["run", "rank", "alpha", "learning_rate", "num_images", "alignment", "alignment_base",
               "alignment_change", "alignment_change_se", "style_similarity", "style_similarity_base",
-              "style_gain", "diversity", "diversity_base", "within_tolerance", "best", "run_dir"]
+              "style_gain", "diversity", "diversity_base", "within_tolerance", "best", "run_dir", "lora_type"]
 
 
 def verdict_rule(tolerance: float) -> str:
@@ -117,6 +117,7 @@ def measure(runs: list[RunInfo], generations: list[Generation], clip_model: str,
             "style_similarity": scores.style,
             "style_similarity_base": base.style, "style_gain": scores.style - base.style,
             "diversity": scores.diversity, "diversity_base": base.diversity, "run_dir": str(run.run_dir),
+            "lora_type": run.lora_type,
         })
     best, reason = choose_best(rows, tolerance)
     return rows, {"alignment": base.alignment, "style_similarity": base.style, "diversity": base.diversity}, reason
@@ -145,7 +146,7 @@ def _fmt(value: float, spec: str) -> str:
 def metrics_markdown(rows: list[dict], base: dict, reason: str, tolerance: float, clip_model: str,
                      pictures: list[str]) -> str:
     header = ("| run | rank | alpha | prompt alignment | change vs base | style similarity | style gain "
-              "| diversity | within tolerance |")
+              "| diversity | within tolerance | adapter |")
     lines = [
         "# Rank × alpha sweep: measured verdict", "",
         f"**Best trade-off: {next(r['run'] for r in rows if r['best'])}.** {reason}", "",
@@ -156,9 +157,9 @@ def metrics_markdown(rows: list[dict], base: dict, reason: str, tolerance: float
         "between the seeds of one prompt. Every run uses the same prompts and seeds as the base model.", "",
         "The change in alignment is paired (each LoRA image against the base image of the same prompt and "
         "seed); ± is its standard error, so a change within about two of them is noise.", "",
-        header, "|" + " --- |" * 9,
+        header, "|" + " --- |" * 10,
         f"| base model | | | {_fmt(base['alignment'], '.2f')} | | {_fmt(base['style_similarity'], '.4f')} | "
-        f"| {_fmt(base['diversity'], '.4f')} | |",
+        f"| {_fmt(base['diversity'], '.4f')} | | |",
     ]
     for row in rows:
         name = f"**{row['run']}** ★" if row["best"] else row["run"]
@@ -167,7 +168,7 @@ def metrics_markdown(rows: list[dict], base: dict, reason: str, tolerance: float
             f"| {_fmt(row['alignment_change'], '+.2f')} ± {_fmt(row['alignment_change_se'], '.2f')} "
             f"| {_fmt(row['style_similarity'], '.4f')} "
             f"| {_fmt(row['style_gain'], '+.4f')} | {_fmt(row['diversity'], '.4f')} "
-            f"| {'yes' if row['within_tolerance'] else 'no'} |")
+            f"| {'yes' if row['within_tolerance'] else 'no'} | {row['lora_type']} |")
     lines += [""] + [f"![{Path(p).stem}]({p})" for p in pictures]
     return "\n".join(lines) + "\n"
 

@@ -5,9 +5,9 @@ run_experiments.sh trains every run into the trainer's own folder, ``{output_dir
 
     {results_dir}/experiment_{R}_{A}.json   the original's record of a run (experiment_number, lora_rank,
                                             lora_alpha, learning_rate, start_time, status "성공"/"실패")
-                                            plus state, end_time, exit_code, run_dir
+                                            plus state, end_time, exit_code, run_dir, lora_type
     {results_dir}/summary.json              the original's summary (total_experiments, start_time, end_time)
-                                            plus the state of every run
+                                            plus the state and adapter type of every run, and lora_types
     {results_dir}/runs/r{R}_a{A}_lr{LR}/    status.json (state, times, exit code, the run folder the trainer
                                             made, earlier attempts) and train.log (the trainer's output)
     {results_dir}/loss_curves.png, .sweep.lock
@@ -255,7 +255,7 @@ def write_experiment_record(results_dir: Path, status: dict) -> Path:
         "status": SUCCESS if status["state"] == "finished" else FAILURE,
         "end_time": _original_time(status["ended_at"]) if status.get("ended_at") else None,
         "state": status["state"], "exit_code": status["exit_code"], "run_dir": status["run_dir"],
-        "attempts": status["attempts"], "log": status["log"],
+        "attempts": status["attempts"], "log": status["log"], "lora_type": run_lora_type(status),
     }
     path = experiment_file(results_dir, rank, alpha)
     write_json(path, record)
@@ -264,6 +264,17 @@ def write_experiment_record(results_dir: Path, status: dict) -> Path:
 
 def _original_time(iso: str) -> str:
     return datetime.fromisoformat(iso).strftime(TIME_FORMAT)
+
+
+def config_lora_type(config: dict) -> str:
+    """--lora_type of a run's experiment_config.json ('lora' for a config without the key)."""
+    return str(config.get("lora_type") or "lora")
+
+
+def run_lora_type(status: dict) -> str | None:
+    """The adapter type the run of this status trained; None before the trainer wrote its config."""
+    config = read_json(Path(status["run_dir"]) / CONFIG_FILE) if status.get("run_dir") else None
+    return config_lora_type(config) if config else None
 
 
 def _final_eval_loss(status: dict) -> float | None:
@@ -294,7 +305,7 @@ def write_summary(results_dir: Path, ranks: list[str], alphas: list[str], learni
                                                   "started_at", "ended_at", "duration_s", "attempts",
                                                   "gpu", "run_dir")}
         entry.update(experiment_file=experiment_file(results_dir, rank, alpha).name,
-                     final_eval_loss=_final_eval_loss(status))
+                     final_eval_loss=_final_eval_loss(status), lora_type=run_lora_type(status))
         counts[entry["state"]] = counts.get(entry["state"], 0) + 1
         runs.append(entry)
     summary = {
@@ -304,6 +315,7 @@ def write_summary(results_dir: Path, ranks: list[str], alphas: list[str], learni
         "alphas": [float(a) for a in alphas], "learning_rate": float(learning_rate),
         "gpus": [g for g in gpus.split(",") if g] or None, "train_args": mask_argv(train_args),
         "stopped_by_signal": stopped, "complete": counts["finished"] == len(runs), "counts": counts, "runs": runs,
+        "lora_types": sorted({run["lora_type"] for run in runs if run["lora_type"]}),
     }
     write_json(results_dir / SUMMARY_FILE, summary)
     return summary

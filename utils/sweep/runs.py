@@ -6,7 +6,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.sweep.records import CONFIG_FILE, STATUS_FILE, WEIGHTS_FILE, SweepError, is_finished, read_json
+from utils.sweep.records import (CONFIG_FILE, STATUS_FILE, WEIGHTS_FILE, SweepError, config_lora_type, is_finished,
+                                 read_json)
 from utils.training.loss_log import find_loss_log, read_losses
 
 logger = logging.getLogger(__name__)
@@ -19,6 +20,10 @@ class RunInfo:
     alpha: float
     learning_rate: float
     config: dict = field(compare=False, repr=False)
+
+    @property
+    def lora_type(self) -> str:
+        return config_lora_type(self.config)
 
     @property
     def label(self) -> str:
