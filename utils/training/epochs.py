@@ -1,4 +1,4 @@
-"""The end-of-epoch policy: after each epoch the original's log row, best_model/ and
+"""The end-of-epoch policy: after each epoch its row in logs/training_log.csv, best_model/ and
 checkpoint_epoch_{epoch}/, then the loss plot and validation images; at the end final_model/."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ def end_of_epoch(run, epoch: int, learning_rate: float, eval_loss: float | None,
     """After epoch ``epoch`` (0-based) of ``run`` (a training's ``Run``).
 
     best_model: with ``select_by`` 'eval_loss' only epochs that measured the fixed-noise loss compete;
-    with 'train_loss' (evaluation off), the original's rule, the lowest mean training loss."""
+    with 'train_loss' (evaluation off), the lowest mean training loss."""
     state = run.state
     losses = state.epoch_losses
     train_loss = sum(losses) / len(losses) if losses else math.nan

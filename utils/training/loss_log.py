@@ -1,7 +1,7 @@
 """The loss logs of a run, written and read in one place.
 
-    logs/training_log.csv     the original's: one row per epoch (0-based), loss = the epoch's mean
-    logs/training_steps.csv   the same columns, one row per optimizer step (an addition)
+    logs/training_log.csv     one row per epoch (0-based), loss = the epoch's mean
+    logs/training_steps.csv   the same columns, one row per optimizer step
 
 Everything that reads a loss log (the run's loss plot, the sweep's overlay, tests) goes through
 ``find_loss_log`` and ``read_losses``, and smooths with ``moving_average``.

@@ -4,9 +4,9 @@ What goes in it: the config in experiment_config.py, the loss logs in loss_log.p
 lora_folders.py (when: epochs.py), resumable checkpoints in checkpoints.py.
 
     {output_dir}/{YYYYmmdd_HHMMSS}_{dataset_type}_r{rank}_a{alpha}_lr{lr}[_N]/
-        experiment_config.json           every flag + experiment_name and timestamp (the original's)
-        logs/training_log.csv            the original's: one row per epoch (0-based), loss = the epoch's mean
-        logs/training_steps.csv          the same columns, one row per optimizer step (an addition)
+        experiment_config.json           every flag + experiment_name and timestamp
+        logs/training_log.csv            one row per epoch (0-based), loss = the epoch's mean
+        logs/training_steps.csv          the same columns, one row per optimizer step
         logs/loss_curve.png, tensorboard events
         best_model/ (+ best_model_info.json)
         checkpoint_epoch_{E}/ (+ checkpoint_info.json), E the 0-based epoch, saved when (E + 1) % save_steps == 0
