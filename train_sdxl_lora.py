@@ -14,8 +14,10 @@ import sys
 
 from utils.core.cli import run_cli
 from utils.training.flags import parse_training_args
-from utils.training.original_api import (_pick_caption, collate_fn, encode_prompt,  # noqa: F401 (the original's
-                                         import_model_class_from_model_name_or_path)  # names, importable here)
+
+# The original script's helper functions stay importable from it (``from train_sdxl_lora import encode_prompt``);
+# they load on first use (``__getattr__`` below), so a training run does not import them.
+ORIGINAL_NAMES = ("_pick_caption", "collate_fn", "encode_prompt", "import_model_class_from_model_name_or_path")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,6 +33,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parse_training_args(argv, description=__doc__)
+
+
+def __getattr__(name: str):
+    if name in ORIGINAL_NAMES:
+        from utils.training import original_api
+        return getattr(original_api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

@@ -123,9 +123,9 @@ def test_the_latent_cache_key_changes_with_the_mask(masked_dataset, tmp_path):
 def masked_run(tiny_model_dir, masked_dataset, tmp_path_factory):
     """2 steps at 32 px with --masked_loss, min-SNR and v-prediction, trained in this process."""
     from utils.data.listing import load_training_examples
-    from utils.training.epochs import finish
-    from utils.training.interrupts import StopRequest
     from utils.training.checks import check_args
+    from utils.training.epochs import finish
+    from utils.training.guards import StopRequest
     from utils.training.recipe import set_up, train_loop
     from utils.training.settings import RunSettings
 

@@ -75,9 +75,9 @@ def straight_run(tiny_model_dir, datasets, tmp_path_factory):
     """Two epochs at batch 1, trained in this process; the images of every step read from the loop's log."""
     from utils.data.listing import load_training_examples
     from utils.data.regularisation import load_reg_examples
-    from utils.training.epochs import finish
-    from utils.training.interrupts import StopRequest
     from utils.training.checks import check_args
+    from utils.training.epochs import finish
+    from utils.training.guards import StopRequest
     from utils.training.recipe import set_up, train_loop
     from utils.training.settings import RunSettings
 

@@ -11,9 +11,9 @@ from argparse import Namespace
 import pytest
 import torch
 
-from utils.training.captions import caption_text
 from utils.training.flags import parse_training_args
-from utils.training.timesteps import sample_timesteps, timestep_weights
+from utils.training.loss import sample_timesteps, timestep_weights
+from utils.training.model_inputs import caption_text
 
 NUM_TIMESTEPS = 1000
 DRAWS = 10_000
@@ -110,9 +110,9 @@ def shuffled_run(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
     """2 steps at 32 px with shuffled captions, caption dropout, a prefix, later-biased timesteps, min-SNR
     and v-prediction, trained in this process (the run object is what the assertions read)."""
     from utils.data.listing import load_training_examples
-    from utils.training.epochs import finish
-    from utils.training.interrupts import StopRequest
     from utils.training.checks import check_args
+    from utils.training.epochs import finish
+    from utils.training.guards import StopRequest
     from utils.training.recipe import set_up, train_loop
     from utils.training.settings import RunSettings
 

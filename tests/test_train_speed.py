@@ -11,8 +11,8 @@ import torch
 
 from tests.helpers import run_script
 from utils.training.evaluation import EVAL_BUDGET, plan_evaluation
+from utils.training.guards import StepLosses
 from utils.training.memory import GIB, choose_gradient_checkpointing, estimate_activation_bytes
-from utils.training.step_losses import StepLosses
 
 
 def test_gradient_checkpointing_flag_keeps_the_original_form_and_defaults_to_auto():
@@ -40,7 +40,6 @@ def test_auto_checkpointing_is_off_on_cpu_and_on_a_gpu_only_when_the_step_does_n
 
 def test_activation_estimate_grows_with_resolution_and_batch(tiny_model_dir):
     from diffusers import UNet2DConditionModel
-
     from peft import LoraConfig
 
     config = UNet2DConditionModel.load_config(tiny_model_dir, subfolder="unet")

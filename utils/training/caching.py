@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from utils.core.atomic import replace_file
 from utils.core.sdxl import encode_prompts, vae_latent_distribution
 from utils.training.batches import Item, latent_mask, orientation_time_ids, prepare_item, prepare_mask
-from utils.training.captions import caption_text, shuffles
+from utils.training.model_inputs import caption_text, shuffles
 
 logger = logging.getLogger(__name__)
 

@@ -146,7 +146,7 @@ def resume(accelerator, settings, state: TrainState, ema=None) -> None:
 
 def _resume_ema(ema, path: Path) -> None:
     """The saved moving average, or (a checkpoint of a run without --use_ema) one starting from its weights."""
-    from utils.training.ema import EMA_FILE, AdapterEMA
+    from utils.training.adapters import EMA_FILE, AdapterEMA
     if (path / EMA_FILE).is_file():
         ema.load(path)
         return

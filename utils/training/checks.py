@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from utils.core.prompt_file import read_prompt_file
 from utils.core.sdxl import check_model_source
 from utils.training.settings import TrainingError
 
@@ -89,6 +88,7 @@ def check_style_args(args: argparse.Namespace) -> None:
     if args.reg_data_dir and not Path(args.reg_data_dir).is_dir():
         raise StyleOptionError(f"--reg_data_dir {args.reg_data_dir}: folder not found")
     if args.validation_prompts_file:
+        from utils.core.prompt_file import read_prompt_file
         read_prompt_file(args.validation_prompts_file)  # a bad file fails here, not at the first epoch's end
 
 

@@ -6,10 +6,9 @@ from __future__ import annotations
 import logging
 import math
 
-from utils.training.ema import weights_of
-from utils.training.loss_log import log_timestamp
-from utils.training.plots import plot_losses
+from utils.training.adapters import weights_of
 from utils.training.lora_folders import save_model_folder
+from utils.training.loss_log import log_timestamp, plot_losses
 
 logger = logging.getLogger(__name__)
 

@@ -14,9 +14,8 @@ import torch
 from utils.core.sdxl import encode_prompts, scale_latents, vae_latent_distribution
 from utils.data.records import Example
 from utils.training.batches import Item, orientation_time_ids, prepare_item
-from utils.training.captions import caption_text
 from utils.training.loss import denoising_loss
-from utils.training.model_inputs import Batch
+from utils.training.model_inputs import Batch, caption_text
 from utils.training.settings import TrainingError
 
 EVAL_BUDGET = 0.05  # share of the training compute the fixed-noise loss may take

@@ -6,17 +6,18 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import signal
+from dataclasses import dataclass, field
 
 import torch
 
 from utils.core.errors import TrainingInterrupted
 from utils.training.checkpoints import checkpoints_of, save_checkpoint
 from utils.training.experiment_config import command_line
-from utils.training.interrupts import StopRequest
 from utils.training.lora_folders import save_model_folder
-from utils.training.settings import RunSettings, TrainingError
 from utils.training.run import Run
-from utils.training.step_losses import StepLosses, StepRecord
+from utils.training.settings import RunSettings, TrainingError
 
 logger = logging.getLogger(__name__)
 
@@ -132,3 +133,90 @@ def stop_now(run: Run, stop: StopRequest) -> None:
         f"stopped at step {run.state.global_step} of {run.state.max_train_steps}; state saved in {checkpoint}, "
         f"current LoRA in {run.settings.run_dir / 'interrupted_model'}.\nResume with:\n  python {command}",
         stop.signal_number or 15)
+
+
+# ----------------------------------------------------------------------------- stops on a signal
+
+
+logger = logging.getLogger(__name__)
+
+
+class StopRequest:
+    """Installs the handlers on enter and restores the previous ones on exit."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signal_number: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signal_number, frame) -> None:
+        if self.signal_number is not None:
+            logger.warning("Second signal: exiting now without saving.")
+            signal.signal(signal_number, signal.SIG_DFL)
+            os.kill(os.getpid(), signal_number)
+            return
+        self.signal_number = signal_number
+        logger.warning("%s received: finishing this step, saving a resumable state, then stopping "
+                       "(send it again to exit at once).", signal.Signals(signal_number).name)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_number is not None
+
+    def __enter__(self) -> "StopRequest":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ----------------------------------------------------------------------------- step losses
+
+
+@dataclass
+class StepRecord:
+    epoch: int
+    step: int
+    learning_rate: float
+    loss: float
+    skipped: bool  # the optimizer step was skipped for a non-finite loss or gradient
+
+
+@dataclass
+class StepLosses:
+    """Per-step losses and skip flags kept on the device, read in one transfer every ``read_every`` steps.
+
+    On a GPU a ``.item()`` per step would make the host wait for the step to finish before queuing
+    the next one; here the host reads only at log points (and where the loop needs the values:
+    epoch ends, checkpoints, stops).
+    """
+
+    read_every: int
+    pending: list = field(default_factory=list)
+    reads: int = 0  # host transfers so far (what the test counts)
+
+    def add(self, epoch: int, step: int, learning_rate: float, loss: torch.Tensor, skipped: torch.Tensor) -> None:
+        self.pending.append((epoch, step, learning_rate, loss.detach().float().reshape(()),
+                             skipped.detach().float().reshape(())))
+
+    def due(self, step: int) -> bool:
+        return bool(self.pending) and (self.read_every <= 1 or step % self.read_every == 0)
+
+    def read(self) -> list[StepRecord]:
+        if not self.pending:
+            return []
+        values = torch.stack([torch.stack([loss, skipped]) for *_, loss, skipped in self.pending]).cpu().tolist()
+        self.reads += 1
+        records = [StepRecord(epoch, step, lr, loss, bool(skipped))
+                   for (epoch, step, lr, _, _), (loss, skipped) in zip(self.pending, values)]
+        self.pending = []
+        return records
+
+
+def read_interval(device_type: str) -> int:
+    """Steps between host reads of the losses: every step on a CPU (a read costs nothing there)."""
+    return 1 if device_type == "cpu" else 25

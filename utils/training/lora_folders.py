@@ -12,7 +12,7 @@ from pathlib import Path
 from utils.core.atomic import write_json
 from utils.core.names import SDXL_BASE_MODEL_VERSION
 from utils.lora.files import save_lora
-from utils.training.ema import RAW_WEIGHT_NAME, weights_of
+from utils.training.adapters import RAW_WEIGHT_NAME, weights_of
 from utils.training.experiment_config import command_line
 from utils.training.state import TrainState
 

@@ -1,6 +1,8 @@
 """A batch of dataset indices turned into the UNet's inputs (``Batch``): latents from the cache or the
 VAE, caption embeddings from the cache or the text encoders, SDXL's time ids, and the optional loss mask
-and per-image loss weights."""
+and per-image loss weights. Captions are varied as kohya sd-scripts does it (``caption_text``): split at
+``--caption_separator``, the first ``--keep_tokens`` pieces kept in front, the rest shuffled
+(``--shuffle_caption``), joined with ", ", and ``--caption_prefix`` (e.g. a trigger word) put in front."""
 
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import torch
 
 from utils.core.sdxl import encode_prompts, scale_latents, vae_latent_distribution
 from utils.training.batches import Item, latent_mask
-from utils.training.captions import caption_text
 
 
 @dataclass
@@ -99,3 +100,28 @@ class BatchMaker:
         if self.device.type != "cuda":
             return tensor.to(self.device)
         return tensor.pin_memory().to(self.device, non_blocking=True)
+
+
+# ----------------------------------------------------------------------------- captions
+
+
+def shuffles(args) -> bool:
+    """Whether captions change from step to step (then their text embeddings cannot be cached)."""
+    return bool(getattr(args, "shuffle_caption", False))
+
+
+def caption_text(caption: str, args, generator: torch.Generator | None = None, shuffle: bool = True) -> str:
+    """The caption a step trains on. Without shuffling it is fixed (the prefix, if any, added); with it,
+    the order of the tokens after the kept ones is drawn from ``generator`` (default: torch's global one,
+    which a resumed run restores). ``shuffle=False``: the fixed form (the fixed-noise loss uses it)."""
+    separator = getattr(args, "caption_separator", ",")
+    prefix = getattr(args, "caption_prefix", None)
+    if shuffle and shuffles(args):
+        tokens = [token.strip() for token in caption.strip().split(separator)]
+        keep = max(0, getattr(args, "keep_tokens", 0))
+        fixed, free = tokens[:keep], tokens[keep:]
+        order = torch.randperm(len(free), generator=generator).tolist()
+        caption = ", ".join(fixed + [free[i] for i in order])
+    if prefix:
+        caption = f"{prefix} {caption}"
+    return caption

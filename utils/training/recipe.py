@@ -28,20 +28,25 @@ from utils.core.sdxl import DTYPES, load_components, resolve_mixed_precision
 from utils.data.listing import load_training_examples
 from utils.data.records import Example
 from utils.data.regularisation import balance, load_reg_examples
-from utils.training.adapters import inject_lora
+from utils.training.adapters import AdapterEMA, inject_lora, weights_of
 from utils.training.batches import assign_buckets, make_loader
 from utils.training.caching import fill_caches
-from utils.training.checks import check_args, trackers
 from utils.training.checkpoints import register_checkpoint_hooks, resume
-from utils.training.dataset_info import dataset_info, dataset_line
-from utils.training.ema import AdapterEMA, weights_of
+from utils.training.checks import check_args, trackers
 from utils.training.epochs import end_of_epoch, finish
 from utils.training.evaluation import EvalPlan, build_eval_set, evaluate, evaluate_base, evaluation_plan, split_examples
-from utils.training.experiment_config import tracker_config, write_experiment_config
-from utils.training.guards import (checkpoint_or_stop, nonfinite_step, out_of_memory_message, record_losses,
-                                   skip_on_device)
-from utils.training.interrupts import StopRequest
-from utils.training.loss import denoising_loss, sample_noise
+from utils.training.experiment_config import dataset_info, dataset_line, tracker_config, write_experiment_config
+from utils.training.guards import (
+    StepLosses,
+    StopRequest,
+    checkpoint_or_stop,
+    nonfinite_step,
+    out_of_memory_message,
+    read_interval,
+    record_losses,
+    skip_on_device,
+)
+from utils.training.loss import denoising_loss, sample_noise, sample_timesteps
 from utils.training.loss_log import open_logs
 from utils.training.memory import set_gradient_checkpointing
 from utils.training.model_inputs import BatchMaker
@@ -49,9 +54,7 @@ from utils.training.optimizer import loraplus_groups, make_optimizer, make_sched
 from utils.training.run import Run
 from utils.training.settings import RunSettings, TrainingError, distributed_state
 from utils.training.state import TrainState
-from utils.training.step_losses import StepLosses, read_interval
 from utils.training.timeline import Timeline
-from utils.training.timesteps import sample_timesteps
 
 logger = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from utils.training.adapters import AdapterEMA
 from utils.training.batches import BucketBatchSampler
-from utils.training.ema import AdapterEMA
 from utils.training.evaluation import EvalSet
 from utils.training.loss_log import CsvLog
 from utils.training.model_inputs import BatchMaker
