@@ -174,11 +174,9 @@ def test_the_prior_loss_weight_reaches_the_loss(straight_run):
 
     def gradient(weight: float, count: int = 2) -> torch.Tensor:
         """The gradient of the batch (training image, regularisation image), or of its first image alone."""
-        settings = dataclasses.replace(run.settings, args=Namespace(**{**vars(run.settings.args),
-                                                                        "prior_loss_weight": weight}))
+        args = Namespace(**{**vars(run.settings.args), "prior_loss_weight": weight})
         torch.manual_seed(1)  # the same latent draws from the cached distributions every time
-        batch = dataclasses.replace(run.batch_maker, settings=settings)({"index": torch.tensor([train_index,
-                                                                                                reg_index])})
+        batch = dataclasses.replace(run.batch_maker, args=args)({"index": torch.tensor([train_index, reg_index])})
         batch = Batch(*(None if value is None else value[:count] for value in dataclasses.astuple(batch)))
         prediction, target = predict(run.unet, scheduler, batch, noise[:count], timesteps[:count])
         loss = batch_loss(prediction, target, batch, scheduler, timesteps[:count])
