@@ -10,78 +10,14 @@ Multi-GPU:
 from __future__ import annotations
 
 import argparse
-import random
 import sys
-from typing import TYPE_CHECKING
 
 from utils.core.cli import run_cli
 from utils.training.flags import parse_training_args
 
-if TYPE_CHECKING:
-    import torch
-
-TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")  # the SDXL text encoders, by config name
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    return parse_training_args(argv, description=__doc__)
-
-
-# ----------------------------------------------------------------------------- the original's helper functions
-# Importable from here as in the original; training itself (utils/training) encodes with utils/core/sdxl.py.
-
-
-def import_model_class_from_model_name_or_path(pretrained_model_name_or_path: str, revision: str | None,
-                                               subfolder: str = "text_encoder") -> type:
-    """The transformers class of a text encoder, named by ``architectures[0]`` of its config.json:
-    CLIPTextModel or CLIPTextModelWithProjection; any other raises ValueError."""
-    import transformers
-
-    config = transformers.PretrainedConfig.from_pretrained(pretrained_model_name_or_path, subfolder=subfolder,
-                                                           revision=revision)
-    model_class = (config.architectures or [None])[0]
-    if model_class not in TEXT_ENCODER_CLASSES:
-        raise ValueError(f"{model_class} is not supported.")
-    return getattr(transformers, model_class)
-
-
-def collate_fn(examples: list[dict], dataset_type: str = "product") -> dict[str, torch.Tensor | list[str]]:
-    """A batch of dataset items: ``image`` (and, for the product layout, ``product_image``) stacked into
-    tensors, ``text`` as a list of captions."""
-    import torch
-
-    batch = {"image": torch.stack([example["image"] for example in examples])}
-    if dataset_type == "product":
-        batch["product_image"] = torch.stack([example["product_image"] for example in examples])
-    batch["text"] = [example["text"] for example in examples]
-    return batch
-
-
-def _pick_caption(caption, proportion_empty_prompts: float, is_train: bool) -> str:
-    """The original's caption choice: empty with probability ``proportion_empty_prompts``; of several
-    captions, a random one in training and the first otherwise."""
-    import numpy as np
-
-    if random.random() < proportion_empty_prompts:
-        return ""
-    if isinstance(caption, str):
-        return caption
-    if isinstance(caption, (list, tuple, np.ndarray)) and len(caption):
-        return random.choice(caption) if is_train else caption[0]
-    raise ValueError(f"a caption must be a string or a non-empty list of strings, not {caption!r}")
-
-
-def encode_prompt(prompt_batch: list, text_encoders: list, tokenizers: list, proportion_empty_prompts: float = 0,
-                  is_train: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(prompt_embeds, pooled_prompt_embeds) of a batch of captions, without gradients: SDXL's encoding
-    (utils/core/sdxl.py) of the captions chosen as the original chose them."""
-    import torch
-
-    from utils.core.sdxl import encode_prompts
-
-    captions = [_pick_caption(caption, proportion_empty_prompts, is_train) for caption in prompt_batch]
-    with torch.no_grad():
-        return encode_prompts(tokenizers, text_encoders, captions)
+# The original script's helper functions stay importable from it (``from train_sdxl_lora import encode_prompt``);
+# they load on first use (``__getattr__`` below), so a training run does not import them.
+ORIGINAL_NAMES = ("_pick_caption", "collate_fn", "encode_prompt", "import_model_class_from_model_name_or_path")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,9 +26,20 @@ def main(argv: list[str] | None = None) -> int:
         from utils.training.config_file import output_config
         output_config(args)
         return 0
-    from utils.training.trainer import train
+    from utils.training.recipe import train
     train(args)
     return 0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return parse_training_args(argv, description=__doc__)
+
+
+def __getattr__(name: str):
+    if name in ORIGINAL_NAMES:
+        from utils.training import original_api
+        return getattr(original_api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 if __name__ == "__main__":

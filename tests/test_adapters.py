@@ -263,7 +263,8 @@ def test_loraplus_puts_the_up_matrices_at_ratio_times_the_rate():
     from peft import LoraConfig
 
     from utils.training.flags import parse_training_args
-    from utils.training.setup import check_args, loraplus_groups, make_optimizer
+    from utils.training.checks import check_args
+    from utils.training.optimizer import loraplus_groups, make_optimizer
     from utils.training.settings import TrainingError
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8))

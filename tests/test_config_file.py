@@ -49,7 +49,7 @@ def write(path: Path, text: str) -> Path:
 
 
 def train_in_process(argv: list[str]) -> Path:
-    from utils.training.trainer import train
+    from utils.training.recipe import train
     return train(parse_training_args(argv))
 
 

@@ -123,11 +123,11 @@ def test_the_latent_cache_key_changes_with_the_mask(masked_dataset, tmp_path):
 def masked_run(tiny_model_dir, masked_dataset, tmp_path_factory):
     """2 steps at 32 px with --masked_loss, min-SNR and v-prediction, trained in this process."""
     from utils.data.listing import load_training_examples
+    from utils.training.checks import check_args
     from utils.training.epochs import finish
-    from utils.training.interrupts import StopRequest
-    from utils.training.loop import train_loop
+    from utils.training.guards import StopRequest
+    from utils.training.recipe import set_up, train_loop
     from utils.training.settings import RunSettings
-    from utils.training.setup import check_args, prepare_run
 
     args = parse_training_args([
         "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_dir", str(masked_dataset),
@@ -136,7 +136,7 @@ def masked_run(tiny_model_dir, masked_dataset, tmp_path_factory):
         "--learning_rate", "1e-2", *SMALL, "--masked_loss", "--snr_gamma", "5", "--prediction_type", "v_prediction"])
     check_args(args)
     examples, dataset_type = load_training_examples(args, report_here=False)
-    run = prepare_run(RunSettings.make(args, dataset_type), examples)
+    run = set_up(RunSettings.make(args, dataset_type), examples)
     with StopRequest() as stop:
         train_loop(run, stop)
     finish(run)
@@ -177,7 +177,7 @@ def test_a_target_change_outside_the_mask_leaves_the_gradient_unchanged(masked_r
     prediction, target = predict(run.unet, scheduler, batch, noise, timesteps)
 
     def gradient(change: torch.Tensor) -> torch.Tensor:
-        loss = batch_loss(prediction, target + change, batch, scheduler, timesteps, run.settings.snr_gamma)
+        loss = batch_loss(prediction, target + change, batch, scheduler, timesteps, run.settings.args.snr_gamma)
         return torch.cat([g.flatten() for g in torch.autograd.grad(loss, run.params, retain_graph=True)])
 
     base = gradient(torch.zeros_like(target))
@@ -190,7 +190,8 @@ def test_a_target_change_outside_the_mask_leaves_the_gradient_unchanged(masked_r
 
 
 def test_a_full_mask_gives_the_unmasked_loss():
-    from utils.training.loss import Batch, batch_loss
+    from utils.training.loss import batch_loss
+    from utils.training.model_inputs import Batch
 
     generator = torch.Generator().manual_seed(1)
     prediction, target = (torch.randn(2, 4, 4, 4, generator=generator) for _ in range(2))

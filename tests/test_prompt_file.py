@@ -50,7 +50,7 @@ def test_prompts_file_options_reach_the_generated_images(tiny_model_dir, tmp_pat
 @pytest.mark.slow
 def test_validation_images_follow_the_prompt_file(tiny_model_dir, tiny_dataset_dir, tmp_path):
     from utils.training.flags import parse_training_args
-    from utils.training.trainer import train
+    from utils.training.recipe import train
 
     prompts = tmp_path / "validation.txt"
     prompts.write_text("a village --w 64 --h 32 --s 2 --d 5\na village --w 64 --h 32 --s 2 --d 5\n"

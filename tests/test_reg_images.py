@@ -75,11 +75,11 @@ def straight_run(tiny_model_dir, datasets, tmp_path_factory):
     """Two epochs at batch 1, trained in this process; the images of every step read from the loop's log."""
     from utils.data.listing import load_training_examples
     from utils.data.regularisation import load_reg_examples
+    from utils.training.checks import check_args
     from utils.training.epochs import finish
-    from utils.training.interrupts import StopRequest
-    from utils.training.loop import train_loop
+    from utils.training.guards import StopRequest
+    from utils.training.recipe import set_up, train_loop
     from utils.training.settings import RunSettings
-    from utils.training.setup import check_args, prepare_run
 
     args = flags(tiny_model_dir, *datasets, tmp_path_factory.mktemp("straight"))
     check_args(args)
@@ -88,13 +88,13 @@ def straight_run(tiny_model_dir, datasets, tmp_path_factory):
     records = []
     handler = logging.Handler()
     handler.emit = records.append
-    loggers = [logging.getLogger("utils.training.loop"), logging.getLogger("utils.training.setup")]
+    loggers = [logging.getLogger("utils.training.recipe")]
     levels = [log.level for log in loggers]
     for log in loggers:
         log.addHandler(handler)
         log.setLevel(logging.DEBUG)
     try:
-        run = prepare_run(RunSettings.make(args, dataset_type), examples, reg_examples=reg)
+        run = set_up(RunSettings.make(args, dataset_type), examples, reg_examples=reg)
         with StopRequest() as stop:
             train_loop(run, stop)
         finish(run)
@@ -127,7 +127,7 @@ def test_steps_and_images_per_epoch_follow_kohyas_rule(straight_run):
     assert (config["steps_per_epoch"], config["max_train_steps"]) == (6, 12)
     assert (config["num_train_images"], config["images_seen_per_epoch"]) == (3, 6)
     assert (config["num_reg_images"], config["num_reg_images_used"], config["reg_images_per_epoch"]) == (5, 3, 3)
-    assert config["reg_data_dir"] == str(run.settings.reg_data_dir) and config["prior_loss_weight"] == 1.0
+    assert config["reg_data_dir"] == str(run.settings.args.reg_data_dir) and config["prior_loss_weight"] == 1.0
     assert config["dataset_folders"] == [{"folder": ".", "images": 3, "repeats": 1, "images_per_epoch": 3}]
     steps = csv_rows(run.settings.run_dir / "logs" / "training_steps.csv")
     # The linear schedule runs over all 12 steps, the regularisation steps included.
@@ -138,7 +138,7 @@ def test_steps_and_images_per_epoch_follow_kohyas_rule(straight_run):
 
 @pytest.mark.slow
 def test_resume_mid_epoch_equals_the_straight_run(straight_run, tiny_model_dir, datasets, tmp_path):
-    from utils.training.trainer import train
+    from utils.training.recipe import train
 
     straight = straight_run[0].settings.run_dir
     copy = tmp_path / "resumed" / straight.name
@@ -160,7 +160,8 @@ def test_the_prior_loss_weight_reaches_the_loss(straight_run):
     """Loss weights multiply each image's loss, and the batch mean divides by the batch size (kohya's way):
     with weight 0 a batch of a training and a regularisation image has half the gradient of the training
     image alone; the gradient is linear in the weight."""
-    from utils.training.loss import Batch, batch_loss, predict
+    from utils.training.loss import batch_loss, predict
+    from utils.training.model_inputs import Batch
 
     run = straight_run[0]
     items = run.batch_maker.items
@@ -173,11 +174,9 @@ def test_the_prior_loss_weight_reaches_the_loss(straight_run):
 
     def gradient(weight: float, count: int = 2) -> torch.Tensor:
         """The gradient of the batch (training image, regularisation image), or of its first image alone."""
-        settings = dataclasses.replace(run.settings, args=Namespace(**{**vars(run.settings.args),
-                                                                        "prior_loss_weight": weight}))
+        args = Namespace(**{**vars(run.settings.args), "prior_loss_weight": weight})
         torch.manual_seed(1)  # the same latent draws from the cached distributions every time
-        batch = dataclasses.replace(run.batch_maker, settings=settings)({"index": torch.tensor([train_index,
-                                                                                                reg_index])})
+        batch = dataclasses.replace(run.batch_maker, args=args)({"index": torch.tensor([train_index, reg_index])})
         batch = Batch(*(None if value is None else value[:count] for value in dataclasses.astuple(batch)))
         prediction, target = predict(run.unet, scheduler, batch, noise[:count], timesteps[:count])
         loss = batch_loss(prediction, target, batch, scheduler, timesteps[:count])

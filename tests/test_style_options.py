@@ -11,9 +11,9 @@ from argparse import Namespace
 import pytest
 import torch
 
-from utils.training.captions import caption_text
 from utils.training.flags import parse_training_args
-from utils.training.timesteps import sample_timesteps, timestep_weights
+from utils.training.loss import sample_timesteps, timestep_weights
+from utils.training.model_inputs import caption_text
 
 NUM_TIMESTEPS = 1000
 DRAWS = 10_000
@@ -93,7 +93,7 @@ def test_logit_normal_has_the_given_mean_and_std_on_the_logit_scale(mean, std):
 
 
 def test_bad_timestep_options_are_one_line_errors():
-    from utils.training.style_checks import StyleOptionError, check_style_args
+    from utils.training.checks import StyleOptionError, check_style_args
 
     for flags, words in [
         (dict(timestep_bias_strategy="later", timestep_sampling="logit_normal"), "does not go with"),
@@ -110,11 +110,11 @@ def shuffled_run(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
     """2 steps at 32 px with shuffled captions, caption dropout, a prefix, later-biased timesteps, min-SNR
     and v-prediction, trained in this process (the run object is what the assertions read)."""
     from utils.data.listing import load_training_examples
+    from utils.training.checks import check_args
     from utils.training.epochs import finish
-    from utils.training.interrupts import StopRequest
-    from utils.training.loop import train_loop
+    from utils.training.guards import StopRequest
+    from utils.training.recipe import set_up, train_loop
     from utils.training.settings import RunSettings
-    from utils.training.setup import check_args, prepare_run
 
     output = tmp_path_factory.mktemp("style_run")
     args = parse_training_args([
@@ -135,7 +135,7 @@ def shuffled_run(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
     level = caching_logger.level
     caching_logger.setLevel(logging.INFO)
     try:
-        run = prepare_run(settings, examples)
+        run = set_up(settings, examples)
         with StopRequest() as stop:
             train_loop(run, stop)
         finish(run)

@@ -117,7 +117,8 @@ def test_training_lowers_the_fixed_noise_loss(trained_run, tiny_model_dir, tiny_
     from utils.training.buckets import prepare_image
     from utils.data.listing import load_examples
     from utils.core.sdxl import encode_prompts, scale_latents, time_ids, vae_latent_distribution
-    from utils.training.loss import Batch, denoising_loss
+    from utils.training.loss import denoising_loss
+    from utils.training.model_inputs import Batch
 
     pipe = load_pipe(tiny_model_dir)
     examples = load_examples("ghibli", tiny_dataset_dir)[:6]

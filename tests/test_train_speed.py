@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from tests.helpers import run_script
-from utils.training.speed import (EVAL_BUDGET, GIB, StepLosses, choose_gradient_checkpointing, estimate_activation_bytes, plan_evaluation)
+from utils.training.evaluation import EVAL_BUDGET, plan_evaluation
+from utils.training.guards import StepLosses
+from utils.training.memory import GIB, choose_gradient_checkpointing, estimate_activation_bytes
 
 
 def test_gradient_checkpointing_flag_keeps_the_original_form_and_defaults_to_auto():
@@ -38,7 +40,6 @@ def test_auto_checkpointing_is_off_on_cpu_and_on_a_gpu_only_when_the_step_does_n
 
 def test_activation_estimate_grows_with_resolution_and_batch(tiny_model_dir):
     from diffusers import UNet2DConditionModel
-
     from peft import LoraConfig
 
     config = UNet2DConditionModel.load_config(tiny_model_dir, subfolder="unet")
@@ -93,7 +94,7 @@ def test_step_losses_are_read_in_one_transfer_every_n_steps_with_their_skip_flag
 
 def test_a_nonfinite_step_is_skipped_on_the_device_without_reading_the_flag():
     """The fused AdamW's found_inf: no update of the weights, the moments or the step count."""
-    from utils.training.loop import nonfinite_step, skip_on_device
+    from utils.training.guards import nonfinite_step, skip_on_device
 
     weight = torch.nn.Parameter(torch.ones(4))
     optimizer = torch.optim.AdamW([weight], lr=0.1, fused=True)

@@ -1,7 +1,7 @@
 """Training speed and memory: the naive loop against our default path, and each speed/memory lever.
 
 Every variant trains the same model on the same synthetic images with the trainer's own code
-(``prepare_run`` and ``train_micro_step``: loading, LoRA, caches, accelerate), each in a fresh
+(``recipe.set_up`` and ``recipe.train_step``: loading, LoRA, caches, accelerate), each in a fresh
 process so peak memory is its own; rounds are interleaved (naive, ours, ..., naive, ours, ...) so
 background load hits all variants alike, and a last run alternates naive and cached steps in one
 process for a speed ratio that background load cannot skew.

@@ -4,7 +4,7 @@
 
 The base model (models/tiny_scenes/sdxl, pretrained by utils/pretrain_demo_model.py) draws procedural
 landscapes in a plain photo look. The demo writes 24 scenes in a Ghibli-like look (warm pastel
-palette, flat shading, dark outlines, soft clouds) with captions in the original's style, then runs the
+palette, flat shading, dark outlines, soft clouds) with captions in the dataset's style, then runs the
 same scripts a user runs on real hardware:
 
 1. run_experiments.sh: rank 8 x alphas 8 and 16, each run trained by train_sdxl_lora.py;

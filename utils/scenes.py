@@ -1,4 +1,4 @@
-"""Write a dataset of procedural scenes (utils/tiny/scenes.py draws them) in the original's layout.
+"""Write a dataset of procedural scenes (utils/tiny/scenes.py draws them) in the ghibli layout.
 
     python -m utils.scenes --output_dir dataset_ghibli --num_images 24      (a Ghibli-like dataset)
 """

@@ -127,8 +127,9 @@ def step_flops(model: str, resolution: int, batch_size: int, args: argparse.Name
 
     from utils.bench.models import build_pipeline
     from utils.core.sdxl import SDXLComponents, encode_prompts, vae_latent_distribution
-    from utils.training.loss import Batch, denoising_loss
-    from utils.training.setup import inject_lora
+    from utils.training.loss import denoising_loss
+    from utils.training.model_inputs import Batch
+    from utils.training.adapters import inject_lora
 
     pipe = build_pipeline(model, "meta")
     components = SDXLComponents([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],

@@ -83,7 +83,7 @@ def auto_checkpointing(model: str, places: Places, device: str) -> dict:
     """For each step benchmark: what the trainer's auto rule chooses, from its estimate and the free memory
     the run had when training started, against the peaks measured with checkpointing off and on."""
     from utils.training.flags import parse_training_args
-    from utils.training.setup import lora_config
+    from utils.training.adapters import lora_config
 
     unet_config = json.loads((places.model_dir / "unet" / "config.json").read_text())
     args = parse_training_args([])
@@ -100,8 +100,8 @@ def auto_checkpointing(model: str, places: Places, device: str) -> dict:
 
 
 def _choice_against_peaks(bench: dict, unet_config: dict, lora, dtype: torch.dtype, device: str) -> dict:
-    from utils.training.speed import ACTIVATION_MARGIN, FIXED_MARGIN, choose_gradient_checkpointing
-    from utils.training.speed import estimate_activation_bytes
+    from utils.training.memory import ACTIVATION_MARGIN, FIXED_MARGIN, choose_gradient_checkpointing
+    from utils.training.memory import estimate_activation_bytes
 
     settings, results = bench["settings"], bench.get("results", {})
     off, on = results.get("ours"), results.get("gc")
@@ -168,7 +168,7 @@ def _run_facts(run_dir: Path) -> dict:
     from utils.core.names import CONFIG_FILE, LORA_WEIGHT_NAME
     from utils.lora.kohya_names import KOHYA_WEIGHT_NAME
     from utils.training.loss_log import read_losses
-    from utils.training.speed import read_timings
+    from utils.training.timeline import read_timings
 
     _, losses = read_losses(run_dir / "logs" / "training_steps.csv")
     timings = read_timings(run_dir / "logs" / "timings.json")

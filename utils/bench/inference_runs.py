@@ -26,7 +26,7 @@ def make_lora_file(pipe, folder: Path, rank: int, alpha: float) -> Path:
     project's way; the adapter is then removed again so the pipeline is the base model."""
     from utils.lora.files import save_lora
     from utils.training.flags import parse_training_args
-    from utils.training.setup import lora_config
+    from utils.training.adapters import lora_config
 
     args = parse_training_args(["--lora_rank", str(rank), "--lora_alpha", str(alpha)])
     pipe.unet.add_adapter(lora_config(args, args.lora_target_modules))

@@ -1,7 +1,7 @@
 """Timing training steps in this process, the trainer's way: the worker side of benchmark_train.py.
 
-Set-up is the trainer's own ``prepare_run`` (model loading, LoRA, caches, data, optimizer) and each
-step its ``train_micro_step``; the variants change flags, or one thing after set-up (channels-last,
+Set-up is the trainer's own ``recipe.set_up`` (model loading, LoRA, caches, data, optimizer) and each
+step its ``recipe.train_step``; the variants change flags, or one thing after set-up (channels-last,
 encoders kept on the device, torch.compile).
 """
 
@@ -162,9 +162,9 @@ def checkpointing_flag(setting: bool | str) -> list[str]:
 
 
 def run_variant(config: dict, variant: Variant) -> dict:
-    """Set up with the trainer's ``prepare_run``, then time warm-up + N of its optimizer steps."""
-    from utils.training.loop import train_micro_step
-    from utils.training.setup import check_args
+    """Set up with the trainer's ``recipe.set_up``, then time warm-up + N of its optimizer steps."""
+    from utils.training.recipe import train_step
+    from utils.training.checks import check_args
 
     args = trainer_args(config, variant)
     check_args(args)
@@ -190,7 +190,7 @@ def run_variant(config: dict, variant: Variant) -> dict:
     for _ in range(config["warmup"] + config["steps"]):
         synchronize(device)
         start = time.perf_counter()
-        loss, _ = train_micro_step(run, next(batches))
+        loss, _ = train_step(run, next(batches))
         losses.append(run.accelerator.gather(loss[None]).mean().item())  # as the training loop logs it
         step_seconds.append(time.perf_counter() - start)
     train_peak, process_peak = memory.peaks()
@@ -205,13 +205,13 @@ def run_variant(config: dict, variant: Variant) -> dict:
 
 
 def _prepare(args: argparse.Namespace):
-    """The trainer's set-up of a run (RunSettings, then ``prepare_run``) for the benchmark's flags."""
+    """The trainer's set-up of a run (RunSettings, then ``recipe.set_up``) for the benchmark's flags."""
     from utils.data.listing import load_examples
     from utils.training.settings import RunSettings
-    from utils.training.setup import prepare_run
+    from utils.training.recipe import set_up
 
     settings = RunSettings.make(args, args.dataset_type)
-    return prepare_run(settings, load_examples(args.dataset_type, args.dataset_dir))
+    return set_up(settings, load_examples(args.dataset_type, args.dataset_dir))
 
 
 def _forever(dataloader):
@@ -227,7 +227,7 @@ def run_paired(config: dict) -> dict:
     encoders on the device cost memory, not time).
     """
     from utils.training.caching import cache_latents, cache_text
-    from utils.training.loop import train_micro_step
+    from utils.training.recipe import train_step
 
     args = trainer_args(config, Variant("naive", "", cache=False))
     run = _prepare(args)
@@ -250,7 +250,7 @@ def run_paired(config: dict) -> dict:
             loader_batch = pixels_batch if key == "naive" else {"index": pixels_batch["index"]}
             synchronize(device)
             start = time.perf_counter()
-            train_micro_step(run, loader_batch)[0].item()
+            train_step(run, loader_batch)[0].item()
             if step >= config["warmup"]:
                 seconds[key].append(time.perf_counter() - start + (load_seconds if key == "naive" else 0.0))
     ratios = [n / o for n, o in zip(seconds["naive"], seconds["ours"])]

@@ -22,7 +22,7 @@ def list_ghibli(dataset_dir: Path) -> Listing:
 
 def list_product(dataset_dir: Path) -> Listing:
     """The original's product layout: entry ``id`` trains on ``styled/{id}.png`` with its prompt;
-    its ``products/{product}`` image must exist too (the original skipped pairs without one)."""
+    its ``products/{product}`` image must exist too (pairs without one are left out)."""
     captions_file = dataset_dir / "captions.json"
     styled_dir, products_dir = dataset_dir / "styled", dataset_dir / "products"
     for folder, what in ((styled_dir, "styled images"), (products_dir, "product images")):

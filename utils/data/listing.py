@@ -73,7 +73,7 @@ def list_dataset(dataset_type: str, dataset_dir: str | os.PathLike, *, dataset_n
 def load_examples(dataset_type: str, dataset_dir: str | Path, caption_extension: str = ".txt") -> list[Example]:
     """Strict listing without decoding: every captioned name must be a file inside the dataset.
 
-    Images without a caption are left out, as in the original. Training uses
+    Images without a caption are left out. Training uses
     ``load_training_examples``, which also decodes every image and applies the policy flag.
     """
     listing = list_dataset(dataset_type, dataset_dir, caption_extension=caption_extension)

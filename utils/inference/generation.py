@@ -1,13 +1,13 @@
 """Base vs LoRA generation with one pipeline in memory and the same seeds for both.
 
-Image i of prompt k uses seed + k * num_images + i, from a generator on the pipeline's device (as the
-original, so a seed gives the original's images on CUDA). Files are numbered from 1 as the original's:
+Image i of prompt k uses seed + k * num_images + i, from a generator on the pipeline's device (so a seed
+gives the same images as the original script on CUDA). Files are numbered from 1:
 ``base_prompt{k+1}_{ts}_{i+1}.png``, ``lora_prompt{k+1}_{ts}_{i+1}.png``,
 ``comparison_grid_prompt{k+1}_{ts}.png`` and ``metadata_prompt{k+1}_{ts}.json``.
 
 Base images come first (before any adapter is loaded) or are reused from a base-results folder: from an
 earlier run's metadata when it shows the same prompt, seeds, settings and generator device, else (when
-base inference is not asked for) the original's way, by file-name prefix ``base_prompt{k+1}_*.png``.
+base inference is not asked for) by file-name prefix ``base_prompt{k+1}_*.png``.
 Then the LoRA is loaded as a named adapter at the requested scale and the same seeds are run again.
 """
 

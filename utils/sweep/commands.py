@@ -17,7 +17,9 @@ from utils.inference.prompts import PROMPT_SETS
 from utils.sweep.metrics import DEFAULT_ALIGNMENT_TOLERANCE
 from utils.sweep.outputs import lora_generations
 from utils.sweep.pictures import epoch_strip, plot_loss_overlay
-from utils.sweep.records import (SUMMARY_FILE, WEIGHTS_FILE, SweepError, end_status, plan_runs, start_status, write_summary)
+from utils.sweep.plan import plan_runs
+from utils.sweep.records import SUMMARY_FILE, WEIGHTS_FILE, SweepError, write_summary
+from utils.sweep.status import end_status, start_status
 from utils.sweep.report import build_report
 from utils.sweep.runs import epoch_checkpoints, find_runs, newest_checkpoint_run, resolve_run_dir, sweep_runs_of
 

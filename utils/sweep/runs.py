@@ -6,8 +6,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.sweep.records import (CONFIG_FILE, STATUS_FILE, WEIGHTS_FILE, SweepError, config_lora_type, is_finished,
-                                 read_json)
+from utils.sweep.records import CONFIG_FILE, STATUS_FILE, WEIGHTS_FILE, SweepError, config_lora_type, read_json
+from utils.sweep.status import is_finished
 from utils.training.loss_log import find_loss_log, read_losses
 
 logger = logging.getLogger(__name__)

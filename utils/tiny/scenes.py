@@ -9,7 +9,7 @@ soft clouds). Its caption names what is in the picture, in the words a prompt wo
     ghibli: "The image is a Ghibli-style illustration of a small house by a lake under the sun, ..."
 
 The photo scenes pretrain the demo's base model (utils/pretrain_demo_model.py); the Ghibli-like ones
-are the demo's LoRA training set, written in the original's layout (``images/`` + ``captions.json``);
+are the demo's LoRA training set, written in the ghibli layout (``images/`` + ``captions.json``);
 both, with their captions, train the demo's tiny CLIP.
 """
 
@@ -315,7 +315,7 @@ def scene_set(count: int, seed: int) -> list[Scene]:
 
 def write_style_dataset(dataset_dir: str | os.PathLike, num_images: int = 24, seed: int = 1234,
                         size: int = 64, style: str = "ghibli") -> Path:
-    """A dataset in the original's ghibli layout: ``images/scene_{i}.png`` and ``captions.json``."""
+    """A dataset in the ghibli layout: ``images/scene_{i}.png`` and ``captions.json``."""
     dataset_dir = Path(dataset_dir)
     (dataset_dir / "images").mkdir(parents=True, exist_ok=True)
     captions = {}

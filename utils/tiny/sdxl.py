@@ -223,7 +223,7 @@ def _synthetic_image(index: int, size: tuple[int, int], rng: np.random.Generator
 
 def make_synthetic_dataset(dataset_dir: str | os.PathLike, num_images: int = 12, seed: int = 0,
                            size: tuple[int, int] | None = None) -> Path:
-    """Write a synthetic style dataset in the original layout: ``images/`` and ``captions.json``.
+    """Write a synthetic style dataset in the ghibli layout: ``images/`` and ``captions.json``.
 
     Images come in a few small sizes, or all at ``size`` (width, height) when given."""
     dataset_dir = Path(dataset_dir)
@@ -241,7 +241,7 @@ def make_synthetic_dataset(dataset_dir: str | os.PathLike, num_images: int = 12,
 
 
 def make_synthetic_product_dataset(dataset_dir: str | os.PathLike, num_images: int = 4, seed: int = 0) -> Path:
-    """Write a synthetic dataset in the original's product layout: ``captions.json``
+    """Write a synthetic dataset in the product layout: ``captions.json``
     ``{"id": {"product": file, "prompt": text}}``, ``products/{product}`` and ``styled/{id}.png``."""
     dataset_dir = Path(dataset_dir)
     (dataset_dir / "products").mkdir(parents=True, exist_ok=True)

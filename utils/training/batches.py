@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import random
 from dataclasses import dataclass
@@ -149,3 +150,16 @@ def orientation_time_ids(prepared: Prepared) -> torch.Tensor:
         time_ids(prepared.original_size, prepared.crop_top_left, prepared.target_size),
         time_ids(flipped.original_size, flipped.crop_top_left, flipped.target_size),
     ])
+
+
+def make_loader(args: argparse.Namespace, items: list) -> tuple[BucketBatchSampler, torch.utils.data.DataLoader]:
+    """Batches of one bucket each, in a seeded order (kohya's repeats counted); dataset indices when
+    cached, else pixels."""
+    sampler = BucketBatchSampler([item.bucket for item in items], args.train_batch_size, args.seed,
+                                 repeats=[item.example.repeats for item in items])
+    dataset = IndexDataset(len(items)) if args.cache else PixelDataset(items, args.center_crop, args.masked_loss)
+    dataloader = torch.utils.data.DataLoader(
+        dataset, batch_sampler=sampler, num_workers=args.dataloader_num_workers,
+        generator=torch.Generator().manual_seed(args.seed),  # keeps the global RNG untouched for resume
+    )
+    return sampler, dataloader

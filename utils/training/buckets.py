@@ -3,9 +3,8 @@
 SDXL was trained on many aspect ratios. Each image goes to the bucket (width,
 height; sides multiples of 64; area about resolution²) whose aspect ratio is
 closest to its own, is resized to cover it and cropped to it. The square bucket
-is always exactly resolution × resolution (any multiple of 8, as the original
-accepted), so square images train at the size asked for. The SDXL
-micro-conditioning records the real original size and the crop.
+is always exactly resolution × resolution (any multiple of 8), so square images train at the size asked for. The SDXL
+micro-conditioning records the source image's size and the crop.
 """
 
 from __future__ import annotations

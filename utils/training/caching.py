@@ -18,10 +18,14 @@ from tqdm.auto import tqdm
 from utils.core.atomic import replace_file
 from utils.core.sdxl import encode_prompts, vae_latent_distribution
 from utils.training.batches import Item, latent_mask, orientation_time_ids, prepare_item, prepare_mask
-from utils.training.captions import caption_text, shuffles
-from utils.training.run_dir import cache_dir
+from utils.training.model_inputs import caption_text, shuffles
 
 logger = logging.getLogger(__name__)
+
+
+def latent_cache_dir(args) -> Path:
+    """--cache_latents_to_disk: the folder shared by the runs of one --output_dir."""
+    return Path(args.output_dir) / ".latent_cache"
 
 
 def _file_digest(path: Path) -> str:
@@ -98,23 +102,23 @@ def cache_text(captions: list[str], tokenizers: list,
     return cache
 
 
-def fill_caches(batch_maker, items: list[Item], settings, accelerator) -> None:
+def fill_caches(batch_maker, items: list[Item], args, accelerator) -> None:
     """Fill the BatchMaker's latent (and, unless the text encoders train, text) cache; then release the encoders."""
     components = batch_maker.components
-    model_id = (f"{settings.pretrained_model_name_or_path}|{settings.pretrained_vae_model_name_or_path}"
-                f"|{settings.revision}")
-    folder = cache_dir(settings) if settings.cache_latents_to_disk else None
+    model_id = (f"{args.pretrained_model_name_or_path}|{args.pretrained_vae_model_name_or_path}"
+                f"|{args.revision}")
+    folder = latent_cache_dir(args) if args.cache_latents_to_disk else None
     with accelerator.main_process_first():
-        batch_maker.latent_cache = cache_latents(items, components.vae, settings.center_crop, settings.random_flip,
-                                                 model_id, folder, getattr(settings, "masked_loss", False))
-    if shuffles(settings) and not settings.train_text_encoder:
+        batch_maker.latent_cache = cache_latents(items, components.vae, args.center_crop, args.random_flip,
+                                                 model_id, folder, getattr(args, "masked_loss", False))
+    if shuffles(args) and not args.train_text_encoder:
         logger.info("Text embeddings are not cached: --shuffle_caption changes the captions at every step "
                     "(the latents stay cached)")
-    elif not settings.train_text_encoder:
-        captions = [caption_text(i.example.caption, settings) for i in items]
+    elif not args.train_text_encoder:
+        captions = [caption_text(i.example.caption, args) for i in items]
         with accelerator.main_process_first():
             batch_maker.text_cache = cached_text(captions, components, model_id, folder)
-    release_encoders(components, settings, accelerator)
+    release_encoders(components, args, accelerator)
 
 
 def cached_text(captions: list[str], components, model_id: str, cache_dir: Path | None) -> dict:
@@ -136,12 +140,12 @@ def cached_text(captions: list[str], components, model_id: str, cache_dir: Path 
     return cache
 
 
-def release_encoders(components, settings, accelerator) -> None:
+def release_encoders(components, args, accelerator) -> None:
     """After caching, the VAE (and the text encoders, unless trained) leave the accelerator."""
     if accelerator.device.type == "cpu":
         return
     components.vae.to("cpu")
-    if not settings.train_text_encoder:
+    if not args.train_text_encoder:
         for encoder in components.text_encoders:
             encoder.to("cpu")
     torch.cuda.empty_cache()

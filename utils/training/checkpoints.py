@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from utils.core.atomic import write_json
 from utils.core.names import CONFIG_FILE
-from utils.training.run_dir import TrainState, run_name
+from utils.training.run_dir import run_name
+from utils.training.state import TrainState
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def save_checkpoint(accelerator, settings, state: TrainState, ema=None) -> Path:
         write_json(staging / "training_state.json", asdict(state))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
-        prune_checkpoints(settings.run_dir, settings.checkpoints_total_limit)
+        prune_checkpoints(settings.run_dir, settings.args.checkpoints_total_limit)
         logger.info("Saved resumable state to %s", final)
     accelerator.wait_for_everyone()
     return final
@@ -145,7 +146,7 @@ def resume(accelerator, settings, state: TrainState, ema=None) -> None:
 
 def _resume_ema(ema, path: Path) -> None:
     """The saved moving average, or (a checkpoint of a run without --use_ema) one starting from its weights."""
-    from utils.training.ema import EMA_FILE, AdapterEMA
+    from utils.training.adapters import EMA_FILE, AdapterEMA
     if (path / EMA_FILE).is_file():
         ema.load(path)
         return

@@ -1,4 +1,4 @@
-"""The end-of-epoch policy: after each epoch the original's log row, best_model/ and
+"""The end-of-epoch policy: after each epoch its row in logs/training_log.csv, best_model/ and
 checkpoint_epoch_{epoch}/, then the loss plot and validation images; at the end final_model/."""
 
 from __future__ import annotations
@@ -6,10 +6,9 @@ from __future__ import annotations
 import logging
 import math
 
-from utils.training.ema import weights_of
-from utils.training.loss_log import log_timestamp
-from utils.training.plots import plot_losses
-from utils.training.run_dir import save_model_folder
+from utils.training.adapters import weights_of
+from utils.training.lora_folders import save_model_folder
+from utils.training.loss_log import log_timestamp, plot_losses
 
 logger = logging.getLogger(__name__)
 
@@ -18,7 +17,7 @@ def end_of_epoch(run, epoch: int, learning_rate: float, eval_loss: float | None,
     """After epoch ``epoch`` (0-based) of ``run`` (a training's ``Run``).
 
     best_model: with ``select_by`` 'eval_loss' only epochs that measured the fixed-noise loss compete;
-    with 'train_loss' (evaluation off), the original's rule, the lowest mean training loss."""
+    with 'train_loss' (evaluation off), the lowest mean training loss."""
     state = run.state
     losses = state.epoch_losses
     train_loss = sum(losses) / len(losses) if losses else math.nan
@@ -48,22 +47,22 @@ def _best_model(run, epoch: int, metric: float, info: dict) -> None:
 def _epoch_checkpoint(run, epoch: int, info: dict) -> None:
     """checkpoint_epoch_{epoch}/ every --save_steps epochs (0-based epoch in the name), and the loss plot."""
     settings = run.settings
-    if not settings.save_steps or (epoch + 1) % settings.save_steps:
+    if not settings.args.save_steps or (epoch + 1) % settings.args.save_steps:
         return
     info = {"epoch": epoch, "global_step": run.state.global_step, **info}  # the original's key order
     save_model_folder(run.accelerator, settings.run_dir / f"checkpoint_epoch_{epoch}", run.models, settings,
                       run.state, "checkpoint_info.json", info, ema=run.ema)
     if run.accelerator.is_main_process:
-        plot_losses(settings.run_dir, settings.logging_dir)
+        plot_losses(settings.run_dir, settings.args.logging_dir)
 
 
 def _validation(run, epoch: int) -> None:
     """Validation images every --validation_epochs epochs, when there are validation prompts."""
     settings = run.settings
-    if (settings.validation_prompt or settings.validation_prompts_file) and (epoch + 1) % settings.validation_epochs == 0:
+    if (settings.args.validation_prompt or settings.args.validation_prompts_file) and (epoch + 1) % settings.args.validation_epochs == 0:
         from utils.training.validation import log_validation_images
         with weights_of(run.ema):
-            log_validation_images(run.accelerator, settings, settings.run_dir, run.components, run.models,
+            log_validation_images(run.accelerator, settings.args, settings.run_dir, run.components, run.models,
                                   epoch + 1, run.state.global_step)
 
 
@@ -76,5 +75,5 @@ def finish(run) -> None:
                        "final_eval_loss": state.last_eval_loss, "best_epoch": state.best_epoch,
                        "skipped_nonfinite_steps": state.skipped_steps}, ema=run.ema)
     if accelerator.is_main_process:
-        plot_losses(run_dir, run.settings.logging_dir)
+        plot_losses(run_dir, run.settings.args.logging_dir)
         logger.info("Finished: %s", run_dir / "final_model")

@@ -1,7 +1,7 @@
-"""The loss logs of a run, written and read in one place.
+"""The loss logs of a run, written, read and drawn (``logs/loss_curve.png``) in one place.
 
-    logs/training_log.csv     the original's: one row per epoch (0-based), loss = the epoch's mean
-    logs/training_steps.csv   the same columns, one row per optimizer step (an addition)
+    logs/training_log.csv     one row per epoch (0-based), loss = the epoch's mean
+    logs/training_steps.csv   the same columns, one row per optimizer step
 
 Everything that reads a loss log (the run's loss plot, the sweep's overlay, tests) goes through
 ``find_loss_log`` and ``read_losses``, and smooths with ``moving_average``.
@@ -13,7 +13,7 @@ import csv
 from datetime import datetime
 from pathlib import Path
 
-from utils.core.atomic import replace_file
+from utils.core.atomic import replace_file, save_figure
 from utils.core.names import TIMESTAMP_FORMAT
 
 EPOCH_LOG = "training_log.csv"  # the original's per-epoch log
@@ -102,3 +102,36 @@ def open_logs(run_dir: Path, logging_dir: str, enabled: bool, keep_until_step: i
     """(per-epoch log, per-step log) of the run, cut back to ``keep_until_step``."""
     folder = run_dir / logging_dir
     return (CsvLog(folder / EPOCH_LOG, enabled, keep_until_step), CsvLog(folder / STEP_LOG, enabled, keep_until_step))
+
+
+# ----------------------------------------------------------------------------- the loss curve
+
+
+def plot_losses(run_dir: Path, logging_dir: str) -> None:
+    """Redraw ``{logging_dir}/loss_curve.png`` of a run from its loss log (if it has one yet)."""
+    log = find_loss_log(run_dir / logging_dir)
+    if log is not None:
+        plot_loss_curve(log, run_dir / logging_dir / "loss_curve.png")
+
+
+def plot_loss_curve(csv_path: Path, png_path: Path) -> Path:
+    """Training loss against the optimizer step (and its moving average) from a loss log: one row per
+    step (training_steps.csv) or one per epoch (training_log.csv, the epoch's mean)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses = read_losses(csv_path)
+    unit = "epoch" if Path(csv_path).name == EPOCH_LOG else "step"
+    window = smoothing_window(len(losses))
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=100)
+    axis.plot(steps, losses, alpha=0.35 if window > 1 else 1.0, marker="o" if unit == "epoch" else None,
+              label=f"loss per {unit}" + (" (mean)" if unit == "epoch" else ""))
+    if window > 1:
+        axis.plot(steps, moving_average(losses, window), label=f"moving average ({window} {unit}s)")
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel("training loss")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    return save_figure(figure, png_path)

@@ -34,19 +34,13 @@ def distributed_state():
 
 @dataclass(frozen=True)
 class RunSettings:
-    """The flags of one training plus what was derived from them once; read it like ``args``: every
-    attribute that is not a field below is the flag as given."""
+    """The flags of one training (``args``, as given) plus what was derived from them once."""
 
     args: argparse.Namespace
     dataset_type: str  # resolved ('auto', and 'hf' implied by --dataset_name)
     learning_rate: float  # after --scale_lr
     run_dir: Path
     resume_checkpoint: Path | None  # the resolved --resume_from_checkpoint
-
-    def __getattr__(self, name: str):
-        if name == "args":  # not set yet (copy, unpickling): no recursion
-            raise AttributeError(name)
-        return getattr(self.args, name)
 
     @property
     def text_embedding_cache(self) -> bool:

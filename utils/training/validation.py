@@ -13,15 +13,15 @@ from utils.core.prompt_file import PromptSpec, read_prompt_file
 logger = logging.getLogger(__name__)
 
 
-def validation_specs(settings) -> list[PromptSpec]:
+def validation_specs(args) -> list[PromptSpec]:
     """The validation prompts: --validation_prompts_file's lines, else --validation_prompt's prompts."""
-    if getattr(settings, "validation_prompts_file", None):
-        return read_prompt_file(settings.validation_prompts_file)
-    return [PromptSpec(prompt) for prompt in settings.validation_prompt or []]
+    if getattr(args, "validation_prompts_file", None):
+        return read_prompt_file(args.validation_prompts_file)
+    return [PromptSpec(prompt) for prompt in args.validation_prompt or []]
 
 
 @torch.no_grad()
-def log_validation_images(accelerator, settings, run_dir: Path, components, models: list,
+def log_validation_images(accelerator, args, run_dir: Path, components, models: list,
                           epoch: int, step: int) -> list[Path]:
     """Generate ``--num_validation_images`` per validation prompt with the current LoRA."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
@@ -45,14 +45,14 @@ def log_validation_images(accelerator, settings, run_dir: Path, components, mode
     saved = []
     folder = run_dir / "validation"
     folder.mkdir(parents=True, exist_ok=True)
-    for prompt_index, spec in enumerate(validation_specs(settings)):
-        generator = torch.Generator(device="cpu").manual_seed(settings.seed if spec.seed is None else spec.seed)
+    for prompt_index, spec in enumerate(validation_specs(args)):
+        generator = torch.Generator(device="cpu").manual_seed(args.seed if spec.seed is None else spec.seed)
         options = {"guidance_scale": spec.guidance_scale} if spec.guidance_scale is not None else {}
         with accelerator.autocast():
             images = pipe(spec.prompt, negative_prompt=spec.negative_prompt,
-                          num_images_per_prompt=settings.num_validation_images, generator=generator,
-                          num_inference_steps=spec.steps or settings.validation_steps,
-                          height=spec.height or settings.resolution, width=spec.width or settings.resolution,
+                          num_images_per_prompt=args.num_validation_images, generator=generator,
+                          num_inference_steps=spec.steps or args.validation_steps,
+                          height=spec.height or args.resolution, width=spec.width or args.resolution,
                           **options).images
         for index, image in enumerate(images):
             path = folder / f"epoch_{epoch:03d}_prompt{prompt_index}_{index}.png"

@@ -1,0 +1,74 @@
+"""Which runs of a rank x alpha sweep are still to do: the grid checked, finished runs skipped, an
+interrupted run continued in its own run folder."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from utils.core.secrets import mask_argv
+from utils.sweep.records import STATUS_FILE, SweepError, experiment_file, read_json, status_folder
+from utils.sweep.status import earlier_run_dir, is_finished
+
+logger = logging.getLogger("sweep_runs")
+
+
+def _positive(value: str, kind: type, name: str) -> None:
+    try:
+        ok = kind(value) > 0 and math.isfinite(float(value))
+    except ValueError:
+        ok = False
+    if not ok:
+        what = "a positive integer" if kind is int else "a positive number"
+        raise SweepError(f"{name} {value!r}: must be {what}")
+
+
+def validate_grid(ranks: list[str], alphas: list[str], learning_rate: str) -> None:
+    if not ranks or not alphas:
+        raise SweepError("--ranks and --alphas need at least one value each")
+    for rank in ranks:
+        _positive(rank, int, "--ranks value")
+    for alpha in alphas:
+        _positive(alpha, float, "--alphas value")
+    _positive(learning_rate, float, "--lr")
+    for values, name in ((ranks, "--ranks"), (alphas, "--alphas")):
+        if len(set(values)) != len(values):
+            raise SweepError(f"{name} {' '.join(values)!r}: a value is repeated")
+
+
+def _check_learning_rate(results_dir: Path, rank: str, alpha: str, learning_rate: str) -> None:
+    """experiment_{R}_{A}.json has no learning rate in its name: one results folder holds one learning rate."""
+    record = read_json(experiment_file(results_dir, rank, alpha))
+    if record and "learning_rate" in record and float(record["learning_rate"]) != float(learning_rate):
+        raise SweepError(f"{experiment_file(results_dir, rank, alpha)}: recorded for learning rate "
+                         f"{record['learning_rate']}, this sweep uses {learning_rate}; pass another --results_dir")
+
+
+def plan_runs(results_dir: Path, ranks: list[str], alphas: list[str], learning_rate: str,
+              train_args: list[str]) -> list[tuple[str, str, Path, int, str]]:
+    """(rank, alpha, status folder, experiment number, run folder to resume or '') of every run still to do.
+
+    Finished runs are skipped. A run that an earlier attempt left behind continues in that attempt's run
+    folder: from its latest resumable checkpoint, or from the start when it stopped before the first.
+    """
+    validate_grid(ranks, alphas, learning_rate)
+    todo, number = [], 0
+    for rank in ranks:
+        for alpha in alphas:
+            number += 1
+            _check_learning_rate(results_dir, rank, alpha, learning_rate)
+            folder = status_folder(results_dir, rank, alpha, learning_rate)
+            status = read_json(folder / STATUS_FILE)
+            if is_finished(status):
+                if status.get("train_args") != mask_argv(train_args):
+                    logger.warning("%s finished earlier with other trainer flags (%s); delete %s to "
+                                   "train it again", folder.name, " ".join(status.get("train_args") or []),
+                                   folder / STATUS_FILE)
+                logger.info("Skipping %s: finished at %s in %s", folder.name, status.get("ended_at"),
+                            status.get("run_dir"))
+                continue
+            earlier = earlier_run_dir(folder, status)
+            resume = str(earlier) if earlier and earlier.is_dir() else ""
+            todo.append((rank, alpha, folder, number, resume))
+    return todo
