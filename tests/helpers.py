@@ -6,9 +6,13 @@ this module stays cheap.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
+import logging
 import os
+import runpy
 import socket
 import subprocess
 import sys
@@ -28,6 +32,50 @@ def run_script(*args: str, env: dict | None = None, timeout: int = 600, check: b
     if check and result.returncode != 0:
         raise AssertionError(f"{args[0]} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-6000:]}")
+    return result
+
+
+def run_in_process(*args: str, env: dict | None = None, check: bool = True,
+                   cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run one of the project's scripts (``path.py ...`` or ``-m module ...``) in this process, as
+    ``python`` would run it: ``__main__``, its flags in ``sys.argv``, the working folder ``cwd``, its
+    exit status, and its stdout and stderr (log lines included) captured.
+
+    For the commands whose test is not about processes: it saves the seconds a fresh Python spends
+    importing torch, diffusers and transformers. An unexpected exception propagates (a subprocess would
+    print its traceback and exit 1).
+    """
+    target, *flags = args
+    module = flags.pop(0) if target == "-m" else None
+    path = None if module else (ROOT / target if not Path(target).is_absolute() else Path(target))
+    stdout, stderr = io.StringIO(), io.StringIO()
+    handler = logging.StreamHandler(stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    root, saved_env, saved_argv, saved_cwd = logging.getLogger(), dict(os.environ), sys.argv, os.getcwd()
+    saved_level, code = root.level, 0
+    os.environ.update(env or {})
+    sys.argv = [module or str(path), *flags]
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        os.chdir(cwd or ROOT)
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            if module:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            else:
+                runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else (0 if stop.code is None else 1)
+    finally:
+        os.chdir(saved_cwd)
+        sys.argv = saved_argv
+        root.removeHandler(handler)
+        root.setLevel(saved_level)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    result = subprocess.CompletedProcess([target, *flags], code, stdout.getvalue(), stderr.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"{target} failed ({code}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
 
 

@@ -12,7 +12,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from tests.helpers import ROOT, find_tile, pixels, run_script
+from tests.helpers import ROOT, find_tile, pixels, run_in_process
 
 SCRIPT = str(ROOT / "inference_sdxl_ghibli.py")
 COMMON = ["--num_images", "2", "--height", "128", "--width", "128", "--num_inference_steps", "4"]
@@ -22,7 +22,7 @@ ORIGINAL_KEYS = ["prompt", "prompt_idx", "negative_prompt", "num_inference_steps
 
 
 def infer(tiny_model_dir, out_dir, *extra, cwd=None):
-    result = run_script(SCRIPT, "--pretrained_model_name_or_path", str(tiny_model_dir),
+    result = run_in_process(SCRIPT, "--pretrained_model_name_or_path", str(tiny_model_dir),
                         "--output_dir", str(out_dir), *COMMON, *extra, cwd=cwd)
     (meta_path,) = sorted(out_dir.glob("metadata_prompt1_*.json"))[-1:]
     return json.loads(meta_path.read_text()), result
@@ -117,7 +117,7 @@ def test_no_flags_use_the_newest_run_and_the_originals_16_prompts(trained_run, t
         stamp = time.time() - 100 + 50 * index
         os.utime(weights, (stamp, stamp))
     newest = runs / "20250102_000000_ghibli_r4_a16.0_lr0.01" / "final_model"
-    result = run_script(SCRIPT, "--pretrained_model_name_or_path", str(tiny_model_dir), "--num_images", "1",
+    result = run_in_process(SCRIPT, "--pretrained_model_name_or_path", str(tiny_model_dir), "--num_images", "1",
                         "--height", "64", "--width", "64", "--num_inference_steps", "2", cwd=tmp_path)
     out = tmp_path / "output_visualization"
     metas = [json.loads(p.read_text()) for p in sorted(out.glob("metadata_prompt*_*.json"))]
@@ -129,7 +129,7 @@ def test_no_flags_use_the_newest_run_and_the_originals_16_prompts(trained_run, t
     # Nothing trained and no --lora_model_path: one line naming the flag, before any model is loaded.
     empty = tmp_path / "empty"
     empty.mkdir()
-    result = run_script(SCRIPT, "--pretrained_model_name_or_path", str(tmp_path / "no_model"), cwd=empty, check=False)
+    result = run_in_process(SCRIPT, "--pretrained_model_name_or_path", str(tmp_path / "no_model"), cwd=empty, check=False)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert "--lora_model_path" in result.stderr and "output_ghibli/*/final_model" in result.stderr
 
@@ -147,7 +147,7 @@ def test_default_prompts_are_the_originals_and_only_used_when_no_prompt_given():
 
 
 def test_bad_lora_path_is_a_one_line_error(tiny_model_dir, tmp_path):
-    result = run_script(SCRIPT, "--pretrained_model_name_or_path", str(tiny_model_dir),
+    result = run_in_process(SCRIPT, "--pretrained_model_name_or_path", str(tiny_model_dir),
                         "--lora_model_path", str(tmp_path / "absent"), "--prompt", "x", check=False)
     assert result.returncode == 2 and "absent" in result.stderr and "Traceback" not in result.stderr
 
@@ -158,7 +158,7 @@ def test_pickle_lora_is_refused_unless_allowed(trained_run, tiny_model_dir, tmp_
     from utils.lora.files import LORA_WEIGHT_NAME, read_tensors
     pickled = tmp_path / "pytorch_lora_weights.bin"
     torch.save(read_tensors(trained_run / "final_model" / LORA_WEIGHT_NAME), pickled)
-    refused = run_script(SCRIPT, "--pretrained_model_name_or_path", str(tiny_model_dir),
+    refused = run_in_process(SCRIPT, "--pretrained_model_name_or_path", str(tiny_model_dir),
                          "--lora_model_path", str(pickled), "--prompt", "x", check=False)
     assert refused.returncode == 2 and "pickle" in refused.stderr and "--allow_pickle" in refused.stderr
     allowed, _ = infer(tiny_model_dir, tmp_path / "out", "--lora_model_path", str(pickled), "--allow_pickle",

@@ -47,7 +47,7 @@ import torch
 from utils.bench.diffusers_run import DIFFUSERS_KEY, diffusers_run
 from utils.bench.models import MODELS, check_resolution
 from utils.bench.steps import Variant, all_variants, skip_reason, trainer_args
-from utils.bench.train_runs import (RESULT_MARK, WHOLE_RUNS, report, report_whole_runs, resolve_settings, run_in_subprocess, save_model, summarise, whole_run, worker)
+from utils.bench.train_runs import (RESULT_MARK, WHOLE_RUNS, report, report_whole_runs, resolve_settings, run_here, run_in_subprocess, save_model, summarise, whole_run, worker)
 from utils.core.cli import run_cli
 from utils.core.errors import UserError
 
@@ -74,6 +74,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated subset of: naive, ours, gc, channels_last, encoders_on_device, "
                         "adamw8bit, compile, bf16, fp16, fp32 (default: all that apply here)")
     p.add_argument("--torch_compile", action="store_true", help="also measure torch.compile of the UNet")
+    p.add_argument("--fresh_processes", action=argparse.BooleanOptionalAction, default=True,
+                   help="each variant in a fresh process, so its peak memory is its own (default on); "
+                        "--no-fresh_processes runs them one after another in this process: seconds each "
+                        "instead of the imports of a new Python, for proving the paths on a CPU")
     p.add_argument("--num_images", type=int, default=8, help="synthetic training images")
     p.add_argument("--num_threads", type=int, default=None,
                    help="CPU threads per process (default: 1 on CPU, where a busy shared machine makes "
@@ -170,19 +174,21 @@ def _check_paths(args: argparse.Namespace) -> None:
 
 def _run_variants(args: argparse.Namespace, settings: dict, config: dict, variants: dict[str, Variant],
                   chosen: list[Variant], skipped: dict[str, str | None]) -> dict:
-    """The per-step variants, each in a fresh process, in interleaved rounds; then the paired run.
+    """The per-step variants, each in a fresh process (unless --no-fresh_processes), in interleaved rounds;
+    then the paired run.
     Failed variants are moved to ``skipped``, with their reason."""
     from utils.bench.flops import step_flops
 
     flops = step_flops(settings["model"], settings["resolution"], settings["train_batch_size"],
                        trainer_args(config, variants["ours"]))
+    run_one = run_in_subprocess if args.fresh_processes else run_here
     rounds: dict[str, list[dict]] = {v.key: [] for v in chosen}
     for round_index in range(settings["repeats"]):
         for variant in chosen:
             if any("failed" in r for r in rounds[variant.key]):
                 continue  # e.g. out of memory: it will not fit in the next round either
             logger.info("round %d/%d: %s", round_index + 1, settings["repeats"], variant.label)
-            rounds[variant.key].append(run_in_subprocess(config, variant))
+            rounds[variant.key].append(run_one(config, variant))
     paired = None
     if args.paired and "naive" in rounds and "ours" in rounds:
         logger.info("paired run: naive and ours steps alternating in one process")

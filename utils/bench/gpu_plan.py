@@ -34,7 +34,8 @@ CAPS = {
 }
 PARTS = tuple(CAPS["sdxl"])
 # The step benchmarks: (resolution key, batch, variants, steps key); on the tiny model the batch-4 and
-# half-resolution ones measure only checkpointing off (each variant is a fresh process: seconds on a CPU).
+# half-resolution ones measure only checkpointing off, and every benchmark runs its variants one after
+# another in its own process (a fresh Python per variant costs seconds of imports on a CPU).
 BENCHES = {"bench_full_b1": ("full", 1, "naive,ours,gc", "steps"),
            "bench_full_b4": ("full", "big_batch", "ours,gc", "big_steps"),
            "bench_half_b1": ("half", 1, "ours,gc", "steps")}
@@ -84,6 +85,8 @@ def bench_command(name: str, model: str, places: Places) -> list[str]:
         extra = ["--torch_compile"] if name == "compile" else []
         if name == "compile" and model == "tiny":  # inductor's C++ build takes minutes on a CPU
             extra += ["--torch_compile_backend", "aot_eager"]
+    if model == "tiny":
+        extra.append("--no-fresh_processes")
     batch = profile[batch] if isinstance(batch, str) else batch
     steps, warmup = profile[steps_key]
     return [sys.executable, str(ROOT / "utils" / "benchmark_train.py"), "--model", model,

@@ -43,6 +43,7 @@ def resolve_settings(args: argparse.Namespace, cuda: bool) -> dict:
         "warmup": args.warmup if args.warmup is not None else warmup + (3 if args.torch_compile else 0),
         "buckets": args.buckets, "repeats": args.repeats or (1 if cuda else 2),
         "num_threads": args.num_threads or (torch.get_num_threads() if cuda else 1),
+        "fresh_processes": args.fresh_processes,
     }
 
 
@@ -60,6 +61,16 @@ def run_in_subprocess(config: dict, variant: Variant | None) -> dict:
     logger.error("benchmark run '%s' failed (exit %d):\n%s", name, completed.returncode, completed.stderr[-3000:])
     lines = [line for line in completed.stderr.splitlines() if line.strip()]
     return {"failed": lines[-1] if lines else f"exit status {completed.returncode}"}
+
+
+def run_here(config: dict, variant: Variant) -> dict:
+    """One variant in this process (after the first, the imports are paid): for proving the paths on a CPU,
+    where peak memory need not be the variant's own. A failure is reported as ``run_in_subprocess`` does."""
+    try:
+        return worker({"config": config, "variant": asdict(variant)})
+    except Exception as error:  # noqa: BLE001 - the variant failed, the benchmark goes on
+        logger.exception("benchmark run '%s' failed", variant.key)
+        return {"failed": f"{type(error).__name__}: {error}"}
 
 
 def worker(payload: dict) -> dict:
@@ -210,8 +221,8 @@ def _print_setup(settings: dict, flops: dict[str, int], peak, num_images: int) -
           f"mixed precision {settings['mixed_precision']}, gradient checkpointing "
           f"{ {True: 'on', False: 'off'}.get(settings['gradient_checkpointing'], 'auto') }"
           f", {num_images} synthetic images, {'aspect buckets' if settings['buckets'] else 'square crops'}")
-    print(f"timing: {settings['steps']} optimizer steps after {settings['warmup']} warm-up, median step; each "
-          f"variant in a fresh process; {settings['repeats']} interleaved round(s), fastest round shown")
+    print(f"timing: {settings['steps']} optimizer steps after {settings['warmup']} warm-up, median step; "
+          f"{'each variant in a fresh process' if settings['fresh_processes'] else 'all variants in one process'}; {settings['repeats']} interleaved round(s), fastest round shown")
     print(f"FLOPs per step (torch.utils.flop_counter): UNet+LoRA forward+backward {flops_text(flops['unet'])} "
           f"(model FLOPs); with checkpointing {flops_text(flops['unet_checkpointed'])}; naive loop adds VAE "
           f"encode {flops_text(flops['vae'])} + text encoders {flops_text(flops['text'])}")
