@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.helpers import (ROOT, SCRIPT_ENV, processes_mentioning, read_status, run_bash,  # noqa: E402
-                           run_folders, run_script, wait_for)  # ROOT and run_script: tests import them from here
+                           run_folders, run_in_process, wait_for)
 
 pytest_plugins = ["tests.budget"]
 
@@ -117,7 +117,7 @@ def tiny_product_dataset_dir(tmp_path_factory) -> Path:
 def trained_run(tiny_model_dir, tiny_dataset_dir, tmp_path_factory) -> Path:
     """The run directory of one training of the tiny model, through the real CLI."""
     output_dir = tmp_path_factory.mktemp("runs")
-    run_script("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir),
+    run_in_process("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir),
                "--dataset_dir", str(tiny_dataset_dir), "--output_dir", str(output_dir), *SHARED_RUN_ARGS)
     (run_dir,) = [p for p in output_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
     return run_dir

@@ -73,10 +73,20 @@ def run_in_process(*args: str, env: dict | None = None, check: bool = True,
         root.setLevel(saved_level)
         os.environ.clear()
         os.environ.update(saved_env)
+        _forget_accelerate_state()
     result = subprocess.CompletedProcess([target, *flags], code, stdout.getvalue(), stderr.getvalue())
     if check and code != 0:
         raise AssertionError(f"{target} failed ({code}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
     return result
+
+
+def _forget_accelerate_state() -> None:
+    """accelerate keeps one process state per Python (a fresh process starts without one): drop it, so that
+    the next in-process run sets up its own, as its own process would."""
+    state = sys.modules.get("accelerate.state")
+    if state is not None:
+        state.AcceleratorState._reset_state(reset_partial_state=True)
+        state.GradientState._reset_state()
 
 
 def csv_rows(path: Path) -> list[dict]:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import ROOT, SCRIPT_ENV, load_pipe, only_run_dir, pixels, run_script, wait_for
+from tests.helpers import ROOT, SCRIPT_ENV, load_pipe, only_run_dir, pixels, run_in_process, wait_for
 from utils.lora.files import LORA_WEIGHT_NAME, read_metadata, read_tensors, save_safetensors
 from utils.lora.kohya_names import KOHYA_WEIGHT_NAME, SDXL_UNET_CONFIG, unet_kohya_names, unet_layers
 from utils.training.checkpoints import checkpoints_of
@@ -30,8 +30,8 @@ ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 
 
 def train(tiny_model_dir, dataset_dir, output_dir, *extra) -> Path:
-    run_script("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_dir",
-               str(dataset_dir), "--output_dir", str(output_dir), *TRAIN, *extra)
+    run_in_process("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_dir",
+                   str(dataset_dir), "--output_dir", str(output_dir), *TRAIN, *extra)
     return only_run_dir(output_dir)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import run_script
+from tests.helpers import run_in_process
 from utils import check_dataset, convert_dataset
 from utils.data import preflight
 from utils.data.images import open_rgb
@@ -308,7 +308,7 @@ def test_kohya_and_metadata_orphans_and_bad_rows(tmp_path):
 
 def test_check_dataset_command_exit_status_and_report(tmp_path, capsys):
     dataset = write_bad_corpus(tmp_path / "bad")
-    result = run_script("utils/check_dataset.py", "--dataset_dir", str(dataset), check=False, timeout=120)
+    result = run_in_process("utils/check_dataset.py", "--dataset_dir", str(dataset), check=False)
     assert result.returncode == 1, result.stderr
     for line in expected_problems():
         assert line in result.stdout.splitlines()
@@ -351,7 +351,7 @@ def test_a_missing_styled_image_or_product_image_is_named(tmp_path):
         "styled/item1.png: caption without image (file not found)",
         "styled/item2.png: product image products/product_gray.png not found"]
     assert [e.caption for e in report.examples] == ["rolling green hills in ghibli style"]
-    result = run_script("utils/check_dataset.py", "--dataset_dir", str(dataset), check=False, timeout=120)
+    result = run_in_process("utils/check_dataset.py", "--dataset_dir", str(dataset), check=False)
     assert result.returncode == 1 and "styled/item1.png: caption without image (file not found)" in result.stdout
 
 

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import TRAINED_ALPHA, TRAINED_RANK
-from tests.helpers import load_pipe, run_script
+from tests.helpers import load_pipe, run_in_process
 from tests.kohya_checks import (ATTENTIONS, KOHYA_KEY, PROMPT, assert_close, convert_cli, data_section_sha256, diffusers_file_deltas, render, render_merged_by_hand, render_with)
 
 
@@ -26,7 +26,7 @@ def test_trained_lora_as_kohya_file_gives_the_same_image(trained_run, pipe, tmp_
 
     source = trained_run / "final_model" / "pytorch_lora_weights.safetensors"
     output = tmp_path / "ghibli_kohya.safetensors"
-    result = run_script("utils/convert_lora.py", str(trained_run / "final_model"), "--output", str(output))
+    result = run_in_process("utils/convert_lora.py", str(trained_run / "final_model"), "--output", str(output))
     assert "32 modules" in result.stdout
 
     tensors = read_tensors(output)
@@ -68,9 +68,9 @@ def test_inference_cli_takes_a_kohya_file(trained_run, pipe, tiny_model_dir, tmp
 
     kohya = convert_diffusers_to_kohya(trained_run / "final_model" / "pytorch_lora_weights.safetensors",
                                        tmp_path / "style.safetensors")
-    run_script("inference_sdxl_ghibli.py", "--pretrained_model_name_or_path", str(tiny_model_dir),
-               "--lora_model_path", str(kohya), "--prompt", PROMPT, "--num_images", "1", "--height", "64",
-               "--width", "64", "--num_inference_steps", "2", "--output_dir", str(tmp_path / "cli"))
+    run_in_process("inference_sdxl_ghibli.py", "--pretrained_model_name_or_path", str(tiny_model_dir),
+                   "--lora_model_path", str(kohya), "--prompt", PROMPT, "--num_images", "1", "--height", "64",
+                   "--width", "64", "--num_inference_steps", "2", "--output_dir", str(tmp_path / "cli"))
     # The same generation in-process from the diffusers folder (the CLI's defaults: guidance 5, seed 42).
     settings = GenerationSettings(DEFAULT_NEGATIVE, 2, 5.0, 64, 64)
     try:

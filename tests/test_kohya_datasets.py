@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import assert_same_lora, csv_rows, free_port, only_run_dir, read_json, run_script
+from tests.helpers import assert_same_lora, csv_rows, free_port, only_run_dir, read_json, run_in_process, run_script
 from utils import check_dataset, convert_dataset
 from utils.data import preflight
 from utils.data.listing import list_dataset
@@ -47,8 +47,8 @@ def rows(run_dir: Path, name: str) -> list[dict]:
 
 
 def train(model: Path, dataset: Path, output: Path, *extra: str) -> tuple[Path, str]:
-    result = run_script("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(model),
-                        "--dataset_dir", str(dataset), "--output_dir", str(output), *TINY, *extra)
+    result = run_in_process("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(model),
+                            "--dataset_dir", str(dataset), "--output_dir", str(output), *TINY, *extra)
     return only_run_dir(output), result.stdout + result.stderr
 
 
@@ -188,10 +188,11 @@ def test_resume_mid_epoch_with_repeats_matches_the_straight_run(straight_run, ti
     shutil.rmtree(copy / "final_model")
     for later in ("checkpoint-10", "checkpoint-15", "checkpoint-20"):
         shutil.rmtree(copy / "checkpoints" / later)
-    run_script("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir),
-               "--dataset_dir", str(repeated_dataset), "--output_dir", str(tmp_path / "resumed"), *TINY,
-               "--dataset_type", "auto", "--caption_extension", ".caption", "--num_train_epochs", "2",
-               "--checkpointing_steps", "5", "--resume_from_checkpoint", str(copy / "checkpoints" / "checkpoint-5"))
+    run_in_process("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir),
+                   "--dataset_dir", str(repeated_dataset), "--output_dir", str(tmp_path / "resumed"), *TINY,
+                   "--dataset_type", "auto", "--caption_extension", ".caption", "--num_train_epochs", "2",
+                   "--checkpointing_steps", "5", "--resume_from_checkpoint",
+                   str(copy / "checkpoints" / "checkpoint-5"))
     for name in ("training_steps.csv", "training_log.csv"):
         resumed_rows, straight_rows = rows(copy, name), rows(straight, name)
         assert [r["step"] for r in resumed_rows] == [r["step"] for r in straight_rows], name

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import ROOT, assert_same_lora, only_run_dir, run_script, wait_for
+from tests.helpers import ROOT, assert_same_lora, only_run_dir, run_in_process, wait_for
 from utils.lora.files import LORA_WEIGHT_NAME, read_tensors
 from utils.training.checkpoints import checkpoints_of
 from utils.training.loss_log import read_rows
@@ -37,7 +37,7 @@ def log_rows(run_dir: Path, name: str) -> list[tuple[int, int, float]]:
 
 
 def test_sigterm_saves_state_and_resume_matches_an_uninterrupted_run(tiny_model_dir, tiny_dataset_dir, tmp_path):
-    run_script(*command(tiny_model_dir, tiny_dataset_dir, tmp_path / "straight")[1:])
+    run_in_process(*command(tiny_model_dir, tiny_dataset_dir, tmp_path / "straight")[1:])
     straight = only_run_dir(tmp_path / "straight")
     output = tmp_path / "interrupted"
     process = subprocess.Popen(command(tiny_model_dir, tiny_dataset_dir, output), stdout=subprocess.PIPE,
@@ -55,7 +55,7 @@ def test_sigterm_saves_state_and_resume_matches_an_uninterrupted_run(tiny_model_
     assert [step for _, step, _ in log_rows(run_dir, "training_steps.csv")] == list(range(1, stopped_at + 1))
     assert [step for _, step, _ in log_rows(run_dir, "training_log.csv")] == [s for s in (6, 12) if s <= stopped_at]
 
-    run_script(*command(tiny_model_dir, tiny_dataset_dir, output, "--resume_from_checkpoint", "latest")[1:])
+    run_in_process(*command(tiny_model_dir, tiny_dataset_dir, output, "--resume_from_checkpoint", "latest")[1:])
     assert_same_lora(straight / "final_model" / LORA_WEIGHT_NAME, run_dir / "final_model" / LORA_WEIGHT_NAME)
     for name, expected in (("training_steps.csv", [(i // 6, i + 1) for i in range(16)]),
                            ("training_log.csv", [(0, 6), (1, 12), (2, 16)])):
@@ -84,8 +84,8 @@ def test_kill_9_during_a_checkpoint_save_leaves_the_previous_one_intact(tiny_mod
     assert (newest / "lora_unet.safetensors").is_file() and (newest / "optimizer.bin").is_file()
     read_tensors(newest / "lora_unet.safetensors")  # loads: not truncated
 
-    result = run_script(*command(tiny_model_dir, tiny_dataset_dir, output, "--checkpointing_steps", "2",
-                                 "--resume_from_checkpoint", "latest")[1:])
+    result = run_in_process(*command(tiny_model_dir, tiny_dataset_dir, output, "--checkpointing_steps", "2",
+                                     "--resume_from_checkpoint", "latest")[1:])
     assert f"Resumed from {newest}" in result.stderr
     assert not list((run_dir / "checkpoints").glob(".checkpoint-*.tmp"))
     assert (run_dir / "final_model" / LORA_WEIGHT_NAME).is_file()
@@ -93,8 +93,8 @@ def test_kill_9_during_a_checkpoint_save_leaves_the_previous_one_intact(tiny_mod
 
 def test_nonfinite_losses_stop_training_without_writing_nan_weights(tiny_model_dir, tiny_dataset_dir, tmp_path):
     output = tmp_path / "blowup"
-    result = run_script(*command(tiny_model_dir, tiny_dataset_dir, output, "--learning_rate", "1e12")[1:],
-                        check=False)
+    result = run_in_process(*command(tiny_model_dir, tiny_dataset_dir, output, "--learning_rate", "1e12")[1:],
+                            check=False)
     assert result.returncode == 2, result.stderr[-3000:]
     (line,) = [l for l in result.stderr.splitlines() if l.startswith("error:")]
     assert "NaN/Inf" in line and "--learning_rate" in line and "fp16" in line

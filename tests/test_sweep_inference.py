@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from tests.conftest import SWEEP_IMAGE_SIZE, SWEEP_INFERENCE_FLAGS, SWEEP_PROMPTS
-from tests.helpers import ROOT, SCRIPT_ENV, find_tile, pixels, read_json, run_bash, run_folders, run_script
+from tests.helpers import ROOT, SCRIPT_ENV, find_tile, pixels, read_json, run_bash, run_folders, run_in_process
 from utils.core.names import LORA_WEIGHT_NAME
 
 def test_inference_experiments_write_the_originals_folders(sweep, sweep_inference):
@@ -119,7 +119,7 @@ def test_the_scripts_default_prompts_are_the_originals():
 
     def prompts_of(script: str) -> list[str]:
         (which,) = re.findall(r"helper prompts (\w+)", (ROOT / script).read_text())
-        return run_script("-m", "utils.sweep_report", "prompts", which).stdout.splitlines()
+        return run_in_process("-m", "utils.sweep_report", "prompts", which).stdout.splitlines()
 
     checkpoint, experiments = prompts_of("run_checkpoint_inference.sh"), prompts_of("run_inference_experiments.sh")
     assert len(checkpoint) == 25 and checkpoint[:16] == DEFAULT_PROMPTS and checkpoint[-5:] == experiments
@@ -139,10 +139,10 @@ def test_sweep_generate_loads_a_pickle_lora_only_with_allow_pickle(trained_run, 
     command = ["-m", "utils.sweep_report", "generate", "--output_dir", str(tmp_path / "out"), "--lora",
                f"pickled={pickled}", "--", "--pretrained_model_name_or_path", str(tiny_model_dir), "--prompts", "a",
                "--num_images", "1", "--height", "64", "--width", "64", "--num_inference_steps", "1"]
-    refused = run_script(*command, check=False)
+    refused = run_in_process(*command, check=False)
     assert refused.returncode == 2 and "pickle" in refused.stderr and "--allow_pickle" in refused.stderr
     assert not (tmp_path / "out" / "pickled").exists()
-    run_script(*command, "--allow_pickle")
+    run_in_process(*command, "--allow_pickle")
     (meta_path,) = (tmp_path / "out" / "pickled").glob("metadata_prompt1_*.json")
     meta = read_json(meta_path)
     assert meta["lora_model_path"] == str(pickled) and len(meta["lora_model_images"]) == 1

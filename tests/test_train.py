@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import TRAINED_ALPHA, TRAINED_RANK
-from tests.helpers import csv_rows, load_pipe, read_json, run_script
+from tests.helpers import csv_rows, load_pipe, read_json, run_in_process, run_script
 from utils.lora.files import LORA_WEIGHT_NAME, adapter_config, read_metadata, read_tensors
 
 # The shared run (4 epochs, 48 optimizer steps of batch 1 at lr 1e-2) lowered the fixed-noise eval loss
@@ -186,9 +186,9 @@ def test_every_script_answers_help(script):
 
 
 def _train_error(tmp_path, tiny_model_dir, dataset_dir) -> str:
-    result = run_script("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir),
-                        "--dataset_dir", str(dataset_dir), "--output_dir", str(tmp_path / "out"),
-                        "--report_to", "none", check=False, timeout=120)
+    result = run_in_process("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir),
+                            "--dataset_dir", str(dataset_dir), "--output_dir", str(tmp_path / "out"),
+                            "--report_to", "none", check=False)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]

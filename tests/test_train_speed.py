@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tests.helpers import run_script
+from tests.helpers import run_in_process
 from utils.training.evaluation import EVAL_BUDGET, plan_evaluation
 from utils.training.guards import StepLosses
 from utils.training.memory import GIB, choose_gradient_checkpointing, estimate_activation_bytes
@@ -131,8 +131,8 @@ def test_a_later_run_reads_the_disk_cache_and_evaluation_off_selects_by_training
                                                                                       tiny_dataset_dir, tmp_path):
     common = ["train_sdxl_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir),
               "--dataset_dir", str(tiny_dataset_dir), "--output_dir", str(tmp_path), *FAST]
-    first = run_script(*common, "--lora_rank", "2")
-    second = run_script(*common)
+    first = run_in_process(*common, "--lora_rank", "2")
+    second = run_in_process(*common)
     assert "Text embeddings read from" not in first.stderr
     assert "Text embeddings read from" in second.stderr
     cache = tmp_path / ".latent_cache"

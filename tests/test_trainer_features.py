@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import assert_same_lora, csv_rows, only_run_dir, read_json, run_script
+from tests.helpers import assert_same_lora, csv_rows, only_run_dir, read_json, run_in_process
 from utils.lora.files import LORA_WEIGHT_NAME, read_tensors
 
 FAST = ["--resolution", "128", "--train_batch_size", "2", "--learning_rate", "1e-2", "--lr_warmup_steps", "0",
@@ -17,7 +17,7 @@ FAST = ["--resolution", "128", "--train_batch_size", "2", "--learning_rate", "1e
 
 
 def train(tiny_model_dir, dataset_dir, output_dir, *extra) -> Path:
-    run_script("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir),
+    run_in_process("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir),
                "--dataset_dir", str(dataset_dir), "--output_dir", str(output_dir), *FAST, *extra)
     return only_run_dir(output_dir)
 
@@ -51,8 +51,8 @@ def test_resumed_run_ends_with_the_same_weights(tiny_model_dir, tiny_dataset_dir
     shutil.copytree(straight, copy)
     shutil.rmtree(copy / "final_model")
     shutil.rmtree(copy / "checkpoints" / "checkpoint-8")
-    run_script("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir),
-               "--dataset_dir", str(tiny_dataset_dir), "--output_dir", str(tmp_path / "resumed"), *FAST, *common,
+    run_in_process("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir),
+                   "--dataset_dir", str(tiny_dataset_dir), "--output_dir", str(tmp_path / "resumed"), *FAST, *common,
                "--resume_from_checkpoint", "latest")
     assert_same_lora(straight / "final_model" / LORA_WEIGHT_NAME, copy / "final_model" / LORA_WEIGHT_NAME)
     assert losses(copy) == pytest.approx(losses(straight), rel=1e-5)
@@ -161,9 +161,9 @@ def test_product_dataset_in_the_original_layout_trains_at_resolution_72(tiny_mod
 
 
 def test_resolution_must_be_a_multiple_of_8(tiny_model_dir, tiny_dataset_dir, tmp_path):
-    result = run_script("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir),
-                        "--dataset_dir", str(tiny_dataset_dir), "--output_dir", str(tmp_path / "out"),
-                        "--resolution", "100", check=False, timeout=120)
+    result = run_in_process("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir),
+                            "--dataset_dir", str(tiny_dataset_dir), "--output_dir", str(tmp_path / "out"),
+                            "--resolution", "100", check=False)
     assert result.returncode == 2
     assert "error: --resolution 100 must be a positive multiple of 8" in result.stderr
     assert not (tmp_path / "out").exists()
