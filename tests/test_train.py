@@ -196,6 +196,14 @@ def _train_error(tmp_path, tiny_model_dir, dataset_dir) -> str:
     return lines[0]
 
 
+def test_a_folder_that_is_not_a_pipeline_names_the_one_inside(tmp_path, tiny_model_dir, tiny_dataset_dir):
+    outer = tmp_path / "models"
+    outer.mkdir()
+    (outer / "sdxl").symlink_to(tiny_model_dir, target_is_directory=True)
+    line = _train_error(tmp_path, outer, tiny_dataset_dir)
+    assert "without model_index.json" in line and f"did you mean {outer / 'sdxl'}?" in line, line
+
+
 def test_bad_datasets_give_one_line_errors(tmp_path, tiny_model_dir, tiny_dataset_dir):
     assert "dataset directory not found" in _train_error(tmp_path, tiny_model_dir, tmp_path / "nope")
 

@@ -61,6 +61,19 @@ def check_model_source(name: str, flag: str) -> None:
             from error
 
 
+def check_base_model(name: str, flag: str) -> None:
+    """A base model is a Hub id, a single checkpoint file, or a folder saved by diffusers (with model_index.json);
+    any other folder fails here with the reason, and with the subfolder that holds a model if there is one."""
+    check_model_source(name, flag)
+    folder = Path(name)
+    if not folder.is_dir() or (folder / "model_index.json").is_file():
+        return
+    inside = sorted(str(index.parent) for index in folder.glob("*/model_index.json"))
+    hint = f"; did you mean {' or '.join(inside)}?" if inside else ""
+    raise FileNotFoundError(f"{flag} {name}: a folder without model_index.json, so not a saved diffusers "
+                            f"pipeline{hint}")
+
+
 def is_single_file(model: str) -> bool:
     return os.path.isfile(model)
 
@@ -113,7 +126,7 @@ def load_pipeline(model: str, revision: str | None = None, variant: str | None =
     """
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
-    check_model_source(model, "model")
+    check_base_model(model, "model")
     safe_only = None if allow_pickle else True
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if vae_model:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from utils.core.sdxl import check_model_source
+from utils.core.sdxl import check_base_model
 from utils.training.settings import TrainingError
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Flag combinations that cannot work, refused before anything is loaded."""
-    check_model_source(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+    check_base_model(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
     if args.enable_xformers_memory_efficient_attention:
         from diffusers.utils.import_utils import is_xformers_available
         if not is_xformers_available():
