@@ -88,10 +88,25 @@ def pytest_itemcollected(item) -> None:  # before xdist's collection hook, which
     item.add_marker(pytest.mark.xdist_group(worker_group(item)))
 
 
+# The groups that take a minute or more on 2 cores go to the workers first (pytest.ini turns off xdist's own
+# order, largest group first, which left a slow one-test group for the end and one worker idle meanwhile); then
+# the other groups with slow tests; the quick groups last, where they fill in the gaps.
+LONG_GROUPS = ("test_gpu_check.py", "sweep", "test_slurm.py", "trained_run")
+
+
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
         if SLOW_FIXTURES & set(item.fixturenames) or item.name.startswith(SLOW_TESTS.get(item.path.name, ())):
             item.add_marker(pytest.mark.slow)
+    slow_groups = {worker_group(item) for item in items if item.get_closest_marker("slow")}
+
+    def hand_out_order(item) -> tuple[int, int]:
+        group = worker_group(item)
+        if group in LONG_GROUPS:
+            return 0, LONG_GROUPS.index(group)
+        return (1 if group in slow_groups else 2), 0
+
+    items.sort(key=hand_out_order)  # stable: each group keeps its tests' order
 
 
 @pytest.fixture(scope="session")
