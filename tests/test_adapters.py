@@ -266,6 +266,7 @@ def test_loraplus_puts_the_up_matrices_at_ratio_times_the_rate():
     from utils.training.checks import check_args
     from utils.training.optimizer import loraplus_groups, make_optimizer
     from utils.training.settings import TrainingError
+    from utils.tiny.demo_model import DEMO_SDXL_DIR
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8))
     from peft import inject_adapter_in_model
@@ -281,6 +282,5 @@ def test_loraplus_puts_the_up_matrices_at_ratio_times_the_rate():
     rates = sorted((g["lr"], all(id(p) in up for p in g["params"])) for g in optimizer.param_groups)
     assert rates == [(1e-4, False), (16e-4, True)]
     with pytest.raises(TrainingError, match="--loraplus_lr_ratio applies to --lora_type lora only"):
-        tiny_model = str(ROOT / "models" / "tiny_scenes" / "sdxl")
         check_args(parse_training_args(["--lora_type", "lokr", "--loraplus_lr_ratio", "16",
-                                        "--pretrained_model_name_or_path", tiny_model]))
+                                        "--pretrained_model_name_or_path", str(DEMO_SDXL_DIR)]))
