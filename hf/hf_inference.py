@@ -81,7 +81,7 @@ def generate_image_with_hf_api(prompt: str, base_model_id: str = DEFAULT_BASE, l
     ``seed`` None draws a random one (logged); ``height``/``width`` None use the model's own size.
     Raises a one-line HubError/UserError/FileNotFoundError for a model that cannot be found.
     """
-    from utils.core.sdxl import check_base_model, check_model_source
+    from utils.core.model_source import check_base_model, check_model_source
     from utils.inference.flags import GenerationSettings
     from utils.inference.generation import generate
     from utils.inference.pipeline import load_adapter, open_pipeline

@@ -11,8 +11,6 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
 from utils.core.atomic import write_json
 from utils.core.names import CONFIG_FILE
 from utils.training.run_dir import run_name
@@ -27,6 +25,7 @@ RESTORED = ("global_step", "best_metric", "best_epoch", "initial_eval_loss", "la
 def register_checkpoint_hooks(accelerator) -> None:
     """accelerate's save_state/load_state keep only the LoRA weights of the trained models, not whole UNets."""
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
 
     def name_of(index: int) -> str:
         return ["unet", "text_encoder", "text_encoder_2"][index]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from utils.core.sdxl import check_base_model
+from utils.core.model_source import check_base_model
 from utils.training.settings import TrainingError
 
 
