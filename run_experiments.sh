@@ -44,6 +44,8 @@
 # With --slurm, the same command again resumes the same way (it refuses while the jobs it submitted last are
 # still queued); scancel or preemption records a run as interrupted, not failed; one run failing does not
 # stop the others.
+# Before any run starts, the trainer flags of the runs to do are checked as train_sdxl_lora.py checks them
+# (not those of a TRAIN_SCRIPT of your own), so that a mistake every run would share is one error here.
 # Exit status: 0 when every run finished, 1 when one failed, 2 on bad flags, 130/143 when stopped.
 #
 # Example: ./run_experiments.sh --gpus 0,1 -- --dataset_dir dataset_ghibli --num_train_epochs 20
@@ -102,7 +104,9 @@ if command -v flock >/dev/null; then  # one sweep per folder at a time (the lock
   exec 9>"$RESULTS_DIR/.sweep.lock"
   flock -n 9 || die "another sweep is running with $RESULTS_DIR"
 fi
-plan_text="$(helper plan "${GRID[@]}" -- "${TRAIN_ARGS[@]}")" || exit $?
+CHECK=()  # this project's trainer: its flags checked once here, before any run starts (a fork's are its own)
+[ "$TRAIN_SCRIPT" -ef "$ROOT/train_sdxl_lora.py" ] && CHECK=(--check_trainer_flags)
+plan_text="$(helper plan "${GRID[@]}" "${CHECK[@]}" -- "${TRAIN_ARGS[@]}")" || exit $?
 PLAN=()
 [ -z "$plan_text" ] || mapfile -t PLAN <<<"$plan_text"
 if [ "$SLURM" = 1 ] && [ ${#PLAN[@]} -gt 0 ]; then  # one job array of the runs to do, then the summary job

@@ -189,6 +189,26 @@ def test_an_interrupted_run_resumes_in_its_own_run_folder(tmp_path):
     assert [p.name for p in run_folders(tmp_path)] == ["run_r4"]
 
 
+def test_trainer_flags_that_every_run_would_fail_on_stop_the_sweep_before_any_run(tmp_path):
+    """The original's command in a folder without dataset_ghibli, a mistyped trainer flag, a base-model folder
+    that is not a pipeline, --help: one line and exit status 2 at once, no run started, no record written."""
+    from utils.tiny.demo_model import DEMO_MODELS_DIR, DEMO_SDXL_DIR
+
+    cases = [
+        ([], "error: dataset_ghibli: dataset directory not found"),
+        (["--", "--lora_rnk", "3"], "error: the trainer flags after --: unrecognized arguments: --lora_rnk 3"),
+        (["--", "--pretrained_model_name_or_path", str(DEMO_MODELS_DIR)],
+         f"error: --pretrained_model_name_or_path {DEMO_MODELS_DIR}: a folder without model_index.json, so not a "
+         f"saved diffusers pipeline; did you mean {DEMO_SDXL_DIR}?"),
+        (["--", "--help"], "error: -h/--help after --: python train_sdxl_lora.py --help lists the trainer's flags"),
+    ]
+    for flags, error in cases:
+        result = run_bash("run_experiments.sh", *flags, cwd=tmp_path)
+        assert result.returncode == 2 and result.stderr.strip().splitlines() == [error], (flags, result.stderr)
+        assert "start r=" not in result.stdout + result.stderr
+        assert not list((tmp_path / "experiment_results").glob("**/*.json")) and not run_folders(tmp_path)
+
+
 def test_bad_flags_end_with_one_line_errors(tmp_path):
     result = run_bash("run_experiments.sh", "--ranks", "4 x", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1] == (

@@ -17,7 +17,7 @@ from utils.inference.prompts import PROMPT_SETS
 from utils.sweep.metrics import DEFAULT_ALIGNMENT_TOLERANCE
 from utils.sweep.outputs import lora_generations
 from utils.sweep.pictures import epoch_strip, plot_loss_overlay
-from utils.sweep.plan import plan_runs
+from utils.sweep.plan import check_trainer_flags, plan_runs
 from utils.sweep.records import SUMMARY_FILE, WEIGHTS_FILE, SweepError, write_summary
 from utils.sweep.status import end_status, start_status
 from utils.sweep.report import build_report
@@ -35,6 +35,8 @@ def _add_grid_flags(parser, results_dir: bool = True) -> None:
 def add_bookkeeping_commands(commands) -> None:
     plan = commands.add_parser("plan", help="print 'rank alpha folder number resume_dir' for each run still to do")
     _add_grid_flags(plan)
+    plan.add_argument("--check_trainer_flags", action="store_true",
+                      help="check the runs' flags as train_sdxl_lora.py does, before any run starts")
     plan.add_argument("train_args", nargs=argparse.REMAINDER)
 
     start = commands.add_parser("status-start", help="record that a run starts now")
@@ -142,8 +144,10 @@ def add_picture_commands(commands) -> None:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    for rank, alpha, folder, number, resume in plan_runs(Path(args.results_dir), args.ranks, args.alphas, args.lr,
-                                                         args.train_args):
+    todo = plan_runs(Path(args.results_dir), args.ranks, args.alphas, args.lr, args.train_args)
+    if args.check_trainer_flags:
+        check_trainer_flags([(rank, alpha) for rank, alpha, *_ in todo], args.lr, args.train_args)
+    for rank, alpha, folder, number, resume in todo:
         print(f"{rank}\t{alpha}\t{folder}\t{number}\t{resume}")
     return 0
 

@@ -1,8 +1,10 @@
 """Which runs of a rank x alpha sweep are still to do: the grid checked, finished runs skipped, an
-interrupted run continued in its own run folder."""
+interrupted run continued in its own run folder; and the trainer flags of those runs checked before any starts."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 from pathlib import Path
@@ -72,3 +74,33 @@ def plan_runs(results_dir: Path, ranks: list[str], alphas: list[str], learning_r
             resume = str(earlier) if earlier and earlier.is_dir() else ""
             todo.append((rank, alpha, folder, number, resume))
     return todo
+
+
+def check_trainer_flags(runs: list[tuple[str, str]], learning_rate: str, train_args: list[str]) -> None:
+    """The flags of each (rank, alpha) run still to do, checked as train_sdxl_lora.py checks them before it loads
+    anything (its parser, ``check_args``, the dataset folder's layout), so that a mistake every run would share
+    stops the sweep here with one line instead of failing each run in turn."""
+    from utils.data.listing import resolve_type
+    from utils.training.checks import check_args
+
+    if {"-h", "--help"} & set(train_args):
+        raise SweepError("-h/--help after --: python train_sdxl_lora.py --help lists the trainer's flags")
+    for rank, alpha in runs:
+        args = _parse_trainer_flags(["--lora_rank", rank, "--lora_alpha", alpha, "--learning_rate", learning_rate,
+                                     *train_args])
+        check_args(args)
+    if runs:
+        resolve_type(args.dataset_type, Path(args.dataset_dir), args.dataset_name)
+
+
+def _parse_trainer_flags(argv: list[str]):
+    """The trainer's parser on ``argv``; its error (an unknown flag, a bad value) as one SweepError line."""
+    from utils.training.flags import parse_training_args
+
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return parse_training_args(argv)
+    except SystemExit:
+        lines = stderr.getvalue().strip().splitlines() or ["invalid flags"]
+        raise SweepError(f"the trainer flags after --: {lines[-1].split('error: ', 1)[-1]}") from None
