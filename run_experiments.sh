@@ -104,8 +104,13 @@ if command -v flock >/dev/null; then  # one sweep per folder at a time (the lock
   exec 9>"$RESULTS_DIR/.sweep.lock"
   flock -n 9 || die "another sweep is running with $RESULTS_DIR"
 fi
-CHECK=()  # this project's trainer: its flags checked once here, before any run starts (a fork's are its own)
-[ "$TRAIN_SCRIPT" -ef "$ROOT/train_sdxl_lora.py" ] && CHECK=(--check_trainer_flags)
+DRY_RUN=0
+[[ " ${SLURM_FLAGS[*]} " != *" --dry_run "* ]] || DRY_RUN=1
+CHECK=()  # this project's trainer: its flags checked once here, before any run starts (a fork's are its own);
+# a dry run only prints, and needs neither the dataset nor the model
+if [ "$TRAIN_SCRIPT" -ef "$ROOT/train_sdxl_lora.py" ] && [ "$DRY_RUN" = 0 ]; then
+  CHECK=(--check_trainer_flags)
+fi
 plan_text="$(helper plan "${GRID[@]}" "${CHECK[@]}" -- "${TRAIN_ARGS[@]}")" || exit $?
 PLAN=()
 [ -z "$plan_text" ] || mapfile -t PLAN <<<"$plan_text"
@@ -113,7 +118,7 @@ if [ "$SLURM" = 1 ] && [ ${#PLAN[@]} -gt 0 ]; then  # one job array of the runs 
   TODO=()
   for line in "${PLAN[@]}"; do IFS=$'\t' read -r rank alpha _ <<<"$line"; TODO+=("$rank:$alpha"); done
   echo "Sweep $START_TIME: ${#PLAN[@]} run(s) to do into $OUTPUT_DIR on SLURM, records in $RESULTS_DIR" >&2
-  if [[ " ${SLURM_FLAGS[*]} " != *" --dry_run "* ]]; then
+  if [ "$DRY_RUN" = 0 ]; then
     helper prepare -- "${TRAIN_ARGS[@]}" || exit $?
   fi
   helper slurm-sweep "${GRID[@]}" --output_dir "$OUTPUT_DIR" --todo "${TODO[@]}" --start_time "$START_TIME" \
