@@ -17,7 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 RANK = {"core": 0, "data": 1, "lora": 1, "tiny": 1, "hub": 2, "training": 3, "inference": 3,
-        "sweep": 4, "bench": 4}
+        "compat": 3.5, "sweep": 4, "bench": 4}
 PARSERS = ("parse_args", "add_", "_add_")  # argument parsers may be long
 MAX_MODULE, MAX_FUNCTION = 400, 60
 
