@@ -1,0 +1,193 @@
+"""Packed runs: several adapters on one frozen tiny SDXL, each sample routed to its own adapter by PEFT's
+layers, each run stepped, clipped and guarded on its own; compared with the same runs trained alone on the
+same batches, noise and timesteps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from utils.core.sdxl import encode_tokens, load_components, tokenize
+from utils.training.flags import parse_training_args
+from utils.training.model_inputs import Batch
+from utils.training.pack import (Routing, add_adapters, choose_pack_size, free_bytes, make_member, pack_key,
+                                 packed_step, routes, run_bytes, unpackable_reason)
+
+# Measured on a CPU in fp32 (test_a_pack_trains_as_its_runs_alone, relative L2 distances): packed and
+# separate losses agree to 7e-8 and the adapters to 2e-6 after 6 AdamW steps (the frozen layers' sums over a
+# larger batch in another order, amplified by Adam's division by the gradient's root mean square); the
+# bounds leave a margin of ten.
+LOSS_TOLERANCE = 1e-6
+ADAPTER_TOLERANCE = 2e-5
+STEPS = 6
+BATCH = 2
+
+
+def run_flags(rank: int, alpha: float, *extra: str) -> list:
+    return parse_training_args(["--lora_rank", str(rank), "--lora_alpha", str(alpha), "--learning_rate", "1e-2",
+                                "--lr_scheduler", "constant", "--lr_warmup_steps", "0", *extra])
+
+
+def frozen(model_dir):
+    return load_components(str(model_dir))
+
+
+def members_of(components, runs):
+    return [make_member(args, params, args.learning_rate, STEPS) for args, params in
+            zip(runs, add_adapters(components, runs))]
+
+
+def batches(seed: int = 1):
+    """STEPS batches of the tiny UNet's inputs (latents 16x16, embeddings 77x64), noise and timesteps."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(STEPS):
+        batch = Batch(torch.randn(BATCH, 4, 16, 16, generator=generator),
+                      torch.randn(BATCH, 77, 64, generator=generator), torch.randn(BATCH, 32, generator=generator),
+                      torch.tensor([[128.0, 128, 0, 0, 128, 128]] * BATCH))
+        yield (batch, torch.randn(BATCH, 4, 16, 16, generator=generator),
+               torch.randint(0, 1000, (BATCH,), generator=generator))
+
+
+def train(model_dir, runs, gradient_checkpointing=False, on_start=None):
+    """``runs`` trained STEPS steps as one pack; returns (members, losses per step, skipped per step).
+    ``on_start(members)`` runs before the first step."""
+    components = frozen(model_dir)
+    members = members_of(components, runs)
+    if gradient_checkpointing:
+        components.unet.enable_gradient_checkpointing()
+    components.unet.train()
+    routing = Routing([components.unet]) if len(runs) > 1 else None
+    if on_start:
+        on_start(members)
+    losses, skipped = [], []
+    for batch, noise, timesteps in batches():
+        step_losses, step_skipped = packed_step(components.unet, components.noise_scheduler, members, routing,
+                                                batch, noise, timesteps)
+        losses.append(step_losses)
+        skipped.append(step_skipped)
+    return members, torch.stack(losses), torch.stack(skipped)
+
+
+def flat(params) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in params])
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+RUNS = [(4, 2.0), (4, 8.0), (2, 4.0)]  # two of the same rank: shapes alone cannot tell their adapters apart
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True], ids=["plain", "gradient_checkpointing"])
+def test_a_pack_trains_as_its_runs_alone(tiny_model_dir, gradient_checkpointing):
+    runs = [run_flags(rank, alpha) for rank, alpha in RUNS]
+    packed, packed_losses, packed_skipped = train(tiny_model_dir, runs, gradient_checkpointing)
+    assert not packed_skipped.any()
+    for i, args in enumerate(runs):
+        (alone,), alone_losses, _ = train(tiny_model_dir, [args], gradient_checkpointing)
+        assert relative(packed_losses[:, i], alone_losses[:, 0]) < LOSS_TOLERANCE
+        assert relative(flat(packed[i].params), flat(alone.params)) < ADAPTER_TOLERANCE
+    # each run trained its own adapter: the two of rank 4 ended apart, and every run moved from its start
+    assert relative(flat(packed[0].params), flat(packed[1].params)) > 0.01
+    assert packed_losses[-1].ne(packed_losses[-1][0]).any()
+
+
+def record_norms(norms: list):
+    """An on_start that appends each run's gradient norm as its optimizer steps (after the clipping)."""
+    def on_start(members):
+        for member, own in zip(members, norms):
+            member.optimizer.register_step_pre_hook(
+                lambda *_, member=member, own=own: own.append(flat(p.grad for p in member.params).norm()))
+    return on_start
+
+
+def test_each_run_clips_its_own_gradient_norm(tiny_model_dir):
+    runs = [run_flags(4, 8.0, "--max_grad_norm", "1e-4"), run_flags(2, 4.0, "--max_grad_norm", "1e9")]
+    clipped, unclipped, alone = [], [], []
+    train(tiny_model_dir, runs, on_start=record_norms([clipped, unclipped]))
+    train(tiny_model_dir, runs[1:], on_start=record_norms([alone]))
+    clipped, unclipped = torch.stack(clipped), torch.stack(unclipped)
+    assert torch.allclose(clipped, torch.full_like(clipped, 1e-4), rtol=1e-3)  # clipped to its own bound ...
+    assert (unclipped > 1e-3).all()  # ... while the other's kept the norm it has alone, not the pack's
+    assert relative(unclipped, torch.stack(alone)) < ADAPTER_TOLERANCE
+
+
+def test_a_nonfinite_run_skips_only_its_own_step(tiny_model_dir):
+    runs = [run_flags(4, 8.0), run_flags(2, 4.0)]
+    start = {}
+
+    def poison(members):
+        with torch.no_grad():
+            members[0].params[0].view(-1)[0] = float("nan")  # a lora_A entry: run 0's output is NaN
+        start.update(enumerate(flat(m.params).clone() for m in members))
+
+    packed, losses, skipped = train(tiny_model_dir, runs, on_start=poison)
+    assert skipped[:, 0].all() and not skipped[:, 1].any()
+    assert losses[:, 0].isnan().all() and losses[:, 1].isfinite().all()
+    assert torch.equal(flat(packed[0].params).nan_to_num(7.0), start[0].nan_to_num(7.0))  # never updated
+    (alone,), alone_losses, _ = train(tiny_model_dir, runs[1:])
+    assert relative(losses[:, 1], alone_losses[:, 0]) < LOSS_TOLERANCE
+    assert relative(flat(packed[1].params), flat(alone.params)) < ADAPTER_TOLERANCE
+
+
+def test_text_encoder_lora_routes(tiny_model_dir):
+    runs = [run_flags(4, 8.0, "--train_text_encoder"), run_flags(2, 4.0, "--train_text_encoder")]
+    assert unpackable_reason(runs[0]) is None
+    prompts = ["a village in ghibli style", "a cat on a roof"]
+
+    def text_loss(components, ids, copies):
+        embeds, pooled = encode_tokens(components.text_encoders, [torch.cat([i] * copies) for i in ids])
+        return embeds.pow(2).mean(dim=(1, 2)) + pooled.pow(2).mean(dim=1)
+
+    components = frozen(tiny_model_dir)
+    params = add_adapters(components, runs)
+    for p in params[0] + params[1]:  # lora_B starts at zero; move it so that every gradient counts
+        torch.nn.init.normal_(p, std=0.1)
+    routing = Routing([components.unet, *components.text_encoders])
+    ids = tokenize(components.tokenizers, prompts)
+    with routing.route(routes(len(prompts), 2)):
+        text_loss(components, ids, 2).sum().backward()
+    for i, args in enumerate(runs):
+        alone = frozen(tiny_model_dir)
+        (own,) = add_adapters(alone, [args])
+        with torch.no_grad():
+            for p, q in zip(own, params[i]):
+                p.copy_(q)
+        text_loss(alone, ids, 1).sum().backward()
+        assert relative(grads(params[i]), grads(own)) < LOSS_TOLERANCE * 10
+
+
+def grads(params) -> torch.Tensor:
+    """The gradients, zero where none came (text encoder 1's last layer: SDXL reads the one before it)."""
+    return flat(torch.zeros_like(p) if p.grad is None else p.grad for p in params)
+
+
+@pytest.mark.parametrize("flags, error", [(["--use_dora"], ValueError), (["--lora_type", "loha"], TypeError),
+                                          (["--lora_type", "lokr"], TypeError)], ids=["dora", "loha", "lokr"])
+def test_adapters_peft_cannot_route_do_not_pack(tiny_model_dir, flags, error):
+    runs = [run_flags(4, 8.0, *flags), run_flags(2, 4.0, *flags)]
+    assert unpackable_reason(runs[0])
+    components = frozen(tiny_model_dir)
+    members = members_of(components, runs)
+    batch, noise, timesteps = next(batches())
+    with pytest.raises(error, match="adapter_names"):  # PEFT itself refuses: the reason above stays true
+        packed_step(components.unet, components.noise_scheduler, members, Routing([components.unet]), batch,
+                    noise, timesteps)
+
+
+def test_runs_pack_when_only_rank_and_alpha_differ():
+    assert pack_key(run_flags(4, 8.0)) == pack_key(run_flags(16, 32.0))
+    assert pack_key(run_flags(4, 8.0)) != pack_key(run_flags(4, 8.0, "--resolution", "256"))
+
+
+def test_pack_auto_fits_the_memory_and_the_grid(tiny_model_dir):
+    args = run_flags(4, 8.0, "--resolution", "128")
+    per_run = run_bytes(frozen(tiny_model_dir).unet.config, args, torch.float32)
+    size, why = choose_pack_size(12, free_bytes(torch.device("cpu")), per_run)
+    assert 2 <= size <= 12, why
+    gib = 1024 ** 3
+    assert choose_pack_size(4, 100 * gib, gib)[0] == 4  # never more than the grid
+    assert choose_pack_size(12, gib + int(3.5 * 1.3 * gib), gib)[0] == 3  # 1 GiB fixed, then x1.3 per run
+    assert choose_pack_size(12, gib // 2, gib) == (1, choose_pack_size(12, gib // 2, gib)[1])
+    assert "train alone" in choose_pack_size(12, gib // 2, gib)[1]

@@ -1,0 +1,268 @@
+"""Several runs of a rank x alpha grid trained at once on one frozen SDXL: a pack.
+
+The runs of a sweep's grid differ only in their adapter. A pack puts one PEFT adapter per run on the one
+frozen UNet (and text encoders), makes each step's batch once, repeats it once per run and routes each copy
+to its own adapter, layer by layer: PEFT's LoRA layers take ``adapter_names`` (one name per sample), the
+routing its mixed-batch inference uses. PEFT's model API refuses that argument in training mode, but the
+layers' own routing trains correctly, so a forward pre-hook on every LoRA layer (``Routing``) passes it. A
+run's loss is the mean over its own copy of the batch, so the gradient of the summed losses is, for each
+adapter, the gradient of its own run alone.
+
+Each run (``Member``) keeps what makes it a run of its own: its optimizer and learning-rate schedule, the
+clipping of its own gradient norm, its own non-finite guard (one run's NaN skips that run's step only) and
+its own EMA. ``packed_step`` is the optimizer step of a pack; a pack of one is a plain run.
+
+What cannot pack (``unpackable_reason``): PEFT's routing exists only in its LoRA layers, and refuses DoRA;
+LoHa and LoKr layers pass the argument on to the frozen layer, which fails. ``--lora_dropout`` packs, but
+the dropout masks are drawn for the whole packed batch, so those runs match separate ones in distribution,
+not draw for draw.
+
+``--pack auto`` (``choose_pack_size``): the largest pack whose activations (the estimate that decides
+gradient checkpointing, ``memory.estimate_activation_bytes``, times the runs) and adapter states fit in the
+free accelerator memory (or the available RAM on a CPU) beside the frozen weights, with the same margins as
+that decision, never more runs than the grid has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import os
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+import torch
+
+from utils.training.adapters import TEXT_ENCODER_TARGETS, AdapterEMA, lora_config
+from utils.training.loss import batch_loss, predict
+from utils.training.memory import ACTIVATION_MARGIN, FIXED_MARGIN, GIB, estimate_activation_bytes
+from utils.training.model_inputs import Batch
+
+logger = logging.getLogger(__name__)
+
+# The flags in which the runs of one pack may differ: everything else is shared (one model, one batch).
+PACKABLE_DIFFERENCES = ("lora_rank", "lora_alpha")
+# fp32 adapter weight + gradient + AdamW's two moments + the EMA copy, per trained parameter
+ADAPTER_STATE_BYTES = 5 * 4
+
+
+def adapter_name(index: int) -> str:
+    """The PEFT adapter name of the pack's ``index``-th run."""
+    return f"run{index}"
+
+
+# ----------------------------------------------------------------------------- which runs pack
+
+
+def unpackable_reason(args: argparse.Namespace) -> str | None:
+    """Why a run with these flags cannot train in a pack, or None when it can."""
+    if args.use_dora:
+        return "--use_dora: PEFT refuses to route a batch between DoRA adapters"
+    if args.lora_type != "lora":
+        return f"--lora_type {args.lora_type}: PEFT routes a batch between adapters only in its LoRA layers"
+    return None
+
+
+def pack_key(args: argparse.Namespace) -> tuple:
+    """Runs pack together when their keys are equal: every flag but the adapter's rank and alpha."""
+    return tuple(sorted((k, repr(v)) for k, v in vars(args).items() if k not in PACKABLE_DIFFERENCES))
+
+
+# ----------------------------------------------------------------------------- adapters and routing
+
+
+def add_adapters(components, runs: list[argparse.Namespace]) -> list[list[torch.nn.Parameter]]:
+    """One adapter per run on the UNet (and both text encoders with --train_text_encoder), trainable, fp32.
+
+    Each adapter is initialised from the run's seed alone (the global RNG forked and seeded around it), so
+    it starts from the weights a run alone starts from and the draws that follow do not depend on the ranks
+    of the other runs. Returns each run's trainable parameters, in the model's order."""
+    models = [components.unet] + (list(components.text_encoders) if runs[0].train_text_encoder else [])
+    devices = sorted({p.device.index for m in models for p in m.parameters() if p.device.type == "cuda"})
+    for index, run in enumerate(runs):
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(run.seed)
+            components.unet.add_adapter(lora_config(run, run.lora_target_modules), adapter_name=adapter_name(index))
+            for encoder in models[1:]:
+                encoder.add_adapter(lora_config(run, TEXT_ENCODER_TARGETS), adapter_name=adapter_name(index))
+    params = []
+    for index in range(len(runs)):
+        own = [p for model in models for name, p in model.named_parameters()
+               if adapter_name(index) in name.split(".")]  # lora_A.run0.weight, hada_w1_a.run0
+        for p in own:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        params.append(own)
+    if runs[0].enable_xformers_memory_efficient_attention:
+        components.unet.enable_xformers_memory_efficient_attention()
+    return params
+
+
+class Routing:
+    """A forward pre-hook on every PEFT adapter layer of ``models`` that passes ``adapter_names`` while a route
+    is set (``with routing.route(names):``, forward and backward, so that gradient checkpointing's recompute
+    routes too); without one the layers run their active adapters as usual."""
+
+    def __init__(self, models: list[torch.nn.Module]):
+        from peft.tuners.tuners_utils import BaseTunerLayer  # every kind, so that one that cannot route fails
+        self.names: list[str] | None = None
+        self.handles = [module.register_forward_pre_hook(self._hook, with_kwargs=True)
+                        for model in models for module in model.modules() if isinstance(module, BaseTunerLayer)]
+
+    def _hook(self, module, args, kwargs):
+        if self.names is not None:
+            kwargs["adapter_names"] = self.names
+        return args, kwargs
+
+    @contextlib.contextmanager
+    def route(self, names: list[str]) -> Iterator[None]:
+        self.names = names
+        try:
+            yield
+        finally:
+            self.names = None
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def repeat_batch(batch: Batch, copies: int) -> Batch:
+    """The batch ``copies`` times over along the batch dimension (run i's copy is the i-th block)."""
+    if copies == 1:
+        return batch
+    fields = {name: (torch.cat([value] * copies) if isinstance(value, torch.Tensor) else value)
+              for name, value in vars(batch).items()}
+    return replace(batch, **fields)
+
+
+def routes(size: int, copies: int) -> list[str]:
+    """``adapter_names`` for a batch of ``size`` repeated ``copies`` times: run i's name on its block."""
+    return [adapter_name(i) for i in range(copies) for _ in range(size)]
+
+
+# ----------------------------------------------------------------------------- one run of the pack, and the step
+
+
+@dataclass
+class Member:
+    """One run of a pack: its adapter's parameters and what trains them."""
+
+    params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    max_grad_norm: float  # 0: no clipping
+    ema: AdapterEMA | None = None
+
+
+def pack_losses(unet, noise_scheduler, batch: Batch, noise: torch.Tensor, timesteps: torch.Tensor,
+                copies: int, routing: Routing | None, snr_gamma: float | None = None) -> torch.Tensor:
+    """Each run's loss on its own copy of the batch, shape (copies,), in one forward of the UNet. The route
+    stays set after the forward only as long as the caller's ``routing.route`` does: call inside it."""
+    size = batch.latents.shape[0]
+    packed = repeat_batch(batch, copies)
+    packed_noise, packed_timesteps = torch.cat([noise] * copies), torch.cat([timesteps] * copies)
+    prediction, target = predict(unet, noise_scheduler, packed, packed_noise, packed_timesteps)
+    losses = []
+    for i in range(copies):
+        own = slice(i * size, (i + 1) * size)
+        losses.append(batch_loss(prediction[own], target[own], _rows(packed, own), noise_scheduler,
+                                 packed_timesteps[own], snr_gamma))
+    return torch.stack(losses)
+
+
+def _rows(batch: Batch, rows: slice) -> Batch:
+    return replace(batch, **{name: value[rows] for name, value in vars(batch).items()
+                             if isinstance(value, torch.Tensor)})
+
+
+def member_step(member: Member, loss: torch.Tensor) -> torch.Tensor:
+    """One run's optimizer step after the pack's backward: clip its own gradient norm, skip the step when its
+    loss or gradient is not finite, step its optimizer and schedule. Returns the skip flag (a device bool)."""
+    max_norm = member.max_grad_norm if member.max_grad_norm > 0 else math.inf
+    norm = torch.nn.utils.clip_grad_norm_(member.params, max_norm)
+    skipped = ~(torch.isfinite(loss.detach()) & torch.isfinite(norm))
+    optimizer = member.optimizer
+    fused = isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused")
+    if fused:  # the fused AdamW skips on the device (GradScaler's protocol): no host read
+        optimizer.grad_scale, optimizer.found_inf = None, skipped.float()
+    elif bool(skipped):
+        optimizer.zero_grad(set_to_none=True)  # parameters without gradients are not updated
+    optimizer.step()
+    if fused:
+        del optimizer.grad_scale, optimizer.found_inf
+    member.lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return skipped
+
+
+def packed_step(unet, noise_scheduler, members: list[Member], routing: Routing | None, batch: Batch,
+                noise: torch.Tensor, timesteps: torch.Tensor,
+                snr_gamma: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward of the pack on one batch, then each run's own optimizer step. Returns (losses,
+    skipped), one entry per run, on the device. A non-finite loss of one run does not reach another's
+    gradient: the runs share no trained weight, and the backward of a sum gives each term its own gradient."""
+    copies = len(members)
+    route = routing.route(routes(batch.latents.shape[0], copies)) if copies > 1 else contextlib.nullcontext()
+    with route:
+        losses = pack_losses(unet, noise_scheduler, batch, noise, timesteps, copies, routing, snr_gamma)
+        losses.sum().backward()
+    skipped = torch.stack([member_step(member, loss) for member, loss in zip(members, losses)])
+    return losses.detach(), skipped
+
+
+# ----------------------------------------------------------------------------- --pack auto
+
+
+def run_bytes(unet_config, args: argparse.Namespace, dtype: torch.dtype) -> int:
+    """Memory one more run adds to a pack: its activations (counted as for gradient checkpointing's choice,
+    without checkpointing, so an upper bound with it) and its adapter's fp32 states."""
+    config = lora_config(args, args.lora_target_modules)
+    activations = estimate_activation_bytes(unet_config, args.resolution, args.train_batch_size, dtype, config)
+    return activations + adapter_parameters(unet_config, config) * ADAPTER_STATE_BYTES
+
+
+def adapter_parameters(unet_config, config) -> int:
+    """Trainable parameters of one adapter of ``config`` on a UNet of ``unet_config`` (built on meta)."""
+    from diffusers import UNet2DConditionModel
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+    unet.add_adapter(config)
+    return sum(p.numel() for name, p in unet.named_parameters() if "lora_" in name)
+
+
+def free_bytes(device: torch.device) -> int:
+    """Free accelerator memory, or on a CPU the RAM the system can still give (MemAvailable)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def choose_pack_size(grid: int, available: int, per_run: int) -> tuple[int, str]:
+    """(runs per pack, why): the most runs whose memory, with gradient checkpointing's margins (x
+    ACTIVATION_MARGIN, + FIXED_MARGIN once), fits in ``available`` (free memory beside the frozen
+    weights); at least 1, at most ``grid``."""
+    fits = int((available - FIXED_MARGIN) // (per_run * ACTIVATION_MARGIN)) if available > FIXED_MARGIN else 0
+    size = max(1, min(grid, fits))
+    numbers = (f"{per_run / GIB:.2f} GiB per run x {ACTIVATION_MARGIN} + {FIXED_MARGIN / GIB:.0f} GiB, "
+               f"{available / GIB:.1f} GiB free")
+    if fits >= grid:
+        return size, f"auto: all {grid} runs of the grid fit in one pack ({numbers})"
+    if fits < 1:
+        return 1, f"auto: not even one more run fits beside the model ({numbers}); runs train alone"
+    return size, f"auto: {size} runs fit in a pack ({numbers})"
+
+
+def make_member(args: argparse.Namespace, params: list[torch.nn.Parameter], learning_rate: float,
+                max_train_steps: int, num_processes: int = 1) -> Member:
+    """A run's optimizer, schedule, clipping and EMA from its own flags, as a run alone makes them."""
+    from utils.training.optimizer import make_optimizer, make_scheduler
+    optimizer = make_optimizer(args, params, learning_rate)
+    return Member(params, optimizer, make_scheduler(args, optimizer, max_train_steps, num_processes),
+                  args.max_grad_norm, AdapterEMA(params, args.ema_decay, args.ema_update_every) if args.use_ema else None)
