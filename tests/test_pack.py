@@ -10,8 +10,8 @@ import torch
 from utils.core.sdxl import encode_tokens, load_components, tokenize
 from utils.training.flags import parse_training_args
 from utils.training.model_inputs import Batch
-from utils.training.pack import (Routing, add_adapters, choose_pack_size, free_bytes, make_member, pack_key,
-                                 packed_step, routes, run_bytes, unpackable_reason)
+from utils.training.pack import (Routing, add_adapters, auto_pack_size, choose_pack_size, make_member, pack_key,
+                                 packed_step, routes, unpackable_reason)
 
 # Measured on a CPU in fp32 (test_a_pack_trains_as_its_runs_alone, relative L2 distances): packed and
 # separate losses agree to 7e-8 and the adapters to 2e-6 after 6 AdamW steps (the frozen layers' sums over a
@@ -182,10 +182,10 @@ def test_runs_pack_when_only_rank_and_alpha_differ():
 
 
 def test_pack_auto_fits_the_memory_and_the_grid(tiny_model_dir):
-    args = run_flags(4, 8.0, "--resolution", "128")
-    per_run = run_bytes(frozen(tiny_model_dir).unet.config, args, torch.float32)
-    size, why = choose_pack_size(12, free_bytes(torch.device("cpu")), per_run)
+    args = run_flags(4, 8.0, "--resolution", "128", "--pretrained_model_name_or_path", str(tiny_model_dir))
+    size, why = auto_pack_size(args, 12, torch.device("cpu"))
     assert 2 <= size <= 12, why
+    assert auto_pack_size(args, 3, torch.device("cpu"))[0] == 3  # the whole grid, and never more
     gib = 1024 ** 3
     assert choose_pack_size(4, 100 * gib, gib)[0] == 4  # never more than the grid
     assert choose_pack_size(12, gib + int(3.5 * 1.3 * gib), gib)[0] == 3  # 1 GiB fixed, then x1.3 per run

@@ -30,6 +30,7 @@ import contextlib
 import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass, replace
 from typing import Iterator
 
@@ -82,7 +83,8 @@ def add_adapters(components, runs: list[argparse.Namespace]) -> list[list[torch.
     models = [components.unet] + (list(components.text_encoders) if runs[0].train_text_encoder else [])
     devices = sorted({p.device.index for m in models for p in m.parameters() if p.device.type == "cuda"})
     for index, run in enumerate(runs):
-        with torch.random.fork_rng(devices=devices):
+        with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*multiple adapters.*")  # what a pack is
             torch.manual_seed(run.seed)
             components.unet.add_adapter(lora_config(run, run.lora_target_modules), adapter_name=adapter_name(index))
             for encoder in models[1:]:
@@ -242,6 +244,36 @@ def free_bytes(device: torch.device) -> int:
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def auto_pack_size(args: argparse.Namespace, grid: int, device: torch.device) -> tuple[int, str]:
+    """``--pack auto`` before anything loads: (runs per pack, why) for runs of ``args``'s flags (give the
+    grid's largest rank) on ``device``, from the model's configs alone (meta device, no weights read): the
+    free memory less the frozen weights, against what each run adds."""
+    from diffusers import UNet2DConditionModel
+    from utils.core.sdxl import DTYPES, resolve_mixed_precision
+
+    dtype = DTYPES[resolve_mixed_precision(args.mixed_precision, device.type == "cuda")]
+    model = args.pretrained_model_name_or_path
+    unet_config = UNet2DConditionModel.load_config(model, subfolder="unet", revision=args.revision)
+    available = free_bytes(device) - frozen_bytes(model, unet_config, dtype, args.revision)
+    return choose_pack_size(grid, available, run_bytes(unet_config, args, dtype))
+
+
+def frozen_bytes(model: str, unet_config, dtype: torch.dtype, revision: str | None = None) -> int:
+    """The frozen model's memory: the UNet and both text encoders in ``dtype``, the VAE in fp32."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    size = torch.tensor([], dtype=dtype).element_size()
+    with torch.device("meta"):
+        count = sum(p.numel() for p in UNet2DConditionModel.from_config(unet_config).parameters()) * size
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(model, subfolder="vae", revision=revision))
+        count += sum(p.numel() for p in vae.parameters()) * 4
+        for folder, kind in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+            encoder = kind(CLIPTextConfig.from_pretrained(model, subfolder=folder, revision=revision))
+            count += sum(p.numel() for p in encoder.parameters()) * size
+    return count
 
 
 def choose_pack_size(grid: int, available: int, per_run: int) -> tuple[int, str]:

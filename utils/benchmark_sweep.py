@@ -1,0 +1,95 @@
+"""Sweep speed and memory: the same k runs of a rank x alpha grid trained separately (one process per run,
+one after another, as run_experiments.sh runs them) against one pack (all k in one process on one frozen
+model, each run on its own copy of the batch; utils/training/pack.py).
+
+For each way: the whole sweep's wall time (every process from its start to its exit: interpreter, imports,
+model, adapters, steps), each run's optimizer steps per second, the pack's run-steps per second, and the
+peak memory of a process (RSS on a CPU, CUDA allocations on a GPU), against one separate run and against k
+separate runs side by side. The model has random weights (utils/bench/models.py); weight values do not
+change speed.
+
+    python utils/benchmark_sweep.py --model tiny                       # CPU, a minute
+    python utils/benchmark_sweep.py --model small                      # CPU, SDXL topology at 1/4 width, 256²
+    python utils/benchmark_sweep.py --model sdxl --resolution 1024 --gradient_checkpointing \\
+        --ranks 4 8 16 --alphas 4 8 16 32                              # GPU, the original's 12-run grid
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+
+from utils.bench.models import DEFAULT_RESOLUTION, MODELS, check_resolution
+from utils.bench.pack_runs import RESULT_MARK, report, run_process, summarise, worker
+from utils.core.cli import run_cli
+from utils.core.errors import UserError
+
+logger = logging.getLogger("benchmark_sweep")
+
+DEFAULT_STEPS = {"tiny": (20, 2), "small": (4, 1), "sdxl": (10, 3)}  # (timed, warm-up) per run
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=MODELS, default="small",
+                   help="tiny: the test model; small: SDXL topology at 1/4 width (CPU); sdxl: full size (GPU)")
+    p.add_argument("--resolution", type=int, default=None, help="default: tiny 128, small 256, sdxl 1024")
+    p.add_argument("--ranks", type=int, nargs="+", default=[4, 8], help="the grid's ranks (default: 4 8)")
+    p.add_argument("--alphas", type=float, nargs="+", default=[8.0, 16.0], help="the grid's alphas (default: 8 16)")
+    p.add_argument("--train_batch_size", type=int, default=1)
+    p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
+                   help="default: bf16 on a GPU, no (fp32) on a CPU")
+    p.add_argument("--gradient_checkpointing", action="store_true")
+    p.add_argument("--steps", type=int, default=None, help="timed optimizer steps per run (default by model)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default by model)")
+    p.add_argument("--num_threads", type=int, default=None,
+                   help="CPU threads per process (default: 1 on a CPU, torch's default with a GPU)")
+    p.add_argument("--output_json", default=None, help="also write the results here")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    return check_resolution(p, p.parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print(RESULT_MARK + json.dumps(worker(json.loads(args.worker))), flush=True)
+        return 0
+    cuda = torch.cuda.is_available()
+    if args.mixed_precision == "fp16":
+        raise UserError("--mixed_precision fp16: the packed step has no loss scaling; use bf16 or no")
+    steps, warmup = DEFAULT_STEPS[args.model]
+    runs = [(rank, alpha) for rank in args.ranks for alpha in args.alphas]
+    settings = {"model": args.model, "resolution": args.resolution or DEFAULT_RESOLUTION[args.model],
+                "train_batch_size": args.train_batch_size,
+                "mixed_precision": args.mixed_precision or ("bf16" if cuda else "no"),
+                "gradient_checkpointing": args.gradient_checkpointing, "steps": args.steps or steps,
+                "warmup": warmup if args.warmup is None else args.warmup,
+                "num_threads": args.num_threads or (torch.get_num_threads() if cuda else 1), "runs": runs}
+    separate = []
+    for run in runs:
+        logger.info("separate run r%d a%g", *run)
+        separate.append(run_process(settings, [run]))
+    logger.info("one pack of %d runs", len(runs))
+    packed = run_process(settings, runs)
+    failed = [result["failed"] for result in separate + [packed] if "failed" in result]
+    if failed:
+        raise UserError(f"a benchmark process failed: {failed[0]}")
+    summary = summarise(separate, packed)
+    print(report(settings, summary))
+    if args.output_json:
+        Path(args.output_json).write_text(json.dumps({"settings": settings, "summary": summary,
+                                                      "separate": separate, "packed": packed}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    sys.exit(run_cli(main))
