@@ -191,3 +191,18 @@ def test_pack_auto_fits_the_memory_and_the_grid(tiny_model_dir):
     assert choose_pack_size(12, gib + int(3.5 * 1.3 * gib), gib)[0] == 3  # 1 GiB fixed, then x1.3 per run
     assert choose_pack_size(12, gib // 2, gib) == (1, choose_pack_size(12, gib // 2, gib)[1])
     assert "train alone" in choose_pack_size(12, gib // 2, gib)[1]
+
+
+def test_the_sweep_benchmark_times_separate_and_packed_runs():
+    from utils.bench.pack_runs import report, summarise, worker
+
+    settings = {"model": "tiny", "resolution": 64, "train_batch_size": 1, "mixed_precision": "no",
+                "gradient_checkpointing": False, "steps": 2, "warmup": 0, "num_threads": 1}
+    runs = [(2, 4.0), (4, 2.0)]
+    separate = [{**worker({**settings, "runs": [run]}), "wall_seconds": 1.0} for run in runs]
+    packed = {**worker({**settings, "runs": runs}), "wall_seconds": 1.5}
+    summary = summarise(separate, packed)
+    assert packed["runs"] == 2 and len(packed["step_seconds"]) == 2
+    assert summary["wall_ratio"] == 0.75 and summary["packed_run_steps_per_second"] > 0
+    assert summary["packed_peak_bytes"] > 0
+    assert "packed / separate: sweep wall time 0.75x" in report({**settings, "runs": runs}, summary)

@@ -38,7 +38,8 @@ DEFAULT_STEPS = {"tiny": (20, 2), "small": (4, 1), "sdxl": (10, 3)}  # (timed, w
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="example:\n  python utils/benchmark_sweep.py --model small")
     p.add_argument("--model", choices=MODELS, default="small",
                    help="tiny: the test model; small: SDXL topology at 1/4 width (CPU); sdxl: full size (GPU)")
     p.add_argument("--resolution", type=int, default=None, help="default: tiny 128, small 256, sdxl 1024")
