@@ -28,7 +28,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 
 from utils.bench.models import DEFAULT_RESOLUTION, MODELS, check_resolution
-from utils.bench.pack_runs import RESULT_MARK, report, run_process, summarise, worker
+from utils.bench.pack_runs import RESULT_MARK, report, run_here, run_process, summarise, worker
 from utils.core.cli import run_cli
 from utils.core.errors import UserError
 
@@ -45,6 +45,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=None, help="default: tiny 128, small 256, sdxl 1024")
     p.add_argument("--ranks", type=int, nargs="+", default=[4, 8], help="the grid's ranks (default: 4 8)")
     p.add_argument("--alphas", type=float, nargs="+", default=[8.0, 16.0], help="the grid's alphas (default: 8 16)")
+    p.add_argument("--packs", type=int, nargs="+", default=None,
+                   help="pack sizes to time, each the first K runs of the grid (default: the whole grid)")
+    p.add_argument("--separate", type=int, default=None,
+                   help="runs of the grid timed separately (default: all); a separate sweep of K runs is then K "
+                        "times their mean process (e.g. --separate 1 on a GPU, where a process costs minutes)")
+    p.add_argument("--fresh_processes", action=argparse.BooleanOptionalAction, default=True,
+                   help="each training in a fresh process, timed from start to exit, its peak memory its own "
+                        "(default); --no-fresh_processes runs them one after another in this process, for proving "
+                        "the paths on a CPU in seconds (wall times then leave out the imports)")
     p.add_argument("--train_batch_size", type=int, default=1)
     p.add_argument("--mixed_precision", choices=["no", "fp16", "bf16"], default=None,
                    help="default: bf16 on a GPU, no (fp32) on a CPU")
@@ -73,21 +82,28 @@ def main(argv: list[str] | None = None) -> int:
                 "mixed_precision": args.mixed_precision or ("bf16" if cuda else "no"),
                 "gradient_checkpointing": args.gradient_checkpointing, "steps": args.steps or steps,
                 "warmup": warmup if args.warmup is None else args.warmup,
-                "num_threads": args.num_threads or (torch.get_num_threads() if cuda else 1), "runs": runs}
+                "num_threads": args.num_threads or (torch.get_num_threads() if cuda else 1), "runs": runs,
+                "fresh_processes": args.fresh_processes}
+    sizes = args.packs or [len(runs)]
+    if any(not 2 <= size <= len(runs) for size in sizes):
+        raise UserError(f"--packs {' '.join(map(str, sizes))}: each size is from 2 to the grid's {len(runs)} runs")
+    run_one = run_process if args.fresh_processes else run_here
     separate = []
-    for run in runs:
+    for run in runs[:args.separate or len(runs)]:
         logger.info("separate run r%d a%g", *run)
-        separate.append(run_process(settings, [run]))
-    logger.info("one pack of %d runs", len(runs))
-    packed = run_process(settings, runs)
-    failed = [result["failed"] for result in separate + [packed] if "failed" in result]
+        separate.append(run_one(settings, [run]))
+    packs = {}
+    for size in sizes:
+        logger.info("one pack of %d runs", size)
+        packs[size] = run_one(settings, runs[:size])
+    failed = [result["failed"] for result in separate + list(packs.values()) if "failed" in result]
     if failed:
         raise UserError(f"a benchmark process failed: {failed[0]}")
-    summary = summarise(separate, packed)
-    print(report(settings, summary))
+    summaries = {size: summarise(separate, packed) for size, packed in packs.items()}
+    print("\n\n".join(report(settings, summary, len(separate)) for summary in summaries.values()))
     if args.output_json:
-        Path(args.output_json).write_text(json.dumps({"settings": settings, "summary": summary,
-                                                      "separate": separate, "packed": packed}, indent=2))
+        Path(args.output_json).write_text(json.dumps({"settings": settings, "summaries": summaries,
+                                                      "separate": separate, "packs": packs}, indent=2))
     return 0
 
 

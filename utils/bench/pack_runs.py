@@ -50,6 +50,13 @@ def run_process(config: dict, runs: list[tuple[int, float]]) -> dict:
     return {"failed": lines[-1] if lines else f"exit status {completed.returncode}", "wall_seconds": wall}
 
 
+def run_here(config: dict, runs: list[tuple[int, float]]) -> dict:
+    """``run_process`` in this process (the imports paid once): wall time without them, peak memory shared."""
+    started = time.perf_counter()
+    result = worker({**config, "runs": runs})
+    return {**result, "wall_seconds": time.perf_counter() - started}
+
+
 def worker(config: dict) -> dict:
     """In the fresh process: build the model, add the runs' adapters, time ``steps`` packed steps."""
     from utils.bench.models import build_pipeline
@@ -113,14 +120,16 @@ def worker(config: dict) -> dict:
 
 
 def summarise(separate: list[dict], packed: dict) -> dict:
-    """The two ways of training the same runs side by side: whole-sweep wall time, steps/s per run, memory."""
+    """The two ways of training the same k runs side by side: whole-sweep wall time (separately: k times the
+    mean process of the runs timed alone), steps/s per run, memory."""
     k = packed["runs"]
     separate_step = statistics.median(s for result in separate for s in result["step_seconds"])
     packed_step = statistics.median(packed["step_seconds"])
     separate_peak = max(result["process_peak_bytes"] for result in separate)
+    separate_wall = k * statistics.mean(result["wall_seconds"] for result in separate)
     return {
         "runs": k,
-        "separate_wall_seconds": sum(result["wall_seconds"] for result in separate),
+        "separate_wall_seconds": separate_wall,
         "packed_wall_seconds": packed["wall_seconds"],
         "separate_steps_per_second_per_run": 1 / separate_step,
         "packed_steps_per_second_per_run": 1 / packed_step,
@@ -128,17 +137,19 @@ def summarise(separate: list[dict], packed: dict) -> dict:
         "packed_run_steps_per_second": k / packed_step,
         "separate_peak_bytes": separate_peak,
         "packed_peak_bytes": packed["process_peak_bytes"],
-        "wall_ratio": packed["wall_seconds"] / sum(result["wall_seconds"] for result in separate),
+        "wall_ratio": packed["wall_seconds"] / separate_wall,
         "throughput_ratio": (k / packed_step) / (1 / separate_step),
         "peak_vs_separate_side_by_side": packed["process_peak_bytes"] / (k * separate_peak),
         "peak_vs_one_separate": packed["process_peak_bytes"] / separate_peak,
     }
 
 
-def report(settings: dict, summary: dict) -> str:
+def report(settings: dict, summary: dict, timed_alone: int | None = None) -> str:
+    """The table of one pack size against the same runs trained separately (``timed_alone`` of them timed)."""
     k = summary["runs"]
+    alone = "" if timed_alone in (None, k) else f", {k} x the mean of {timed_alone} timed"
     rows = [
-        [f"separate ({k} processes, one after another)", f"{summary['separate_wall_seconds']:.1f}",
+        [f"separate ({k} processes, one after another{alone})", f"{summary['separate_wall_seconds']:.1f}",
          rate_text(summary["separate_steps_per_second_per_run"]), rate_text(summary["separate_run_steps_per_second"]),
          mib(summary["separate_peak_bytes"]), mib(k * summary["separate_peak_bytes"])],
         [f"packed ({k} runs, one process)", f"{summary['packed_wall_seconds']:.1f}",
@@ -149,7 +160,7 @@ def report(settings: dict, summary: dict) -> str:
                           f"peak MiB, {k} side by side"], rows)
     return (f"{settings['model']} model, {settings['resolution']}², batch {settings['train_batch_size']}, "
             f"{settings['steps']} timed steps (+{settings['warmup']} warm-up) per run, runs (rank, alpha) "
-            f"{settings['runs']}, {settings['mixed_precision']}, gradient checkpointing "
+            f"{settings['runs'][:k]}, {settings['mixed_precision']}, gradient checkpointing "
             f"{'on' if settings['gradient_checkpointing'] else 'off'}\n{table}\n"
             f"packed / separate: sweep wall time {summary['wall_ratio']:.2f}x, throughput (run-steps/s) "
             f"{summary['throughput_ratio']:.2f}x, peak memory {summary['peak_vs_separate_side_by_side']:.2f}x of "
