@@ -206,3 +206,33 @@ def test_the_sweep_benchmark_times_separate_and_packed_runs():
     assert summary["wall_ratio"] == 0.75 and summary["packed_run_steps_per_second"] > 0
     assert summary["packed_peak_bytes"] > 0
     assert "packed / separate: sweep wall time 0.75x" in report({**settings, "runs": runs}, summary)
+
+
+def test_a_packed_run_saves_the_adapter_a_run_alone_saves(tiny_model_dir):
+    """Its weights under a lone run's keys, which load into a fresh model and predict what the pack predicts
+    for that run; and one name routes a whole batch of any size (evaluation, guided sampling)."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from utils.training.loss import predict
+    from utils.training.pack import adapter_name, adapter_state_dict
+
+    runs = [run_flags(4, 8.0), run_flags(2, 4.0)]
+    packed, _, _ = train(tiny_model_dir, runs)
+    components = frozen(tiny_model_dir)
+    params = add_adapters(components, runs)
+    with torch.no_grad():
+        for own, trained in zip(params, packed):
+            for p, q in zip(own, trained.params):
+                p.copy_(q)
+    routing = Routing([components.unet])
+    batch, noise, timesteps = next(batches())
+    for i, args in enumerate(runs):
+        saved = adapter_state_dict(components.unet, i)
+        alone = frozen(tiny_model_dir)
+        add_adapters(alone, [args])
+        assert saved.keys() == get_peft_model_state_dict(alone.unet).keys()
+        set_peft_model_state_dict(alone.unet, saved)
+        with torch.no_grad(), routing.route(adapter_name(i)):
+            packed_prediction = predict(components.unet, components.noise_scheduler, batch, noise, timesteps)[0]
+        with torch.no_grad():
+            alone_prediction = predict(alone.unet, alone.noise_scheduler, batch, noise, timesteps)[0]
+        assert relative(packed_prediction, alone_prediction) < LOSS_TOLERANCE

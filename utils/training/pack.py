@@ -50,8 +50,9 @@ ADAPTER_STATE_BYTES = 5 * 4
 
 
 def adapter_name(index: int) -> str:
-    """The PEFT adapter name of the pack's ``index``-th run."""
-    return f"run{index}"
+    """The PEFT adapter name of the pack's ``index``-th run; the first has PEFT's default name, so that a pack
+    of one is a plain run."""
+    return "default" if index == 0 else f"run{index}"
 
 
 # ----------------------------------------------------------------------------- which runs pack
@@ -92,7 +93,7 @@ def add_adapters(components, runs: list[argparse.Namespace]) -> list[list[torch.
     params = []
     for index in range(len(runs)):
         own = [p for model in models for name, p in model.named_parameters()
-               if adapter_name(index) in name.split(".")]  # lora_A.run0.weight, hada_w1_a.run0
+               if adapter_name(index) in name.split(".")]  # lora_A.run1.weight, hada_w1_a.run1
         for p in own:
             p.data = p.data.float()
             p.requires_grad_(True)
@@ -105,21 +106,27 @@ def add_adapters(components, runs: list[argparse.Namespace]) -> list[list[torch.
 class Routing:
     """A forward pre-hook on every PEFT adapter layer of ``models`` that passes ``adapter_names`` while a route
     is set (``with routing.route(names):``, forward and backward, so that gradient checkpointing's recompute
-    routes too); without one the layers run their active adapters as usual."""
+    routes too); without one the layers run their active adapters as usual.
+
+    ``names`` is one adapter name per sample, or one name for every sample of whatever batch comes (one run's
+    evaluation, or its validation images, where classifier-free guidance doubles the batch). PEFT's
+    ``set_adapter`` would do the latter too, but it also freezes the other adapters' weights."""
 
     def __init__(self, models: list[torch.nn.Module]):
         from peft.tuners.tuners_utils import BaseTunerLayer  # every kind, so that one that cannot route fails
-        self.names: list[str] | None = None
+        self.names: list[str] | str | None = None
         self.handles = [module.register_forward_pre_hook(self._hook, with_kwargs=True)
                         for model in models for module in model.modules() if isinstance(module, BaseTunerLayer)]
 
     def _hook(self, module, args, kwargs):
-        if self.names is not None:
+        if isinstance(self.names, str):
+            kwargs["adapter_names"] = [self.names] * len(args[0] if args else kwargs["x"])
+        elif self.names is not None:
             kwargs["adapter_names"] = self.names
         return args, kwargs
 
     @contextlib.contextmanager
-    def route(self, names: list[str]) -> Iterator[None]:
+    def route(self, names: list[str] | str) -> Iterator[None]:
         self.names = names
         try:
             yield
@@ -129,6 +136,12 @@ class Routing:
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
+
+
+def adapter_state_dict(model: torch.nn.Module, index: int) -> dict[str, torch.Tensor]:
+    """The pack's ``index``-th adapter of ``model`` under the keys a run alone saves (PEFT drops the name)."""
+    from peft.utils import get_peft_model_state_dict
+    return get_peft_model_state_dict(model, adapter_name=adapter_name(index))
 
 
 def repeat_batch(batch: Batch, copies: int) -> Batch:
