@@ -64,6 +64,8 @@ def unpackable_reason(args: argparse.Namespace) -> str | None:
         return "--use_dora: PEFT refuses to route a batch between DoRA adapters"
     if args.lora_type != "lora":
         return f"--lora_type {args.lora_type}: PEFT routes a batch between adapters only in its LoRA layers"
+    if args.mixed_precision == "fp16" and torch.cuda.is_available():
+        return "--mixed_precision fp16: the packed step has no loss scaling (pack with bf16)"
     return None
 
 
