@@ -236,3 +236,45 @@ def test_a_packed_run_saves_the_adapter_a_run_alone_saves(tiny_model_dir):
         with torch.no_grad():
             alone_prediction = predict(alone.unet, alone.noise_scheduler, batch, noise, timesteps)[0]
         assert relative(packed_prediction, alone_prediction) < LOSS_TOLERANCE
+
+
+def test_a_packed_runs_resumable_state_is_a_lone_runs(tiny_model_dir, tmp_path):
+    """Its checkpoint files load into a run alone (the trainer's injection, optimizer, schedule and checkpoint
+    hooks, through accelerate's load_state), and back into a fresh pack, bit for bit."""
+    from accelerate import Accelerator
+    from utils.training.adapters import inject_lora
+    from utils.training.checkpoints import register_checkpoint_hooks
+    from utils.training.optimizer import make_optimizer, make_scheduler
+    from utils.training.pack import load_run_state, save_run_state
+
+    runs = [run_flags(4, 8.0), run_flags(2, 4.0)]
+    packed, _, _ = train(tiny_model_dir, runs)
+    components = frozen(tiny_model_dir)
+    params = add_adapters(components, runs)
+    with torch.no_grad():
+        for own, trained in zip(params, packed):
+            for p, q in zip(own, trained.params):
+                p.copy_(q)
+    accelerator = Accelerator()
+    save_run_state(accelerator, tmp_path, [components.unet], packed[1], 1)
+
+    alone = frozen(tiny_model_dir)
+    args = runs[1]
+    own = inject_lora(alone, args)
+    optimizer = make_optimizer(args, own, args.learning_rate)
+    lone = Accelerator()
+    unet, optimizer, scheduler = lone.prepare(alone.unet, optimizer, make_scheduler(args, optimizer, STEPS, 1))
+    register_checkpoint_hooks(lone)
+    lone.load_state(str(tmp_path))
+    assert torch.equal(flat(own), flat(packed[1].params))
+    assert optimizer.state_dict()["state"][0]["exp_avg"].equal(packed[1].optimizer.state_dict()["state"][0]["exp_avg"])
+    assert scheduler.state_dict()["last_epoch"] == packed[1].lr_scheduler.state_dict()["last_epoch"] == STEPS
+    lone.save_state(str(tmp_path / "lone"))
+    assert sorted(p.name for p in (tmp_path / "lone").iterdir()) == sorted(p.name for p in tmp_path.iterdir()
+                                                                           if p.is_file())
+
+    again = frozen(tiny_model_dir)
+    members = members_of(again, runs)
+    load_run_state(accelerator, tmp_path, [again.unet], members[1], 1)
+    assert torch.equal(flat(members[1].params), flat(packed[1].params))
+    assert not torch.equal(flat(members[0].params), flat(packed[0].params))  # only its own run was loaded

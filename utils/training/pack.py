@@ -32,10 +32,12 @@ import math
 import os
 import warnings
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Iterator
 
 import torch
 
+from utils.core.layout import CHECKPOINT_LORA_FILES
 from utils.training.adapters import TEXT_ENCODER_TARGETS, AdapterEMA, lora_config
 from utils.training.loss import batch_loss, predict
 from utils.training.memory import ACTIVATION_MARGIN, FIXED_MARGIN, GIB, estimate_activation_bytes
@@ -228,6 +230,40 @@ def packed_step(unet, noise_scheduler, members: list[Member], routing: Routing |
         losses.sum().backward()
     skipped = torch.stack([member_step(member, loss) for member, loss in zip(members, losses)])
     return losses.detach(), skipped
+
+
+# ----------------------------------------------------------------------------- one run's resumable state
+
+
+def save_run_state(accelerator, folder: Path, models: list, member: Member, index: int, dataloaders: list = ()) -> None:
+    """The pack's ``index``-th run's resumable state in ``folder``, in the files ``accelerator.save_state``
+    writes for that run alone (with the trainer's checkpoint hooks): its LoRA of each trained model, its
+    optimizer and schedule, the RNG states (the pack's, which are the run's: every run draws the same). A
+    run of a pack can so go on alone with ``train_sdxl_lora.py --resume_from_checkpoint``."""
+    from accelerate.checkpointing import save_accelerator_state
+    from safetensors.torch import save_file
+
+    if accelerator.is_main_process:
+        for model, name in zip(models, CHECKPOINT_LORA_FILES):
+            lora = adapter_state_dict(accelerator.unwrap_model(model), index)
+            save_file({key: value.contiguous() for key, value in lora.items()}, str(folder / name))
+    save_accelerator_state(str(folder), [], [member.optimizer], [member.lr_scheduler], list(dataloaders),
+                           accelerator.process_index, accelerator.step, accelerator.scaler)
+
+
+def load_run_state(accelerator, folder: Path, models: list, member: Member, index: int, dataloaders: list = ()) -> None:
+    """``save_run_state``'s files (or a lone run's checkpoint) into the pack's ``index``-th run."""
+    from accelerate.checkpointing import load_accelerator_state
+    from peft.utils import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    for model, name in zip(models, CHECKPOINT_LORA_FILES):
+        result = set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(str(folder / name)),
+                                           adapter_name=adapter_name(index))
+        if getattr(result, "unexpected_keys", None):
+            raise RuntimeError(f"{folder}: unexpected LoRA keys {result.unexpected_keys[:3]}")
+    load_accelerator_state(str(folder), [], [member.optimizer], [member.lr_scheduler], list(dataloaders),
+                           accelerator.process_index, accelerator.scaler)
 
 
 # ----------------------------------------------------------------------------- --pack auto
