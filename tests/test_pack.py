@@ -208,34 +208,45 @@ def test_the_sweep_benchmark_times_separate_and_packed_runs():
     assert "packed / separate: sweep wall time 0.75x" in report({**settings, "runs": runs}, summary)
 
 
-def test_a_packed_run_saves_the_adapter_a_run_alone_saves(tiny_model_dir):
-    """Its weights under a lone run's keys, which load into a fresh model and predict what the pack predicts
-    for that run; and one name routes a whole batch of any size (evaluation, guided sampling)."""
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from utils.training.loss import predict
-    from utils.training.pack import adapter_name, adapter_state_dict
-
-    runs = [run_flags(4, 8.0), run_flags(2, 4.0)]
-    packed, _, _ = train(tiny_model_dir, runs)
-    components = frozen(tiny_model_dir)
+def trained_pack(model_dir, runs):
+    """The frozen model with ``runs``' adapters, each holding the weights a packed training gave it."""
+    packed, _, _ = train(model_dir, runs)
+    components = frozen(model_dir)
     params = add_adapters(components, runs)
     with torch.no_grad():
         for own, trained in zip(params, packed):
             for p, q in zip(own, trained.params):
                 p.copy_(q)
+    return components, packed
+
+
+def test_a_packed_run_saves_the_lora_file_a_run_alone_saves(tiny_model_dir, tmp_path):
+    """The same tensors and adapter config as the run alone with the same weights; the file loads into a fresh
+    pipeline through diffusers and predicts what the pack predicts for that run (one name routing the batch)."""
+    from tests.helpers import assert_same_lora, load_pipe
+    from utils.lora.files import save_lora
+    from utils.training.adapters import inject_lora
+    from utils.training.loss import predict
+    from utils.training.pack import adapter_name
+
+    runs = [run_flags(4, 8.0), run_flags(2, 4.0)]
+    components, packed = trained_pack(tiny_model_dir, runs)
     routing = Routing([components.unet])
     batch, noise, timesteps = next(batches())
     for i, args in enumerate(runs):
-        saved = adapter_state_dict(components.unet, i)
+        saved = save_lora(tmp_path / f"packed_{i}", components.unet, adapter_name=adapter_name(i))
         alone = frozen(tiny_model_dir)
-        add_adapters(alone, [args])
-        assert saved.keys() == get_peft_model_state_dict(alone.unet).keys()
-        set_peft_model_state_dict(alone.unet, saved)
+        with torch.no_grad():
+            for p, q in zip(inject_lora(alone, args), packed[i].params):
+                p.copy_(q)
+        assert_same_lora(saved, save_lora(tmp_path / f"alone_{i}", alone.unet), rtol=0, atol=0)
+        pipe = load_pipe(tiny_model_dir)
+        pipe.load_lora_weights(str(saved.parent))
         with torch.no_grad(), routing.route(adapter_name(i)):
             packed_prediction = predict(components.unet, components.noise_scheduler, batch, noise, timesteps)[0]
         with torch.no_grad():
-            alone_prediction = predict(alone.unet, alone.noise_scheduler, batch, noise, timesteps)[0]
-        assert relative(packed_prediction, alone_prediction) < LOSS_TOLERANCE
+            loaded_prediction = predict(pipe.unet, components.noise_scheduler, batch, noise, timesteps)[0]
+        assert relative(packed_prediction, loaded_prediction) < LOSS_TOLERANCE
 
 
 def test_a_packed_runs_resumable_state_is_a_lone_runs(tiny_model_dir, tmp_path):
@@ -248,13 +259,7 @@ def test_a_packed_runs_resumable_state_is_a_lone_runs(tiny_model_dir, tmp_path):
     from utils.training.pack import load_run_state, save_run_state
 
     runs = [run_flags(4, 8.0), run_flags(2, 4.0)]
-    packed, _, _ = train(tiny_model_dir, runs)
-    components = frozen(tiny_model_dir)
-    params = add_adapters(components, runs)
-    with torch.no_grad():
-        for own, trained in zip(params, packed):
-            for p, q in zip(own, trained.params):
-                p.copy_(q)
+    components, packed = trained_pack(tiny_model_dir, runs)
     accelerator = Accelerator()
     save_run_state(accelerator, tmp_path, [components.unet], packed[1], 1)
 
