@@ -125,9 +125,9 @@ def masked_run(tiny_model_dir, masked_dataset, tmp_path_factory):
     from utils.data.listing import load_training_examples
     from utils.training.checks import check_args
     from utils.training.epochs import finish
-    from utils.training.guards import StopRequest
+    from utils.training.stop import StopRequest
     from utils.training.recipe import set_up, train_loop
-    from utils.training.settings import RunSettings
+    from utils.training.run import open_run
 
     args = parse_training_args([
         "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_dir", str(masked_dataset),
@@ -136,7 +136,7 @@ def masked_run(tiny_model_dir, masked_dataset, tmp_path_factory):
         "--learning_rate", "1e-2", *SMALL, "--masked_loss", "--snr_gamma", "5", "--prediction_type", "v_prediction"])
     check_args(args)
     examples, dataset_type = load_training_examples(args, report_here=False)
-    run = set_up(RunSettings.make(args, dataset_type), examples)
+    run = set_up(open_run(args, dataset_type), examples)
     with StopRequest() as stop:
         train_loop(run, stop)
     finish(run)
@@ -174,11 +174,11 @@ def test_a_target_change_outside_the_mask_leaves_the_gradient_unchanged(masked_r
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn(batch.latents.shape, generator=generator)
     timesteps = torch.tensor([400])
-    prediction, target = predict(run.unet, scheduler, batch, noise, timesteps)
+    prediction, target = predict(run.components.unet, scheduler, batch, noise, timesteps)
 
     def gradient(change: torch.Tensor) -> torch.Tensor:
         loss = batch_loss(prediction, target + change, batch, scheduler, timesteps, run.settings.args.snr_gamma)
-        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, run.params, retain_graph=True)])
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, run.adapter.params, retain_graph=True)])
 
     base = gradient(torch.zeros_like(target))
     right, left = torch.zeros_like(target), torch.zeros_like(target)

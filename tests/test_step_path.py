@@ -11,7 +11,7 @@ import pytest
 
 from tests.helpers import ROOT
 
-MAX_STEP_FILES = 11
+MAX_STEP_FILES = 6
 FIRST, LAST = 3, 4  # the window: from the end of optimizer step FIRST to the end of step LAST
 
 

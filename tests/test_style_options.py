@@ -112,9 +112,9 @@ def shuffled_run(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
     from utils.data.listing import load_training_examples
     from utils.training.checks import check_args
     from utils.training.epochs import finish
-    from utils.training.guards import StopRequest
+    from utils.training.stop import StopRequest
     from utils.training.recipe import set_up, train_loop
-    from utils.training.settings import RunSettings
+    from utils.training.run import open_run
 
     output = tmp_path_factory.mktemp("style_run")
     args = parse_training_args([
@@ -126,7 +126,7 @@ def shuffled_run(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
         "--prediction_type", "v_prediction"])
     check_args(args)
     examples, dataset_type = load_training_examples(args)
-    settings = RunSettings.make(args, dataset_type)
+    settings = open_run(args, dataset_type)
     records = []
     handler = logging.Handler()
     handler.emit = records.append

@@ -168,7 +168,7 @@ def _run_facts(run_dir: Path) -> dict:
     from utils.core.names import CONFIG_FILE, LORA_WEIGHT_NAME
     from utils.lora.kohya_names import KOHYA_WEIGHT_NAME
     from utils.training.loss_log import read_losses
-    from utils.training.timeline import read_timings
+    from utils.training.run import read_timings
 
     _, losses = read_losses(run_dir / "logs" / "training_steps.csv")
     timings = read_timings(run_dir / "logs" / "timings.json")

@@ -15,7 +15,7 @@ logger = logging.getLogger(__name__)
 
 def validation_specs(args) -> list[PromptSpec]:
     """The validation prompts: --validation_prompts_file's lines, else --validation_prompt's prompts."""
-    if getattr(args, "validation_prompts_file", None):
+    if args.validation_prompts_file:
         return read_prompt_file(args.validation_prompts_file)
     return [PromptSpec(prompt) for prompt in args.validation_prompt or []]
 
