@@ -122,7 +122,7 @@ def test_the_latent_cache_key_changes_with_the_mask(masked_dataset, tmp_path):
 @pytest.fixture(scope="module")
 def masked_run(tiny_model_dir, masked_dataset, tmp_path_factory):
     """2 steps at 32 px with --masked_loss, min-SNR and v-prediction, trained in this process."""
-    from utils.data.listing import load_training_examples
+    from utils.training.recipe import training_examples
     from utils.training.checks import check_args
     from utils.training.epochs import finish
     from utils.training.stop import StopRequest
@@ -135,7 +135,7 @@ def masked_run(tiny_model_dir, masked_dataset, tmp_path_factory):
         "--report_to", "none", "--mixed_precision", "no", "--lr_warmup_steps", "0", "--eval_loss_epochs", "0",
         "--learning_rate", "1e-2", *SMALL, "--masked_loss", "--snr_gamma", "5", "--prediction_type", "v_prediction"])
     check_args(args)
-    examples, dataset_type = load_training_examples(args, report_here=False)
+    examples, dataset_type = training_examples(args, report_here=False)
     run = set_up(open_run(args, dataset_type), examples)
     with StopRequest() as stop:
         train_loop(run, stop)

@@ -73,7 +73,7 @@ def flags(model: Path, train: Path, reg: Path, output: Path, *extra: str) -> Nam
 @pytest.fixture(scope="module")
 def straight_run(tiny_model_dir, datasets, tmp_path_factory):
     """Two epochs at batch 1, trained in this process; the images of every step read from the loop's log."""
-    from utils.data.listing import load_training_examples
+    from utils.training.recipe import training_examples
     from utils.data.regularisation import load_reg_examples
     from utils.training.checks import check_args
     from utils.training.epochs import finish
@@ -83,7 +83,7 @@ def straight_run(tiny_model_dir, datasets, tmp_path_factory):
 
     args = flags(tiny_model_dir, *datasets, tmp_path_factory.mktemp("straight"))
     check_args(args)
-    examples, dataset_type = load_training_examples(args, report_here=False)
+    examples, dataset_type = training_examples(args, report_here=False)
     reg = load_reg_examples(args, report_here=False)
     records = []
     handler = logging.Handler()

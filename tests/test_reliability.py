@@ -57,6 +57,7 @@ def test_sigterm_saves_state_and_resume_matches_an_uninterrupted_run(tiny_model_
 
     run_in_process(*command(tiny_model_dir, tiny_dataset_dir, output, "--resume_from_checkpoint", "latest")[1:])
     assert_same_lora(straight / "final_model" / LORA_WEIGHT_NAME, run_dir / "final_model" / LORA_WEIGHT_NAME)
+    assert not (run_dir / "interrupted_model").exists()  # the stop's LoRA does not stay beside the final one
     for name, expected in (("training_steps.csv", [(i // 6, i + 1) for i in range(16)]),
                            ("training_log.csv", [(0, 6), (1, 12), (2, 16)])):
         resumed, uninterrupted = log_rows(run_dir, name), log_rows(straight, name)

@@ -31,7 +31,7 @@ from utils.core.atomic import write_text
 from utils.core.errors import TrainingError
 from utils.core.sdxl import DTYPES, SDXLComponents, load_components, resolve_mixed_precision
 from utils.data.listing import load_training_examples
-from utils.data.records import Example
+from utils.data.records import CACHE_FOLDER, Example
 from utils.data.regularisation import balance, load_reg_examples
 from utils.training.adapters import AdapterEMA, inject_lora, weights_of
 from utils.training.batches import assign_buckets, make_loader
@@ -60,8 +60,9 @@ def train(args: argparse.Namespace) -> Path:
     check_args(args)
     with timeline.phase("dataset check"):
         main_process = distributed_state().is_main_process  # one dataset report per launch
-        examples, dataset_type = load_training_examples(args, report_here=main_process)
-        reg_examples = load_reg_examples(args, report_here=main_process) if args.reg_data_dir else []
+        examples, dataset_type = training_examples(args, report_here=main_process)
+        reg_examples = (load_reg_examples(args, main_process, cache_dir=Path(args.output_dir) / CACHE_FOLDER)
+                        if args.reg_data_dir else [])
     settings = open_run(args, dataset_type)
     if args.run_dir_file and main_process:  # the sweep's record of where this run trains, before any other work
         write_text(args.run_dir_file, f"{settings.run_dir.resolve()}\n")
@@ -73,6 +74,13 @@ def train(args: argparse.Namespace) -> Path:
         raise TrainingError(out_of_memory_message(settings)) from error
     finish_run(run)
     return settings.run_dir
+
+
+def training_examples(args: argparse.Namespace, report_here: bool = True) -> tuple[list[Example], str]:
+    """The checked training examples and the dataset type read, with the trainer's flags: the loss masks with
+    --masked_loss; images of a `datasets` source written to --dataset_cache_dir, else {output_dir}/.dataset_cache."""
+    return load_training_examples(args, report_here, masks=args.masked_loss,
+                                  cache_dir=args.dataset_cache_dir or Path(args.output_dir) / CACHE_FOLDER)
 
 
 def out_of_memory_message(settings: RunSettings) -> str:
