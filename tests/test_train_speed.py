@@ -123,6 +123,7 @@ FAST = ["--resolution", "64", "--train_batch_size", "4", "--learning_rate", "1e-
         "--max_train_steps", "3", "--cache_latents_to_disk", "--eval_loss_epochs", "0"]
 
 
+@pytest.mark.slow
 def test_a_later_run_reads_the_disk_cache_and_evaluation_off_selects_by_training_loss(tiny_model_dir,
                                                                                       tiny_dataset_dir, tmp_path):
     common = ["train_sdxl_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir),
