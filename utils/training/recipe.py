@@ -154,6 +154,8 @@ def set_up(settings: RunSettings, examples: list[Example], timeline: Timeline | 
                     args.train_batch_size, args.gradient_accumulation_steps, accelerator.num_processes)
     adapter = Adapter(params=params, optimizer=optimizer, lr_scheduler=lr_scheduler,
                       max_grad_norm=args.max_grad_norm if args.max_grad_norm > 0 else math.inf,
+                      skips_on_device=accelerator.scaler is None and isinstance(optimizer.optimizer, torch.optim.AdamW)
+                      and bool(optimizer.optimizer.defaults.get("fused")),
                       max_nonfinite_steps=args.max_nonfinite_steps, ema=ema)
     return Run(settings=settings, accelerator=accelerator, components=components, models=models, adapter=adapter,
                dataloader=dataloader, sampler=sampler, batch_maker=batch_maker, eval_set=eval_set, state=state,
@@ -314,18 +316,17 @@ def train_step(run: Run, loader_batch: dict) -> tuple[torch.Tensor, torch.Tensor
         loss = denoising_loss(unet, scheduler, batch, noise, timesteps, args.snr_gamma)
         accelerator.backward(loss)
         inner = adapter.optimizer.optimizer
-        on_device = accelerator.scaler is None and isinstance(inner, torch.optim.AdamW) and inner.defaults.get("fused")
         if accelerator.sync_gradients:
             norm = accelerator.clip_grad_norm_(adapter.params, adapter.max_grad_norm)
             skipped = ~torch.isfinite(accelerator.gather(loss.detach()[None])).all()  # on any process
             if accelerator.scaler is None and norm is not None:
                 skipped = skipped | ~torch.isfinite(torch.as_tensor(norm, device=skipped.device))
-            if on_device:
+            if adapter.skips_on_device:
                 inner.grad_scale, inner.found_inf = None, skipped.float()
             elif accelerator.scaler is None and bool(skipped):
                 adapter.optimizer.zero_grad(set_to_none=True)  # parameters without gradients are not updated
         adapter.optimizer.step()
-        if on_device and accelerator.sync_gradients:
+        if adapter.skips_on_device and accelerator.sync_gradients:
             del inner.found_inf, inner.grad_scale
         adapter.lr_scheduler.step()
         adapter.optimizer.zero_grad(set_to_none=True)

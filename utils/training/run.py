@@ -184,6 +184,7 @@ class Adapter:
     optimizer: object  # accelerate's AcceleratedOptimizer
     lr_scheduler: object  # accelerate's AcceleratedScheduler
     max_grad_norm: float  # the gradient clip (math.inf: none)
+    skips_on_device: bool  # the optimizer skips a flagged step on the device (the fused AdamW's found_inf)
     max_nonfinite_steps: int  # non-finite steps in a row that stop the run
     ema: AdapterEMA | None = None  # --use_ema: the moving average of the adapter weights
     nonfinite_in_a_row: int = 0
