@@ -18,11 +18,11 @@ import logging
 import sys
 from pathlib import Path
 
+from utils.compat.inference_api import (create_comparison_grid, load_base_pipeline,  # noqa: F401 (the original's
+                                        load_lora_pipeline, save_metadata)  # names, importable here)
 from utils.core.cli import run_cli
 from utils.inference.flags import (DEFAULT_NEGATIVE, default_lora, parse_inference_args, prompt_seeds,  # noqa: F401
                                    prompt_settings)
-from utils.inference.original_api import (create_comparison_grid, load_base_pipeline,  # noqa: F401 (the original's
-                                          load_lora_pipeline, save_metadata)  # names, importable here)
 from utils.inference.prompts import DEFAULT_PROMPTS  # noqa: F401 (the 16 default prompts, importable from here)
 
 logger = logging.getLogger("inference_sdxl_ghibli")

@@ -37,8 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def __getattr__(name: str):
     if name in ORIGINAL_NAMES:
-        from utils.training import original_api
-        return getattr(original_api, name)
+        from utils.compat import training_api
+        return getattr(training_api, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -55,20 +55,9 @@ SWEEP_INFERENCE_FLAGS = ["--prompts", *SWEEP_PROMPTS, "--num_images", "2", "--he
                          "--width", str(SWEEP_IMAGE_SIZE), "--num_inference_steps", "2"]
 
 
-# `pytest -m "not slow"` leaves out what trains a model or runs a sweep (about a minute for the rest).
-# Slow: every test that uses one of these fixtures, and the tests below, which train in their own body
-# (test file -> test-name prefixes; "" marks the whole file).
+# `pytest -m "not slow"` leaves out what trains a model or runs a sweep (about a minute for the rest): every
+# test that uses one of these fixtures, and the tests marked `@pytest.mark.slow` themselves.
 SLOW_FIXTURES = {"trained_run", "sweep", "sweep_inference", "two_rank_run", "straight_run"}
-SLOW_TESTS = {
-    "test_multigpu.py": ("",),
-    "test_reliability.py": ("test_sigterm_", "test_kill_9_", "test_nonfinite_"),
-    "test_sweep.py": ("test_an_interrupted_run_resumes", "test_runs_spread_over_gpus"),
-    "test_hub.py": ("test_train_push_to_hub_publishes",),
-    "test_kohya_datasets.py": ("test_resume_mid_epoch", "test_two_processes_report"),
-    "test_train_speed.py": ("test_a_later_run_reads_the_disk_cache",),
-    "test_trainer_features.py": ("test_cached_run_matches_uncached", "test_resumed_run_ends",
-                                 "test_text_encoder_lora_loads", "test_product_dataset_"),
-}
 
 
 # Under pytest-xdist (`-n`, see pytest.ini) each worker builds its own session fixtures, so the tests that
@@ -96,7 +85,7 @@ LONG_GROUPS = ("test_gpu_check.py", "sweep", "test_slurm.py", "trained_run")
 
 def pytest_collection_modifyitems(config, items) -> None:
     for item in items:
-        if SLOW_FIXTURES & set(item.fixturenames) or item.name.startswith(SLOW_TESTS.get(item.path.name, ())):
+        if SLOW_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.slow)
     slow_groups = {worker_group(item) for item in items if item.get_closest_marker("slow")}
 

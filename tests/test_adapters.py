@@ -265,7 +265,7 @@ def test_loraplus_puts_the_up_matrices_at_ratio_times_the_rate():
     from utils.training.flags import parse_training_args
     from utils.training.checks import check_args
     from utils.training.optimizer import loraplus_groups, make_optimizer
-    from utils.training.settings import TrainingError
+    from utils.core.errors import TrainingError
     from utils.tiny.demo_model import DEMO_SDXL_DIR
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8))

@@ -261,6 +261,7 @@ def test_clear_one_line_errors(trained_run, hub, tmp_path):
     assert "no Hugging Face token" in error_line(no_token)
 
 
+@pytest.mark.slow
 def test_train_push_to_hub_publishes_and_writes_the_token_nowhere(tiny_model_dir, tiny_dataset_dir, hub, tmp_path):
     """train_sdxl_lora.py --push_to_hub: the token (from HF_TOKEN) is in no local or uploaded file."""
     env = hub_env(hub, tmp_path)

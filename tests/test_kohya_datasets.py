@@ -180,6 +180,7 @@ def test_repeats_set_the_steps_the_csvs_and_the_schedule(straight_run):
     assert "5 training images (0 held out), 11 seen per epoch, 22 optimizer steps" in output
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_with_repeats_matches_the_straight_run(straight_run, tiny_model_dir, repeated_dataset,
                                                                 tmp_path):
     straight, _ = straight_run
@@ -201,6 +202,7 @@ def test_resume_mid_epoch_with_repeats_matches_the_straight_run(straight_run, ti
     assert_same_lora(straight / "final_model" / LORA_WEIGHT_NAME, copy / "final_model" / LORA_WEIGHT_NAME)
 
 
+@pytest.mark.slow
 def test_two_processes_report_the_dataset_once(tiny_model_dir, repeated_dataset, tmp_path):
     result = run_script(
         "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",

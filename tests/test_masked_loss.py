@@ -122,12 +122,12 @@ def test_the_latent_cache_key_changes_with_the_mask(masked_dataset, tmp_path):
 @pytest.fixture(scope="module")
 def masked_run(tiny_model_dir, masked_dataset, tmp_path_factory):
     """2 steps at 32 px with --masked_loss, min-SNR and v-prediction, trained in this process."""
-    from utils.data.listing import load_training_examples
+    from utils.training.recipe import training_examples
     from utils.training.checks import check_args
     from utils.training.epochs import finish
-    from utils.training.guards import StopRequest
+    from utils.training.stop import StopRequest
     from utils.training.recipe import set_up, train_loop
-    from utils.training.settings import RunSettings
+    from utils.training.run import open_run
 
     args = parse_training_args([
         "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_dir", str(masked_dataset),
@@ -135,8 +135,8 @@ def masked_run(tiny_model_dir, masked_dataset, tmp_path_factory):
         "--report_to", "none", "--mixed_precision", "no", "--lr_warmup_steps", "0", "--eval_loss_epochs", "0",
         "--learning_rate", "1e-2", *SMALL, "--masked_loss", "--snr_gamma", "5", "--prediction_type", "v_prediction"])
     check_args(args)
-    examples, dataset_type = load_training_examples(args, report_here=False)
-    run = set_up(RunSettings.make(args, dataset_type), examples)
+    examples, dataset_type = training_examples(args, report_here=False)
+    run = set_up(open_run(args, dataset_type), examples)
     with StopRequest() as stop:
         train_loop(run, stop)
     finish(run)
@@ -174,11 +174,11 @@ def test_a_target_change_outside_the_mask_leaves_the_gradient_unchanged(masked_r
     generator = torch.Generator().manual_seed(0)
     noise = torch.randn(batch.latents.shape, generator=generator)
     timesteps = torch.tensor([400])
-    prediction, target = predict(run.unet, scheduler, batch, noise, timesteps)
+    prediction, target = predict(run.components.unet, scheduler, batch, noise, timesteps)
 
     def gradient(change: torch.Tensor) -> torch.Tensor:
         loss = batch_loss(prediction, target + change, batch, scheduler, timesteps, run.settings.args.snr_gamma)
-        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, run.params, retain_graph=True)])
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, run.adapter.params, retain_graph=True)])
 
     base = gradient(torch.zeros_like(target))
     right, left = torch.zeros_like(target), torch.zeros_like(target)

@@ -68,6 +68,7 @@ def run_config(run_dir: Path) -> dict:
     return read_json(run_dir / "experiment_config.json")
 
 
+@pytest.mark.slow
 def test_each_epoch_is_split_into_disjoint_halves(two_rank_run):
     run_dir, output = two_rank_run
     config = run_config(run_dir)
@@ -88,6 +89,7 @@ def test_each_epoch_is_split_into_disjoint_halves(two_rank_run):
         assert sorted(seen[0] + seen[1]) == list(range(num_images)), f"epoch {epoch + 1}: {seen}"
 
 
+@pytest.mark.slow
 def test_loss_log_has_every_step_once_with_the_mean_over_ranks(two_rank_run):
     run_dir, output = two_rank_run
     records = step_records(output)
@@ -109,6 +111,7 @@ def test_loss_log_has_every_step_once_with_the_mean_over_ranks(two_rank_run):
     assert config["effective_batch_size"] == 2 * BATCH
 
 
+@pytest.mark.slow
 def test_the_lora_is_written_once_and_loads(two_rank_run, tiny_model_dir):
     from diffusers import StableDiffusionXLPipeline
 
@@ -133,6 +136,7 @@ def test_the_lora_is_written_once_and_loads(two_rank_run, tiny_model_dir):
     assert not torch.allclose(before, after, atol=1e-6), "the loaded LoRA does not change the UNet"
 
 
+@pytest.mark.slow
 def test_resume_under_two_processes_matches_the_straight_run(two_rank_run, tiny_model_dir, tiny_dataset_dir,
                                                              tmp_path):
     straight, straight_output = two_rank_run

@@ -73,17 +73,17 @@ def flags(model: Path, train: Path, reg: Path, output: Path, *extra: str) -> Nam
 @pytest.fixture(scope="module")
 def straight_run(tiny_model_dir, datasets, tmp_path_factory):
     """Two epochs at batch 1, trained in this process; the images of every step read from the loop's log."""
-    from utils.data.listing import load_training_examples
+    from utils.training.recipe import training_examples
     from utils.data.regularisation import load_reg_examples
     from utils.training.checks import check_args
     from utils.training.epochs import finish
-    from utils.training.guards import StopRequest
+    from utils.training.stop import StopRequest
     from utils.training.recipe import set_up, train_loop
-    from utils.training.settings import RunSettings
+    from utils.training.run import open_run
 
     args = flags(tiny_model_dir, *datasets, tmp_path_factory.mktemp("straight"))
     check_args(args)
-    examples, dataset_type = load_training_examples(args, report_here=False)
+    examples, dataset_type = training_examples(args, report_here=False)
     reg = load_reg_examples(args, report_here=False)
     records = []
     handler = logging.Handler()
@@ -94,7 +94,7 @@ def straight_run(tiny_model_dir, datasets, tmp_path_factory):
         log.addHandler(handler)
         log.setLevel(logging.DEBUG)
     try:
-        run = set_up(RunSettings.make(args, dataset_type), examples, reg_examples=reg)
+        run = set_up(open_run(args, dataset_type), examples, reg_examples=reg)
         with StopRequest() as stop:
             train_loop(run, stop)
         finish(run)
@@ -178,9 +178,9 @@ def test_the_prior_loss_weight_reaches_the_loss(straight_run):
         torch.manual_seed(1)  # the same latent draws from the cached distributions every time
         batch = dataclasses.replace(run.batch_maker, args=args)({"index": torch.tensor([train_index, reg_index])})
         batch = Batch(*(None if value is None else value[:count] for value in dataclasses.astuple(batch)))
-        prediction, target = predict(run.unet, scheduler, batch, noise[:count], timesteps[:count])
+        prediction, target = predict(run.components.unet, scheduler, batch, noise[:count], timesteps[:count])
         loss = batch_loss(prediction, target, batch, scheduler, timesteps[:count])
-        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, run.params)])
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, run.adapter.params)])
 
     alone = gradient(1.0, count=1)
     mixed = {weight: gradient(weight) for weight in (0.0, 0.5, 1.0)}

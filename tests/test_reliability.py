@@ -36,6 +36,7 @@ def log_rows(run_dir: Path, name: str) -> list[tuple[int, int, float]]:
     return [(int(r["epoch"]), int(r["step"]), float(r["loss"])) for r in read_rows(run_dir / "logs" / name)]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_state_and_resume_matches_an_uninterrupted_run(tiny_model_dir, tiny_dataset_dir, tmp_path):
     run_in_process(*command(tiny_model_dir, tiny_dataset_dir, tmp_path / "straight")[1:])
     straight = only_run_dir(tmp_path / "straight")
@@ -57,6 +58,7 @@ def test_sigterm_saves_state_and_resume_matches_an_uninterrupted_run(tiny_model_
 
     run_in_process(*command(tiny_model_dir, tiny_dataset_dir, output, "--resume_from_checkpoint", "latest")[1:])
     assert_same_lora(straight / "final_model" / LORA_WEIGHT_NAME, run_dir / "final_model" / LORA_WEIGHT_NAME)
+    assert not (run_dir / "interrupted_model").exists()  # the stop's LoRA does not stay beside the final one
     for name, expected in (("training_steps.csv", [(i // 6, i + 1) for i in range(16)]),
                            ("training_log.csv", [(0, 6), (1, 12), (2, 16)])):
         resumed, uninterrupted = log_rows(run_dir, name), log_rows(straight, name)
@@ -65,6 +67,7 @@ def test_sigterm_saves_state_and_resume_matches_an_uninterrupted_run(tiny_model_
         assert [loss for *_, loss in resumed] == pytest.approx([loss for *_, loss in uninterrupted], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_checkpoint_save_leaves_the_previous_one_intact(tiny_model_dir, tiny_dataset_dir, tmp_path):
     output = tmp_path / "killed"
     process = subprocess.Popen(command(tiny_model_dir, tiny_dataset_dir, output, "--checkpointing_steps", "2"),
@@ -91,6 +94,7 @@ def test_kill_9_during_a_checkpoint_save_leaves_the_previous_one_intact(tiny_mod
     assert (run_dir / "final_model" / LORA_WEIGHT_NAME).is_file()
 
 
+@pytest.mark.slow
 def test_nonfinite_losses_stop_training_without_writing_nan_weights(tiny_model_dir, tiny_dataset_dir, tmp_path):
     output = tmp_path / "blowup"
     result = run_in_process(*command(tiny_model_dir, tiny_dataset_dir, output, "--learning_rate", "1e12")[1:],

@@ -109,12 +109,12 @@ def test_bad_timestep_options_are_one_line_errors():
 def shuffled_run(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
     """2 steps at 32 px with shuffled captions, caption dropout, a prefix, later-biased timesteps, min-SNR
     and v-prediction, trained in this process (the run object is what the assertions read)."""
-    from utils.data.listing import load_training_examples
+    from utils.training.recipe import training_examples
     from utils.training.checks import check_args
     from utils.training.epochs import finish
-    from utils.training.guards import StopRequest
+    from utils.training.stop import StopRequest
     from utils.training.recipe import set_up, train_loop
-    from utils.training.settings import RunSettings
+    from utils.training.run import open_run
 
     output = tmp_path_factory.mktemp("style_run")
     args = parse_training_args([
@@ -125,8 +125,8 @@ def shuffled_run(tiny_model_dir, tiny_dataset_dir, tmp_path_factory):
         "--timestep_bias_strategy", "later", "--timestep_bias_multiplier", "3", "--snr_gamma", "5",
         "--prediction_type", "v_prediction"])
     check_args(args)
-    examples, dataset_type = load_training_examples(args)
-    settings = RunSettings.make(args, dataset_type)
+    examples, dataset_type = training_examples(args)
+    settings = open_run(args, dataset_type)
     records = []
     handler = logging.Handler()
     handler.emit = records.append

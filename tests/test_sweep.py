@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.helpers import ROOT, SCRIPT_ENV, read_status, run_bash, run_folders, wait_for
 from utils.core.names import LORA_WEIGHT_NAME
@@ -115,6 +116,7 @@ def test_later_runs_of_a_sweep_read_the_first_runs_cache(sweep):
     assert logs and any("Text embeddings read from" in log.read_text() for log in logs)
 
 
+@pytest.mark.slow
 def test_runs_spread_over_gpus_one_at_a_time(tmp_path):
     """Scheduling only: a stand-in trainer records the GPU it was given and when it ran."""
     stub = tmp_path / "stub_trainer.py"
@@ -146,6 +148,7 @@ def test_runs_spread_over_gpus_one_at_a_time(tmp_path):
     assert sorted(Path(s["run_dir"]).name for s in statuses) == ["stub_r16_a4", "stub_r4_a4", "stub_r8_a4"]
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_in_its_own_run_folder(tmp_path):
     """A stand-in trainer: its first attempt saves a resumable state and waits to be stopped; the rerun must
     hand it back that run folder (--resume_from_checkpoint), and the records follow."""

@@ -167,7 +167,7 @@ def test_resolved_precision_and_variant_fall_back(tiny_model_dir, caplog):
 def test_run_directories_never_collide(tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from utils.training.run_dir import create_unique_dir
+    from utils.training.run import create_unique_dir
     with ThreadPoolExecutor(8) as pool:
         folders = list(pool.map(lambda _: create_unique_dir(tmp_path, "20260101_000000_ghibli_r4_a4.0_lr0.0001"),
                                 range(8)))

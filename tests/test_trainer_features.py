@@ -34,6 +34,7 @@ def learning_rates(run_dir) -> list[float]:
     return [float(row["learning_rate"]) for row in rows(run_dir)]
 
 
+@pytest.mark.slow
 def test_cached_run_matches_uncached_run(tiny_model_dir, tiny_dataset_dir, tmp_path):
     common = ["--max_train_steps", "6", "--random_flip", "--caption_dropout", "0.3", "--noise_offset", "0.05"]
     cached = train(tiny_model_dir, tiny_dataset_dir, tmp_path / "cached", *common)
@@ -42,6 +43,7 @@ def test_cached_run_matches_uncached_run(tiny_model_dir, tiny_dataset_dir, tmp_p
     torch.testing.assert_close(torch.tensor(losses(cached)), torch.tensor(losses(uncached)), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_with_the_same_weights(tiny_model_dir, tiny_dataset_dir, tmp_path):
     """Straight 8 steps vs. resumed from the step-4 checkpoint (mid-epoch, with accumulation)."""
     common = ["--max_train_steps", "8", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "4",
@@ -72,6 +74,7 @@ def test_resumed_run_ends_with_the_same_weights(tiny_model_dir, tiny_dataset_dir
     assert len(learning_rates(straight)) == 8 and learning_rates(straight)[-1] == 0.0
 
 
+@pytest.mark.slow
 def test_text_encoder_lora_loads_and_changes_prompt_embeddings(tiny_model_dir, tiny_dataset_dir, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
@@ -148,6 +151,7 @@ def test_bucket_assignment_reads_the_upright_size_without_decoding(tmp_path):
     assert upright_size(tmp_path / "plain.png") == (300, 100)
 
 
+@pytest.mark.slow
 def test_product_dataset_in_the_original_layout_trains_at_resolution_72(tiny_model_dir, tiny_product_dataset_dir,
                                                                          tmp_path):
     """captions.json {"id": {"product", "prompt"}} + products/ + styled/{id}.png, at a multiple of 8 only."""

@@ -40,7 +40,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from utils.core.atomic import save_image, write_json, write_text
 from utils.core.cli import run_cli, setup_logging
 from utils.core.errors import UserError
-from utils.core.names import CONFIG_FILE
+from utils.core.layout import FINAL_MODEL, RunLayout, model_info_file
 from utils.tiny.demo_model import DEMO_CLIP_DIR, DEMO_SDXL_DIR, RESOLUTION
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,9 +127,10 @@ def _best_run_name(verdict: dict, inference: Path) -> str:
 def fixed_noise_losses(runs_dir: Path) -> list[dict]:
     """Each run's denoising loss on the fixed evaluation triples, before and after training."""
     losses = []
-    for run_dir in sorted(p for p in runs_dir.iterdir() if (p / "final_model" / "final_model_info.json").is_file()):
-        info = json.loads((run_dir / "final_model" / "final_model_info.json").read_text())
-        config = json.loads((run_dir / CONFIG_FILE).read_text())
+    info_file = model_info_file(FINAL_MODEL)
+    for run_dir in sorted(p for p in runs_dir.iterdir() if (RunLayout(p).final_model / info_file).is_file()):
+        info = json.loads((RunLayout(run_dir).final_model / info_file).read_text())
+        config = json.loads(RunLayout(run_dir).config.read_text())
         losses.append({"run": run_dir.name, "rank": config["lora_rank"], "alpha": config["lora_alpha"],
                        "eval_loss_before": info["initial_eval_loss"], "eval_loss_after": info["final_eval_loss"]})
         logger.info("rank %d, alpha %g: fixed-noise eval loss %.4f before training, %.4f after",
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
          "--pretrained_model_name_or_path", model, "--dataset_dir", data, *TRAIN_FLAGS])
     run(["bash", ROOT / "run_inference_experiments.sh", "--sweep_dir", runs_dir, "--output_dir", inference,
          "--clip_model", clip, "--", "--pretrained_model_name_or_path", model, *INFERENCE_FLAGS])
-    one_run = sorted(p for p in runs_dir.iterdir() if (p / "final_model").is_dir())[-1]
+    one_run = sorted(p for p in runs_dir.iterdir() if RunLayout(p).final_model.is_dir())[-1]
     run(["bash", ROOT / "run_checkpoint_inference.sh", "--run_dir", one_run, "--output_dir", checkpoints,
          "--base_results_dir", checkpoints / "base_model_results", "--",
          "--pretrained_model_name_or_path", model, "--prompts", PROMPTS[0], "--num_images", "2", *SIZE,

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from utils.bench.gpu_plan import BENCHES, PROFILES, ROOT, Places
+from utils.core.layout import RunLayout
 
 logger = logging.getLogger("gpu_check")
 
@@ -154,7 +155,7 @@ def train_run(model: str, places: Places, mixed_precision: str, name: str) -> di
         return {"status": f"failed: train_sdxl_lora.py exit {completed.returncode}: {lines[-1] if lines else ''}"}
     (run_dir,) = [p for p in output_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
     result = {"wall_s": wall, "mixed_precision": mixed_precision, "steps": steps, **_run_facts(run_dir)}
-    result.update(_load_back(places.model_dir, run_dir / "final_model"))
+    result.update(_load_back(places.model_dir, RunLayout(run_dir).final_model))
     problems = [key for key in ("losses_finite", "weights_finite", "weights_trained", "kohya_finite",
                                 "diffusers_loads", "kohya_loads", "image_finite") if not result.get(key)]
     result["status"] = "ok" if not problems else f"failed: {', '.join(problems)}"
@@ -165,16 +166,17 @@ def _run_facts(run_dir: Path) -> dict:
     """Losses, timings and the resolved settings of a finished run; its LoRA files' tensors checked."""
     from safetensors.torch import load_file
 
-    from utils.core.names import CONFIG_FILE, LORA_WEIGHT_NAME
+    from utils.core.layout import LORA_WEIGHT_NAME
     from utils.lora.kohya_names import KOHYA_WEIGHT_NAME
     from utils.training.loss_log import read_losses
-    from utils.training.timeline import read_timings
+    from utils.training.run import read_timings
 
-    _, losses = read_losses(run_dir / "logs" / "training_steps.csv")
-    timings = read_timings(run_dir / "logs" / "timings.json")
-    config = json.loads((run_dir / CONFIG_FILE).read_text())
-    weights = load_file(run_dir / "final_model" / LORA_WEIGHT_NAME)
-    kohya = load_file(run_dir / "final_model" / KOHYA_WEIGHT_NAME)
+    layout = RunLayout(run_dir)
+    _, losses = read_losses(layout.step_log)
+    timings = read_timings(layout.timings)
+    config = json.loads(layout.config.read_text())
+    weights = load_file(layout.final_model / LORA_WEIGHT_NAME)
+    kohya = load_file(layout.final_model / KOHYA_WEIGHT_NAME)
     up = [t for key, t in weights.items() if "lora_B" in key or "lora.up" in key]
     return {"losses": losses, "losses_finite": bool(losses) and all(math.isfinite(x) for x in losses),
             "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,

@@ -172,12 +172,12 @@ def run_variant(config: dict, variant: Variant) -> dict:
     run = _prepare(args)
     device = run.accelerator.device
     if variant.channels_last:
-        run.unet.to(memory_format=torch.channels_last)
+        run.components.unet.to(memory_format=torch.channels_last)
     if not variant.release_encoders:
         for module in [run.components.vae, *run.components.text_encoders]:
             module.to(device)
     if variant.compile:
-        run.models[0] = torch.compile(run.models[0], backend=variant.compile_backend)
+        run.models[0] = run.components.unet = torch.compile(run.models[0], backend=variant.compile_backend)
     synchronize(device)
     setup_seconds = time.perf_counter() - started
 
@@ -200,18 +200,17 @@ def run_variant(config: dict, variant: Variant) -> dict:
         "train_peak_bytes": train_peak, "process_peak_bytes": process_peak, "losses": losses,
         "train_start_bytes": memory.start_bytes, "free_at_start_bytes": memory.free_bytes,
         "mixed_precision": run.accelerator.mixed_precision, "gradient_checkpointing": run.gradient_checkpointing,
-        "weight_dtype": str(run.unet.dtype),
+        "weight_dtype": str(run.components.unet.dtype),
     }
 
 
 def _prepare(args: argparse.Namespace):
-    """The trainer's set-up of a run (RunSettings, then ``recipe.set_up``) for the benchmark's flags."""
+    """The trainer's set-up of a run (``run.open_run``, then ``recipe.set_up``) for the benchmark's flags."""
     from utils.data.listing import load_examples
-    from utils.training.settings import RunSettings
     from utils.training.recipe import set_up
+    from utils.training.run import open_run
 
-    settings = RunSettings.make(args, args.dataset_type)
-    return set_up(settings, load_examples(args.dataset_type, args.dataset_dir))
+    return set_up(open_run(args, args.dataset_type), load_examples(args.dataset_type, args.dataset_dir))
 
 
 def _forever(dataloader):

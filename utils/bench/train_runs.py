@@ -129,7 +129,7 @@ WHOLE_RUNS = {
 def whole_run(config: dict, key: str, steps: int) -> dict:
     """One training through train_sdxl_lora.py in a fresh process: wall time from launch to exit, and the
     trainer's own logs/timings.json (first and last optimizer step)."""
-    from utils.training.timeline import read_timings
+    from utils.training.run import read_timings
 
     logger.info("whole run: %s", WHOLE_RUNS[key][0])
     output_dir = Path(config["output_dir"]) / f"whole_{key}"

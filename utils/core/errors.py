@@ -5,6 +5,10 @@ class UserError(Exception):
     """A problem the user can fix (a flag, a file, the machine); its message says what and where."""
 
 
+class TrainingError(UserError):
+    """A problem that stops training with a clear message instead of a traceback."""
+
+
 class TrainingInterrupted(Exception):
     """Raised after the state was saved; ``exit_code`` follows the shell convention 128 + signal."""
 

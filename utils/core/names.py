@@ -1,11 +1,10 @@
-"""Names the project writes in many places: the SDXL base model, file names and time formats.
+"""Names of the SDXL base model. The file names and time formats a run writes live in ``layout``; they are
+importable from here too for the modules that always took them from here.
 
 Plain constants, no torch import, so argument parsers can use them.
 """
 
+from utils.core.layout import CONFIG_FILE, LORA_WEIGHT_NAME, RUN_STAMP_FORMAT, TIMESTAMP_FORMAT  # noqa: F401
+
 SDXL_BASE_ID = "stabilityai/stable-diffusion-xl-base-1.0"  # the original's base model (Hub id)
 SDXL_BASE_MODEL_VERSION = "sdxl_base_v1-0"  # kohya's ss_base_model_version for it
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' save_lora_weights file name
-CONFIG_FILE = "experiment_config.json"  # the original's per-run config file
-TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S"  # the original's, in the logs, info files and sweep records
-RUN_STAMP_FORMAT = "%Y%m%d_%H%M%S"  # the original's, in a run folder's name and experiment_config.json

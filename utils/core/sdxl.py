@@ -155,6 +155,11 @@ def vae_latent_distribution(vae, pixel_values: torch.Tensor):
     return vae.encode(pixel_values.to(device=vae.device, dtype=vae.dtype)).latent_dist
 
 
+def latent_scaling(vae) -> tuple[float, float]:
+    """(shift, factor) that take the VAE's latents to the UNet's scale: (latents - shift) * factor."""
+    return getattr(vae.config, "shift_factor", None) or 0.0, vae.config.scaling_factor
+
+
 def scale_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
+    shift, factor = latent_scaling(vae)
+    return (latents - shift) * factor

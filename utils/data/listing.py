@@ -132,38 +132,35 @@ def add_dataset_arguments(parser: argparse.ArgumentParser | Any, default_type: s
 
 
 def listing_from_args(args: argparse.Namespace, cache_dir: str | os.PathLike | None = None) -> Listing:
-    """List the dataset the flags name; ``cache_dir`` (else --dataset_cache_dir, else {output_dir}/.dataset_cache)
-    is where images of a `datasets` source are written."""
-    cache_dir = cache_dir or getattr(args, "dataset_cache_dir", None)
-    if not cache_dir and getattr(args, "output_dir", None):
-        cache_dir = Path(args.output_dir) / CACHE_FOLDER
-    return list_dataset(args.dataset_type, args.dataset_dir, dataset_name=getattr(args, "dataset_name", None),
-                        image_column=getattr(args, "image_column", "image"),
-                        caption_column=getattr(args, "caption_column", None), cache_dir=cache_dir,
-                        config_name=getattr(args, "dataset_config_name", None),
-                        caption_extension=getattr(args, "caption_extension", ".txt"))
+    """List the dataset the flags of ``add_dataset_arguments`` name; ``cache_dir`` (else --dataset_cache_dir,
+    else a .dataset_cache beside the source) is where images of a `datasets` source are written."""
+    return list_dataset(args.dataset_type, args.dataset_dir, dataset_name=args.dataset_name,
+                        image_column=args.image_column, caption_column=args.caption_column,
+                        cache_dir=cache_dir or args.dataset_cache_dir, config_name=args.dataset_config_name,
+                        caption_extension=args.caption_extension)
 
 
-def load_training_examples(args: argparse.Namespace, report_here: bool = True) -> tuple[list[Example], str]:
+def load_training_examples(args: argparse.Namespace, report_here: bool = True, masks: bool = False,
+                           cache_dir: str | os.PathLike | None = None) -> tuple[list[Example], str]:
     """List the dataset, decode-check every image, log the report; return the usable examples and the
     dataset type actually read (auto detection, or hf implied by --dataset_name), which the run name and
     config record.
 
     ``report_here``: log the report and show progress (the main process of a launch); the other
-    processes check silently, so a run reports once. Raises DatasetError when no image is usable, or on
-    any problem with --bad_image_policy fail.
+    processes check silently, so a run reports once. ``masks``: with each image's loss mask (--masked_loss);
+    ``cache_dir``: see ``listing_from_args``. Raises DatasetError when no image is usable, or on any problem
+    with --bad_image_policy fail.
     """
-    listing = listing_from_args(args)
-    return checked_examples(listing, args, report_here, masks=getattr(args, "masked_loss", False)), listing.dataset_type
+    listing = listing_from_args(args, cache_dir)
+    return checked_examples(listing, args, report_here, masks=masks), listing.dataset_type
 
 
 def checked_examples(listing: Listing, args: argparse.Namespace, report_here: bool, masks: bool = False,
                      title: str = "Dataset check") -> list[Example]:
     """The usable examples of ``listing`` after the preflight check (with loss masks when ``masks``), the
     report logged under ``title`` when ``report_here``; DatasetError when training must not start."""
-    report = preflight.check(listing, getattr(args, "min_image_size", 64), getattr(args, "max_image_pixels", None),
-                             progress=report_here, masks=masks)
-    policy = getattr(args, "bad_image_policy", "skip")
+    report = preflight.check(listing, args.min_image_size, args.max_image_pixels, progress=report_here, masks=masks)
+    policy = args.bad_image_policy
     if report_here:
         preflight.log_report(report, policy, title)
     preflight.enforce(report, policy)

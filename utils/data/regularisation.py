@@ -4,11 +4,11 @@ the training set and mixed into the same batches; kohya sd-scripts' rule sets ho
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import replace
-from pathlib import Path
 
 from utils.data.listing import checked_examples, list_dataset
-from utils.data.records import CACHE_FOLDER, Example
+from utils.data.records import Example
 
 REPORT_TITLE = "Regularisation images check"
 
@@ -40,12 +40,13 @@ def balance(train_examples: list[Example], reg_examples: list[Example]) -> list[
     return [replace(example, repeats=count) for example, count in zip(reg_examples, counts) if count > 0]
 
 
-def load_reg_examples(args: argparse.Namespace, report_here: bool = True) -> list[Example]:
-    """The checked regularisation examples of --reg_data_dir (its layout told from its files); their
+def load_reg_examples(args: argparse.Namespace, report_here: bool = True,
+                      cache_dir: str | os.PathLike | None = None) -> list[Example]:
+    """The checked regularisation examples of --reg_data_dir (its layout told from its files; the dataset
+    flags' columns and caption extension; images of a `datasets` source written to ``cache_dir``); their
     report is logged apart from the training set's. Training on the whole image: no loss masks."""
-    cache = Path(args.output_dir) / CACHE_FOLDER if getattr(args, "output_dir", None) else None
-    listing = list_dataset("auto", args.reg_data_dir, image_column=getattr(args, "image_column", "image"),
-                           caption_column=getattr(args, "caption_column", None), cache_dir=cache,
-                           caption_extension=getattr(args, "caption_extension", ".txt"))
+    listing = list_dataset("auto", args.reg_data_dir, image_column=args.image_column,
+                           caption_column=args.caption_column, cache_dir=cache_dir,
+                           caption_extension=args.caption_extension)
     examples = checked_examples(listing, args, report_here, title=REPORT_TITLE)
     return [replace(example, is_reg=True) for example in examples]

@@ -27,7 +27,7 @@ from pathlib import Path
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from utils.core.names import CONFIG_FILE
+from utils.core.layout import CONFIG_FILE, RunLayout
 from utils.core.secrets import scrub
 from utils.hub.card import CardFacts, render_card
 from utils.hub.errors import HubError, hub_errors
@@ -70,8 +70,8 @@ def locate_model(model_path: str | os.PathLike) -> tuple[Path, Path | None]:
     path = Path(model_path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such folder (give a run directory or a model folder)")
-    if (path / "final_model" / LORA_WEIGHT_NAME).is_file():
-        return path / "final_model", path
+    if RunLayout(path).has_model():
+        return RunLayout(path).final_model, path
     if not any(path.glob("*.safetensors")):
         raise FileNotFoundError(f"{path}: no LoRA .safetensors file here and no final_model/ folder")
     run_dir = path.parent if (path.parent / CONFIG_FILE).is_file() else None
@@ -150,7 +150,7 @@ def hub_base_model(name: str | None) -> str | None:
 def validation_samples(run_dir: Path | None, config: dict | None, epoch: int | None,
                        default_prompt: str) -> list[tuple[Path, str]]:
     """The run's validation images of the last epoch up to ``epoch``, one per prompt first."""
-    folder = run_dir / "validation" if run_dir else None
+    folder = RunLayout(run_dir).validation if run_dir else None
     if folder is None or not folder.is_dir():
         return []
     found = [(int(m[1]), int(m[2]), int(m[3]), p) for p in folder.iterdir() if (m := VALIDATION_IMAGE.match(p.name))]

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from utils.core.errors import UserError
+from utils.core.layout import FINAL_MODEL
 from utils.core.names import LORA_WEIGHT_NAME
 from utils.core.sdxl import load_pipeline
 from utils.lora.lycoris_files import file_adapter_type, peft_states
@@ -62,7 +63,7 @@ def newest_final_model(runs_dir: Path) -> Path | None:
     """``{runs_dir}/*/final_model`` holding LoRA weights, the one written last; None when there is none."""
     if not runs_dir.is_dir():
         return None
-    found = [p / "final_model" for p in runs_dir.iterdir() if (p / "final_model" / WEIGHTS_FILE).is_file()]
+    found = [p / FINAL_MODEL for p in runs_dir.iterdir() if (p / FINAL_MODEL / WEIGHTS_FILE).is_file()]
     return max(found, key=lambda p: (p / WEIGHTS_FILE).stat().st_mtime, default=None)
 
 

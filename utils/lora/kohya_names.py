@@ -29,12 +29,12 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from utils.core.errors import UserError
+from utils.core.layout import KOHYA_WEIGHT_NAME  # noqa: F401  (the kohya copy beside a LoRA folder's weights)
 from utils.core.names import SDXL_BASE_ID
 from utils.lora.files import TRAINING_METADATA_KEY
 
 logger = logging.getLogger(__name__)
 
-KOHYA_WEIGHT_NAME = "kohya_lora.safetensors"  # must not end with diffusers' pytorch_lora_weights.safetensors
 CONVERSION_METADATA_KEY = "ghibli_kohya_conversion"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}

@@ -110,7 +110,7 @@ def _job_exit_code(job_id: str) -> int:
 def prepare_offline(train_args: list[str]) -> None:
     """Before submitting: the base model (and VAE) resolved here, fetched once into the Hugging Face cache
     when it is a Hub id, and the dataset checked, so the tasks run offline and none fails on a bad image."""
-    from utils.data.listing import load_training_examples
+    from utils.training.recipe import training_examples as load_training_examples
     from utils.training.flags import parse_training_args
 
     args = parse_training_args(["--lora_rank", "1", *train_args])

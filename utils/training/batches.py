@@ -98,8 +98,7 @@ class BucketBatchSampler(torch.utils.data.Sampler):
         return batches
 
     def __iter__(self):
-        self._epoch_batches = self._batches()
-        return iter(self._epoch_batches)
+        return iter(self._batches())
 
     def __len__(self) -> int:
         # Counted per bucket, without building and shuffling an epoch: the batch count does not depend on
@@ -130,19 +129,6 @@ class PixelDataset(torch.utils.data.Dataset):
         return item
 
 
-class IndexDataset(torch.utils.data.Dataset):
-    """Index -> index (used with the cache, where everything else is already in memory)."""
-
-    def __init__(self, size: int):
-        self.size = size
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __getitem__(self, index: int) -> dict:
-        return {"index": index}
-
-
 def orientation_time_ids(prepared: Prepared) -> torch.Tensor:
     """(2, 6): the SDXL time ids of the image as is (row 0) and mirrored (row 1)."""
     flipped = prepared.flipped()
@@ -154,10 +140,11 @@ def orientation_time_ids(prepared: Prepared) -> torch.Tensor:
 
 def make_loader(args: argparse.Namespace, items: list) -> tuple[BucketBatchSampler, torch.utils.data.DataLoader]:
     """Batches of one bucket each, in a seeded order (kohya's repeats counted); dataset indices when
-    cached, else pixels."""
+    cached (everything else is in memory then), else pixels."""
     sampler = BucketBatchSampler([item.bucket for item in items], args.train_batch_size, args.seed,
                                  repeats=[item.example.repeats for item in items])
-    dataset = IndexDataset(len(items)) if args.cache else PixelDataset(items, args.center_crop, args.masked_loss)
+    dataset = ([{"index": index} for index in range(len(items))] if args.cache
+               else PixelDataset(items, args.center_crop, args.masked_loss))
     dataloader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=args.dataloader_num_workers,
         generator=torch.Generator().manual_seed(args.seed),  # keeps the global RNG untouched for resume

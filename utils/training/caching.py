@@ -110,7 +110,7 @@ def fill_caches(batch_maker, items: list[Item], args, accelerator) -> None:
     folder = latent_cache_dir(args) if args.cache_latents_to_disk else None
     with accelerator.main_process_first():
         batch_maker.latent_cache = cache_latents(items, components.vae, args.center_crop, args.random_flip,
-                                                 model_id, folder, getattr(args, "masked_loss", False))
+                                                 model_id, folder, args.masked_loss)
     if shuffles(args) and not args.train_text_encoder:
         logger.info("Text embeddings are not cached: --shuffle_caption changes the captions at every step "
                     "(the latents stay cached)")

@@ -1,5 +1,9 @@
 """Resumable checkpoints: ``checkpoints/checkpoint-{step}/`` (accelerate state with the LoRA weights, the
-optimizer, the scheduler and the RNGs, plus training_state.json), written atomically, and resume."""
+optimizer, the scheduler and the RNGs, plus training_state.json), written atomically, and resume.
+
+``save_checkpoint`` reads the run's layout, its state and ``--checkpoints_total_limit``; ``resume`` the
+checkpoint to load; ``resume_point`` the flags that name the run (--resume_from_checkpoint, --output_dir,
+the rank, alpha and learning rate)."""
 
 from __future__ import annotations
 
@@ -11,14 +15,10 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from utils.core.atomic import write_json
-from utils.core.names import CONFIG_FILE
-from utils.training.run_dir import run_name
-from utils.training.state import TrainState
+from utils.core.layout import CONFIG_FILE, FINAL_MODEL, TRAINING_STATE_FILE, RunLayout, run_name
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
 RESTORED = ("global_step", "best_metric", "best_epoch", "initial_eval_loss", "last_eval_loss", "skipped_steps")
 
 
@@ -52,12 +52,12 @@ def register_checkpoint_hooks(accelerator) -> None:
 
 def checkpoints_of(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first (a half-written one has no training_state.json)."""
-    folder = run_dir / "checkpoints"
+    folder = RunLayout(run_dir).checkpoints
     if not folder.is_dir():
         return []
-    found = [p for p in folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX)
-             and p.name[len(CHECKPOINT_PREFIX):].isdigit() and (p / "training_state.json").is_file()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    found = [p for p in folder.iterdir()
+             if RunLayout.checkpoint_step(p) is not None and (p / TRAINING_STATE_FILE).is_file()]
+    return sorted(found, key=RunLayout.checkpoint_step)
 
 
 def resume_point(args: argparse.Namespace, dataset_type: str) -> tuple[Path | None, Path | None]:
@@ -70,7 +70,7 @@ def resume_point(args: argparse.Namespace, dataset_type: str) -> tuple[Path | No
         return None, None
     if wanted != "latest":
         path = Path(wanted)
-        if (path / "training_state.json").is_file():
+        if (path / TRAINING_STATE_FILE).is_file():
             return path.parent.parent, path
         found = checkpoints_of(path)
         if found:
@@ -79,13 +79,13 @@ def resume_point(args: argparse.Namespace, dataset_type: str) -> tuple[Path | No
             logger.warning("%s has no resumable checkpoint yet; training it again from the start", path)
             return path, None
         raise FileNotFoundError(f"{path}: not a complete checkpoint (no training_state.json) or run folder")
-    suffix = run_name(args, dataset_type)[len("YYYYmmdd_HHMMSS"):]
+    suffix = run_name(dataset_type, args.lora_rank, args.lora_alpha, args.learning_rate)[len("YYYYmmdd_HHMMSS"):]
     runs = [p for p in Path(args.output_dir).glob(f"*{suffix}*") if p.is_dir() and not p.name.startswith(".")]
     with_state = [p for p in runs if checkpoints_of(p)]
     if with_state:
         newest = max((checkpoints_of(run)[-1] for run in with_state), key=lambda p: p.stat().st_mtime)
         return newest.parent.parent, newest
-    unfinished = [p for p in runs if not (p / "final_model").is_dir()]
+    unfinished = [p for p in runs if not (p / FINAL_MODEL).is_dir()]
     if unfinished:
         run_dir = max(unfinished, key=lambda p: p.stat().st_mtime)
         logger.warning("--resume_from_checkpoint latest: %s stopped before its first checkpoint; training it "
@@ -96,9 +96,11 @@ def resume_point(args: argparse.Namespace, dataset_type: str) -> tuple[Path | No
     return None, None
 
 
-def save_checkpoint(accelerator, settings, state: TrainState, ema=None) -> Path:
-    """accelerate state (LoRA, optimizer, scheduler, RNG) written to a temp folder, renamed when complete."""
-    final = settings.run_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{state.global_step}"
+def save_checkpoint(accelerator, layout: RunLayout, state, ema=None, total_limit: int | None = None) -> Path:
+    """accelerate state (LoRA, optimizer, scheduler, RNG) and ``state`` (a ``TrainState``) as
+    training_state.json, written to a temp folder and renamed when complete; then only the newest
+    ``total_limit`` checkpoints are kept."""
+    final = layout.checkpoint(state.global_step)
     staging = final.with_name(f".{final.name}.tmp")
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
@@ -109,10 +111,12 @@ def save_checkpoint(accelerator, settings, state: TrainState, ema=None) -> Path:
     if accelerator.is_main_process:
         if ema is not None:
             ema.save(staging)
-        write_json(staging / "training_state.json", asdict(state))
+        # Plain writes: the folder's rename below makes the whole checkpoint appear at once.
+        (staging / TRAINING_STATE_FILE).write_text(
+            json.dumps(asdict(state), indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
-        prune_checkpoints(settings.run_dir, settings.args.checkpoints_total_limit)
+        prune_checkpoints(layout.root, total_limit)
         logger.info("Saved resumable state to %s", final)
     accelerator.wait_for_everyone()
     return final
@@ -125,12 +129,11 @@ def prune_checkpoints(run_dir: Path, limit: int | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def resume(accelerator, settings, state: TrainState, ema=None) -> None:
-    """Load the checkpoint of ``settings.resume_checkpoint`` (if any) into the prepared objects and ``state``."""
-    path = settings.resume_checkpoint
+def resume(accelerator, path: Path | None, state, ema=None) -> None:
+    """Load the checkpoint at ``path`` (if any) into the prepared objects and ``state`` (a ``TrainState``)."""
     if not path:
         return
-    saved = json.loads((path / "training_state.json").read_text())
+    saved = json.loads((path / TRAINING_STATE_FILE).read_text())
     if saved["steps_per_epoch"] != state.steps_per_epoch:
         raise RuntimeError(f"{path}: saved with {saved['steps_per_epoch']} steps per epoch, this run has "
                            f"{state.steps_per_epoch}; resume with the same dataset, batch size and processes")

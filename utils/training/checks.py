@@ -7,8 +7,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from utils.core.errors import TrainingError
 from utils.core.model_source import check_base_model
-from utils.training.settings import TrainingError
 
 
 def check_args(args: argparse.Namespace) -> None:

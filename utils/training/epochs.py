@@ -1,10 +1,15 @@
 """The end-of-epoch policy: after each epoch its row in logs/training_log.csv, best_model/ and
-checkpoint_epoch_{epoch}/, then the loss plot and validation images; at the end final_model/."""
+checkpoint_epoch_{epoch}/, then the loss plot and validation images; at the end final_model/ (and an
+interrupted_model/ left by a stop before a resume goes).
+
+They read the run (``run.Run``) and of its flags --save_steps, --logging_dir, --validation_prompt,
+--validation_prompts_file and --validation_epochs."""
 
 from __future__ import annotations
 
 import logging
 import math
+import shutil
 
 from utils.training.adapters import weights_of
 from utils.training.lora_folders import save_model_folder
@@ -40,8 +45,8 @@ def _best_model(run, epoch: int, metric: float, info: dict) -> None:
     state = run.state
     if math.isfinite(metric) and metric < state.best_metric:
         state.best_metric, state.best_epoch = metric, epoch
-        save_model_folder(run.accelerator, run.settings.run_dir / "best_model", run.models, run.settings, state,
-                          "best_model_info.json", info, ema=run.ema)
+        save_model_folder(run.accelerator, run.settings.layout.best_model, run.models, run.settings, state, info,
+                          ema=run.adapter.ema)
 
 
 def _epoch_checkpoint(run, epoch: int, info: dict) -> None:
@@ -50,10 +55,10 @@ def _epoch_checkpoint(run, epoch: int, info: dict) -> None:
     if not settings.args.save_steps or (epoch + 1) % settings.args.save_steps:
         return
     info = {"epoch": epoch, "global_step": run.state.global_step, **info}  # the original's key order
-    save_model_folder(run.accelerator, settings.run_dir / f"checkpoint_epoch_{epoch}", run.models, settings,
-                      run.state, "checkpoint_info.json", info, ema=run.ema)
+    save_model_folder(run.accelerator, settings.layout.epoch_model(epoch), run.models, settings, run.state, info,
+                      ema=run.adapter.ema)
     if run.accelerator.is_main_process:
-        plot_losses(settings.run_dir, settings.args.logging_dir)
+        plot_losses(settings.layout)
 
 
 def _validation(run, epoch: int) -> None:
@@ -61,19 +66,23 @@ def _validation(run, epoch: int) -> None:
     settings = run.settings
     if (settings.args.validation_prompt or settings.args.validation_prompts_file) and (epoch + 1) % settings.args.validation_epochs == 0:
         from utils.training.validation import log_validation_images
-        with weights_of(run.ema):
+        with weights_of(run.adapter.ema):
             log_validation_images(run.accelerator, settings.args, settings.run_dir, run.components, run.models,
                                   epoch + 1, run.state.global_step)
 
 
 def finish(run) -> None:
-    """final_model/ (with the run's summary) and the last loss plot."""
-    accelerator, state, run_dir = run.accelerator, run.state, run.settings.run_dir
+    """final_model/ (with the run's summary) and the last loss plot. A resumed run that had been stopped
+    leaves no interrupted_model/ beside its final_model/: final_model/ holds the later weights."""
+    accelerator, state, layout = run.accelerator, run.state, run.settings.layout
     accelerator.wait_for_everyone()
-    save_model_folder(accelerator, run_dir / "final_model", run.models, run.settings, state, "final_model_info.json",
+    save_model_folder(accelerator, layout.final_model, run.models, run.settings, state,
                       {"step": state.global_step, "initial_eval_loss": state.initial_eval_loss,
                        "final_eval_loss": state.last_eval_loss, "best_epoch": state.best_epoch,
-                       "skipped_nonfinite_steps": state.skipped_steps}, ema=run.ema)
+                       "skipped_nonfinite_steps": state.skipped_steps}, ema=run.adapter.ema)
     if accelerator.is_main_process:
-        plot_losses(run_dir, run.settings.args.logging_dir)
-        logger.info("Finished: %s", run_dir / "final_model")
+        if layout.interrupted_model.is_dir():
+            shutil.rmtree(layout.interrupted_model)
+            logger.info("Removed %s: the run went on to %s", layout.interrupted_model, layout.final_model)
+        plot_losses(layout)
+        logger.info("Finished: %s", layout.final_model)

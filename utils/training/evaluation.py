@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from utils.core.errors import TrainingError
 from utils.core.sdxl import encode_prompts, scale_latents, vae_latent_distribution
 from utils.data.records import Example
 from utils.training.batches import Item, orientation_time_ids, prepare_item
 from utils.training.loss import denoising_loss
 from utils.training.model_inputs import Batch, caption_text
-from utils.training.settings import TrainingError
 
 EVAL_BUDGET = 0.05  # share of the training compute the fixed-noise loss may take
 FORWARD_PER_TRAINING_SAMPLE = 3  # a training step (forward + backward) costs about 3 forward passes
@@ -86,14 +86,14 @@ def eval_timesteps(samples: int, num_train_timesteps: int) -> torch.Tensor:
     return torch.linspace(0, num_train_timesteps - 1, samples * 2 + 1)[1::2].round().long()
 
 
-def evaluation_plan(args: argparse.Namespace, num_items: int, num_processes: int) -> EvalPlan:
-    """The fixed-noise loss's cadence and size for this run's planned training compute."""
-    batches = math.ceil(num_items / args.train_batch_size)
-    steps_per_epoch = math.ceil(math.ceil(batches / num_processes) / args.gradient_accumulation_steps)
-    steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+def evaluation_plan(args: argparse.Namespace, steps_per_epoch: int, max_train_steps: int,
+                    num_processes: int) -> EvalPlan:
+    """The fixed-noise loss's cadence and size for this run's planned training compute (the run's optimizer
+    steps, as the recipe counted them; --train_batch_size, --gradient_accumulation_steps, --eval_loss_epochs
+    and --eval_loss_samples)."""
     effective_batch = args.train_batch_size * args.gradient_accumulation_steps * num_processes
-    return plan_evaluation(steps * effective_batch, math.ceil(steps / steps_per_epoch), args.eval_loss_epochs,
-                           args.eval_loss_samples)
+    return plan_evaluation(max_train_steps * effective_batch, math.ceil(max_train_steps / steps_per_epoch),
+                           args.eval_loss_epochs, args.eval_loss_samples)
 
 
 @dataclass
@@ -148,10 +148,10 @@ def evaluate(unet, noise_scheduler, eval_set: EvalSet) -> float | None:
 def evaluate_base(run) -> float | None:
     """The loss before training, measured with the adapters off: LoRA starts as the identity (B = 0),
     so this equals the loss at step 0 without costing set-up time before the first step."""
-    unet = run.accelerator.unwrap_model(run.unet)
+    unet = run.accelerator.unwrap_model(run.components.unet)
     unet.disable_adapters()
     try:
-        return evaluate(run.unet, run.components.noise_scheduler, run.eval_set)
+        return evaluate(run.components.unet, run.components.noise_scheduler, run.eval_set)
     finally:
         unet.enable_adapters()
 

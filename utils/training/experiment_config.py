@@ -7,17 +7,16 @@ from __future__ import annotations
 
 import math
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import torch
 
 from utils.core.atomic import write_json, write_text
-from utils.core.names import CONFIG_FILE
+from utils.core.layout import RUN_STAMP_FORMAT, run_stamp
 from utils.core.secrets import mask_argv
 from utils.data.records import folder_counts
 from utils.training.config_file import RUN_CONFIG_FILE, config_toml
-from utils.training.run_dir import run_timestamp
-from utils.training.state import TrainState
 
 
 def command_line(argv: list[str] | None = None) -> str:
@@ -31,18 +30,20 @@ def tracker_config(settings) -> dict:
     return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in settings.as_config().items()}
 
 
-def write_experiment_config(accelerator, settings, state: TrainState, num_images: int, num_held_out: int,
+def write_experiment_config(accelerator, settings, state, num_images: int, num_held_out: int,
                             mixed_precision: str) -> None:
     """experiment_config.json: every flag (derived values resolved), the original's experiment_name and
-    timestamp, and the facts of this run."""
+    timestamp (the run folder's, or now for a folder named otherwise), and the facts of this run
+    (``settings``: the run's ``RunSettings``, ``state`` its ``TrainState``)."""
     if not accelerator.is_main_process:
         return
     import diffusers
     import peft
 
-    run_dir = settings.run_dir
+    layout = settings.layout
     config = settings.as_config()
-    config.update(experiment_name=run_dir.name, timestamp=run_timestamp(run_dir))
+    config.update(experiment_name=layout.root.name,
+                  timestamp=run_stamp(layout.root) or datetime.now().strftime(RUN_STAMP_FORMAT))
     config.update(
         num_train_images=num_images,
         num_held_out_images=num_held_out,
@@ -61,8 +62,8 @@ def write_experiment_config(accelerator, settings, state: TrainState, num_images
         versions={"torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__},
     )
     config.update(state.speed_info)  # the resolved gradient checkpointing and evaluation plan
-    write_json(run_dir / CONFIG_FILE, config)
-    write_text(run_dir / RUN_CONFIG_FILE, config_toml(settings.args))
+    write_json(layout.config, config)
+    write_text(layout.root / RUN_CONFIG_FILE, config_toml(settings.args))
 
 
 # ----------------------------------------------------------------------------- what the run trains on

@@ -10,11 +10,11 @@ import tempfile
 from pathlib import Path
 
 from utils.core.atomic import write_json
+from utils.core.layout import model_info_file
 from utils.core.names import SDXL_BASE_MODEL_VERSION
 from utils.lora.files import save_lora
 from utils.training.adapters import RAW_WEIGHT_NAME, weights_of
 from utils.training.experiment_config import command_line
-from utils.training.state import TrainState
 
 
 def unwrapped(accelerator, models: list) -> tuple:
@@ -22,10 +22,11 @@ def unwrapped(accelerator, models: list) -> tuple:
     return models[0], (models[1:] or None)
 
 
-def save_model_folder(accelerator, folder: Path, models: list, settings, state: TrainState, info_name: str | None,
-                      info: dict, ema=None) -> None:
-    """Write a LoRA folder (diffusers format) and, beside the weights, its info JSON. With ``ema`` the folder's
-    model is the moving average, and the raw weights are kept beside it (``raw_lora_weights.safetensors``)."""
+def save_model_folder(accelerator, folder: Path, models: list, settings, state, info: dict, ema=None) -> None:
+    """Write a LoRA folder (diffusers format) and, beside the weights, its info JSON (named for the folder:
+    ``best_model_info.json``, ``checkpoint_info.json``, ...). With ``ema`` the folder's model is the moving
+    average, and the raw weights are kept beside it (``raw_lora_weights.safetensors``). ``settings`` is the
+    run's ``RunSettings``, ``state`` its ``TrainState``."""
     if not accelerator.is_main_process:
         return
     unet, text_encoders = unwrapped(accelerator, models)
@@ -43,11 +44,10 @@ def save_model_folder(accelerator, folder: Path, models: list, settings, state: 
         with weights_of(ema):
             save_lora(folder, unet, text_encoders, training_metadata={**metadata, "adapter_weights": info[
                 "adapter_weights"]}, extra_files=lambda staging: [copy(staging) for copy in copies])
-    if info_name:
-        write_json(folder / info_name, info)
+    write_json(folder / model_info_file(folder.name), info)
 
 
-def lora_metadata(settings, state: TrainState) -> dict:
+def lora_metadata(settings, state) -> dict:
     """Facts about the training stored in the LoRA file's header (no secrets, no local paths but the model's)."""
     return {
         "base_model": settings.args.pretrained_model_name_or_path,

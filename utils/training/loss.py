@@ -93,19 +93,16 @@ def timestep_weights(strategy: str, multiplier: float, begin: int, end: int, por
     return weights / weights.sum()
 
 
-def biased(args) -> bool:
-    return getattr(args, "timestep_bias_strategy", "none") != "none"
-
-
 def sample_timesteps(args, num_timesteps: int, count: int, device: torch.device) -> torch.Tensor:
     """``count`` timesteps (long) on ``device``, drawn from torch's global generator. Uniform draws are
-    exactly the ones the trainer always made."""
-    if biased(args):
+    exactly the ones the trainer always made. Reads --timestep_bias_* and --timestep_sampling (with
+    --logit_mean, --logit_std)."""
+    if args.timestep_bias_strategy != "none":
         weights = timestep_weights(args.timestep_bias_strategy, args.timestep_bias_multiplier,
                                    args.timestep_bias_begin, args.timestep_bias_end,
                                    args.timestep_bias_portion, num_timesteps)
         return torch.multinomial(weights.float(), count, replacement=True).to(device)
-    if getattr(args, "timestep_sampling", "uniform") == "logit_normal":
+    if args.timestep_sampling == "logit_normal":
         normal = torch.randn(count) * args.logit_std + args.logit_mean
         fraction = torch.sigmoid(normal)
         return (fraction * num_timesteps).long().clamp(max=num_timesteps - 1).to(device)

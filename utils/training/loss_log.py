@@ -1,7 +1,9 @@
-"""The loss logs of a run, written, read and drawn (``logs/loss_curve.png``) in one place.
+"""The loss logs of a run, buffered, written, read and drawn (``logs/loss_curve.png``) in one place.
 
     logs/training_log.csv     one row per epoch (0-based), loss = the epoch's mean
     logs/training_steps.csv   the same columns, one row per optimizer step
+
+The step losses wait on the device (``StepLosses``) and are read into the per-step log every few steps.
 
 Everything that reads a loss log (the run's loss plot, the sweep's overlay, tests) goes through
 ``find_loss_log`` and ``read_losses``, and smooths with ``moving_average``.
@@ -10,14 +12,15 @@ Everything that reads a loss log (the run's loss plot, the sweep's overlay, test
 from __future__ import annotations
 
 import csv
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from utils.core.atomic import replace_file, save_figure
-from utils.core.names import TIMESTAMP_FORMAT
+import torch
 
-EPOCH_LOG = "training_log.csv"  # the original's per-epoch log
-STEP_LOG = "training_steps.csv"  # one row per optimizer step
+from utils.core.atomic import replace_file, save_figure
+from utils.core.layout import EPOCH_LOG, STEP_LOG, TIMESTAMP_FORMAT, RunLayout
+
 LOSS_LOGS = (STEP_LOG, EPOCH_LOG)  # the per-step log first; the original (and older runs) only have the second
 
 
@@ -98,20 +101,65 @@ class CsvLog:
             csv.writer(handle).writerow([epoch, step, loss, learning_rate, log_timestamp()])
 
 
-def open_logs(run_dir: Path, logging_dir: str, enabled: bool, keep_until_step: int) -> tuple[CsvLog, CsvLog]:
+def open_logs(layout: RunLayout, enabled: bool, keep_until_step: int) -> tuple[CsvLog, CsvLog]:
     """(per-epoch log, per-step log) of the run, cut back to ``keep_until_step``."""
-    folder = run_dir / logging_dir
-    return (CsvLog(folder / EPOCH_LOG, enabled, keep_until_step), CsvLog(folder / STEP_LOG, enabled, keep_until_step))
+    return (CsvLog(layout.epoch_log, enabled, keep_until_step), CsvLog(layout.step_log, enabled, keep_until_step))
+
+
+# ----------------------------------------------------------------------------- step losses, buffered
+
+
+@dataclass
+class StepRecord:
+    epoch: int
+    step: int
+    learning_rate: float
+    loss: float
+    skipped: bool  # the optimizer step was skipped for a non-finite loss or gradient
+
+
+@dataclass
+class StepLosses:
+    """Per-step losses and skip flags kept on the device, read in one transfer every ``read_every`` steps.
+
+    On a GPU a ``.item()`` per step would make the host wait for the step to finish before queuing
+    the next one; here the host reads only at log points (and where the loop needs the values:
+    epoch ends, checkpoints, stops).
+    """
+
+    read_every: int
+    pending: list = field(default_factory=list)
+
+    def add(self, epoch: int, step: int, learning_rate: float, loss: torch.Tensor, skipped: torch.Tensor) -> None:
+        self.pending.append((epoch, step, learning_rate, loss.detach().float().reshape(()),
+                             skipped.detach().float().reshape(())))
+
+    def due(self, step: int) -> bool:
+        return bool(self.pending) and (self.read_every <= 1 or step % self.read_every == 0)
+
+    def read(self) -> list[StepRecord]:
+        if not self.pending:
+            return []
+        values = torch.stack([torch.stack([loss, skipped]) for *_, loss, skipped in self.pending]).cpu().tolist()
+        records = [StepRecord(epoch, step, lr, loss, bool(skipped))
+                   for (epoch, step, lr, _, _), (loss, skipped) in zip(self.pending, values)]
+        self.pending = []
+        return records
+
+
+def read_interval(device_type: str) -> int:
+    """Steps between host reads of the losses: every step on a CPU (a read costs nothing there)."""
+    return 1 if device_type == "cpu" else 25
 
 
 # ----------------------------------------------------------------------------- the loss curve
 
 
-def plot_losses(run_dir: Path, logging_dir: str) -> None:
+def plot_losses(layout: RunLayout) -> None:
     """Redraw ``{logging_dir}/loss_curve.png`` of a run from its loss log (if it has one yet)."""
-    log = find_loss_log(run_dir / logging_dir)
+    log = find_loss_log(layout.logs)
     if log is not None:
-        plot_loss_curve(log, run_dir / logging_dir / "loss_curve.png")
+        plot_loss_curve(log, layout.loss_curve)
 
 
 def plot_loss_curve(csv_path: Path, png_path: Path) -> Path:

@@ -2,7 +2,10 @@
 VAE, caption embeddings from the cache or the text encoders, SDXL's time ids, and the optional loss mask
 and per-image loss weights. Captions are varied as kohya sd-scripts does it (``caption_text``): split at
 ``--caption_separator``, the first ``--keep_tokens`` pieces kept in front, the rest shuffled
-(``--shuffle_caption``), joined with ", ", and ``--caption_prefix`` (e.g. a trigger word) put in front."""
+(``--shuffle_caption``), joined with ", ", and ``--caption_prefix`` (e.g. a trigger word) put in front.
+
+Flags read: ``BatchMaker`` --random_flip, --caption_dropout, --masked_loss, --prior_loss_weight and the caption
+flags; ``caption_text`` --shuffle_caption, --keep_tokens, --caption_separator, --caption_prefix."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from utils.core.sdxl import encode_prompts, scale_latents, vae_latent_distribution
+from utils.core.sdxl import encode_prompts, latent_scaling, vae_latent_distribution
 from utils.training.batches import Item, latent_mask
 
 
@@ -39,6 +42,7 @@ class BatchMaker:
 
     def __post_init__(self) -> None:
         self.has_reg = any(item.example.is_reg for item in self.items)
+        self.latent_shift, self.latent_factor = latent_scaling(self.components.vae)  # read once, not per batch
 
     def __call__(self, loader_batch: dict) -> Batch:
         indices = loader_batch["index"].tolist()
@@ -55,7 +59,7 @@ class BatchMaker:
             pixels[flips] = pixels[flips].flip(-1)
             latents = vae_latent_distribution(vae, pixels).sample()
             ids = loader_batch["time_ids"][torch.arange(count), flips.long()]
-        latents = scale_latents(vae, latents.float()).to(self.weight_dtype).contiguous()
+        latents = ((latents.float() - self.latent_shift) * self.latent_factor).to(self.weight_dtype).contiguous()
         captions = [caption_text(self.items[i].example.caption, self.args) for i in indices]
         embeds, pooled = self.encode(captions)
         if self.args.caption_dropout > 0:
@@ -71,7 +75,7 @@ class BatchMaker:
     def masks(self, indices: list[int], flips: torch.Tensor, loader_batch: dict,
               latents: torch.Tensor) -> torch.Tensor | None:
         """--masked_loss: the batch's masks (B, 1, h, w) at latent size, mirrored where the image is."""
-        if not getattr(self.args, "masked_loss", False):
+        if not self.args.masked_loss:
             return None
         if self.latent_cache is not None:
             masks = torch.stack([self.latent_cache.masks[i][int(f)] for i, f in zip(indices, flips)])
@@ -85,7 +89,7 @@ class BatchMaker:
         """(B,): --prior_loss_weight for regularisation images, 1 for the others; None without them."""
         if not self.has_reg:
             return None
-        weight = float(getattr(self.args, "prior_loss_weight", 1.0))
+        weight = float(self.args.prior_loss_weight)
         return self.to_device(torch.tensor([weight if self.items[i].example.is_reg else 1.0 for i in indices]))
 
     def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,18 +111,17 @@ class BatchMaker:
 
 def shuffles(args) -> bool:
     """Whether captions change from step to step (then their text embeddings cannot be cached)."""
-    return bool(getattr(args, "shuffle_caption", False))
+    return bool(args.shuffle_caption)
 
 
 def caption_text(caption: str, args, generator: torch.Generator | None = None, shuffle: bool = True) -> str:
     """The caption a step trains on. Without shuffling it is fixed (the prefix, if any, added); with it,
     the order of the tokens after the kept ones is drawn from ``generator`` (default: torch's global one,
     which a resumed run restores). ``shuffle=False``: the fixed form (the fixed-noise loss uses it)."""
-    separator = getattr(args, "caption_separator", ",")
-    prefix = getattr(args, "caption_prefix", None)
+    separator, prefix = args.caption_separator, args.caption_prefix
     if shuffle and shuffles(args):
         tokens = [token.strip() for token in caption.strip().split(separator)]
-        keep = max(0, getattr(args, "keep_tokens", 0))
+        keep = max(0, args.keep_tokens)
         fixed, free = tokens[:keep], tokens[keep:]
         order = torch.randperm(len(free), generator=generator).tolist()
         caption = ", ".join(fixed + [free[i] for i in order])

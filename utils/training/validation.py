@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils.core.layout import RunLayout
 from utils.core.prompt_file import PromptSpec, read_prompt_file
 
 logger = logging.getLogger(__name__)
@@ -15,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 def validation_specs(args) -> list[PromptSpec]:
     """The validation prompts: --validation_prompts_file's lines, else --validation_prompt's prompts."""
-    if getattr(args, "validation_prompts_file", None):
+    if args.validation_prompts_file:
         return read_prompt_file(args.validation_prompts_file)
     return [PromptSpec(prompt) for prompt in args.validation_prompt or []]
 
@@ -43,7 +44,7 @@ def log_validation_images(accelerator, args, run_dir: Path, components, models: 
     was_training = unet.training
     unet.eval()
     saved = []
-    folder = run_dir / "validation"
+    folder = RunLayout(run_dir).validation
     folder.mkdir(parents=True, exist_ok=True)
     for prompt_index, spec in enumerate(validation_specs(args)):
         generator = torch.Generator(device="cpu").manual_seed(args.seed if spec.seed is None else spec.seed)
