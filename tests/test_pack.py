@@ -9,8 +9,9 @@ import torch
 
 from utils.core.sdxl import encode_tokens, load_components, tokenize
 from utils.training.flags import parse_training_args
+from utils.training.adapters import add_adapters
 from utils.training.model_inputs import Batch
-from utils.training.pack import (Routing, add_adapters, auto_pack_size, choose_pack_size, make_member, pack_key,
+from utils.training.pack import (Routing, auto_pack_size, choose_pack_size, make_member, pack_key,
                                  packed_step, routes, unpackable_reason)
 
 # Measured on a CPU in fp32 (test_a_pack_trains_as_its_runs_alone, relative L2 distances): packed and
@@ -225,9 +226,8 @@ def test_a_packed_run_saves_the_lora_file_a_run_alone_saves(tiny_model_dir, tmp_
     pipeline through diffusers and predicts what the pack predicts for that run (one name routing the batch)."""
     from tests.helpers import assert_same_lora, load_pipe
     from utils.lora.files import save_lora
-    from utils.training.adapters import inject_lora
+    from utils.training.adapters import adapter_name, inject_lora
     from utils.training.loss import predict
-    from utils.training.pack import adapter_name
 
     runs = [run_flags(4, 8.0), run_flags(2, 4.0)]
     components, packed = trained_pack(tiny_model_dir, runs)

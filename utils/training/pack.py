@@ -30,7 +30,6 @@ import contextlib
 import logging
 import math
 import os
-import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
@@ -38,7 +37,7 @@ from typing import Iterator
 import torch
 
 from utils.core.layout import CHECKPOINT_LORA_FILES
-from utils.training.adapters import TEXT_ENCODER_TARGETS, AdapterEMA, lora_config
+from utils.training.adapters import AdapterEMA, adapter_name, lora_config
 from utils.training.loss import batch_loss, predict
 from utils.training.memory import ACTIVATION_MARGIN, FIXED_MARGIN, GIB, estimate_activation_bytes
 from utils.training.model_inputs import Batch
@@ -49,12 +48,6 @@ logger = logging.getLogger(__name__)
 PACKABLE_DIFFERENCES = ("lora_rank", "lora_alpha")
 # fp32 adapter weight + gradient + AdamW's two moments + the EMA copy, per trained parameter
 ADAPTER_STATE_BYTES = 5 * 4
-
-
-def adapter_name(index: int) -> str:
-    """The PEFT adapter name of the pack's ``index``-th run; the first has PEFT's default name, so that a pack
-    of one is a plain run."""
-    return "default" if index == 0 else f"run{index}"
 
 
 # ----------------------------------------------------------------------------- which runs pack
@@ -77,34 +70,6 @@ def pack_key(args: argparse.Namespace) -> tuple:
 
 
 # ----------------------------------------------------------------------------- adapters and routing
-
-
-def add_adapters(components, runs: list[argparse.Namespace]) -> list[list[torch.nn.Parameter]]:
-    """One adapter per run on the UNet (and both text encoders with --train_text_encoder), trainable, fp32.
-
-    Each adapter is initialised from the run's seed alone (the global RNG forked and seeded around it), so
-    it starts from the weights a run alone starts from and the draws that follow do not depend on the ranks
-    of the other runs. Returns each run's trainable parameters, in the model's order."""
-    models = [components.unet] + (list(components.text_encoders) if runs[0].train_text_encoder else [])
-    devices = sorted({p.device.index for m in models for p in m.parameters() if p.device.type == "cuda"})
-    for index, run in enumerate(runs):
-        with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*multiple adapters.*")  # what a pack is
-            torch.manual_seed(run.seed)
-            components.unet.add_adapter(lora_config(run, run.lora_target_modules), adapter_name=adapter_name(index))
-            for encoder in models[1:]:
-                encoder.add_adapter(lora_config(run, TEXT_ENCODER_TARGETS), adapter_name=adapter_name(index))
-    params = []
-    for index in range(len(runs)):
-        own = [p for model in models for name, p in model.named_parameters()
-               if adapter_name(index) in name.split(".")]  # lora_A.run1.weight, hada_w1_a.run1
-        for p in own:
-            p.data = p.data.float()
-            p.requires_grad_(True)
-        params.append(own)
-    if runs[0].enable_xformers_memory_efficient_attention:
-        components.unet.enable_xformers_memory_efficient_attention()
-    return params
 
 
 class Routing:
