@@ -9,7 +9,7 @@ import torch
 
 from utils.core.sdxl import encode_tokens, load_components, tokenize
 from utils.training.flags import parse_training_args
-from utils.training.adapters import add_adapters
+from utils.training.adapters import add_adapters, adapter_name
 from utils.training.model_inputs import Batch
 from utils.training.pack import (Routing, auto_pack_size, choose_pack_size, make_member, pack_key,
                                  packed_step, routes, unpackable_reason)
@@ -26,7 +26,8 @@ BATCH = 2
 
 def run_flags(rank: int, alpha: float, *extra: str) -> list:
     return parse_training_args(["--lora_rank", str(rank), "--lora_alpha", str(alpha), "--learning_rate", "1e-2",
-                                "--lr_scheduler", "constant", "--lr_warmup_steps", "0", *extra])
+                                "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--report_to", "none",
+                                *extra])
 
 
 def frozen(model_dir):
@@ -34,8 +35,8 @@ def frozen(model_dir):
 
 
 def members_of(components, runs):
-    return [make_member(args, params, args.learning_rate, STEPS) for args, params in
-            zip(runs, add_adapters(components, runs))]
+    return [make_member(args, params, args.learning_rate, STEPS, name=adapter_name(i)) for i, (args, params) in
+            enumerate(zip(runs, add_adapters(components, runs)))]
 
 
 def batches(seed: int = 1):
@@ -226,7 +227,7 @@ def test_a_packed_run_saves_the_lora_file_a_run_alone_saves(tiny_model_dir, tmp_
     pipeline through diffusers and predicts what the pack predicts for that run (one name routing the batch)."""
     from tests.helpers import assert_same_lora, load_pipe
     from utils.lora.files import save_lora
-    from utils.training.adapters import adapter_name, inject_lora
+    from utils.training.adapters import inject_lora
     from utils.training.loss import predict
 
     runs = [run_flags(4, 8.0), run_flags(2, 4.0)]
@@ -261,7 +262,7 @@ def test_a_packed_runs_resumable_state_is_a_lone_runs(tiny_model_dir, tmp_path):
     runs = [run_flags(4, 8.0), run_flags(2, 4.0)]
     components, packed = trained_pack(tiny_model_dir, runs)
     accelerator = Accelerator()
-    save_run_state(accelerator, tmp_path, [components.unet], packed[1], 1)
+    save_run_state(accelerator, tmp_path, [components.unet], packed[1])
 
     alone = frozen(tiny_model_dir)
     args = runs[1]
@@ -280,6 +281,64 @@ def test_a_packed_runs_resumable_state_is_a_lone_runs(tiny_model_dir, tmp_path):
 
     again = frozen(tiny_model_dir)
     members = members_of(again, runs)
-    load_run_state(accelerator, tmp_path, [again.unet], members[1], 1)
+    load_run_state(accelerator, tmp_path, [again.unet], members[1])
     assert torch.equal(flat(members[1].params), flat(packed[1].params))
     assert not torch.equal(flat(members[0].params), flat(packed[0].params))  # only its own run was loaded
+
+
+# ----------------------------------------------------------------------------- the trainer: a pack of real runs
+
+PACK_FLAGS = ["--resolution", "64", "--train_batch_size", "2", "--num_train_epochs", "2", "--save_steps", "1",
+              "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--report_to", "none", "--mixed_precision",
+              "no", "--no-gradient_checkpointing", "--checkpointing_steps", "2", "--learning_rate", "1e-3"]
+GRID = [("2", "4"), ("4", "8")]
+
+
+def folder_listing(run_dir) -> set[str]:
+    return {p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def packed_and_alone(tiny_model_dir, tmp_path_factory):
+    """The grid trained as one pack through utils/train_pack.py, and each run alone through train_sdxl_lora.py."""
+    from tests.helpers import run_in_process
+    from utils.tiny.sdxl import make_synthetic_dataset
+
+    base = tmp_path_factory.mktemp("pack")
+    data = make_synthetic_dataset(base / "data", num_images=4)
+    common = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_dir", str(data), *PACK_FLAGS]
+    run_in_process("utils/train_pack.py", *[x for rank, alpha in GRID for x in ("--pack_run", rank, alpha)], "--",
+                   *common, "--output_dir", str(base / "packed"))
+    for rank, alpha in GRID:
+        run_in_process("train_sdxl_lora.py", *common, "--output_dir", str(base / "alone"), "--lora_rank", rank,
+                       "--lora_alpha", alpha)
+    folders = {}
+    for way in ("packed", "alone"):
+        for run_dir in (base / way).iterdir():
+            if run_dir.is_dir() and not run_dir.name.startswith("."):
+                folders[way, run_dir.name.split("_r", 1)[1]] = run_dir
+    return folders
+
+
+@pytest.mark.slow
+def test_a_packed_run_writes_what_it_writes_alone(packed_and_alone):
+    import json
+
+    from tests.helpers import csv_rows
+    from utils.core.layout import CONFIG_FILE, LORA_WEIGHT_NAME, RunLayout
+    from utils.lora.files import read_tensors
+
+    for rank, alpha in GRID:
+        name = f"{rank}_a{float(alpha)}_lr0.001"
+        packed, alone = packed_and_alone["packed", name], packed_and_alone["alone", name]
+        assert folder_listing(packed) == folder_listing(alone)
+        assert json.loads((packed / CONFIG_FILE).read_text()).keys() == json.loads((alone / CONFIG_FILE).read_text()).keys()
+        for log in (RunLayout(packed).epoch_log, RunLayout(packed).step_log):
+            packed_rows, alone_rows = csv_rows(log), csv_rows(RunLayout(alone).root / log.relative_to(packed))
+            assert packed_rows[0].keys() == alone_rows[0].keys() and len(packed_rows) == len(alone_rows)
+            losses = torch.tensor([[float(a["loss"]), float(b["loss"])] for a, b in zip(packed_rows, alone_rows)])
+            assert relative(losses[:, 0], losses[:, 1]) < LOSS_TOLERANCE * 10
+        packed_lora, alone_lora = (read_tensors(RunLayout(folder).final_model / LORA_WEIGHT_NAME)
+                                   for folder in (packed, alone))
+        assert packed_lora.keys() == alone_lora.keys()
+        assert relative(flat(packed_lora.values()), flat(alone_lora[key] for key in packed_lora)) < ADAPTER_TOLERANCE

@@ -63,7 +63,8 @@ def worker(config: dict) -> dict:
     from utils.core.sdxl import DTYPES, SDXLComponents
     from utils.training.flags import parse_training_args
     from utils.training.model_inputs import Batch
-    from utils.training.pack import Routing, add_adapters, make_member, packed_step
+    from utils.training.adapters import add_adapters, adapter_name
+    from utils.training.pack import Routing, make_member, packed_step
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -80,8 +81,8 @@ def worker(config: dict) -> dict:
                                  "--train_batch_size", str(config["train_batch_size"]),
                                  "--lr_scheduler", "constant", "--lr_warmup_steps", "0"])
             for rank, alpha in config["runs"]]
-    members = [make_member(args, params, args.learning_rate, config["steps"])
-               for args, params in zip(runs, add_adapters(components, runs))]
+    members = [make_member(args, params, args.learning_rate, config["steps"], name=adapter_name(i))
+               for i, (args, params) in enumerate(zip(runs, add_adapters(components, runs)))]
     routing = Routing([components.unet]) if len(members) > 1 else None
     if config["gradient_checkpointing"]:
         components.unet.enable_gradient_checkpointing()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -45,7 +46,8 @@ from utils.training.model_inputs import Batch
 logger = logging.getLogger(__name__)
 
 # The flags in which the runs of one pack may differ: everything else is shared (one model, one batch).
-PACKABLE_DIFFERENCES = ("lora_rank", "lora_alpha")
+# and each run's own --run_dir_file (the sweep's record) and --resume_from_checkpoint
+PACKABLE_DIFFERENCES = ("lora_rank", "lora_alpha", "run_dir_file", "resume_from_checkpoint")
 # fp32 adapter weight + gradient + AdamW's two moments + the EMA copy, per trained parameter
 ADAPTER_STATE_BYTES = 5 * 4
 
@@ -59,9 +61,30 @@ def unpackable_reason(args: argparse.Namespace) -> str | None:
         return "--use_dora: PEFT refuses to route a batch between DoRA adapters"
     if args.lora_type != "lora":
         return f"--lora_type {args.lora_type}: PEFT routes a batch between adapters only in its LoRA layers"
+    if args.report_to != "none":
+        return f"--report_to {args.report_to}: the trackers log one run per process (pack with --report_to none)"
     if args.mixed_precision == "fp16" and torch.cuda.is_available():
         return "--mixed_precision fp16: the packed step has no loss scaling (pack with bf16)"
     return None
+
+
+def check_pack(runs: list[argparse.Namespace]) -> None:
+    """Refuse a pack whose runs cannot train together (one run alone always can)."""
+    if len(runs) < 2:
+        return
+    from utils.core.errors import TrainingError
+    for args in runs:
+        reason = unpackable_reason(args)
+        if reason:
+            raise TrainingError(f"cannot train r{args.lora_rank} a{args.lora_alpha:g} in a pack: {reason}")
+    differing = sorted({key for args in runs[1:] for key, value in vars(args).items()
+                        if key not in PACKABLE_DIFFERENCES and vars(runs[0]).get(key) != value})
+    if differing:
+        raise TrainingError(f"the runs of a pack differ in --{', --'.join(differing)}: only --lora_rank and "
+                            "--lora_alpha may differ")
+    names = {(args.lora_rank, args.lora_alpha) for args in runs}
+    if len(names) < len(runs):
+        raise TrainingError("a pack holds each (rank, alpha) once")
 
 
 def pack_key(args: argparse.Namespace) -> tuple:
@@ -107,10 +130,26 @@ class Routing:
             handle.remove()
 
 
-def adapter_state_dict(model: torch.nn.Module, index: int) -> dict[str, torch.Tensor]:
-    """The pack's ``index``-th adapter of ``model`` under the keys a run alone saves (PEFT drops the name)."""
+def adapter_state_dict(model: torch.nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The adapter ``name`` of ``model`` under the keys a run alone saves (PEFT drops the name)."""
     from peft.utils import get_peft_model_state_dict
-    return get_peft_model_state_dict(model, adapter_name=adapter_name(index))
+    return get_peft_model_state_dict(model, adapter_name=name)
+
+
+def own_adapter(run) -> contextlib.AbstractContextManager:
+    """For a run of a pack (a ``run.Run``), every sample routed to its adapter (its evaluation, its validation
+    images); nothing to do for a run alone."""
+    return run.routing.route(run.adapter.name) if run.routing is not None else contextlib.nullcontext()
+
+
+def packed_route(routing: Routing | None, size: int, copies: int) -> contextlib.AbstractContextManager:
+    """A batch of ``size`` repeated ``copies`` times routed copy by copy to the pack's adapters."""
+    return routing.route(routes(size, copies)) if routing is not None and copies > 1 else contextlib.nullcontext()
+
+
+def run_label(run) -> str:
+    """' (r4 a8)' for a run of a pack, in the log lines the runs share; nothing for a run alone."""
+    return f" (r{run.settings.args.lora_rank} a{run.settings.args.lora_alpha:g})" if run.routing is not None else ""
 
 
 def repeat_batch(batch: Batch, copies: int) -> Batch:
@@ -139,12 +178,13 @@ class Member:
     lr_scheduler: object
     max_grad_norm: float  # 0: no clipping
     ema: AdapterEMA | None = None
+    name: str = "default"  # its PEFT adapter name
 
 
 def pack_losses(unet, noise_scheduler, batch: Batch, noise: torch.Tensor, timesteps: torch.Tensor,
-                copies: int, routing: Routing | None, snr_gamma: float | None = None) -> torch.Tensor:
-    """Each run's loss on its own copy of the batch, shape (copies,), in one forward of the UNet. The route
-    stays set after the forward only as long as the caller's ``routing.route`` does: call inside it."""
+                copies: int, snr_gamma: float | None = None) -> torch.Tensor:
+    """Each run's loss on its own copy of the batch, shape (copies,), in one forward of the UNet: call it
+    inside ``packed_route``, and the backward too."""
     size = batch.latents.shape[0]
     packed = repeat_batch(batch, copies)
     packed_noise, packed_timesteps = torch.cat([noise] * copies), torch.cat([timesteps] * copies)
@@ -189,9 +229,8 @@ def packed_step(unet, noise_scheduler, members: list[Member], routing: Routing |
     skipped), one entry per run, on the device. A non-finite loss of one run does not reach another's
     gradient: the runs share no trained weight, and the backward of a sum gives each term its own gradient."""
     copies = len(members)
-    route = routing.route(routes(batch.latents.shape[0], copies)) if copies > 1 else contextlib.nullcontext()
-    with route:
-        losses = pack_losses(unet, noise_scheduler, batch, noise, timesteps, copies, routing, snr_gamma)
+    with packed_route(routing, batch.latents.shape[0], copies):
+        losses = pack_losses(unet, noise_scheduler, batch, noise, timesteps, copies, snr_gamma)
         losses.sum().backward()
     skipped = torch.stack([member_step(member, loss) for member, loss in zip(members, losses)])
     return losses.detach(), skipped
@@ -200,7 +239,16 @@ def packed_step(unet, noise_scheduler, members: list[Member], routing: Routing |
 # ----------------------------------------------------------------------------- one run's resumable state
 
 
-def save_run_state(accelerator, folder: Path, models: list, member: Member, index: int, dataloaders: list = ()) -> None:
+def state_writer(run):
+    """How a run's checkpoint writes its accelerate state: ``accelerator.save_state`` for a run alone (None);
+    for a run of a pack, its own adapter, optimizer and schedule (``save_run_state``)."""
+    if run.routing is None:
+        return None
+    return functools.partial(save_run_state, run.accelerator, models=run.models, adapter=run.adapter,
+                             dataloaders=[run.dataloader])
+
+
+def save_run_state(accelerator, folder: str | Path, models: list, adapter, dataloaders: list = ()) -> None:
     """The pack's ``index``-th run's resumable state in ``folder``, in the files ``accelerator.save_state``
     writes for that run alone (with the trainer's checkpoint hooks): its LoRA of each trained model, its
     optimizer and schedule, the RNG states (the pack's, which are the run's: every run draws the same). A
@@ -210,24 +258,25 @@ def save_run_state(accelerator, folder: Path, models: list, member: Member, inde
 
     if accelerator.is_main_process:
         for model, name in zip(models, CHECKPOINT_LORA_FILES):
-            lora = adapter_state_dict(accelerator.unwrap_model(model), index)
-            save_file({key: value.contiguous() for key, value in lora.items()}, str(folder / name))
-    save_accelerator_state(str(folder), [], [member.optimizer], [member.lr_scheduler], list(dataloaders),
+            lora = adapter_state_dict(accelerator.unwrap_model(model), adapter.name)
+            save_file({key: value.contiguous() for key, value in lora.items()}, str(Path(folder) / name))
+    save_accelerator_state(str(folder), [], [adapter.optimizer], [adapter.lr_scheduler], list(dataloaders),
                            accelerator.process_index, accelerator.step, accelerator.scaler)
 
 
-def load_run_state(accelerator, folder: Path, models: list, member: Member, index: int, dataloaders: list = ()) -> None:
-    """``save_run_state``'s files (or a lone run's checkpoint) into the pack's ``index``-th run."""
+def load_run_state(accelerator, folder: str | Path, models: list, adapter, dataloaders: list = ()) -> None:
+    """``save_run_state``'s files (or a lone run's checkpoint) into a run of a pack (its ``adapter``: a
+    ``run.Adapter``, or anything with its name, optimizer and schedule)."""
     from accelerate.checkpointing import load_accelerator_state
     from peft.utils import set_peft_model_state_dict
     from safetensors.torch import load_file
 
     for model, name in zip(models, CHECKPOINT_LORA_FILES):
-        result = set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(str(folder / name)),
-                                           adapter_name=adapter_name(index))
+        result = set_peft_model_state_dict(accelerator.unwrap_model(model), load_file(str(Path(folder) / name)),
+                                           adapter_name=adapter.name)
         if getattr(result, "unexpected_keys", None):
             raise RuntimeError(f"{folder}: unexpected LoRA keys {result.unexpected_keys[:3]}")
-    load_accelerator_state(str(folder), [], [member.optimizer], [member.lr_scheduler], list(dataloaders),
+    load_accelerator_state(str(folder), [], [adapter.optimizer], [adapter.lr_scheduler], list(dataloaders),
                            accelerator.process_index, accelerator.scaler)
 
 
@@ -308,9 +357,10 @@ def choose_pack_size(grid: int, available: int, per_run: int) -> tuple[int, str]
 
 
 def make_member(args: argparse.Namespace, params: list[torch.nn.Parameter], learning_rate: float,
-                max_train_steps: int, num_processes: int = 1) -> Member:
+                max_train_steps: int, num_processes: int = 1, name: str = "default") -> Member:
     """A run's optimizer, schedule, clipping and EMA from its own flags, as a run alone makes them."""
     from utils.training.optimizer import make_optimizer, make_scheduler
     optimizer = make_optimizer(args, params, learning_rate)
     return Member(params, optimizer, make_scheduler(args, optimizer, max_train_steps, num_processes),
-                  args.max_grad_norm, AdapterEMA(params, args.ema_decay, args.ema_update_every) if args.use_ema else None)
+                  args.max_grad_norm, AdapterEMA(params, args.ema_decay, args.ema_update_every) if args.use_ema else None,
+                  name)
