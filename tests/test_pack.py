@@ -342,3 +342,57 @@ def test_a_packed_run_writes_what_it_writes_alone(packed_and_alone):
                                    for folder in (packed, alone))
         assert packed_lora.keys() == alone_lora.keys()
         assert relative(flat(packed_lora.values()), flat(alone_lora[key] for key in packed_lora)) < ADAPTER_TOLERANCE
+
+
+@pytest.mark.slow
+def test_a_stopped_pack_resumes_each_run_from_its_own_checkpoint(tiny_model_dir, tmp_path):
+    """SIGTERM after the first checkpoint: every run saves its own; the same command resumes them together and
+    ends where an uninterrupted pack ends; one run's folder also goes on alone with train_sdxl_lora.py."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT, run_in_process, wait_for
+    from utils.core.layout import LORA_WEIGHT_NAME, RunLayout
+    from utils.lora.files import read_tensors
+    from utils.tiny.sdxl import make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path / "data", num_images=4)
+    flags = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_dir", str(data), *PACK_FLAGS,
+             "--num_train_epochs", "8", "--resume_from_checkpoint", "latest"]
+    grid = [x for rank, alpha in GRID for x in ("--pack_run", rank, alpha)]
+
+    def pack_command(output: str) -> list[str]:
+        return ["utils/train_pack.py", *grid, "--", *flags, "--output_dir", str(tmp_path / output)]
+
+    def runs(output: str) -> list:
+        return sorted(p for p in (tmp_path / output).iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, *pack_command("stopped")], cwd=ROOT, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (tmp_path / "stopped").is_dir() and len(runs("stopped")) == 2
+             and all(RunLayout(run).checkpoint(2).is_dir() for run in runs("stopped")), 300, "the first checkpoints",
+             process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=300) == 128 + signal.SIGTERM, process.stderr.read()[-2000:]
+    stopped_at = [max(int(p.name.split("-")[1]) for p in RunLayout(run).checkpoints.iterdir()) for run in runs("stopped")]
+    assert len(set(stopped_at)) == 1 and stopped_at[0] < 16  # both saved at the same step, before the end
+    assert all(RunLayout(run).interrupted_model.is_dir() for run in runs("stopped"))
+
+    run_in_process(*pack_command("stopped"))  # the same command: both resume, as a pack
+    run_in_process(*pack_command("straight"))
+    for stopped, straight in zip(runs("stopped"), runs("straight")):
+        resumed_lora = read_tensors(RunLayout(stopped).final_model / LORA_WEIGHT_NAME)
+        straight_lora = read_tensors(RunLayout(straight).final_model / LORA_WEIGHT_NAME)
+        assert relative(flat(resumed_lora.values()), flat(straight_lora[k] for k in resumed_lora)) < ADAPTER_TOLERANCE
+    rank, alpha = GRID[1]
+    checkpoint = RunLayout(runs("stopped")[1]).checkpoint(stopped_at[0])
+    assert checkpoint.is_dir()
+    # the stop's checkpoint of the second run (still there: no --checkpoints_total_limit) goes on alone
+    run_in_process("train_sdxl_lora.py", *flags[:-2], "--output_dir", str(tmp_path / "stopped"), "--lora_rank", rank,
+                   "--lora_alpha", alpha, "--resume_from_checkpoint", str(checkpoint))
+    alone_lora = read_tensors(RunLayout(runs("stopped")[1]).final_model / LORA_WEIGHT_NAME)
+    straight_lora = read_tensors(RunLayout(runs("straight")[1]).final_model / LORA_WEIGHT_NAME)
+    assert relative(flat(alone_lora.values()), flat(straight_lora[k] for k in alone_lora)) < ADAPTER_TOLERANCE
