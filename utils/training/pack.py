@@ -31,7 +31,7 @@ import functools
 import logging
 import math
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -39,7 +39,7 @@ import torch
 
 from utils.core.layout import CHECKPOINT_LORA_FILES
 from utils.training.adapters import AdapterEMA, adapter_name, lora_config
-from utils.training.loss import batch_loss, predict
+from utils.training.loss import pack_losses
 from utils.training.memory import ACTIVATION_MARGIN, FIXED_MARGIN, GIB, estimate_activation_bytes
 from utils.training.model_inputs import Batch
 
@@ -152,15 +152,6 @@ def run_label(run) -> str:
     return f" (r{run.settings.args.lora_rank} a{run.settings.args.lora_alpha:g})" if run.routing is not None else ""
 
 
-def repeat_batch(batch: Batch, copies: int) -> Batch:
-    """The batch ``copies`` times over along the batch dimension (run i's copy is the i-th block)."""
-    if copies == 1:
-        return batch
-    fields = {name: (torch.cat([value] * copies) if isinstance(value, torch.Tensor) else value)
-              for name, value in vars(batch).items()}
-    return replace(batch, **fields)
-
-
 def routes(size: int, copies: int) -> list[str]:
     """``adapter_names`` for a batch of ``size`` repeated ``copies`` times: run i's name on its block."""
     return [adapter_name(i) for i in range(copies) for _ in range(size)]
@@ -179,27 +170,6 @@ class Member:
     max_grad_norm: float  # 0: no clipping
     ema: AdapterEMA | None = None
     name: str = "default"  # its PEFT adapter name
-
-
-def pack_losses(unet, noise_scheduler, batch: Batch, noise: torch.Tensor, timesteps: torch.Tensor,
-                copies: int, snr_gamma: float | None = None) -> torch.Tensor:
-    """Each run's loss on its own copy of the batch, shape (copies,), in one forward of the UNet: call it
-    inside ``packed_route``, and the backward too."""
-    size = batch.latents.shape[0]
-    packed = repeat_batch(batch, copies)
-    packed_noise, packed_timesteps = torch.cat([noise] * copies), torch.cat([timesteps] * copies)
-    prediction, target = predict(unet, noise_scheduler, packed, packed_noise, packed_timesteps)
-    losses = []
-    for i in range(copies):
-        own = slice(i * size, (i + 1) * size)
-        losses.append(batch_loss(prediction[own], target[own], _rows(packed, own), noise_scheduler,
-                                 packed_timesteps[own], snr_gamma))
-    return torch.stack(losses)
-
-
-def _rows(batch: Batch, rows: slice) -> Batch:
-    return replace(batch, **{name: value[rows] for name, value in vars(batch).items()
-                             if isinstance(value, torch.Tensor)})
 
 
 def member_step(member: Member, loss: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ checkpointing), batches, caching, evaluation, epochs (end-of-epoch files), exper
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import time
@@ -42,14 +43,13 @@ from utils.training.checks import check_args, trackers
 from utils.training.epochs import end_of_epoch, finish
 from utils.training.evaluation import build_eval_set, evaluate, evaluate_base, evaluation_plan, split_examples
 from utils.training.experiment_config import dataset_info, dataset_line, tracker_config, write_experiment_config
-from utils.training.loss import sample_noise, sample_timesteps
+from utils.training.loss import pack_losses, sample_noise, sample_timesteps
 from utils.training.loss_log import StepLosses, open_logs, read_interval
 from utils.training.memory import set_gradient_checkpointing
 from utils.training.model_inputs import BatchMaker
 from utils.training.optimizer import loraplus_groups, make_optimizer, make_scheduler
 from utils.training.run import Adapter, Run, RunSettings, Timeline, TrainState, distributed_state, open_run
-from utils.training.pack import (Routing, check_pack, load_run_state, own_adapter, pack_losses, packed_route,
-                                 run_label, state_writer)
+from utils.training.pack import Routing, check_pack, load_run_state, own_adapter, routes, run_label, state_writer
 from utils.training.stop import StopRequest, all_stop, stop_runs
 
 logger = logging.getLogger(__name__)
@@ -365,7 +365,9 @@ def train_step(pack: Run | list[Run], loader_batch: dict) -> tuple[torch.Tensor,
         noise = sample_noise(batch.latents, args.noise_offset)
         timesteps = sample_timesteps(args, scheduler.config.num_train_timesteps, batch.latents.shape[0],
                                      batch.latents.device)
-        with packed_route(lead.routing, batch.latents.shape[0], len(pack)):
+        route = (lead.routing.route(routes(batch.latents.shape[0], len(pack))) if lead.routing is not None
+                 else contextlib.nullcontext())
+        with route:
             losses = pack_losses(unet, scheduler, batch, noise, timesteps, len(pack), args.snr_gamma)
             accelerator.backward(losses.sum())
         if accelerator.sync_gradients:
@@ -444,7 +446,8 @@ def checkpoint_or_stop(pack: list[Run], stop: StopRequest, progress, losses: lis
         for run, run_losses in zip(pack, losses):
             record_losses(run, run_losses, progress)
             save_checkpoint(accelerator, run.settings.layout, run.state, run.adapter.ema,
-                            run.settings.args.checkpoints_total_limit, state_writer(run))
+                            run.settings.args.checkpoints_total_limit,
+                            state_writer(run) if run.routing is not None else None)
     if accelerator.num_processes == 1:
         stopping = stop.requested
     else:
