@@ -148,7 +148,7 @@ def test_text_encoder_lora_routes(tiny_model_dir):
         torch.nn.init.normal_(p, std=0.1)
     routing = Routing([components.unet, *components.text_encoders])
     ids = tokenize(components.tokenizers, prompts)
-    with routing.route(routes(len(prompts), 2)):
+    with routing.route(routes(len(prompts), [adapter_name(0), adapter_name(1)])):
         text_loss(components, ids, 2).sum().backward()
     for i, args in enumerate(runs):
         alone = frozen(tiny_model_dir)
@@ -396,3 +396,22 @@ def test_a_stopped_pack_resumes_each_run_from_its_own_checkpoint(tiny_model_dir,
     alone_lora = read_tensors(RunLayout(runs("stopped")[1]).final_model / LORA_WEIGHT_NAME)
     straight_lora = read_tensors(RunLayout(runs("straight")[1]).final_model / LORA_WEIGHT_NAME)
     assert relative(flat(alone_lora.values()), flat(straight_lora[k] for k in alone_lora)) < ADAPTER_TOLERANCE
+
+
+@pytest.mark.slow
+def test_a_run_that_stops_leaves_the_others_training(tiny_model_dir, tmp_path):
+    """A run whose loss is non-finite at every step (an alpha so large the adapter overflows) stops after
+    --max_nonfinite_steps, as it stops alone; the other run of its pack trains to its final model."""
+    from tests.helpers import run_in_process
+    from utils.core.layout import RunLayout
+    from utils.tiny.sdxl import make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path / "data", num_images=4)
+    result = run_in_process("utils/train_pack.py", "--pack_run", "2", "4", "--pack_run", "2", "1e38", "--",
+                            "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_dir", str(data),
+                            *PACK_FLAGS, "--max_nonfinite_steps", "2", "--output_dir", str(tmp_path / "out"),
+                            check=False)
+    assert result.returncode == 2 and "1 of the pack's 2 runs stopped, the others finished" in result.stderr
+    folders = {p.name.split("_r", 1)[1].split("_lr")[0]: RunLayout(p) for p in (tmp_path / "out").iterdir()
+               if p.is_dir() and not p.name.startswith(".")}
+    assert folders["2_a4.0"].final_model.is_dir() and not folders["2_a1e+38"].final_model.is_dir()

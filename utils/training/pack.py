@@ -142,9 +142,9 @@ def own_adapter(run) -> contextlib.AbstractContextManager:
     return run.routing.route(run.adapter.name) if run.routing is not None else contextlib.nullcontext()
 
 
-def packed_route(routing: Routing | None, size: int, copies: int) -> contextlib.AbstractContextManager:
-    """A batch of ``size`` repeated ``copies`` times routed copy by copy to the pack's adapters."""
-    return routing.route(routes(size, copies)) if routing is not None and copies > 1 else contextlib.nullcontext()
+def packed_route(routing: Routing | None, size: int, names: list[str]) -> contextlib.AbstractContextManager:
+    """A batch of ``size`` repeated once per adapter of ``names`` routed copy by copy to them."""
+    return routing.route(routes(size, names)) if routing is not None and len(names) > 1 else contextlib.nullcontext()
 
 
 def run_label(run) -> str:
@@ -152,9 +152,9 @@ def run_label(run) -> str:
     return f" (r{run.settings.args.lora_rank} a{run.settings.args.lora_alpha:g})" if run.routing is not None else ""
 
 
-def routes(size: int, copies: int) -> list[str]:
-    """``adapter_names`` for a batch of ``size`` repeated ``copies`` times: run i's name on its block."""
-    return [adapter_name(i) for i in range(copies) for _ in range(size)]
+def routes(size: int, names: list[str]) -> list[str]:
+    """``adapter_names`` for a batch of ``size`` repeated once per name: the i-th name on the i-th block."""
+    return [name for name in names for _ in range(size)]
 
 
 # ----------------------------------------------------------------------------- one run of the pack, and the step
@@ -199,7 +199,7 @@ def packed_step(unet, noise_scheduler, members: list[Member], routing: Routing |
     skipped), one entry per run, on the device. A non-finite loss of one run does not reach another's
     gradient: the runs share no trained weight, and the backward of a sum gives each term its own gradient."""
     copies = len(members)
-    with packed_route(routing, batch.latents.shape[0], copies):
+    with packed_route(routing, batch.latents.shape[0], [member.name for member in members]):
         losses = pack_losses(unet, noise_scheduler, batch, noise, timesteps, copies, snr_gamma)
         losses.sum().backward()
     skipped = torch.stack([member_step(member, loss) for member, loss in zip(members, losses)])

@@ -80,12 +80,17 @@ def train_pack(pack_args: list[argparse.Namespace]) -> list[Path]:
         if settings.args.run_dir_file and main_process:  # the sweep's record of where it trains, before other work
             write_text(settings.args.run_dir_file, f"{settings.run_dir.resolve()}\n")
     runs = set_up_pack(pack, examples, timeline, reg_examples)
+    training = list(runs)  # a run that stops leaves this list; the others go on
     try:
         with StopRequest() as stop:
-            train_loop(runs, stop)
+            train_loop(training, stop)
     except torch.cuda.OutOfMemoryError as error:
         raise TrainingError(out_of_memory_message(pack[0])) from error
-    finish_run(runs)
+    finish_run(training)
+    failed = [run for run in runs if run.failure]
+    if failed:
+        raise TrainingError(f"{len(failed)} of the pack's {len(runs)} runs stopped, the others finished: "
+                            + "; ".join(f"{run.settings.run_dir.name}: {run.failure}" for run in failed))
     return [settings.run_dir for settings in pack]
 
 
@@ -279,7 +284,7 @@ def train_loop(pack: Run | list[Run], stop: StopRequest) -> None:
     progress = tqdm(total=state.max_train_steps, initial=state.global_step, desc="Training",
                     disable=not lead.accelerator.is_local_main_process)
     for epoch in range(state.global_step // state.steps_per_epoch, lead.num_epochs):
-        if state.global_step >= state.max_train_steps:  # resumed from the last step's checkpoint
+        if pack[0].state.global_step >= state.max_train_steps:  # resumed from the last step's checkpoint
             break
         deferred = run_epoch(pack, stop, epoch, losses, progress)
         for run, run_losses in zip(pack, losses):
@@ -290,9 +295,10 @@ def train_loop(pack: Run | list[Run], stop: StopRequest) -> None:
                     eval_loss = evaluate(run.components.unet, run.components.noise_scheduler, run.eval_set)
             end_of_epoch(run, epoch, run.adapter.lr_scheduler.get_last_lr()[0], eval_loss,
                          select_by="eval_loss" if run.eval_set.batches else "train_loss")
+        drop_failed(pack, losses)
         if deferred:
             checkpoint_or_stop(pack, stop, progress, losses)
-        if state.global_step >= state.max_train_steps:
+        if pack[0].state.global_step >= state.max_train_steps:  # (a run that stopped left the pack)
             break
     progress.close()
     if state.initial_eval_loss is None and lead.eval_set.batches:
@@ -342,11 +348,12 @@ def run_epoch(pack: list[Run], stop: StopRequest, epoch: int, losses: list[StepL
                            accelerator.gather(local_loss[i][None]).mean(), skipped[i])
             if run_losses.due(run.state.global_step):
                 record_losses(run, run_losses, progress)
+        drop_failed(pack, losses)
         progress.update(1)
-        deferred = state.global_step >= epoch_end
+        deferred = pack[0].state.global_step >= epoch_end  # (a run that stopped left the pack)
         if not deferred:
             checkpoint_or_stop(pack, stop, progress, losses)
-        if state.global_step >= state.max_train_steps:
+        if pack[0].state.global_step >= state.max_train_steps:
             break
     return deferred
 
@@ -365,8 +372,8 @@ def train_step(pack: Run | list[Run], loader_batch: dict) -> tuple[torch.Tensor,
         noise = sample_noise(batch.latents, args.noise_offset)
         timesteps = sample_timesteps(args, scheduler.config.num_train_timesteps, batch.latents.shape[0],
                                      batch.latents.device)
-        route = (lead.routing.route(routes(batch.latents.shape[0], len(pack))) if lead.routing is not None
-                 else contextlib.nullcontext())
+        route = (lead.routing.route(routes(batch.latents.shape[0], [run.adapter.name for run in pack]))
+                 if lead.routing is not None else contextlib.nullcontext())
         with route:
             losses = pack_losses(unet, scheduler, batch, noise, timesteps, len(pack), args.snr_gamma)
             accelerator.backward(losses.sum())
@@ -428,12 +435,25 @@ def record_losses(run: Run, losses: StepLosses, progress) -> None:
         if adapter.nonfinite_in_a_row >= adapter.max_nonfinite_steps:
             checkpoints = checkpoints_of(run.settings.run_dir)
             last = f" The last good resumable state is {checkpoints[-1]}." if checkpoints else ""
-            raise TrainingError(
+            run.failure = (
                 f"training stopped at step {run.state.global_step + 1}: {adapter.nonfinite_in_a_row} steps in a "
                 f"row had a NaN/Inf loss or gradient, and no weights were updated or saved from them. Likely "
                 f"causes: the SDXL VAE overflowing in fp16 (use --mixed_precision bf16, or "
                 f"--pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix), or a learning rate too high "
                 f"for this setup (--learning_rate {run.settings.learning_rate:g}; try 1e-4 or lower).{last}")
+            if run.routing is None:
+                raise TrainingError(run.failure)
+            logger.error("%s%s: %s", run.settings.run_dir.name, run_label(run), run.failure)
+            return
+
+
+def drop_failed(pack: list[Run], losses: list[StepLosses]) -> None:
+    """The runs of a pack that stopped leave it (and the routing); the others go on. None left: the error."""
+    for index in reversed(range(len(pack))):
+        if pack[index].failure:
+            del pack[index], losses[index]
+    if not pack:
+        raise TrainingError("every run of the pack stopped (see the errors above)")
 
 
 def checkpoint_or_stop(pack: list[Run], stop: StopRequest, progress, losses: list[StepLosses]) -> None:
@@ -445,9 +465,11 @@ def checkpoint_or_stop(pack: list[Run], stop: StopRequest, progress, losses: lis
     if args.checkpointing_steps and state.global_step % args.checkpointing_steps == 0:
         for run, run_losses in zip(pack, losses):
             record_losses(run, run_losses, progress)
-            save_checkpoint(accelerator, run.settings.layout, run.state, run.adapter.ema,
-                            run.settings.args.checkpoints_total_limit,
-                            state_writer(run) if run.routing is not None else None)
+            if not run.failure:
+                save_checkpoint(accelerator, run.settings.layout, run.state, run.adapter.ema,
+                                run.settings.args.checkpoints_total_limit,
+                                state_writer(run) if run.routing is not None else None)
+        drop_failed(pack, losses)
     if accelerator.num_processes == 1:
         stopping = stop.requested
     else:
@@ -455,6 +477,7 @@ def checkpoint_or_stop(pack: list[Run], stop: StopRequest, progress, losses: lis
     if stopping:
         for run, run_losses in zip(pack, losses):
             record_losses(run, run_losses, progress)
+        drop_failed(pack, losses)
         progress.close()
         stop_runs(pack, stop)
 

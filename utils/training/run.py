@@ -211,3 +211,4 @@ class Run:
     epoch_log: CsvLog  # logs/training_log.csv: one row per epoch
     step_log: CsvLog  # logs/training_steps.csv: one row per optimizer step
     routing: object | None = None  # a run of a pack: the pack's pack.Routing, shared by its runs
+    failure: str | None = None  # a run of a pack that stopped (the others go on): why
