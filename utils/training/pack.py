@@ -8,9 +8,12 @@ layers' own routing trains correctly, so a forward pre-hook on every LoRA layer 
 run's loss is the mean over its own copy of the batch, so the gradient of the summed losses is, for each
 adapter, the gradient of its own run alone.
 
-Each run (``Member``) keeps what makes it a run of its own: its optimizer and learning-rate schedule, the
-clipping of its own gradient norm, its own non-finite guard (one run's NaN skips that run's step only) and
-its own EMA. ``packed_step`` is the optimizer step of a pack; a pack of one is a plain run.
+Each run keeps what makes it a run of its own: its optimizer and learning-rate schedule, the clipping of its
+own gradient norm, its own non-finite guard (one run's NaN skips that run's step only) and its own EMA. The
+trainer's loop (utils/training/recipe.py: ``set_up_pack``, ``train_step``, ``update``) trains a pack with the
+parts here: ``Routing``, ``own_adapter`` for a run's evaluation and images, ``save_run_state`` and
+``load_run_state`` for its checkpoints, ``check_pack``. ``Member`` and ``packed_step`` are the same step in
+plain torch, without accelerate or a dataset, for the sweep benchmark and the tests of the mechanism.
 
 What cannot pack (``unpackable_reason``): PEFT's routing exists only in its LoRA layers, and refuses DoRA;
 LoHa and LoKr layers pass the argument on to the frozen layer, which fails. ``--lora_dropout`` packs, but
