@@ -1,6 +1,7 @@
 """Packed runs: several adapters on one frozen tiny SDXL, each sample routed to its own adapter by PEFT's
 layers, each run stepped, clipped and guarded on its own; compared with the same runs trained alone on the
-same batches, noise and timesteps."""
+same batches, noise and timesteps. The runs are set up and stepped by the trainer itself (``set_up_pack``,
+``train_step``), a run alone being a pack of one."""
 
 from __future__ import annotations
 
@@ -8,66 +9,70 @@ import pytest
 import torch
 
 from utils.core.sdxl import encode_tokens, load_components, tokenize
-from utils.training.flags import parse_training_args
 from utils.training.adapters import add_adapters, adapter_name
-from utils.training.model_inputs import Batch
-from utils.training.pack import (Routing, auto_pack_size, choose_pack_size, make_member, pack_key,
-                                 packed_step, routes, unpackable_reason)
+from utils.training.flags import parse_training_args
+from utils.training.pack import (Routing, auto_pack_size, check_pack, choose_pack_size, pack_key, routes,
+                                 unpackable_reason)
 
-# Measured on a CPU in fp32 (test_a_pack_trains_as_its_runs_alone, relative L2 distances): packed and
-# separate losses agree to 7e-8 and the adapters to 2e-6 after 6 AdamW steps (the frozen layers' sums over a
-# larger batch in another order, amplified by Adam's division by the gradient's root mean square); the
-# bounds leave a margin of ten.
-LOSS_TOLERANCE = 1e-6
-ADAPTER_TOLERANCE = 2e-5
+# Measured on a CPU in fp32 (test_a_pack_trains_as_its_runs_alone, relative L2 distances, the tiny model at
+# 64², batch 2, lr 1e-2): packed and separate per-step losses agree to 6e-8 .. 3e-7 and the adapters to
+# 2e-6 .. 2e-5 after 6 AdamW steps (the frozen layers' sums over a larger batch in another order, amplified by
+# Adam's division by the gradient's root mean square); the bounds leave a margin of five to ten.
+LOSS_TOLERANCE = 2e-6
+ADAPTER_TOLERANCE = 1e-4
 STEPS = 6
-BATCH = 2
+RUNS = [(4, 2.0), (4, 8.0), (2, 4.0)]  # two of the same rank: shapes alone cannot tell their adapters apart
 
 
-def run_flags(rank: int, alpha: float, *extra: str) -> list:
+def run_flags(rank: int, alpha: float, *extra: str):
     return parse_training_args(["--lora_rank", str(rank), "--lora_alpha", str(alpha), "--learning_rate", "1e-2",
                                 "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--report_to", "none",
                                 *extra])
 
 
-def frozen(model_dir):
-    return load_components(str(model_dir))
+@pytest.fixture(scope="module")
+def pack_data(tmp_path_factory):
+    from utils.tiny.sdxl import make_synthetic_dataset
+    return make_synthetic_dataset(tmp_path_factory.mktemp("pack_data") / "data", num_images=4)
 
 
-def members_of(components, runs):
-    return [make_member(args, params, args.learning_rate, STEPS, name=adapter_name(i)) for i, (args, params) in
-            enumerate(zip(runs, add_adapters(components, runs)))]
+def set_up_runs(model_dir, data_dir, output_dir, runs, *extra: str) -> list:
+    """``runs`` ((rank, alpha, *that run's own flags)) set up by the trainer as one pack; one: a run alone."""
+    from utils.training.recipe import set_up_pack, training_examples
+    from utils.training.run import open_run
+
+    args = [run_flags(rank, alpha, "--pretrained_model_name_or_path", str(model_dir), "--dataset_dir", str(data_dir),
+                      "--output_dir", str(output_dir), "--resolution", "64", "--train_batch_size", "2",
+                      "--mixed_precision", "no", "--max_train_steps", str(STEPS), *extra, *own)
+            for rank, alpha, *own in runs]
+    examples, dataset_type = training_examples(args[0])
+    return set_up_pack([open_run(run, dataset_type) for run in args], examples)
 
 
-def batches(seed: int = 1):
-    """STEPS batches of the tiny UNet's inputs (latents 16x16, embeddings 77x64), noise and timesteps."""
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(STEPS):
-        batch = Batch(torch.randn(BATCH, 4, 16, 16, generator=generator),
-                      torch.randn(BATCH, 77, 64, generator=generator), torch.randn(BATCH, 32, generator=generator),
-                      torch.tensor([[128.0, 128, 0, 0, 128, 128]] * BATCH))
-        yield (batch, torch.randn(BATCH, 4, 16, 16, generator=generator),
-               torch.randint(0, 1000, (BATCH,), generator=generator))
+def loader_batches(pack):
+    while True:
+        yield from pack[0].dataloader
 
 
-def train(model_dir, runs, gradient_checkpointing=False, on_start=None):
-    """``runs`` trained STEPS steps as one pack; returns (members, losses per step, skipped per step).
-    ``on_start(members)`` runs before the first step."""
-    components = frozen(model_dir)
-    members = members_of(components, runs)
-    if gradient_checkpointing:
-        components.unet.enable_gradient_checkpointing()
-    components.unet.train()
-    routing = Routing([components.unet]) if len(runs) > 1 else None
+def train(pack, on_start=None):
+    """STEPS of the trainer's steps for ``pack``; returns (pack, losses per step, skipped per step).
+    ``on_start(pack)`` runs before the first step."""
+    from utils.training.recipe import train_step
+
     if on_start:
-        on_start(members)
-    losses, skipped = [], []
-    for batch, noise, timesteps in batches():
-        step_losses, step_skipped = packed_step(components.unet, components.noise_scheduler, members, routing,
-                                                batch, noise, timesteps)
+        on_start(pack)
+    for model in pack[0].models:
+        model.train()
+    batches, losses, skipped = loader_batches(pack), [], []
+    for _ in range(STEPS):
+        step_losses, step_skipped = train_step(pack, next(batches))
         losses.append(step_losses)
         skipped.append(step_skipped)
-    return members, torch.stack(losses), torch.stack(skipped)
+    return pack, torch.stack(losses), torch.stack(skipped)
+
+
+def frozen(model_dir):
+    return load_components(str(model_dir))
 
 
 def flat(params) -> torch.Tensor:
@@ -78,69 +83,68 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-RUNS = [(4, 2.0), (4, 8.0), (2, 4.0)]  # two of the same rank: shapes alone cannot tell their adapters apart
-
-
 @pytest.mark.slow
-def test_a_pack_trains_as_its_runs_alone(tiny_model_dir):
-    runs = [run_flags(rank, alpha) for rank, alpha in RUNS]
-    packed, packed_losses, packed_skipped = train(tiny_model_dir, runs)
+def test_a_pack_trains_as_its_runs_alone(tiny_model_dir, pack_data, tmp_path):
+    packed, packed_losses, packed_skipped = train(set_up_runs(tiny_model_dir, pack_data, tmp_path, RUNS))
     assert not packed_skipped.any()
-    for i, args in enumerate(runs):
-        (alone,), alone_losses, _ = train(tiny_model_dir, [args])
+    for i, run in enumerate(RUNS):
+        (alone,), alone_losses, _ = train(set_up_runs(tiny_model_dir, pack_data, tmp_path, [run]))
         assert relative(packed_losses[:, i], alone_losses[:, 0]) < LOSS_TOLERANCE
-        assert relative(flat(packed[i].params), flat(alone.params)) < ADAPTER_TOLERANCE
+        assert relative(flat(packed[i].adapter.params), flat(alone.adapter.params)) < ADAPTER_TOLERANCE
     # each run trained its own adapter: the two of rank 4 ended apart, and every run moved from its start
-    assert relative(flat(packed[0].params), flat(packed[1].params)) > 0.01
+    assert relative(flat(packed[0].adapter.params), flat(packed[1].adapter.params)) > 0.01
     assert packed_losses[-1].ne(packed_losses[-1][0]).any()
     # gradient checkpointing's recompute in the backward routes as the forward did
-    checkpointed, checkpointed_losses, _ = train(tiny_model_dir, runs, gradient_checkpointing=True)
+    checkpointed, checkpointed_losses, _ = train(set_up_runs(tiny_model_dir, pack_data, tmp_path, RUNS,
+                                                             "--gradient_checkpointing"))
     assert relative(checkpointed_losses, packed_losses) < LOSS_TOLERANCE
     for a, b in zip(checkpointed, packed):
-        assert relative(flat(a.params), flat(b.params)) < ADAPTER_TOLERANCE
+        assert relative(flat(a.adapter.params), flat(b.adapter.params)) < ADAPTER_TOLERANCE
 
 
 def record_norms(norms: list):
     """An on_start that appends each run's gradient norm as its optimizer steps (after the clipping)."""
-    def on_start(members):
-        for member, own in zip(members, norms):
-            member.optimizer.register_step_pre_hook(
-                lambda *_, member=member, own=own: own.append(flat(p.grad for p in member.params).norm()))
+    def on_start(pack):
+        for run, own in zip(pack, norms):
+            run.adapter.optimizer.optimizer.register_step_pre_hook(
+                lambda *_, run=run, own=own: own.append(flat(p.grad for p in run.adapter.params).norm()))
     return on_start
 
 
-def test_each_run_clips_its_own_gradient_norm(tiny_model_dir):
-    runs = [run_flags(4, 8.0, "--max_grad_norm", "1e-4"), run_flags(2, 4.0, "--max_grad_norm", "1e9")]
+@pytest.mark.slow
+def test_each_run_clips_its_own_gradient_norm(tiny_model_dir, pack_data, tmp_path):
     clipped, unclipped, alone = [], [], []
-    train(tiny_model_dir, runs, on_start=record_norms([clipped, unclipped]))
-    train(tiny_model_dir, runs[1:], on_start=record_norms([alone]))
+    runs = [(4, 8.0, "--max_grad_norm", "1e-4"), (2, 4.0, "--max_grad_norm", "1e9")]
+    train(set_up_runs(tiny_model_dir, pack_data, tmp_path, runs), on_start=record_norms([clipped, unclipped]))
+    train(set_up_runs(tiny_model_dir, pack_data, tmp_path, runs[1:]), on_start=record_norms([alone]))
     clipped, unclipped = torch.stack(clipped), torch.stack(unclipped)
     assert torch.allclose(clipped, torch.full_like(clipped, 1e-4), rtol=1e-3)  # clipped to its own bound ...
     assert (unclipped > 1e-3).all()  # ... while the other's kept the norm it has alone, not the pack's
     assert relative(unclipped, torch.stack(alone)) < ADAPTER_TOLERANCE
 
 
-def test_a_nonfinite_run_skips_only_its_own_step(tiny_model_dir):
-    runs = [run_flags(4, 8.0), run_flags(2, 4.0)]
+@pytest.mark.slow
+def test_a_nonfinite_run_skips_only_its_own_step(tiny_model_dir, pack_data, tmp_path):
     start = {}
 
-    def poison(members):
+    def poison(pack):
         with torch.no_grad():
-            members[0].params[0].view(-1)[0] = float("nan")  # a lora_A entry: run 0's output is NaN
-        start.update(enumerate(flat(m.params).clone() for m in members))
+            pack[0].adapter.params[0].view(-1)[0] = float("nan")  # a lora_A entry: run 0's output is NaN
+        start.update(enumerate(flat(run.adapter.params).clone() for run in pack))
 
-    packed, losses, skipped = train(tiny_model_dir, runs, on_start=poison)
+    packed, losses, skipped = train(set_up_runs(tiny_model_dir, pack_data, tmp_path, [(4, 8.0), (2, 4.0)]),
+                                    on_start=poison)
     assert skipped[:, 0].all() and not skipped[:, 1].any()
     assert losses[:, 0].isnan().all() and losses[:, 1].isfinite().all()
-    assert torch.equal(flat(packed[0].params).nan_to_num(7.0), start[0].nan_to_num(7.0))  # never updated
-    (alone,), alone_losses, _ = train(tiny_model_dir, runs[1:])
+    assert torch.equal(flat(packed[0].adapter.params).nan_to_num(7.0), start[0].nan_to_num(7.0))  # never updated
+    (alone,), alone_losses, _ = train(set_up_runs(tiny_model_dir, pack_data, tmp_path, [(2, 4.0)]))
     assert relative(losses[:, 1], alone_losses[:, 0]) < LOSS_TOLERANCE
-    assert relative(flat(packed[1].params), flat(alone.params)) < ADAPTER_TOLERANCE
+    assert relative(flat(packed[1].adapter.params), flat(alone.adapter.params)) < ADAPTER_TOLERANCE
 
 
-def test_text_encoder_lora_routes(tiny_model_dir):
+def test_text_encoder_lora_routes_in_the_layers(tiny_model_dir):
     runs = [run_flags(4, 8.0, "--train_text_encoder"), run_flags(2, 4.0, "--train_text_encoder")]
-    assert unpackable_reason(runs[0]) is None
+    assert "--train_text_encoder" in unpackable_reason(runs[0])  # the trainer encodes captions before routing
     prompts = ["a village in ghibli style", "a cat on a roof"]
 
     def text_loss(components, ids, copies):
@@ -172,15 +176,15 @@ def grads(params) -> torch.Tensor:
 
 @pytest.mark.parametrize("flags, error", [(["--use_dora"], ValueError), (["--lora_type", "loha"], TypeError),
                                           (["--lora_type", "lokr"], TypeError)], ids=["dora", "loha", "lokr"])
-def test_adapters_peft_cannot_route_do_not_pack(tiny_model_dir, flags, error):
-    runs = [run_flags(4, 8.0, *flags), run_flags(2, 4.0, *flags)]
-    assert unpackable_reason(runs[0])
-    components = frozen(tiny_model_dir)
-    members = members_of(components, runs)
-    batch, noise, timesteps = next(batches())
+def test_adapters_peft_cannot_route_do_not_pack(tiny_model_dir, pack_data, tmp_path, flags, error):
+    from utils.core.errors import TrainingError
+
+    assert unpackable_reason(run_flags(4, 8.0, *flags))
+    with pytest.raises(TrainingError, match="cannot train r4 a8 in a pack"):
+        check_pack([run_flags(4, 8.0, *flags), run_flags(2, 4.0, *flags)])
+    pack = set_up_runs(tiny_model_dir, pack_data, tmp_path, [(4, 8.0), (2, 4.0)], *flags)
     with pytest.raises(error, match="adapter_names"):  # PEFT itself refuses: the reason above stays true
-        packed_step(components.unet, components.noise_scheduler, members, Routing([components.unet]), batch,
-                    noise, timesteps)
+        train(pack)
 
 
 def test_runs_pack_when_only_rank_and_alpha_differ():
@@ -200,11 +204,12 @@ def test_pack_auto_fits_the_memory_and_the_grid(tiny_model_dir):
     assert "train alone" in choose_pack_size(12, gib // 2, gib)[1]
 
 
-def test_the_sweep_benchmark_times_separate_and_packed_runs():
+def test_the_sweep_benchmark_times_separate_and_packed_runs(tiny_model_dir, pack_data, tmp_path):
     from utils.bench.pack_runs import report, summarise, worker
 
     settings = {"model": "tiny", "resolution": 64, "train_batch_size": 1, "mixed_precision": "no",
-                "gradient_checkpointing": False, "steps": 2, "warmup": 0, "num_threads": 1}
+                "gradient_checkpointing": False, "steps": 2, "warmup": 0, "num_threads": 1,
+                "model_dir": str(tiny_model_dir), "dataset_dir": str(pack_data), "output_dir": str(tmp_path)}
     runs = [(2, 4.0), (4, 2.0)]
     separate = [{**worker({**settings, "runs": [run]}), "wall_seconds": 1.0} for run in runs]
     packed = {**worker({**settings, "runs": runs}), "wall_seconds": 1.5}
@@ -215,80 +220,65 @@ def test_the_sweep_benchmark_times_separate_and_packed_runs():
     assert "packed / separate: sweep wall time 0.75x" in report({**settings, "runs": runs}, summary)
 
 
-def trained_pack(model_dir, runs):
-    """The frozen model with ``runs``' adapters, each holding the weights a packed training gave it."""
-    packed, _, _ = train(model_dir, runs)
-    components = frozen(model_dir)
-    params = add_adapters(components, runs)
-    with torch.no_grad():
-        for own, trained in zip(params, packed):
-            for p, q in zip(own, trained.params):
-                p.copy_(q)
-    return components, packed
+def trained_pack(model_dir, data_dir, output_dir, runs):
+    return train(set_up_runs(model_dir, data_dir, output_dir, runs))[0]
 
 
-def test_a_packed_run_saves_the_lora_file_a_run_alone_saves(tiny_model_dir, tmp_path):
+@pytest.mark.slow
+def test_a_packed_run_saves_the_lora_file_a_run_alone_saves(tiny_model_dir, pack_data, tmp_path):
     """The same tensors and adapter config as the run alone with the same weights; the file loads into a fresh
     pipeline through diffusers and predicts what the pack predicts for that run (one name routing the batch)."""
     from tests.helpers import assert_same_lora, load_pipe
     from utils.lora.files import save_lora
-    from utils.training.adapters import inject_lora
     from utils.training.loss import predict
 
-    runs = [run_flags(4, 8.0), run_flags(2, 4.0)]
-    components, packed = trained_pack(tiny_model_dir, runs)
-    routing = Routing([components.unet])
-    batch, noise, timesteps = next(batches())
-    for i, args in enumerate(runs):
-        saved = save_lora(tmp_path / f"packed_{i}", components.unet, adapter_name=adapter_name(i))
-        alone = frozen(tiny_model_dir)
+    runs = [(4, 8.0), (2, 4.0)]
+    pack = trained_pack(tiny_model_dir, pack_data, tmp_path, runs)
+    unet = pack[0].accelerator.unwrap_model(pack[0].models[0])
+    batch = pack[0].batch_maker(next(loader_batches(pack)))
+    noise, timesteps = torch.randn_like(batch.latents), torch.tensor([300, 700])
+    for run, rank_alpha in zip(pack, runs):
+        saved = save_lora(tmp_path / f"packed_{run.adapter.name}", unet, adapter_name=run.adapter.name)
+        (alone,) = set_up_runs(tiny_model_dir, pack_data, tmp_path, [rank_alpha])
         with torch.no_grad():
-            for p, q in zip(inject_lora(alone, args), packed[i].params):
+            for p, q in zip(alone.adapter.params, run.adapter.params):
                 p.copy_(q)
-        assert_same_lora(saved, save_lora(tmp_path / f"alone_{i}", alone.unet), rtol=0, atol=0)
+        alone_unet = alone.accelerator.unwrap_model(alone.models[0])
+        assert_same_lora(saved, save_lora(tmp_path / f"alone_{run.adapter.name}", alone_unet), rtol=0, atol=0)
         pipe = load_pipe(tiny_model_dir)
         pipe.load_lora_weights(str(saved.parent))
-        with torch.no_grad(), routing.route(adapter_name(i)):
-            packed_prediction = predict(components.unet, components.noise_scheduler, batch, noise, timesteps)[0]
+        with torch.no_grad(), run.routing.route(run.adapter.name):
+            packed_prediction = predict(unet, run.components.noise_scheduler, batch, noise, timesteps)[0]
         with torch.no_grad():
-            loaded_prediction = predict(pipe.unet, components.noise_scheduler, batch, noise, timesteps)[0]
+            loaded_prediction = predict(pipe.unet, run.components.noise_scheduler, batch, noise, timesteps)[0]
         assert relative(packed_prediction, loaded_prediction) < LOSS_TOLERANCE
 
 
-def test_a_packed_runs_resumable_state_is_a_lone_runs(tiny_model_dir, tmp_path):
-    """Its checkpoint files load into a run alone (the trainer's injection, optimizer, schedule and checkpoint
-    hooks, through accelerate's load_state), and back into a fresh pack, bit for bit."""
-    from accelerate import Accelerator
-    from utils.training.adapters import inject_lora
-    from utils.training.checkpoints import register_checkpoint_hooks
-    from utils.training.optimizer import make_optimizer, make_scheduler
+@pytest.mark.slow
+def test_a_packed_runs_resumable_state_is_a_lone_runs(tiny_model_dir, pack_data, tmp_path):
+    """Its checkpoint files are those a run alone writes, and load into a run alone through accelerate's
+    load_state with the trainer's hooks, and back into a fresh pack, bit for bit."""
     from utils.training.pack import load_run_state, save_run_state
 
-    runs = [run_flags(4, 8.0), run_flags(2, 4.0)]
-    components, packed = trained_pack(tiny_model_dir, runs)
-    accelerator = Accelerator()
-    save_run_state(accelerator, tmp_path, [components.unet], packed[1])
+    runs = [(4, 8.0), (2, 4.0)]
+    pack = trained_pack(tiny_model_dir, pack_data, tmp_path, runs)
+    run = pack[1]
+    folder = tmp_path / "state"
+    folder.mkdir()
+    save_run_state(run.accelerator, folder, run.models, run.adapter, [run.dataloader])
+    (lone,) = set_up_runs(tiny_model_dir, pack_data, tmp_path, runs[1:])
+    lone.accelerator.load_state(str(folder))
+    assert torch.equal(flat(lone.adapter.params), flat(run.adapter.params))
+    state, own = (r.adapter.optimizer.state_dict()["state"][0]["exp_avg"] for r in (lone, run))
+    assert torch.equal(state, own)
+    assert lone.adapter.lr_scheduler.state_dict()["last_epoch"] == run.adapter.lr_scheduler.state_dict()["last_epoch"]
+    lone.accelerator.save_state(str(tmp_path / "lone"))
+    assert sorted(p.name for p in (tmp_path / "lone").iterdir()) == sorted(p.name for p in folder.iterdir())
 
-    alone = frozen(tiny_model_dir)
-    args = runs[1]
-    own = inject_lora(alone, args)
-    optimizer = make_optimizer(args, own, args.learning_rate)
-    lone = Accelerator()
-    unet, optimizer, scheduler = lone.prepare(alone.unet, optimizer, make_scheduler(args, optimizer, STEPS, 1))
-    register_checkpoint_hooks(lone)
-    lone.load_state(str(tmp_path))
-    assert torch.equal(flat(own), flat(packed[1].params))
-    assert optimizer.state_dict()["state"][0]["exp_avg"].equal(packed[1].optimizer.state_dict()["state"][0]["exp_avg"])
-    assert scheduler.state_dict()["last_epoch"] == packed[1].lr_scheduler.state_dict()["last_epoch"] == STEPS
-    lone.save_state(str(tmp_path / "lone"))
-    assert sorted(p.name for p in (tmp_path / "lone").iterdir()) == sorted(p.name for p in tmp_path.iterdir()
-                                                                           if p.is_file())
-
-    again = frozen(tiny_model_dir)
-    members = members_of(again, runs)
-    load_run_state(accelerator, tmp_path, [again.unet], members[1])
-    assert torch.equal(flat(members[1].params), flat(packed[1].params))
-    assert not torch.equal(flat(members[0].params), flat(packed[0].params))  # only its own run was loaded
+    again = set_up_runs(tiny_model_dir, pack_data, tmp_path, runs)
+    load_run_state(again[1].accelerator, folder, again[1].models, again[1].adapter, [again[1].dataloader])
+    assert torch.equal(flat(again[1].adapter.params), flat(run.adapter.params))
+    assert not torch.equal(flat(again[0].adapter.params), flat(pack[0].adapter.params))  # only its own run loaded
 
 
 # ----------------------------------------------------------------------------- the trainer: a pack of real runs

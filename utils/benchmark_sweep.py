@@ -3,10 +3,11 @@ one after another, as run_experiments.sh runs them) against one pack (all k in o
 model, each run on its own copy of the batch; utils/training/pack.py).
 
 For each way: the whole sweep's wall time (every process from its start to its exit: interpreter, imports,
-model, adapters, steps), each run's optimizer steps per second, the pack's run-steps per second, and the
-peak memory of a process (RSS on a CPU, CUDA allocations on a GPU), against one separate run and against k
-separate runs side by side. The model has random weights (utils/bench/models.py); weight values do not
-change speed.
+model, data and caches, adapters, steps), each run's optimizer steps per second, the pack's run-steps per
+second, and the peak memory of a process (RSS on a CPU, CUDA allocations on a GPU), against one separate run
+and against k separate runs side by side. Each process trains with the trainer's own set-up and step
+(utils/training/recipe.py) on a saved model with random weights (utils/bench/models.py; weight values do not
+change speed) and synthetic images.
 
     python utils/benchmark_sweep.py --model tiny                       # CPU, a minute
     python utils/benchmark_sweep.py --model small                      # CPU, SDXL topology at 1/4 width, 256²
@@ -20,6 +21,7 @@ import argparse
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -62,6 +64,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default by model)")
     p.add_argument("--num_threads", type=int, default=None,
                    help="CPU threads per process (default: 1 on a CPU, torch's default with a GPU)")
+    p.add_argument("--num_images", type=int, default=8, help="synthetic training images")
+    p.add_argument("--model_dir", default=None,
+                   help="a saved diffusers folder of the --model architecture to train instead of building and "
+                        "saving one (e.g. the GPU check's)")
     p.add_argument("--output_json", default=None, help="also write the results here")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return check_resolution(p, p.parse_args(argv))
@@ -87,15 +93,15 @@ def main(argv: list[str] | None = None) -> int:
     sizes = args.packs or [len(runs)]
     if any(not 2 <= size <= len(runs) for size in sizes):
         raise UserError(f"--packs {' '.join(map(str, sizes))}: each size is from 2 to the grid's {len(runs)} runs")
-    run_one = run_process if args.fresh_processes else run_here
-    separate = []
-    for run in runs[:args.separate or len(runs)]:
-        logger.info("separate run r%d a%g", *run)
-        separate.append(run_one(settings, [run]))
-    packs = {}
-    for size in sizes:
-        logger.info("one pack of %d runs", size)
-        packs[size] = run_one(settings, runs[:size])
+    with tempfile.TemporaryDirectory(prefix="benchmark_sweep_") as scratch:
+        from utils.bench.train_runs import save_model
+        from utils.tiny.sdxl import make_synthetic_dataset
+
+        settings.update(model_dir=args.model_dir or str(save_model(args.model, Path(scratch) / "model",
+                                                                      torch.device("cuda" if cuda else "cpu"))),
+                        dataset_dir=str(make_synthetic_dataset(Path(scratch) / "data", args.num_images)),
+                        output_dir=str(Path(scratch) / "runs"))
+        separate, packs = time_both_ways(args, settings, runs, sizes)
     failed = [result["failed"] for result in separate + list(packs.values()) if "failed" in result]
     if failed:
         raise UserError(f"a benchmark process failed: {failed[0]}")
@@ -105,6 +111,20 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.output_json).write_text(json.dumps({"settings": settings, "summaries": summaries,
                                                       "separate": separate, "packs": packs}, indent=2))
     return 0
+
+
+def time_both_ways(args: argparse.Namespace, settings: dict, runs: list, sizes: list[int]) -> tuple[list, dict]:
+    """The runs timed alone (``--separate`` of them), then each pack size."""
+    run_one = run_process if args.fresh_processes else run_here
+    separate = []
+    for run in runs[:args.separate or len(runs)]:
+        logger.info("separate run r%d a%g", *run)
+        separate.append(run_one(settings, [run]))
+    packs = {}
+    for size in sizes:
+        logger.info("one pack of %d runs", size)
+        packs[size] = run_one(settings, runs[:size])
+    return separate, packs
 
 
 if __name__ == "__main__":

@@ -107,7 +107,8 @@ def pack_command(name: str, model: str, places: Places) -> list[str]:
     (ranks, alphas), (steps, warmup) = profile["pack_grid"], profile["pack_steps"]
     resolution = profile["full" if name == "pack_full" else "half"]
     extra = ["--no-fresh_processes"] if model == "tiny" else []
-    return [sys.executable, str(ROOT / "utils" / "benchmark_sweep.py"), "--model", model, "--resolution",
+    return [sys.executable, str(ROOT / "utils" / "benchmark_sweep.py"), "--model", model,
+            "--model_dir", str(places.model_dir), "--resolution",
             str(resolution), "--mixed_precision", "bf16" if model == "sdxl" else "no", "--gradient_checkpointing",
             "--ranks", *ranks, "--alphas", *alphas, "--packs", *profile["packs"], "--separate", "1",
             "--steps", str(steps), "--warmup", str(warmup), *extra, "--output_json", str(places.part_json(name))]

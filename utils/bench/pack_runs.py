@@ -2,10 +2,9 @@
 run, one after another, as the sweep runs them) and as one pack (one process), each process timed from its
 start to its exit, with its step times and peak memory.
 
-Each process builds the benchmark model (random weights, ``models.build_pipeline``), adds its runs' adapters
-(``training.pack.add_adapters``), makes each run's optimizer and schedule (``make_member``) and times
-``training.pack.packed_step`` on synthetic batches: with one run that is a plain run's step, with several
-the packed step. The batches, noise and timesteps come from one seeded generator, the same in every process.
+Each process sets the runs up with the trainer's own code (``recipe.set_up_pack``: the benchmark model saved
+with random weights, a synthetic dataset, the caches, one adapter, optimizer and schedule per run,
+accelerate) and times ``recipe.train_step``: with one run a plain run's step, with several the packed step.
 """
 
 from __future__ import annotations
@@ -58,66 +57,49 @@ def run_here(config: dict, runs: list[tuple[int, float]]) -> dict:
 
 
 def worker(config: dict) -> dict:
-    """In the fresh process: build the model, add the runs' adapters, time ``steps`` packed steps."""
-    from utils.bench.models import build_pipeline
-    from utils.core.sdxl import DTYPES, SDXLComponents
+    """In the fresh process: the trainer's set-up of the runs (``recipe.set_up_pack``: the saved model, the
+    dataset, caches, adapters, optimizers), then ``recipe.train_step`` timed, as the training loop runs it."""
+    from utils.data.listing import load_examples
     from utils.training.flags import parse_training_args
-    from utils.training.model_inputs import Batch
-    from utils.training.adapters import add_adapters, adapter_name
-    from utils.training.pack import Routing, make_member, packed_step
+    from utils.training.recipe import set_up_pack, train_step
+    from utils.training.run import open_run
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
     torch.set_num_threads(config["num_threads"])
-    weight_dtype = DTYPES[config["mixed_precision"]]
+    runs = [parse_training_args([
+        "--pretrained_model_name_or_path", config["model_dir"], "--dataset_dir", config["dataset_dir"],
+        "--output_dir", config["output_dir"], "--resolution", str(config["resolution"]),
+        "--train_batch_size", str(config["train_batch_size"]), "--max_train_steps", "1000000",
+        "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--report_to", "none",
+        "--mixed_precision", config["mixed_precision"], "--lora_rank", str(rank), "--lora_alpha", str(alpha),
+        "--gradient_checkpointing" if config["gradient_checkpointing"] else "--no-gradient_checkpointing"])
+        for rank, alpha in config["runs"]]
     started = time.perf_counter()
-    pipe = build_pipeline(config["model"], device, seed=0, weight_dtype=weight_dtype)
-    components = SDXLComponents([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
-                                pipe.vae, pipe.unet, pipe.scheduler)
-    for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
-        module.requires_grad_(False)
-    runs = [parse_training_args(["--lora_rank", str(rank), "--lora_alpha", str(alpha),
-                                 "--resolution", str(config["resolution"]),
-                                 "--train_batch_size", str(config["train_batch_size"]),
-                                 "--lr_scheduler", "constant", "--lr_warmup_steps", "0"])
-            for rank, alpha in config["runs"]]
-    members = [make_member(args, params, args.learning_rate, config["steps"], name=adapter_name(i))
-               for i, (args, params) in enumerate(zip(runs, add_adapters(components, runs)))]
-    routing = Routing([components.unet]) if len(members) > 1 else None
-    if config["gradient_checkpointing"]:
-        components.unet.enable_gradient_checkpointing()
-    components.unet.train()
+    pack = set_up_pack([open_run(args, args.dataset_type) for args in runs],
+                       load_examples(runs[0].dataset_type, runs[0].dataset_dir))
+    device = pack[0].accelerator.device
     synchronize(device)
     setup_seconds = time.perf_counter() - started
-
     memory = MemoryMeter(device)
     memory.start_training()
-    generator = torch.Generator().manual_seed(0)
-    latent, size = config["resolution"] // 8, config["train_batch_size"]
-    unet_config = components.unet.config
-    pooled = unet_config.projection_class_embeddings_input_dim - 6 * unet_config.addition_time_embed_dim
+    for model in pack[0].models:
+        model.train()
+    batches = _forever(pack[0].dataloader)
     step_seconds = []
-    autocast = torch.autocast(device.type, dtype=weight_dtype, enabled=cuda and weight_dtype != torch.float32)
-
-    def draw(*shape):
-        return torch.randn(*shape, generator=generator).to(device, weight_dtype)
-
     for _ in range(config["warmup"] + config["steps"]):
-        batch = Batch(draw(size, 4, latent, latent), draw(size, 77, unet_config.cross_attention_dim),
-                      draw(size, pooled), torch.tensor([[config["resolution"]] * 2 + [0, 0] + [config["resolution"]] * 2]
-                                                       * size, device=device, dtype=weight_dtype))
-        noise, timesteps = draw(size, 4, latent, latent), torch.randint(0, 1000, (size,), generator=generator).to(device)
         synchronize(device)
         start = time.perf_counter()
-        with autocast:
-            losses, _ = packed_step(components.unet, components.noise_scheduler, members, routing, batch, noise,
-                                    timesteps)
+        losses, _ = train_step(pack, next(batches))
         losses.tolist()  # as the loop reads them
         step_seconds.append(time.perf_counter() - start)
     train_peak, process_peak = memory.peaks()
-    return {"runs": len(members), "setup_seconds": setup_seconds, "step_seconds": step_seconds[config["warmup"]:],
+    return {"runs": len(pack), "setup_seconds": setup_seconds, "step_seconds": step_seconds[config["warmup"]:],
             "train_peak_bytes": train_peak, "process_peak_bytes": process_peak,
             "train_start_bytes": memory.start_bytes}
+
+
+def _forever(dataloader):
+    while True:
+        yield from dataloader
 
 
 def summarise(separate: list[dict], packed: dict) -> dict:

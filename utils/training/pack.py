@@ -12,11 +12,12 @@ Each run keeps what makes it a run of its own: its optimizer and learning-rate s
 own gradient norm, its own non-finite guard (one run's NaN skips that run's step only) and its own EMA. The
 trainer's loop (utils/training/recipe.py: ``set_up_pack``, ``train_step``, ``update``) trains a pack with the
 parts here: ``Routing``, ``own_adapter`` for a run's evaluation and images, ``save_run_state`` and
-``load_run_state`` for its checkpoints, ``check_pack``. ``Member`` and ``packed_step`` are the same step in
-plain torch, without accelerate or a dataset, for the sweep benchmark and the tests of the mechanism.
+``load_run_state`` for its checkpoints, ``check_pack``.
 
 What cannot pack (``unpackable_reason``): PEFT's routing exists only in its LoRA layers, and refuses DoRA;
-LoHa and LoKr layers pass the argument on to the frozen layer, which fails. ``--lora_dropout`` packs, but
+LoHa and LoKr layers pass the argument on to the frozen layer, which fails. Text-encoder LoRA routes too
+(measured), but the trainer encodes a step's captions once, before the routing, so it trains alone; so do
+runs with trackers (one per process) and fp16 on a GPU (no loss scaling). ``--lora_dropout`` packs, but
 the dropout masks are drawn for the whole packed batch, so those runs match separate ones in distribution,
 not draw for draw.
 
@@ -32,19 +33,15 @@ import argparse
 import contextlib
 import functools
 import logging
-import math
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from utils.core.layout import CHECKPOINT_LORA_FILES
-from utils.training.adapters import AdapterEMA, adapter_name, lora_config
-from utils.training.loss import pack_losses
+from utils.training.adapters import lora_config
 from utils.training.memory import ACTIVATION_MARGIN, FIXED_MARGIN, GIB, estimate_activation_bytes
-from utils.training.model_inputs import Batch
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +61,8 @@ def unpackable_reason(args: argparse.Namespace) -> str | None:
         return "--use_dora: PEFT refuses to route a batch between DoRA adapters"
     if args.lora_type != "lora":
         return f"--lora_type {args.lora_type}: PEFT routes a batch between adapters only in its LoRA layers"
+    if args.train_text_encoder:
+        return "--train_text_encoder: a pack encodes each step's captions once, not through each run's adapter"
     if args.report_to != "none":
         return f"--report_to {args.report_to}: the trackers log one run per process (pack with --report_to none)"
     if args.mixed_precision == "fp16" and torch.cuda.is_available():
@@ -145,11 +144,6 @@ def own_adapter(run) -> contextlib.AbstractContextManager:
     return run.routing.route(run.adapter.name) if run.routing is not None else contextlib.nullcontext()
 
 
-def packed_route(routing: Routing | None, size: int, names: list[str]) -> contextlib.AbstractContextManager:
-    """A batch of ``size`` repeated once per adapter of ``names`` routed copy by copy to them."""
-    return routing.route(routes(size, names)) if routing is not None and len(names) > 1 else contextlib.nullcontext()
-
-
 def run_label(run) -> str:
     """' (r4 a8)' for a run of a pack, in the log lines the runs share; nothing for a run alone."""
     return f" (r{run.settings.args.lora_rank} a{run.settings.args.lora_alpha:g})" if run.routing is not None else ""
@@ -158,55 +152,6 @@ def run_label(run) -> str:
 def routes(size: int, names: list[str]) -> list[str]:
     """``adapter_names`` for a batch of ``size`` repeated once per name: the i-th name on the i-th block."""
     return [name for name in names for _ in range(size)]
-
-
-# ----------------------------------------------------------------------------- one run of the pack, and the step
-
-
-@dataclass
-class Member:
-    """One run of a pack: its adapter's parameters and what trains them."""
-
-    params: list[torch.nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    lr_scheduler: object
-    max_grad_norm: float  # 0: no clipping
-    ema: AdapterEMA | None = None
-    name: str = "default"  # its PEFT adapter name
-
-
-def member_step(member: Member, loss: torch.Tensor) -> torch.Tensor:
-    """One run's optimizer step after the pack's backward: clip its own gradient norm, skip the step when its
-    loss or gradient is not finite, step its optimizer and schedule. Returns the skip flag (a device bool)."""
-    max_norm = member.max_grad_norm if member.max_grad_norm > 0 else math.inf
-    norm = torch.nn.utils.clip_grad_norm_(member.params, max_norm)
-    skipped = ~(torch.isfinite(loss.detach()) & torch.isfinite(norm))
-    optimizer = member.optimizer
-    fused = isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults.get("fused")
-    if fused:  # the fused AdamW skips on the device (GradScaler's protocol): no host read
-        optimizer.grad_scale, optimizer.found_inf = None, skipped.float()
-    elif bool(skipped):
-        optimizer.zero_grad(set_to_none=True)  # parameters without gradients are not updated
-    optimizer.step()
-    if fused:
-        del optimizer.grad_scale, optimizer.found_inf
-    member.lr_scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
-    return skipped
-
-
-def packed_step(unet, noise_scheduler, members: list[Member], routing: Routing | None, batch: Batch,
-                noise: torch.Tensor, timesteps: torch.Tensor,
-                snr_gamma: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward and backward of the pack on one batch, then each run's own optimizer step. Returns (losses,
-    skipped), one entry per run, on the device. A non-finite loss of one run does not reach another's
-    gradient: the runs share no trained weight, and the backward of a sum gives each term its own gradient."""
-    copies = len(members)
-    with packed_route(routing, batch.latents.shape[0], [member.name for member in members]):
-        losses = pack_losses(unet, noise_scheduler, batch, noise, timesteps, copies, snr_gamma)
-        losses.sum().backward()
-    skipped = torch.stack([member_step(member, loss) for member, loss in zip(members, losses)])
-    return losses.detach(), skipped
 
 
 # ----------------------------------------------------------------------------- one run's resumable state
@@ -328,12 +273,3 @@ def choose_pack_size(grid: int, available: int, per_run: int) -> tuple[int, str]
         return 1, f"auto: not even one more run fits beside the model ({numbers}); runs train alone"
     return size, f"auto: {size} runs fit in a pack ({numbers})"
 
-
-def make_member(args: argparse.Namespace, params: list[torch.nn.Parameter], learning_rate: float,
-                max_train_steps: int, num_processes: int = 1, name: str = "default") -> Member:
-    """A run's optimizer, schedule, clipping and EMA from its own flags, as a run alone makes them."""
-    from utils.training.optimizer import make_optimizer, make_scheduler
-    optimizer = make_optimizer(args, params, learning_rate)
-    return Member(params, optimizer, make_scheduler(args, optimizer, max_train_steps, num_processes),
-                  args.max_grad_norm, AdapterEMA(params, args.ema_decay, args.ema_update_every) if args.use_ema else None,
-                  name)
