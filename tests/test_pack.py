@@ -327,7 +327,8 @@ def test_a_packed_run_writes_what_it_writes_alone(packed_and_alone):
         name = f"{rank}_a{float(alpha)}_lr0.001"
         packed, alone = packed_and_alone["packed", name], packed_and_alone["alone", name]
         assert folder_listing(packed) == folder_listing(alone)
-        assert json.loads((packed / CONFIG_FILE).read_text()).keys() == json.loads((alone / CONFIG_FILE).read_text()).keys()
+        packed_config, alone_config = (json.loads((folder / CONFIG_FILE).read_text()) for folder in (packed, alone))
+        assert packed_config.keys() == alone_config.keys()
         for log in (RunLayout(packed).epoch_log, RunLayout(packed).step_log):
             packed_rows, alone_rows = csv_rows(log), csv_rows(RunLayout(alone).root / log.relative_to(packed))
             assert packed_rows[0].keys() == alone_rows[0].keys() and len(packed_rows) == len(alone_rows)
@@ -370,7 +371,8 @@ def test_a_stopped_pack_resumes_each_run_from_its_own_checkpoint(tiny_model_dir,
              process)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=300) == 128 + signal.SIGTERM, process.stderr.read()[-2000:]
-    stopped_at = [max(int(p.name.split("-")[1]) for p in RunLayout(run).checkpoints.iterdir()) for run in runs("stopped")]
+    stopped_at = [max(RunLayout.checkpoint_step(p) for p in RunLayout(run).checkpoints.iterdir())
+                  for run in runs("stopped")]
     assert len(set(stopped_at)) == 1 and stopped_at[0] < 16  # both saved at the same step, before the end
     assert all(RunLayout(run).interrupted_model.is_dir() for run in runs("stopped"))
 

@@ -86,7 +86,8 @@ def set_gradient_checkpointing(components, args: argparse.Namespace, device: tor
     if args.gradient_checkpointing == "auto" and device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
         activations = estimate_activation_bytes(components.unet.config, args.resolution,
-                                                args.train_batch_size * copies, weight_dtype, lora_config(args, args.lora_target_modules))
+                                                args.train_batch_size * copies, weight_dtype,
+                                                lora_config(args, args.lora_target_modules))
     enabled, reason = choose_gradient_checkpointing(args.gradient_checkpointing, device.type, free, activations)
     logger.info("Gradient checkpointing %s: %s", "on" if enabled else "off", reason)
     if enabled:

@@ -6,9 +6,13 @@
                 optimizer and schedule -> accelerate.prepare -> resume -> experiment_config.json, trackers,
                 loss logs -> the Run, whole
     train_loop  per epoch: run_epoch (per batch, train_step: batch -> noise -> timesteps -> forward -> loss
-                -> backward -> clip -> non-finite check -> optimizer step -> schedule -> zero grad; then the
-                step's logging, checkpoint or stop), the fixed-noise loss, the end-of-epoch files
+                -> backward -> per run, update: clip -> non-finite check -> optimizer step -> schedule -> zero
+                grad; then the step's logging, checkpoint or stop), the fixed-noise loss, the end-of-epoch files
     finish_run  final_model/, logs/timings.json, the Hub upload
+
+The same functions train a pack (``train_pack``, utils/train_pack.py): several runs of a rank x alpha grid
+on one frozen model, the batch drawn once and each run's copy routed to its own adapter (pack.py); set-up,
+loop and end then do per run what they do for a run alone, and ``update`` steps each run's adapter on its own.
 
 A step runs through this file, model_inputs (the batch), loss (noise, timesteps, the denoising loss),
 loss_log (the step losses, buffered and written), checkpoints and the run's layout. The parts set-up
