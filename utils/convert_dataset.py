@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from utils.data import preflight
 from utils.core.atomic import replace_dir
-from utils.core.cli import run_cli
+from utils.core.cli import Parser, run_cli
 from utils.data.listing import add_dataset_arguments, listing_from_args
 from utils.data.records import DatasetError, Entry, folder_counts
 
@@ -93,7 +93,7 @@ def _check_output(output_dir: Path, dataset_dir: Path, overwrite: bool) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python utils/convert_dataset.py --dataset_dir dataset_ghibli --to kohya \\\n"
                "      --output_dir dataset_kohya")

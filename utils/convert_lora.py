@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 from safetensors import safe_open
 
-from utils.core.cli import run_cli
+from utils.core.cli import Parser, run_cli
 from utils.lora.files import LORA_WEIGHT_NAME, read_metadata, read_tensors
 from utils.lora.from_kohya import is_kohya_state_dict, read_kohya_lora, write_diffusers_lora
 from utils.lora.kohya_names import (COMPONENTS, KOHYA_WEIGHT_NAME, LoraConversionError, LoraModule, ParsedLora, unet_config_for)
@@ -38,7 +38,7 @@ UNET_MARKERS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = Parser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python utils/convert_lora.py output_ghibli/<run>/final_model")
     p.add_argument("input", help="a LoRA .safetensors file, a model folder (pytorch_lora_weights.safetensors) "
