@@ -164,3 +164,70 @@ def test_the_base_model_falls_back_to_the_original_default_when_nothing_is_recor
     assert base_model_for(None, str(lora)) == SDXL_BASE_ID
     assert base_model_for(None, None) == SDXL_BASE_ID
     assert base_model_for("my/base", str(lora)) == "my/base"
+
+
+# ----------------------------------------------------------------------------- one policy for bad dataset entries
+
+
+def _policy_table() -> dict[str, tuple[str, str]]:
+    """docs/datasets.md's table of bad entries: problem -> (what the default does, what --bad_image_policy fail
+    does)."""
+    text = (ROOT / "docs" / "datasets.md").read_text(encoding="utf-8")
+    section = text.split("### Bad entries", 1)[1].split("\n#", 1)[0]
+    rows = [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("| problem")]
+    return {problem: (default, fail) for problem, default, fail in rows}
+
+
+def _dataset_with(problem: str, folder: Path) -> Path:
+    """A ghibli-layout dataset of two good images and the bad entry the docs name."""
+    from PIL import Image
+
+    images = folder / "images"
+    images.mkdir(parents=True)
+    captions = {}
+    good = 0 if problem == "no usable image at all" else 2
+    for i in range(good):
+        Image.new("RGB", (64, 64), (40 * i, 90, 160)).save(images / f"good{i}.png")
+        captions[f"good{i}.png"] = "a village in ghibli style"
+    if problem in ("image without caption", "no usable image at all"):
+        Image.new("RGB", (64, 64), "white").save(images / "uncaptioned.png")
+    elif problem == "caption without image":
+        captions["gone.png"] = "a lost picture"
+    elif problem == "empty caption":
+        Image.new("RGB", (64, 64), "white").save(images / "blank.png")
+        captions["blank.png"] = "  "
+    elif problem == "truncated or unreadable image":
+        Image.new("RGB", (64, 64), "white").save(images / "cut.png")
+        (images / "cut.png").write_bytes((images / "cut.png").read_bytes()[:60])
+        captions["cut.png"] = "a cut picture"
+    elif problem == "image smaller than `--min_image_size`":
+        Image.new("RGB", (16, 16), "white").save(images / "tiny.png")
+        captions["tiny.png"] = "a tiny picture"
+    elif problem == "dataset folder not found":
+        return folder / "absent"
+    else:
+        raise AssertionError(f"docs/datasets.md names a problem this test cannot make: {problem}")
+    (folder / "captions.json").write_text(json.dumps(captions))
+    return folder
+
+
+def test_the_documented_bad_entry_policy_is_what_training_does(tmp_path):
+    from utils.data.listing import load_training_examples
+    from utils.data.records import DatasetError
+    from utils.training.flags import parse_training_args
+
+    table = _policy_table()
+    assert len(table) >= 7 and all(set(outcome) <= {"skipped with a warning", "stops"} for outcome in table.values())
+    for n, (problem, outcomes) in enumerate(table.items()):
+        dataset = _dataset_with(problem, tmp_path / f"d{n}")
+        for policy, documented in zip(("skip", "fail"), outcomes):
+            args = parse_training_args(["--dataset_dir", str(dataset), "--bad_image_policy", policy])
+            try:
+                examples, _ = load_training_examples(args, report_here=False)
+                did = "skipped with a warning"
+                assert len(examples) == 2, (problem, policy)
+            except DatasetError as error:
+                did = "stops"
+                assert "\n" not in str(error), error
+            assert did == documented, f"{problem} with --bad_image_policy {policy}: docs say {documented}, it {did}"
