@@ -231,3 +231,27 @@ def test_the_documented_bad_entry_policy_is_what_training_does(tmp_path):
                 did = "stops"
                 assert "\n" not in str(error), error
             assert did == documented, f"{problem} with --bad_image_policy {policy}: docs say {documented}, it {did}"
+
+
+# ----------------------------------------------------------------------------- the report's CLIP model, offline
+
+
+def test_the_default_clip_model_fails_at_once_when_the_hub_cannot_be_reached(tmp_path, monkeypatch):
+    """No HF_HUB_OFFLINE, but the Hub's port is closed: one quick connection attempt, not a minute of retries."""
+    import time
+
+    from huggingface_hub import constants
+
+    from tests.helpers import free_port
+    from utils.core import model_source
+    from utils.sweep.clip_metrics import DEFAULT_CLIP_MODEL, ClipEmbedder
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    model_source._can_connect.cache_clear()
+    start = time.monotonic()
+    with pytest.raises(OSError, match="cannot be reached from here"):
+        ClipEmbedder(DEFAULT_CLIP_MODEL, device="cpu")
+    assert time.monotonic() - start < 5
+    model_source._can_connect.cache_clear()
