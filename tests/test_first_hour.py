@@ -255,3 +255,70 @@ def test_the_default_clip_model_fails_at_once_when_the_hub_cannot_be_reached(tmp
         ClipEmbedder(DEFAULT_CLIP_MODEL, device="cpu")
     assert time.monotonic() - start < 5
     model_source._can_connect.cache_clear()
+
+
+# ----------------------------------------------------------------------------- a single-file checkpoint, offline
+
+
+@pytest.fixture(scope="module")
+def single_file_model(tmp_path_factory) -> tuple[Path, Path]:
+    """(a diffusers folder, the same tiny SDXL as one .safetensors checkpoint in the original key names)."""
+    from utils.tiny.single_file import save_tiny_single_file_sdxl
+
+    folder = tmp_path_factory.mktemp("single_file")
+    return save_tiny_single_file_sdxl(folder / "tiny_sdxl_config", folder / "tiny_sdxl.safetensors")
+
+
+def test_a_single_file_checkpoint_offline_without_model_config_is_one_line_naming_the_flag(single_file_model,
+                                                                                          tiny_dataset_dir, tmp_path):
+    _, checkpoint = single_file_model
+    runs = tmp_path / "runs"
+    result = run_in_process("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(checkpoint),
+                            "--dataset_dir", str(tiny_dataset_dir), "--output_dir", str(runs), env=OFFLINE,
+                            check=False, cwd=tmp_path)
+    single_line(result, str(checkpoint), "single-file checkpoint", "--model_config")
+    assert not runs.exists()
+    inference = run_in_process("inference_sdxl_ghibli.py", "--pretrained_model_name_or_path", str(checkpoint),
+                               "--run_base_inference", "--prompt", "x", env=OFFLINE, check=False, cwd=tmp_path)
+    single_line(inference, "--model_config")
+
+
+@pytest.mark.slow
+def test_a_single_file_checkpoint_trains_and_compares_offline_with_model_config(single_file_model,
+                                                                                tiny_dataset_dir, tmp_path):
+    """Training on the .safetensors checkpoint with --model_config, then the comparison from the run folder
+    alone: the run records both, so inference finds the checkpoint and its configs without flags."""
+    config, checkpoint = single_file_model
+    runs = tmp_path / "runs"
+    run_in_process("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(checkpoint),
+                   "--model_config", str(config), "--dataset_dir", str(tiny_dataset_dir), "--output_dir", str(runs),
+                   "--resolution", "32", "--max_train_steps", "2", "--lr_warmup_steps", "0", "--report_to", "none",
+                   "--mixed_precision", "no", "--eval_loss_epochs", "0", env=OFFLINE, cwd=tmp_path)
+    (run,) = runs.iterdir()
+    out = tmp_path / "images"
+    result = run_in_process("inference_sdxl_ghibli.py", "--lora_model_path", str(run), "--prompt", "x",
+                            "--run_base_inference", "--create_comparison_grid", "--height", "64", "--width", "64",
+                            "--num_inference_steps", "2", "--num_images", "1", "--output_dir", str(out),
+                            env=OFFLINE, cwd=tmp_path)
+    assert f"Base model {checkpoint}: the one the LoRA was trained on" in result.stderr
+    assert len(list(out.glob("comparison_grid_prompt1_*.png"))) == 1
+
+
+def test_the_single_file_writer_inverts_the_diffusers_conversion(single_file_model):
+    """Every weight of the diffusers folder comes back, equal, from the single file through diffusers' own
+    conversion."""
+    from diffusers import StableDiffusionXLPipeline
+
+    config, checkpoint = single_file_model
+    folder = StableDiffusionXLPipeline.from_pretrained(str(config))
+    single = StableDiffusionXLPipeline.from_single_file(str(checkpoint), config=str(config), local_files_only=True)
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        expected, got = getattr(folder, part).state_dict(), getattr(single, part).state_dict()
+        assert set(expected) == set(got), part
+        assert all(torch_equal(expected[key], got[key]) for key in expected), part
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a.float(), b.float()))

@@ -90,12 +90,28 @@ def base_model_for(given: str | None, lora_path: str | None, flag: str = "--pret
     return SDXL_BASE_ID
 
 
+def recorded_model_config(lora_path: str | None) -> str | None:
+    """The --model_config the LoRA's run was trained with (a single-file base model's configs), if any."""
+    if not lora_path or not Path(lora_path).exists():
+        return None
+    path = Path(lora_path)
+    config = (path.parent if path.is_file() else path).parent / CONFIG_FILE
+    try:
+        return json.loads(config.read_text(encoding="utf-8")).get("model_config") if config.is_file() else None
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return None
+
+
 def with_sources(args: argparse.Namespace, lora_path: str | None) -> argparse.Namespace:
-    """``args`` with ``pretrained_model_name_or_path`` settled for ``lora_path`` and checked (loadable from
-    here; a single file with its configs), before anything is loaded."""
+    """``args`` with ``pretrained_model_name_or_path`` (and, for a single-file base model taken from the run,
+    ``model_config``) settled for ``lora_path`` and checked -- loadable from here, a single file with its
+    configs -- before anything is loaded."""
     model = base_model_for(args.pretrained_model_name_or_path, lora_path)
-    check_base_model(model, "--pretrained_model_name_or_path", getattr(args, "model_config", None))
-    return derived(args, pretrained_model_name_or_path=model)
+    model_config = getattr(args, "model_config", None)
+    if model_config is None and not args.pretrained_model_name_or_path:
+        model_config = recorded_model_config(lora_path)
+    check_base_model(model, "--pretrained_model_name_or_path", model_config)
+    return derived(args, pretrained_model_name_or_path=model, model_config=model_config)
 
 
 def check_sizes(args: argparse.Namespace) -> None:
