@@ -322,3 +322,25 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a.float(), b.float()))
+
+
+# ----------------------------------------------------------------------------- .gitignore
+
+
+def test_gitignore_covers_what_the_documented_commands_write():
+    """Every output the README and the guides name (--output_dir, --output, --model_dir), and the commands'
+    default output folders and files, are ignored by git."""
+    import re
+    import subprocess
+
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    named = {match for path in docs
+             for match in re.findall(r"--(?:output_dir|output|model_dir)[ =]([A-Za-z][\w./-]*)", path.read_text())}
+    defaults = {"output_ghibli", "output_visualization", "output_visualization_additional_2", "experiment_results",
+                "output.png", "tiny_sdxl", "tiny_clip", "ghibli_2_captions.json", "dataset_ghibli"}
+    outputs = sorted(named | defaults)
+    assert "tiny_output" in outputs and len(outputs) > 12
+    missed = [name for name in outputs
+              if subprocess.run(["git", "check-ignore", "--no-index", "-q", name.rstrip("/") + "/any"],
+                                cwd=ROOT).returncode != 0]
+    assert not missed, f"not in .gitignore: {missed}"
