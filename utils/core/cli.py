@@ -54,7 +54,7 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         if message.startswith("unrecognized arguments:"):
             message += closest_flags(self, message.split(":", 1)[1].split())
-        self.exit(2, f"{self.prog}: error: {message} (--help lists the flags)\n")
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def closest_flags(parser: argparse.ArgumentParser, given: list[str]) -> str:
