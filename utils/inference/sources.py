@@ -20,8 +20,6 @@ from utils.core.names import SDXL_BASE_ID
 
 logger = logging.getLogger(__name__)
 
-MIN_SIZE = 64  # the smallest image side the SDXL pipelines make (8 latent pixels)
-
 
 def is_run_folder(path: Path) -> bool:
     """A training run's folder: it has experiment_config.json or a final_model/ with LoRA weights."""
@@ -132,7 +130,7 @@ def check_sizes(args: argparse.Namespace) -> None:
 
 
 def check_side(flag: str, value: int | None) -> None:
-    """An image side SDXL can make: a multiple of 8 (the VAE's factor), at least MIN_SIZE."""
-    if value is not None and (value < MIN_SIZE or value % 8):
-        raise UserError(f"{flag} {value}: must be a multiple of 8 and at least {MIN_SIZE} (the VAE works on "
-                        "8 x 8 pixel blocks)")
+    """An image side SDXL can make: a positive multiple of 8 (the VAE's downscale factor), the rule training's
+    --resolution follows too."""
+    if value is not None and (value < 8 or value % 8):
+        raise UserError(f"{flag} {value}: must be a positive multiple of 8 (the VAE's downscale factor)")
