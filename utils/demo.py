@@ -38,7 +38,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.core.atomic import save_image, write_json, write_text
-from utils.core.cli import run_cli, setup_logging
+from utils.core.cli import Parser, run_cli, setup_logging
 from utils.core.errors import UserError
 from utils.core.layout import FINAL_MODEL, RunLayout, model_info_file
 from utils.tiny.demo_model import DEMO_CLIP_DIR, DEMO_SDXL_DIR, RESOLUTION
@@ -189,7 +189,7 @@ def check_style(report: Path, spread: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python -m utils.demo")
     parser.add_argument("--work_dir", default=str(ROOT / "demo_work"), help="data, runs and images go here")
