@@ -7,6 +7,7 @@ and kohya read (``lora_unet_…`` names, ``hada_*``/``lokr_*`` weights, ``alpha`
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,9 +21,12 @@ from utils.lora.from_kohya import diffusers_module
 from utils.lora.kohya_names import (COMPONENTS, CONVERSION_METADATA_KEY, KOHYA_WEIGHT_NAME, LoraConversionError,
                                     safetensors_hashes, text_encoder_kohya_name, unet_config_for, unet_kohya_names,
                                     unet_layers)
+from utils.lora.lokr_forms import dense_form, lycoris_builds, peft_form
 from utils.lora.lycoris import (LycorisModule, adapter_type, group_roles, kind_of_roles, modules_from_peft,
                                 peft_config_dict)
 from utils.lora.to_kohya import convert_diffusers_to_kohya, kohya_metadata, kohya_name, tensors_by_component
+
+logger = logging.getLogger(__name__)
 
 LYCORIS_NETWORK_MODULE = "lycoris.kohya"
 
@@ -77,6 +81,48 @@ def mapping_problems(modules: list[LycorisModule], unet_config: Mapping[str, Any
     return problems
 
 
+def layer_shape(m: LycorisModule, unet_config: Mapping[str, Any]) -> tuple[int, ...]:
+    """The (out, in) or (out, in, kh, kw) shape of the layer a module belongs to (text encoders: Linear only)."""
+    if m.component != "unet":
+        return m.flat_shape()
+    _, down_shape, up_shape = unet_layers(unet_config)[m.module]
+    return (up_shape[0], *down_shape)
+
+
+def lycoris_buildable(modules: list[LycorisModule], unet_config: Mapping[str, Any]) -> list[LycorisModule]:
+    """The modules with each LoKr module that kohya's LyCORIS loader cannot rebuild (a ``--lokr_factor`` larger
+    than the square root of the layer's width) in the dense LoKr form, which every tool reads exactly."""
+    dense = []
+    for i, m in enumerate(modules):
+        shape = layer_shape(m, unet_config) if m.kind == "lokr" else ()
+        if m.kind == "lokr" and not lycoris_builds(m.weights, shape):
+            modules[i] = LycorisModule(m.component, m.module, m.kind, dense_form(m.weights, m.scale, shape), 1.0)
+            dense.append(modules[i])
+    if dense:
+        extra = sum(m.weights["lokr_w2"].numel() for m in dense)
+        logger.warning("%d LoKr module(s), e.g. %s.%s, are written whole in the kohya copy (%s numbers more): "
+                       "LyCORIS' kohya loader builds the smaller factor first, and their --lokr_factor is larger "
+                       "than the square root of their width; a smaller factor keeps them factored",
+                       len(dense), dense[0].component, dense[0].module, f"{extra:,}")
+    return modules
+
+
+def in_peft_shapes(modules: list[LycorisModule], unet_config: Mapping[str, Any], factor: int) -> list[LycorisModule]:
+    """The modules with each LoKr module whose ``lokr_w1`` is not of PEFT's shape for ``factor`` (a dense one,
+    or LyCORIS' smaller-first order) as two full factors of PEFT's shapes with the same delta."""
+    from peft.tuners.lokr.layer import factorization
+
+    for i, m in enumerate(modules):
+        if m.kind != "lokr":
+            continue
+        shape = layer_shape(m, unet_config)
+        w1 = m.weights.get("lokr_w1", m.weights.get("lokr_w1_a"))
+        cols = m.weights["lokr_w1"].shape[1] if "lokr_w1" in m.weights else m.weights["lokr_w1_b"].shape[1]
+        if (int(w1.shape[0]), int(cols)) != (factorization(shape[0], factor)[0], factorization(shape[1], factor)[0]):
+            modules[i] = LycorisModule(m.component, m.module, m.kind, peft_form(m.weights, m.scale, shape, factor), 1.0)
+    return modules
+
+
 def write_lycoris_kohya(modules: list[LycorisModule], metadata: Mapping[str, str], args: Mapping[str, str],
                         path: str | os.PathLike, unet_config: Mapping[str, Any], title: str | None = None,
                         dtype: torch.dtype | None = None, source: str | os.PathLike = "LoRA") -> Path:
@@ -85,7 +131,7 @@ def write_lycoris_kohya(modules: list[LycorisModule], metadata: Mapping[str, str
     if problems:
         raise LoraConversionError(source, f"{len(problems)} module(s) cannot be mapped to kohya names", problems)
     tensors = {}
-    for m in modules:
+    for m in lycoris_buildable(list(modules), unet_config):
         name = kohya_name(m, unet_config)
         for role, tensor in m.weights.items():
             tensors[f"{name}.{role}"] = tensor.to(dtype or tensor.dtype).contiguous()
@@ -129,7 +175,8 @@ def read_lycoris_kohya(path: str | os.PathLike, unet_config: Mapping[str, Any]) 
     problems += mapping_problems(modules, unet_config)
     if problems:
         raise LoraConversionError(path, f"{len(problems)} key(s) cannot be mapped", problems)
-    return modules, read_metadata(path)
+    metadata = read_metadata(path)
+    return in_peft_shapes(modules, unet_config, network_factor(metadata)), metadata
 
 
 def write_lycoris_diffusers(modules: list[LycorisModule], path: str | os.PathLike,
@@ -153,7 +200,7 @@ def write_lycoris_diffusers(modules: list[LycorisModule], path: str | os.PathLik
 def peft_configs(modules: list[LycorisModule], metadata: Mapping[str, str]) -> dict[str, tuple[dict, dict]]:
     """``{component: (PEFT config dict, PEFT state dict)}`` rebuilding these modules (two full LoKr factors
     get scale 1, as in LyCORIS)."""
-    factor = int(json.loads(metadata.get("ss_network_args") or "{}").get("factor", -1))
+    factor = network_factor(metadata)
     states = {}
     for component in COMPONENTS:
         chosen = [m for m in modules if m.component == component]
@@ -161,6 +208,11 @@ def peft_configs(modules: list[LycorisModule], metadata: Mapping[str, str]) -> d
             states[component] = (peft_config_dict(chosen, factor),
                                  {f"{m.module}.{role}": t for m in chosen for role, t in m.weights.items()})
     return states
+
+
+def network_factor(metadata: Mapping[str, str]) -> int:
+    """The LoKr factor a kohya/LyCORIS header records (``ss_network_args``), -1 (automatic) when none."""
+    return int(json.loads(metadata.get("ss_network_args") or "{}").get("factor", -1))
 
 
 def _json_default(value: Any) -> Any:
