@@ -18,6 +18,8 @@ from typing import Mapping
 
 import torch
 
+KRONECKER_TOLERANCE = 1e-4  # a float32 Kronecker product leaves a second singular value near 1e-7 of the first
+
 
 def lycoris_factorization(dimension: int, factor: int) -> tuple[int, int]:
     """LyCORIS' split of a width: PEFT's, with the smaller number always first."""
@@ -84,9 +86,10 @@ def dense_form(weights: Mapping[str, torch.Tensor], scale: float,
 
 
 def peft_form(weights: Mapping[str, torch.Tensor], scale: float, layer_shape: tuple[int, ...],
-              factor: int) -> dict[str, torch.Tensor]:
-    """Two full factors in PEFT's shapes for ``factor`` with the same delta (scale 1): the nearest Kronecker
-    product of the delta (Van Loan and Pitsianis), computed in float64."""
+              factor: int) -> dict[str, torch.Tensor] | None:
+    """Two full factors in PEFT's shapes for ``factor`` with the same delta (scale 1), or None when the delta is
+    no Kronecker product of those shapes (LyCORIS' smaller-first factors are not, in general). The nearest
+    Kronecker product (Van Loan and Pitsianis), computed in float64; exact to float rounding when it is one."""
     from peft.tuners.lokr.layer import factorization
 
     out_dim, in_dim, *kernel = layer_shape
@@ -96,6 +99,8 @@ def peft_form(weights: Mapping[str, torch.Tensor], scale: float, layer_shape: tu
     delta = flat_delta(weights, scale).to(torch.float64)
     blocks = delta.reshape(a, b, c, d_flat).permute(0, 2, 1, 3).reshape(a * c, b * d_flat)
     u, s, vh = torch.linalg.svd(blocks, full_matrices=False)
+    if len(s) > 1 and s[1] > KRONECKER_TOLERANCE * s[0]:
+        return None
     w1 = (u[:, 0] * s[0].sqrt()).reshape(a, c)
     w2 = (vh[0] * s[0].sqrt()).reshape(b, d, *kernel)
     dtype = next(iter(weights.values())).dtype

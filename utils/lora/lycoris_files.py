@@ -6,8 +6,10 @@ and kohya read (``lora_unet_…`` names, ``hada_*``/``lokr_*`` weights, ``alpha`
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -91,25 +93,33 @@ def layer_shape(m: LycorisModule, unet_config: Mapping[str, Any]) -> tuple[int, 
 
 def lycoris_buildable(modules: list[LycorisModule], unet_config: Mapping[str, Any]) -> list[LycorisModule]:
     """The modules with each LoKr module that kohya's LyCORIS loader cannot rebuild (a ``--lokr_factor`` larger
-    than the square root of the layer's width) in the dense LoKr form, which every tool reads exactly."""
-    dense = []
+    than the square root of the layer's width) in the whole LoKr form, which every tool reads exactly."""
+    whole, widths = [], []
     for i, m in enumerate(modules):
-        shape = layer_shape(m, unet_config) if m.kind == "lokr" else ()
-        if m.kind == "lokr" and not lycoris_builds(m.weights, shape):
+        if m.kind != "lokr":
+            continue
+        shape = layer_shape(m, unet_config)
+        widths += shape[:2]
+        if not lycoris_builds(m.weights, shape):
             modules[i] = LycorisModule(m.component, m.module, m.kind, dense_form(m.weights, m.scale, shape), 1.0)
-            dense.append(modules[i])
-    if dense:
-        extra = sum(m.weights["lokr_w2"].numel() for m in dense)
-        logger.warning("%d LoKr module(s), e.g. %s.%s, are written whole in the kohya copy (%s numbers more): "
-                       "LyCORIS' kohya loader builds the smaller factor first, and their --lokr_factor is larger "
-                       "than the square root of their width; a smaller factor keeps them factored",
-                       len(dense), dense[0].component, dense[0].module, f"{extra:,}")
+            whole.append(modules[i])
+    if whole:
+        size = sum(m.weights["lokr_w2"].nbytes for m in whole) / 2**20
+        _warn_once(f"{len(whole)} LoKr module(s), e.g. {whole[0].component}.{whole[0].module}, are written whole in "
+                   f"the kohya copy ({size:.1f} MiB for them): kohya's LyCORIS loader builds the smaller Kronecker "
+                   f"factor first, and their --lokr_factor is larger than the square root of their width; "
+                   f"--lokr_factor {math.isqrt(min(widths))} or less keeps every module factored")
     return modules
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:  # once per process, not at every checkpoint
+    logger.warning(message)
+
+
 def in_peft_shapes(modules: list[LycorisModule], unet_config: Mapping[str, Any], factor: int) -> list[LycorisModule]:
-    """The modules with each LoKr module whose ``lokr_w1`` is not of PEFT's shape for ``factor`` (a dense one,
-    or LyCORIS' smaller-first order) as two full factors of PEFT's shapes with the same delta."""
+    """The modules with each LoKr module whose ``lokr_w1`` is not of PEFT's shape for ``factor`` (a whole one)
+    as two full factors of PEFT's shapes with the same delta, where there are such factors."""
     from peft.tuners.lokr.layer import factorization
 
     for i, m in enumerate(modules):
@@ -119,7 +129,8 @@ def in_peft_shapes(modules: list[LycorisModule], unet_config: Mapping[str, Any],
         w1 = m.weights.get("lokr_w1", m.weights.get("lokr_w1_a"))
         cols = m.weights["lokr_w1"].shape[1] if "lokr_w1" in m.weights else m.weights["lokr_w1_b"].shape[1]
         if (int(w1.shape[0]), int(cols)) != (factorization(shape[0], factor)[0], factorization(shape[1], factor)[0]):
-            modules[i] = LycorisModule(m.component, m.module, m.kind, peft_form(m.weights, m.scale, shape, factor), 1.0)
+            factors = peft_form(m.weights, m.scale, shape, factor)  # None: left for peft_config_dict to refuse
+            modules[i] = LycorisModule(m.component, m.module, m.kind, factors, 1.0) if factors else m
     return modules
 
 
@@ -131,7 +142,8 @@ def write_lycoris_kohya(modules: list[LycorisModule], metadata: Mapping[str, str
     if problems:
         raise LoraConversionError(source, f"{len(problems)} module(s) cannot be mapped to kohya names", problems)
     tensors = {}
-    for m in lycoris_buildable(list(modules), unet_config):
+    modules = lycoris_buildable(list(modules), unet_config)
+    for m in modules:
         name = kohya_name(m, unet_config)
         for role, tensor in m.weights.items():
             tensors[f"{name}.{role}"] = tensor.to(dtype or tensor.dtype).contiguous()
@@ -145,7 +157,11 @@ def write_lycoris_kohya(modules: list[LycorisModule], metadata: Mapping[str, str
     header[CONVERSION_METADATA_KEY] = json.dumps({
         "from": "diffusers/peft", "algo": args["algo"],
         "alpha": "per module; LyCORIS scale alpha/dim equals PEFT's alpha/r; a LoKr module with two full "
-                 "factors has no scale in LyCORIS, so PEFT's is multiplied into lokr_w1"})
+                 "factors has no scale in LyCORIS, so PEFT's is multiplied into lokr_w1",
+        "whole_lokr_modules": sum(m.kind == "lokr" and m.weights["lokr_w1"].numel() == 1 for m in modules
+                                  if "lokr_w1" in m.weights),
+        "whole": "a LoKr module whose PEFT factors kohya's LyCORIS loader cannot rebuild (the larger factor "
+                 "first) is lokr_w1 [[1]] and lokr_w2 its scaled delta"})
     header["sshs_model_hash"], header["sshs_legacy_hash"] = safetensors_hashes(tensors, header)
     path = Path(path)
     save_safetensors(tensors, path, header)
