@@ -18,7 +18,8 @@ import torch
 
 from tests.helpers import load_pipe, only_run_dir, pixels, run_in_process
 from tests.kohya_checks import lycoris_delta
-from utils.lora.files import LORA_WEIGHT_NAME, read_metadata, read_tensors, save_safetensors
+from utils.core.layout import FINAL_MODEL, RunLayout, model_info_file
+from utils.lora.files import LORA_WEIGHT_NAME, TRAINING_METADATA_KEY, read_metadata, read_tensors, save_safetensors
 from utils.lora.kohya_names import KOHYA_WEIGHT_NAME, LoraConversionError
 
 TRAIN = ["--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "2", "--learning_rate", "1e-2",
@@ -86,7 +87,7 @@ def trained_image(model_dir: Path, run_dir: Path, flags: list[str]) -> np.ndarra
     from peft.utils import set_peft_model_state_dict
 
     pipe = load_pipe(model_dir)
-    (checkpoint,) = (run_dir / "checkpoints").iterdir()
+    checkpoint = RunLayout(run_dir).checkpoint(2)  # the last step (--max_train_steps 2)
     for component, targets in (("unet", UNET_TARGETS), ("text_encoder", TEXT_ENCODER_TARGETS),
                                ("text_encoder_2", TEXT_ENCODER_TARGETS)):
         path = checkpoint / f"lora_{component}.safetensors"
@@ -124,7 +125,8 @@ def lokr_modules(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     from utils.lora.kohya_names import load_unet_config, text_encoder_kohya_name, unet_kohya_names
 
     own = path.name == LORA_WEIGHT_NAME
-    unet_names = unet_kohya_names(load_unet_config(json.loads(read_metadata(path)["ghibli_training"])["base_model"]))
+    base_model = json.loads(read_metadata(path)[TRAINING_METADATA_KEY])["base_model"]
+    unet_names = unet_kohya_names(load_unet_config(base_model))
     grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in read_tensors(path).items():
         module, _, role = key.rpartition(".")
@@ -166,12 +168,12 @@ def test_every_file_of_a_training_loads_back_with_the_trained_image(row, tiny_mo
     run_in_process("train_sdxl_lora.py", "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_dir",
                    str(tiny_dataset_dir), "--output_dir", str(tmp_path / "run"), *TRAIN, *flags)
     run_dir = only_run_dir(tmp_path / "run")
-    folder = run_dir / "final_model"
+    folder = RunLayout(run_dir).final_model
     kind = flag(flags, "--lora_type", "lora")
-    training = json.loads(read_metadata(folder / LORA_WEIGHT_NAME)["ghibli_training"])
-    info = json.loads((folder / "final_model_info.json").read_text())
+    training = json.loads(read_metadata(folder / LORA_WEIGHT_NAME)[TRAINING_METADATA_KEY])
+    info = json.loads((folder / model_info_file(FINAL_MODEL)).read_text())
     assert training["lora_type"] == info["lora_type"] == kind and info["adapter_weights"] == "raw"
-    assert json.loads((run_dir / "experiment_config.json").read_text())["lora_type"] == kind
+    assert json.loads(RunLayout(run_dir).config.read_text())["lora_type"] == kind
     header = read_metadata(folder / KOHYA_WEIGHT_NAME)
     assert header["ss_network_module"] == ("networks.lora" if kind == "lora" else "lycoris.kohya")
     prefixes = {key.split(".")[0] for key in read_tensors(folder / LORA_WEIGHT_NAME)}
@@ -189,7 +191,7 @@ def test_every_file_of_a_training_loads_back_with_the_trained_image(row, tiny_mo
     assert np.abs(off - base_image).max() <= 1.0
 
 
-# ----------------------------------------------------------------------------- LoKr factors on the full-size SDXL layout
+# ----------------------------------------------------------------------------- LoKr factors on the full SDXL layout
 
 
 def peft_lokr_layer(shape: tuple[int, ...], factor: int):
