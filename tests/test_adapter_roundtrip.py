@@ -20,7 +20,7 @@ from tests.helpers import load_pipe, only_run_dir, pixels, run_in_process
 from tests.kohya_checks import lycoris_delta
 from utils.core.layout import FINAL_MODEL, RunLayout, model_info_file
 from utils.lora.files import LORA_WEIGHT_NAME, TRAINING_METADATA_KEY, read_metadata, read_tensors, save_safetensors
-from utils.lora.kohya_names import KOHYA_WEIGHT_NAME, LoraConversionError
+from utils.lora.kohya_names import CONVERSION_METADATA_KEY, KOHYA_WEIGHT_NAME, LoraConversionError
 
 TRAIN = ["--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "2", "--learning_rate", "1e-2",
          "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--report_to", "none", "--mixed_precision", "no",
@@ -147,6 +147,8 @@ def check_lokr_copy(folder: Path, flags: list[str], shapes: dict[str, tuple[int,
     assert copy.keys() == own.keys()
     assert all(lycoris_builds(weights, shapes[name]) for name, weights in copy.items())
     peft_order_builds = [lycoris_builds(weights, shapes[name]) for name, weights in own.items()]
+    note = json.loads(read_metadata(folder / KOHYA_WEIGHT_NAME)[CONVERSION_METADATA_KEY])
+    assert note["whole_lokr_modules"] == peft_order_builds.count(False)
     if flag(flags, "--lokr_factor", "-1") == "32":
         assert not any(peft_order_builds)
         assert all(tuple(weights["lokr_w1"].shape) == (1, 1) for weights in copy.values())

@@ -7,9 +7,9 @@ tensors they find and read PEFT's order right; kohya sd-scripts' LyCORIS loader
 (``lycoris.kohya.create_network_from_weights``) guesses the factor from the tensors' shapes, builds the module
 its own way and fails to copy them in. The Kronecker product does not commute, so no LoKr of LyCORIS' order
 holds the same delta; the one LoKr form that every tool builds as written is ``lokr_w1`` = [[1]] ⊗ ``lokr_w2`` =
-the whole scaled delta (out x in numbers). ``lycoris_builds`` says which modules need it, ``dense_form`` writes
-it and ``peft_form`` turns any LoKr module back into PEFT's factor shapes (the nearest Kronecker product, exact
-to float rounding because the delta is one).
+the whole scaled delta (out x in numbers). ``lycoris_builds`` says which modules need it, ``whole_form`` writes
+it and ``peft_form`` turns a module back into PEFT's factor shapes where its delta is a Kronecker product of
+them (the nearest Kronecker product, exact to float rounding).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def flat_delta(weights: Mapping[str, torch.Tensor], scale: float) -> torch.Tenso
     return torch.kron(w1, w2.reshape(w2.shape[0], -1)) * scale
 
 
-def dense_form(weights: Mapping[str, torch.Tensor], scale: float,
+def whole_form(weights: Mapping[str, torch.Tensor], scale: float,
                layer_shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
     """The LoKr form every loader builds as written: ``lokr_w1`` [[1]] and ``lokr_w2`` the scaled delta in the
     layer's shape (no decomposed factor, so LyCORIS' loaders apply scale 1)."""

@@ -23,7 +23,7 @@ from utils.lora.from_kohya import diffusers_module
 from utils.lora.kohya_names import (COMPONENTS, CONVERSION_METADATA_KEY, KOHYA_WEIGHT_NAME, LoraConversionError,
                                     safetensors_hashes, text_encoder_kohya_name, unet_config_for, unet_kohya_names,
                                     unet_layers)
-from utils.lora.lokr_forms import dense_form, lycoris_builds, peft_form
+from utils.lora.lokr_forms import lycoris_builds, peft_form, whole_form
 from utils.lora.lycoris import (LycorisModule, adapter_type, group_roles, kind_of_roles, modules_from_peft,
                                 peft_config_dict)
 from utils.lora.to_kohya import convert_diffusers_to_kohya, kohya_metadata, kohya_name, tensors_by_component
@@ -91,9 +91,10 @@ def layer_shape(m: LycorisModule, unet_config: Mapping[str, Any]) -> tuple[int, 
     return (up_shape[0], *down_shape)
 
 
-def lycoris_buildable(modules: list[LycorisModule], unet_config: Mapping[str, Any]) -> list[LycorisModule]:
+def in_lycoris_shapes(modules: list[LycorisModule], unet_config: Mapping[str, Any]) -> tuple[list[LycorisModule], int]:
     """The modules with each LoKr module that kohya's LyCORIS loader cannot rebuild (a ``--lokr_factor`` larger
-    than the square root of the layer's width) in the whole LoKr form, which every tool reads exactly."""
+    than the square root of the layer's width) in the whole LoKr form, which every tool reads exactly; and how
+    many those are."""
     whole, widths = [], []
     for i, m in enumerate(modules):
         if m.kind != "lokr":
@@ -101,7 +102,7 @@ def lycoris_buildable(modules: list[LycorisModule], unet_config: Mapping[str, An
         shape = layer_shape(m, unet_config)
         widths += shape[:2]
         if not lycoris_builds(m.weights, shape):
-            modules[i] = LycorisModule(m.component, m.module, m.kind, dense_form(m.weights, m.scale, shape), 1.0)
+            modules[i] = LycorisModule(m.component, m.module, m.kind, whole_form(m.weights, m.scale, shape), 1.0)
             whole.append(modules[i])
     if whole:
         size = sum(m.weights["lokr_w2"].nbytes for m in whole) / 2**20
@@ -109,7 +110,7 @@ def lycoris_buildable(modules: list[LycorisModule], unet_config: Mapping[str, An
                    f"the kohya copy ({size:.1f} MiB for them): kohya's LyCORIS loader builds the smaller Kronecker "
                    f"factor first, and their --lokr_factor is larger than the square root of their width; "
                    f"--lokr_factor {math.isqrt(min(widths))} or less keeps every module factored")
-    return modules
+    return modules, len(whole)
 
 
 @functools.lru_cache(maxsize=None)
@@ -142,7 +143,7 @@ def write_lycoris_kohya(modules: list[LycorisModule], metadata: Mapping[str, str
     if problems:
         raise LoraConversionError(source, f"{len(problems)} module(s) cannot be mapped to kohya names", problems)
     tensors = {}
-    modules = lycoris_buildable(list(modules), unet_config)
+    modules, whole = in_lycoris_shapes(list(modules), unet_config)
     for m in modules:
         name = kohya_name(m, unet_config)
         for role, tensor in m.weights.items():
@@ -158,8 +159,7 @@ def write_lycoris_kohya(modules: list[LycorisModule], metadata: Mapping[str, str
         "from": "diffusers/peft", "algo": args["algo"],
         "alpha": "per module; LyCORIS scale alpha/dim equals PEFT's alpha/r; a LoKr module with two full "
                  "factors has no scale in LyCORIS, so PEFT's is multiplied into lokr_w1",
-        "whole_lokr_modules": sum(m.kind == "lokr" and m.weights["lokr_w1"].numel() == 1 for m in modules
-                                  if "lokr_w1" in m.weights),
+        "whole_lokr_modules": whole,
         "whole": "a LoKr module whose PEFT factors kohya's LyCORIS loader cannot rebuild (the larger factor "
                  "first) is lokr_w1 [[1]] and lokr_w2 its scaled delta"})
     header["sshs_model_hash"], header["sshs_legacy_hash"] = safetensors_hashes(tensors, header)
