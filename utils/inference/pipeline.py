@@ -16,6 +16,7 @@ from utils.core.layout import FINAL_MODEL
 from utils.core.names import LORA_WEIGHT_NAME
 from utils.core.sdxl import load_pipeline
 from utils.inference.sources import lora_model_folder
+from utils.lora.lycoris import match_module_names
 from utils.lora.lycoris_files import file_adapter_type, peft_states
 
 ADAPTER_NAME = "style"
@@ -94,6 +95,7 @@ def load_lycoris_adapter(pipe, path: Path) -> None:
         model = getattr(pipe, component)
         peft_config = PeftConfig.from_peft_type(**{k: v for k, v in config.items() if v is not None})
         inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER_NAME)
+        state = match_module_names(state, {name for name, _ in model.named_modules()})
         result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
         unexpected = list(getattr(result, "unexpected_keys", []) or [])
         if unexpected:
