@@ -53,6 +53,7 @@ def peft_layers(kind: str, targets: dict[str, tuple]):
         yield module, layer, config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["loha", "lokr"])
 def test_kohya_file_on_full_sdxl_gives_the_peft_delta(kind, tmp_path):
     from utils.convert_lora import main as convert
