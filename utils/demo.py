@@ -68,8 +68,10 @@ TRAIN_FLAGS = ["--resolution", str(RESOLUTION), "--train_batch_size", "4", "--nu
 INFERENCE_FLAGS = ["--prompts", *PROMPTS, "--num_images", "3", *SIZE, "--num_inference_steps", "20"]
 # Report files copied to results/ under the same names.
 REPORT_FILES = ["exp_result.png", "loss_curves.png", "metrics.csv", "metrics.md", "heatmap_alignment.png",
-                "heatmap_style_similarity.png", "heatmap_style_gain.png", "heatmap_diversity.png"]
+                "heatmap_style_similarity.png", "heatmap_style_gain.png", "heatmap_diversity.png",
+                "epoch_metrics.csv", "epoch_curves.png"]
 TEXT_FILES = (".md", ".csv", ".json")
+REPORT_SCREENSHOT = "report.png"  # the page as headless Chromium draws it, every view stacked (#all)
 ENLARGE = 3  # the picture grids in results/ are shown at 3x: 64 px images are small on a page
 GAIN_OVER_SPREAD = 5.0  # what the demo promises: the chosen run's style gain is this many seed spreads or more
 
@@ -108,6 +110,11 @@ def copy_results(inference: Path, checkpoints: Path, results: Path, work: Path) 
     report = inference / "report"
     # The page embeds its images, so the copy stands alone; only the folder names in it are the machine's.
     write_text(results / REPORT_PAGE, without_machine_paths((report / REPORT_PAGE).read_text(), work))
+    from utils.sweep.gallery import find_chromium, screenshot
+    if find_chromium():
+        screenshot(results / REPORT_PAGE, results / REPORT_SCREENSHOT)
+    else:
+        logger.warning("No Chromium: %s keeps its old screenshot", shown(results / REPORT_SCREENSHOT))
     for name in [*REPORT_FILES, "verdict.json"]:
         if name.endswith(TEXT_FILES):
             write_text(results / name, without_machine_paths((report / name).read_text(), work))

@@ -191,9 +191,20 @@ def page_data(report_dir: Path, runs: list[RunInfo], generations: list[Generatio
     }
 
 
+def _finite(value):
+    """NaN and infinities as null: JSON.parse reads no other spelling of them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
 def render_page(data: dict) -> str:
     """The page: the template with the data in it (``</`` escaped, so no string can close the script)."""
-    text = json.dumps(data, ensure_ascii=False, allow_nan=False).replace("</", "<\\/")
+    text = json.dumps(_finite(data), ensure_ascii=False, allow_nan=False).replace("</", "<\\/")
     return TEMPLATE.read_text(encoding="utf-8").replace(DATA_MARK, text)
 
 
