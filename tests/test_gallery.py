@@ -73,6 +73,25 @@ def test_verdict_keys_of_the_best_epoch_and_the_epoch_curves(tmp_path):
         assert image.size == (800, 700)
 
 
+def test_thumbnails_are_embedded_small_and_each_file_once(tmp_path):
+    import base64
+    import io
+
+    from PIL import Image
+
+    from utils.sweep.gallery import SMALLEST_SIDE, THUMBNAIL_SIDE, Thumbnails, thumbnail_side
+
+    Image.new("RGB", (1024, 768), (200, 120, 40)).save(tmp_path / "large.png")
+    Image.new("RGB", (64, 64), (20, 120, 40)).save(tmp_path / "small.png")
+    thumbs = Thumbnails()
+    ids = thumbs.add_all([[tmp_path / "large.png", tmp_path / "small.png"], [tmp_path / "large.png", tmp_path / "gone.png"]])
+    assert ids == [[0, 1], [0, None]] and len(thumbs.uris) == 2  # a missing file is shown as missing, not broken
+    large = Image.open(io.BytesIO(base64.b64decode(thumbs.uris[0].split(",", 1)[1])))
+    small = Image.open(io.BytesIO(base64.b64decode(thumbs.uris[1].split(",", 1)[1])))
+    assert (large.format, large.size) == ("JPEG", (THUMBNAIL_SIDE, 192)) and (small.format, small.size) == ("PNG", (64, 64))
+    assert thumbnail_side(200) == THUMBNAIL_SIDE and SMALLEST_SIDE <= thumbnail_side(9000) < THUMBNAIL_SIDE / 2
+
+
 # ----------------------------------------------------------------------------- end to end on the tiny sweep
 
 
@@ -190,6 +209,12 @@ def problems(browser) -> list:
     return errors + broken
 
 
+def press(browser, key: str) -> None:
+    """A key pressed on the page, as a reader presses it (to whatever has the focus)."""
+    from selenium.webdriver.common.action_chains import ActionChains
+    ActionChains(browser).send_keys(key).perform()
+
+
 def grid_cell(browser, label: str):
     from selenium.webdriver.common.by import By
     return browser.find_element(By.CSS_SELECTOR, f'#grid-table .cell[data-run="{label}"]')
@@ -232,7 +257,7 @@ def test_clicking_a_grid_cell_shows_that_run(gallery_sweep, browser):
     assert "Epochs: base, then each saved epoch" in body and "Flags (experiment_config.json)" in body
     assert len(browser.find_elements(By.CSS_SELECTOR, "#run-body svg")) == 2  # training and fixed-noise loss
     # The keyboard: g back to the grid, arrows between cells, Enter opens the focused run.
-    browser.find_element(By.TAG_NAME, "body").send_keys("g")
+    press(browser, "g")
     first = browser.find_element(By.CSS_SELECTOR, '#grid-table .cell[data-x="0"][data-y="0"]')
     first.send_keys(Keys.ARROW_RIGHT)
     focused = browser.switch_to.active_element
@@ -280,7 +305,7 @@ def test_the_metric_picker_recolours_the_grid_and_the_table_sorts(gallery_sweep,
     assert by_alignment != by_gain and len(set(by_alignment)) > 1
     assert "prompt alignment" in browser.find_element(By.ID, "grid-note").text
 
-    browser.find_element(By.TAG_NAME, "body").send_keys("m")
+    press(browser, "m")
     table = browser.find_element(By.ID, "metrics-table")
 
     def column(name: str) -> list[float]:

@@ -35,6 +35,8 @@ logger = logging.getLogger("sweep_report")
 TEMPLATE = Path(__file__).with_name("gallery_page.html")
 DATA_MARK = "/*GALLERY_DATA*/null"
 THUMBNAIL_SIDE = 256  # the largest side of an embedded image; smaller images are kept as they are
+FULL_SIZE_IMAGES = 1500  # up to this many images at THUMBNAIL_SIDE; more, and each is smaller (same total area)
+SMALLEST_SIDE = 96
 MAX_LOSS_POINTS = 400  # the training-loss curve is thinned to about this many points
 
 
@@ -78,6 +80,14 @@ def _number(text: str):
     except (TypeError, ValueError):
         return {"yes": True, "no": False}.get(text, text)
     return None if math.isnan(value) else value
+
+
+def thumbnail_side(count: int, side: int = THUMBNAIL_SIDE) -> int:
+    """The thumbnails' side for ``count`` images: the page of the original's full grid (12 runs x 10 epochs x 25
+    prompts x 3 seeds, 9000 images) gets about 100 px thumbnails, a few tens of MB instead of over a hundred."""
+    if count <= FULL_SIZE_IMAGES:
+        return side
+    return max(SMALLEST_SIDE, int(side * math.sqrt(FULL_SIZE_IMAGES / count)))
 
 
 def read_metrics(report_dir: Path) -> dict[str, dict]:
@@ -134,7 +144,7 @@ def _loss_curve(run: RunInfo) -> dict:
     if isinstance(final.get("final_eval_loss"), (int, float)) and final.get("step"):
         evaluations.append([final["step"], final["final_eval_loss"]])
     return {"steps": [step for step, _ in finite], "loss": [loss for _, loss in finite],
-            "eval": sorted(dict(map(tuple, evaluations)).items())}
+            "eval": sorted(dict((step, loss) for step, loss in evaluations if step is not None).items())}
 
 
 def _run_entry(run: RunInfo, generation: Generation | None, metrics: dict | None, status: dict | None,
@@ -163,9 +173,11 @@ def _missing_entry(key: tuple[int, float], status: dict) -> dict:
 
 
 def page_data(report_dir: Path, runs: list[RunInfo], generations: list[Generation], epoch_points: list[EpochPoint],
-              records: Path | None, thumbnail_side: int = THUMBNAIL_SIDE) -> dict:
+              records: Path | None, side: int = THUMBNAIL_SIDE) -> dict:
     """Everything the page shows, as one JSON-ready object."""
-    thumbs = Thumbnails(thumbnail_side)
+    groups = [g.base + g.lora for g in generations] + [p.generation.base + p.generation.lora for p in epoch_points]
+    count = len({path for group in groups for images in group for path in images})
+    thumbs = Thumbnails(thumbnail_side(count, side))
     verdict = read_json(report_dir / VERDICT_FILE) or {}
     metrics = read_metrics(report_dir)
     epoch_rows = {(row["run"], row["epoch"]): row for row in verdict.get("epochs") or []}
