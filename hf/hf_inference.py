@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.core.cli import run_cli  # noqa: E402 (needs the repo root on sys.path)
+from utils.core.cli import Parser, run_cli  # noqa: E402 (needs the repo root on sys.path)
 from utils.core.names import SDXL_BASE_ID  # noqa: E402
 from utils.core.atomic import save_image  # noqa: E402
 from utils.hub.errors import hub_errors  # noqa: E402
@@ -38,18 +38,21 @@ DEFAULT_BASE = SDXL_BASE_ID
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = Parser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python hf/hf_inference.py --prompt \"a beautiful landscape in Ghibli style\" \\\n"
                "      --lora_model_id moving-j/sdxl-base-1.0-ghibli-lora-r4 --output generated_image.png")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--base_model_id", default=DEFAULT_BASE, help="Hub id, diffusers folder or .safetensors file")
-    p.add_argument("--lora_model_id", default=None, help="Hub id, LoRA folder or .safetensors file (none: base only)")
+    p.add_argument("--base_model_id", default=None,
+                   help="Hub id, diffusers folder or .safetensors file (default: the base model a local LoRA was "
+                        f"trained on, as its run records it; else {DEFAULT_BASE})")
+    p.add_argument("--lora_model_id", default=None,
+                   help="Hub id, run folder, LoRA folder or .safetensors file (none: base only)")
     p.add_argument("--weight_name", default=None, help="which .safetensors file of the LoRA repo/folder to load")
     add_token_argument(p)
     p.add_argument("--output", default="output.png")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--steps", "--num_inference_steps", dest="steps", type=int, default=50)
+    p.add_argument("--guidance", "--guidance_scale", dest="guidance", type=float, default=7.5)
     p.add_argument("--negative_prompt", default=None)
     p.add_argument("--lora_scale", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None, help="default: a random seed, printed so it can be reused")
@@ -66,7 +69,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.endpoint_url and not args.remote:
         p.error("--endpoint_url needs --remote")
+    check_numbers(args)
     return args
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Sizes and steps that cannot work, refused before anything is loaded or asked of an endpoint."""
+    from utils.core.errors import UserError
+    from utils.inference.sources import check_side
+
+    check_side("--height", args.height)
+    check_side("--width", args.width)
+    if args.steps < 1:
+        raise UserError(f"--steps (--num_inference_steps) {args.steps}: must be at least 1")
+    if args.guidance < 0:
+        raise UserError(f"--guidance {args.guidance}: must not be negative")
 
 
 def generate_image_with_hf_api(prompt: str, base_model_id: str = DEFAULT_BASE, lora_model_id: str | None = None,
@@ -81,14 +98,15 @@ def generate_image_with_hf_api(prompt: str, base_model_id: str = DEFAULT_BASE, l
     ``seed`` None draws a random one (logged); ``height``/``width`` None use the model's own size.
     Raises a one-line HubError/UserError/FileNotFoundError for a model that cannot be found.
     """
-    from utils.core.model_source import check_base_model, check_model_source
+    from utils.core.model_source import check_base_model
     from utils.inference.flags import GenerationSettings
     from utils.inference.generation import generate
     from utils.inference.pipeline import load_adapter, open_pipeline
+    from utils.inference.sources import lora_model_folder
 
-    check_base_model(base_model_id, "--base_model_id")
     if lora_model_id:
-        check_model_source(lora_model_id, "--lora_model_id")
+        lora_model_id = lora_model_folder(lora_model_id, flag="--lora_model_id")
+    check_base_model(base_model_id, "--base_model_id")
     if seed is None:
         seed = random.SystemRandom().randrange(2**32)
         logger.info("seed %d", seed)
@@ -103,7 +121,10 @@ def generate_image_with_hf_api(prompt: str, base_model_id: str = DEFAULT_BASE, l
 
 
 def generate_locally(args: argparse.Namespace, seed: int):
-    return generate_image_with_hf_api(args.prompt, args.base_model_id, args.lora_model_id, None, args.steps,
+    from utils.inference.sources import base_model_for
+
+    base_model_id = base_model_for(args.base_model_id, args.lora_model_id, "--base_model_id")
+    return generate_image_with_hf_api(args.prompt, base_model_id, args.lora_model_id, None, args.steps,
                                       args.guidance, args.negative_prompt, seed=seed, height=args.height,
                                       width=args.width, lora_scale=args.lora_scale, weight_name=args.weight_name,
                                       device=args.device, variant=args.variant)
@@ -112,7 +133,7 @@ def generate_locally(args: argparse.Namespace, seed: int):
 def generate_remotely(args: argparse.Namespace, seed: int):
     from huggingface_hub import InferenceClient
 
-    model = args.endpoint_url or args.lora_model_id or args.base_model_id
+    model = args.endpoint_url or args.lora_model_id or args.base_model_id or DEFAULT_BASE
     if args.lora_scale != 1.0:
         logger.warning("--lora_scale is not sent to remote endpoints; the endpoint's own setting applies.")
     client = InferenceClient(model=model, provider=args.provider)

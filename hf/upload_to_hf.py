@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.core.cli import run_cli  # noqa: E402 (needs the repo root on sys.path)
+from utils.core.cli import Parser, run_cli  # noqa: E402 (needs the repo root on sys.path)
 from utils.hub.token import add_token_argument, warn_about_token_flag  # noqa: E402
 
 logger = logging.getLogger("upload_to_hf")
@@ -51,7 +51,7 @@ def upload_model_to_hf(model_path: str | os.PathLike, repo_name: str, token: str
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from utils.hub.publish import DEFAULT_LICENSE
 
-    p = argparse.ArgumentParser(
+    p = Parser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python hf/upload_to_hf.py --model_path output_ghibli/<run> \\\n"
                "      --repo_name you/sdxl-ghibli-lora-r4")

@@ -1,5 +1,5 @@
 """What the kohya tests share: rendering the tiny pipeline with a LoRA, the same LoRA merged by hand,
-and utils/convert_lora.py run in-process."""
+utils/convert_lora.py run in-process, and LyCORIS' published LoHa/LoKr formulas."""
 
 from __future__ import annotations
 
@@ -96,3 +96,25 @@ def data_section_sha256(path: Path) -> str:
 def convert_cli(*argv: str) -> int:
     """utils/convert_lora.py in-process, through the runner every command uses (one test runs it as a subprocess too)."""
     return run_cli(lambda: convert_main([str(a) for a in argv]))
+
+
+def lycoris_delta(weights: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
+    """LyCORIS' published formulas, read from its kohya-format keys (which this pops, to show all are used)."""
+    alpha = weights.pop("alpha").item()
+    if "hada_w1_a" in weights:
+        w1b = weights.pop("hada_w1_b")
+        delta = (weights.pop("hada_w1_a") @ w1b) * (weights.pop("hada_w2_a") @ weights.pop("hada_w2_b"))
+        return (delta * alpha / w1b.shape[0]).reshape(shape)
+    dim = None
+    w1 = weights.pop("lokr_w1", None)
+    if w1 is None:
+        w1b = weights.pop("lokr_w1_b")
+        w1, dim = weights.pop("lokr_w1_a") @ w1b, w1b.shape[0]
+    w2 = weights.pop("lokr_w2", None)
+    if w2 is None:
+        w2b = weights.pop("lokr_w2_b")
+        w2, dim = weights.pop("lokr_w2_a") @ w2b, w2b.shape[0]
+    if w2.dim() == 4:
+        w1 = w1[:, :, None, None]
+    scale = alpha / dim if dim else 1.0
+    return torch.kron(w1, w2).reshape(shape) * scale

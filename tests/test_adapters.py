@@ -1,8 +1,7 @@
 """LoHa and LoKr beside LoRA, the EMA of the adapter weights, and LoRA+.
 
-LoHa/LoKr: a short training changes the image; the saved file (and its kohya/LyCORIS copy) reloaded through
-inference_sdxl_ghibli.py gives the image of the trained weights put into the model directly. On the full-size
-SDXL layout the kohya/LyCORIS file, read with LyCORIS' published formulas, gives PEFT's weight delta."""
+LoHa/LoKr: on the full-size SDXL layout the kohya/LyCORIS file, read with LyCORIS' published formulas, gives
+PEFT's weight delta (tests/test_adapter_roundtrip.py trains every adapter type and reloads each file it writes)."""
 
 from __future__ import annotations
 
@@ -12,20 +11,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from tests.helpers import ROOT, SCRIPT_ENV, load_pipe, only_run_dir, pixels, run_in_process, wait_for
-from utils.lora.files import LORA_WEIGHT_NAME, read_metadata, read_tensors, save_safetensors
-from utils.lora.kohya_names import KOHYA_WEIGHT_NAME, SDXL_UNET_CONFIG, unet_kohya_names, unet_layers
+from tests.helpers import ROOT, SCRIPT_ENV, only_run_dir, run_in_process, wait_for
+from tests.kohya_checks import lycoris_delta
+from utils.lora.files import LORA_WEIGHT_NAME, read_tensors, save_safetensors
+from utils.lora.kohya_names import SDXL_UNET_CONFIG, unet_kohya_names, unet_layers
 from utils.training.checkpoints import checkpoints_of
 
 TRAIN = ["--resolution", "32", "--train_batch_size", "2", "--max_train_steps", "2", "--learning_rate", "1e-2",
          "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--report_to", "none", "--mixed_precision", "no",
          "--no-gradient_checkpointing", "--save_steps", "100", "--checkpointing_steps", "2"]
-INFER = ["--prompt", "a house in ghibli style", "--num_images", "1", "--height", "64", "--width", "64",
-         "--num_inference_steps", "2"]
 ATTENTION = ("to_q", "to_k", "to_v", "to_out.0")
 
 
@@ -35,87 +32,7 @@ def train(tiny_model_dir, dataset_dir, output_dir, *extra) -> Path:
     return only_run_dir(output_dir)
 
 
-def infer(tiny_model_dir, out_dir, lora: Path, *extra) -> np.ndarray:
-    """inference_sdxl_ghibli.py's main, in this process (a subprocess would only add its start-up time)."""
-    from inference_sdxl_ghibli import main
-
-    assert main(["--pretrained_model_name_or_path", str(tiny_model_dir), "--output_dir", str(out_dir),
-                 "--lora_model_path", str(lora), *INFER, *extra]) == 0
-    (image,) = out_dir.glob("lora_prompt1_*.png")
-    return pixels(image)
-
-
-@pytest.fixture(scope="module")
-def adapter_runs(tiny_model_dir, tiny_dataset_dir, tmp_path_factory) -> dict:
-    return {kind: train(tiny_model_dir, tiny_dataset_dir, tmp_path_factory.mktemp(kind), "--lora_type", kind,
-                        "--lora_alpha", "4")
-            for kind in ("loha", "lokr")}
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["loha", "lokr"])
-def test_trained_adapter_reloads_through_inference_with_the_same_image(adapter_runs, tiny_model_dir, kind, tmp_path):
-    from peft import LoHaConfig, LoKrConfig
-    from peft.utils import set_peft_model_state_dict
-
-    run_dir = adapter_runs[kind]
-    config = json.loads((run_dir / "experiment_config.json").read_text())
-    assert config["lora_type"] == kind
-    info = json.loads((run_dir / "final_model" / "final_model_info.json").read_text())
-    assert (info["lora_type"], info["adapter_weights"]) == (kind, "raw")
-    training = json.loads(read_metadata(run_dir / "final_model" / LORA_WEIGHT_NAME)["ghibli_training"])
-    assert training["lora_type"] == kind
-    kohya_header = read_metadata(run_dir / "final_model" / KOHYA_WEIGHT_NAME)
-    assert kohya_header["ss_network_module"] == "lycoris.kohya"
-    assert json.loads(kohya_header["ss_network_args"])["algo"] == kind
-
-    # The trained weights as the training process held them (its resumable state), put in directly.
-    pipe = load_pipe(tiny_model_dir)
-    base = np.asarray(pipe("a house in ghibli style", num_inference_steps=2, height=64, width=64, guidance_scale=5.0,
-                           negative_prompt="blurry, low quality, distorted, deformed, ugly, bad anatomy",
-                           generator=torch.Generator("cpu").manual_seed(42)).images[0], dtype=np.float32)
-    peft_config = (LoHaConfig(r=8, alpha=4, target_modules=list(ATTENTION)) if kind == "loha"
-                   else LoKrConfig(r=8, alpha=4, target_modules=list(ATTENTION)))
-    pipe.unet.add_adapter(peft_config)
-    state = read_tensors(run_dir / "checkpoints" / "checkpoint-2" / "lora_unet.safetensors")
-    assert not set_peft_model_state_dict(pipe.unet, state).unexpected_keys
-    direct = np.asarray(pipe("a house in ghibli style", num_inference_steps=2, height=64, width=64,
-                             guidance_scale=5.0,
-                             negative_prompt="blurry, low quality, distorted, deformed, ugly, bad anatomy",
-                             generator=torch.Generator("cpu").manual_seed(42)).images[0], dtype=np.float32)
-    assert np.abs(direct - base).mean() > 0.05, "training did not change the image"
-
-    own = infer(tiny_model_dir, tmp_path / "own", run_dir / "final_model")
-    kohya = infer(tiny_model_dir, tmp_path / "kohya", run_dir / "final_model" / KOHYA_WEIGHT_NAME)
-    assert np.abs(own[..., :3] - direct).max() <= 1.0
-    assert np.abs(kohya - own).max() <= 1.0
-    off = infer(tiny_model_dir, tmp_path / "off", run_dir / "final_model", "--lora_scale", "0")
-    assert np.abs(off[..., :3] - base).max() <= 1.0
-
-
 # ----------------------------------------------------------------------------- the full-size SDXL layout
-
-
-def lycoris_delta(weights: dict[str, torch.Tensor], shape: torch.Size) -> torch.Tensor:
-    """LyCORIS' published formulas, read from its kohya-format keys (which this pops, to show all are used)."""
-    alpha = weights.pop("alpha").item()
-    if "hada_w1_a" in weights:
-        w1b = weights.pop("hada_w1_b")
-        delta = (weights.pop("hada_w1_a") @ w1b) * (weights.pop("hada_w2_a") @ weights.pop("hada_w2_b"))
-        return (delta * alpha / w1b.shape[0]).reshape(shape)
-    dim = None
-    w1 = weights.pop("lokr_w1", None)
-    if w1 is None:
-        w1b = weights.pop("lokr_w1_b")
-        w1, dim = weights.pop("lokr_w1_a") @ w1b, w1b.shape[0]
-    w2 = weights.pop("lokr_w2", None)
-    if w2 is None:
-        w2b = weights.pop("lokr_w2_b")
-        w2, dim = weights.pop("lokr_w2_a") @ w2b, w2b.shape[0]
-    if w2.dim() == 4:
-        w1 = w1[:, :, None, None]
-    scale = alpha / dim if dim else 1.0
-    return torch.kron(w1, w2).reshape(shape) * scale
 
 
 def peft_layers(kind: str, targets: dict[str, tuple]):
@@ -136,6 +53,7 @@ def peft_layers(kind: str, targets: dict[str, tuple]):
         yield module, layer, config
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["loha", "lokr"])
 def test_kohya_file_on_full_sdxl_gives_the_peft_delta(kind, tmp_path):
     from utils.convert_lora import main as convert

@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 PYTHON_COMMANDS = ["train_sdxl_lora.py", "inference_sdxl_ghibli.py", "hf/hf_inference.py", "hf/upload_to_hf.py",
                    *sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "utils").glob("*.py")
-                           if "ArgumentParser(" in p.read_text())]
+                           if "Parser(" in p.read_text())]
 SHELL_COMMANDS = ["run_experiments.sh", "run_inference_experiments.sh", "run_checkpoint_inference.sh",
                   "utils/gpu_check.sh"]
 SUBCOMMANDS = {"utils/sweep_report.py": ("report", "strip")}

@@ -199,8 +199,9 @@ def test_trainer_flags_that_every_run_would_fail_on_stop_the_sweep_before_any_ru
 
     cases = [
         ([], "error: dataset_ghibli: dataset directory not found"),
-        (["--", "--lora_rnk", "3"], "error: the trainer flags after --: unrecognized arguments: --lora_rnk 3"),
-        (["--", "--pretrained_model_name_or_path", str(DEMO_MODELS_DIR)],
+        (["--", "--lora_rnk", "3"], "error: the trainer flags after --: unrecognized arguments: --lora_rnk 3; "
+                                          "did you mean --lora_rank?"),
+        (["--", "--dataset_dir", str(tmp_path), "--pretrained_model_name_or_path", str(DEMO_MODELS_DIR)],
          f"error: --pretrained_model_name_or_path {DEMO_MODELS_DIR}: a folder without model_index.json, so not a "
          f"saved diffusers pipeline; did you mean {DEMO_SDXL_DIR}?"),
         (["--", "--help"], "error: -h/--help after --: python train_sdxl_lora.py --help lists the trainer's flags"),

@@ -26,13 +26,13 @@ import torch
 
 from utils.bench.inference_runs import make_lora_file, report, run_rounds
 from utils.bench.models import DEFAULT_RESOLUTION, MODELS, check_resolution
-from utils.core.cli import derived, run_cli
+from utils.core.cli import Parser, derived, run_cli
 
 DEFAULT_STEPS = {"tiny": 10, "small": 4, "sdxl": 30}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = Parser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python utils/benchmark_inference.py --model small")
     p.add_argument("--model", choices=MODELS, default="small")

@@ -48,14 +48,14 @@ from utils.bench.diffusers_run import DIFFUSERS_KEY, diffusers_run
 from utils.bench.models import MODELS, check_resolution
 from utils.bench.steps import Variant, all_variants, skip_reason, trainer_args
 from utils.bench.train_runs import (RESULT_MARK, WHOLE_RUNS, report, report_whole_runs, resolve_settings, run_here, run_in_subprocess, save_model, summarise, whole_run, worker)
-from utils.core.cli import run_cli
+from utils.core.cli import Parser, run_cli
 from utils.core.errors import UserError
 
 logger = logging.getLogger("benchmark_train")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = Parser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python utils/benchmark_train.py --model small")
     p.add_argument("--model", choices=MODELS, default="small",

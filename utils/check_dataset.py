@@ -19,13 +19,13 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.data import preflight
-from utils.core.cli import run_cli
+from utils.core.cli import Parser, run_cli
 from utils.data.listing import add_dataset_arguments, listing_from_args
 from utils.data.records import DatasetError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python utils/check_dataset.py --dataset_dir dataset_ghibli")
     add_dataset_arguments(parser, default_type="auto", default_policy="fail")

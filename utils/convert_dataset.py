@@ -10,7 +10,8 @@ Repeats (kohya's N_name/ folders) travel in the file names: every layout keeps a
 its name (ghibli: images/10_style/a.png), so kohya -> kohya keeps them and kohya -> ghibli/metadata ->
 kohya gets them back. Only the kohya layout gives them meaning: trained as ghibli or metadata, each
 image counts once per epoch, and the converter says so. Folders kohya leaves out (0_name/) are not
-written. Kohya captions are written as .txt files.
+written. Kohya captions are written as .txt files. Loss masks (masks/ beside images/) are copied to the
+ghibli layout; the kohya and metadata layouts cannot hold a masks/ folder, and the converter says so.
 
     python utils/convert_dataset.py --dataset_dir dataset_ghibli --to kohya --output_dir dataset_kohya
 """
@@ -30,8 +31,9 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from utils.data import preflight
 from utils.core.atomic import replace_dir
-from utils.core.cli import run_cli
+from utils.core.cli import Parser, run_cli
 from utils.data.listing import add_dataset_arguments, listing_from_args
+from utils.data.masks import MASK_FOLDER, mask_file
 from utils.data.records import DatasetError, Entry, folder_counts
 
 logger = logging.getLogger(__name__)
@@ -52,7 +54,8 @@ def _names(entries: list[Entry], target: str) -> list[str]:
 
 
 def write_layout(entries: list[Entry], target: str, folder: Path) -> None:
-    """Write ``entries`` (usable ones: image file and caption) in the ``target`` layout under ``folder``."""
+    """Write ``entries`` (usable ones: image file and caption) in the ``target`` layout under ``folder``; in the
+    ghibli layout their loss-mask files too, in ``masks/`` beside the images' folder as the source had them."""
     names = _names(entries, target)
     image_root = folder / "images" if target == "ghibli" else folder
     captions: dict[str, str] = {}
@@ -61,6 +64,10 @@ def write_layout(entries: list[Entry], target: str, folder: Path) -> None:
         destination = image_root / name
         destination.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(entry.image_path, destination)
+        mask = mask_file(entry.image_path)
+        if mask is not None and target == "ghibli":
+            (destination.parent.parent / MASK_FOLDER).mkdir(exist_ok=True)
+            shutil.copyfile(mask, destination.parent.parent / MASK_FOLDER / mask.name)
         caption = entry.caption.strip()
         if target == "kohya":
             destination.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
@@ -84,6 +91,17 @@ def repeats_warning(entries: list[Entry], target: str) -> str | None:
             f"to kohya restores them")
 
 
+def masks_warning(entries: list[Entry], target: str) -> str | None:
+    """The line to show when ``target`` cannot hold the loss-mask files of ``entries`` (alpha channels travel
+    with the images)."""
+    masked = sum(mask_file(entry.image_path) is not None for entry in entries)
+    if target == "ghibli" or not masked:
+        return None
+    return (f"{masked} loss-mask file(s) in {MASK_FOLDER}/ are not written: the {target} layout keeps its images "
+            f"in the dataset folder, where a {MASK_FOLDER}/ folder would be read as images; convert to ghibli, or "
+            f"put the masks in the images' alpha channels")
+
+
 def _check_output(output_dir: Path, dataset_dir: Path, overwrite: bool) -> None:
     output, source = output_dir.resolve(), dataset_dir.resolve()
     if output == source or output.is_relative_to(source) or source.is_relative_to(output):
@@ -93,7 +111,7 @@ def _check_output(output_dir: Path, dataset_dir: Path, overwrite: bool) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python utils/convert_dataset.py --dataset_dir dataset_ghibli --to kohya \\\n"
                "      --output_dir dataset_kohya")
@@ -118,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         report = preflight.check(listing, args.min_image_size, args.max_image_pixels)
         preflight.log_report(report, args.bad_image_policy)
         preflight.enforce(report, args.bad_image_policy)
-        warning = repeats_warning(report.usable, args.to)
-        if warning:
-            logger.warning("%s", warning)
+        for warning in (repeats_warning(report.usable, args.to), masks_warning(report.usable, args.to)):
+            if warning:
+                logger.warning("%s", warning)
         replace_dir(output_dir, lambda folder: write_layout(report.usable, args.to, folder))
     print(f"{len(report.usable)} images written to {output_dir} in the {args.to} layout "
           f"({len(report.problems)} problem(s) skipped)")

@@ -25,7 +25,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch
 from safetensors import safe_open
 
-from utils.core.cli import run_cli
+from utils.core.cli import Parser, run_cli
+from utils.core.errors import UserError
 from utils.lora.files import LORA_WEIGHT_NAME, read_metadata, read_tensors
 from utils.lora.from_kohya import is_kohya_state_dict, read_kohya_lora, write_diffusers_lora
 from utils.lora.kohya_names import (COMPONENTS, KOHYA_WEIGHT_NAME, LoraConversionError, LoraModule, ParsedLora, unet_config_for)
@@ -38,7 +39,7 @@ UNET_MARKERS = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in", "conv_out
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = Parser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python utils/convert_lora.py output_ghibli/<run>/final_model")
     p.add_argument("input", help="a LoRA .safetensors file, a model folder (pytorch_lora_weights.safetensors) "
@@ -55,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="store the kohya weights in this dtype (default: as in the input)")
     p.add_argument("--title", default=None, help="modelspec.title / comment shown by LoRA browsers")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return p.parse_args(argv)
 
 
@@ -128,15 +130,20 @@ def default_output(kind: str, source: Path, given: Path, to: str) -> Path:
 
 
 def output_path(args: argparse.Namespace, kind: str, source: Path, target: str) -> Path:
+    """Where the converted file goes; an existing one is replaced only with --overwrite (convert_dataset.py's
+    rule), the input never."""
     if not args.output:
-        return default_output(kind, source, Path(args.input), target)
-    output = Path(args.output)
-    if output.suffix != ".safetensors":
-        if target == "kohya":
-            raise FileNotFoundError(f"{output}: give a .safetensors file name for the kohya file")
-        output = output / LORA_WEIGHT_NAME
+        output = default_output(kind, source, Path(args.input), target)
+    else:
+        output = Path(args.output)
+        if output.suffix != ".safetensors":
+            if target == "kohya":
+                raise FileNotFoundError(f"{output}: give a .safetensors file name for the kohya file")
+            output = output / LORA_WEIGHT_NAME
     if output.resolve() == source.resolve():
         raise FileNotFoundError(f"{output}: the output would overwrite the input")
+    if output.exists() and not args.overwrite:
+        raise UserError(f"{output}: output file exists (use --overwrite to replace it)")
     return output
 
 

@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from utils.core.cli import run_cli
+from utils.core.cli import Parser, run_cli
 from utils.data.caption_job import CaptionJob, CaptionStore, caption_images, encode_image, list_images, shape_caption
 from utils.data.captioner import (DEFAULT_MODEL, DEFAULT_PROMPT, CaptionError, CaptionFailure, GeminiCaptioner, RetryPolicy, resolve_api_key)
 
@@ -126,7 +126,7 @@ def _temperature(text: str) -> float:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description="Caption images with Gemini into a captions JSON file.",
         epilog="example:\n  python utils/creat_text_caption.py --image-dir dataset_ghibli/images \\\n"
                "      --output dataset_ghibli/captions.json")

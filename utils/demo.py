@@ -11,7 +11,9 @@ same scripts a user runs on real hardware:
 2. run_inference_experiments.sh: base vs LoRA images for every run with the same prompts and seeds,
    then the rank x alpha grid, the loss curves, CLIP metrics (with the demo's CLIP,
    models/tiny_scenes/clip, trained on both looks), heat maps and the verdict;
-3. run_checkpoint_inference.sh: the epoch-by-epoch strip of one run.
+3. run_checkpoint_inference.sh: the images of every saved epoch of each run (one shared set of base images),
+   then the report again, which now measures every epoch and picks the best (run, epoch); its page,
+   report.html, goes to results/ with a screenshot of it (results/report.png) when Chromium is installed.
 
 At the end it checks what the pictures should show and says so: the style gain of the chosen run
 against the spread of the base model's style similarity between seeds, every run's style similarity
@@ -38,9 +40,9 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.core.atomic import save_image, write_json, write_text
-from utils.core.cli import run_cli, setup_logging
+from utils.core.cli import Parser, run_cli, setup_logging
 from utils.core.errors import UserError
-from utils.core.layout import FINAL_MODEL, RunLayout, model_info_file
+from utils.core.layout import FINAL_MODEL, REPORT_PAGE, RunLayout, checkpoint_series_dir, model_info_file
 from utils.tiny.demo_model import DEMO_CLIP_DIR, DEMO_SDXL_DIR, RESOLUTION
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,8 +67,10 @@ TRAIN_FLAGS = ["--resolution", str(RESOLUTION), "--train_batch_size", "4", "--nu
 INFERENCE_FLAGS = ["--prompts", *PROMPTS, "--num_images", "3", *SIZE, "--num_inference_steps", "20"]
 # Report files copied to results/ under the same names.
 REPORT_FILES = ["exp_result.png", "loss_curves.png", "metrics.csv", "metrics.md", "heatmap_alignment.png",
-                "heatmap_style_similarity.png", "heatmap_style_gain.png", "heatmap_diversity.png"]
+                "heatmap_style_similarity.png", "heatmap_style_gain.png", "heatmap_diversity.png",
+                "epoch_metrics.csv", "epoch_curves.png"]
 TEXT_FILES = (".md", ".csv", ".json")
+REPORT_SCREENSHOT = "report.png"  # the page as headless Chromium draws it, every view stacked (#all)
 ENLARGE = 3  # the picture grids in results/ are shown at 3x: 64 px images are small on a page
 GAIN_OVER_SPREAD = 5.0  # what the demo promises: the chosen run's style gain is this many seed spreads or more
 
@@ -103,6 +107,13 @@ def copy_enlarged(source: Path, target: Path) -> None:
 
 def copy_results(inference: Path, checkpoints: Path, results: Path, work: Path) -> None:
     report = inference / "report"
+    # The page embeds its images, so the copy stands alone; only the folder names in it are the machine's.
+    write_text(results / REPORT_PAGE, without_machine_paths((report / REPORT_PAGE).read_text(), work))
+    from utils.sweep.gallery import find_chromium, screenshot
+    if find_chromium():
+        screenshot(results / REPORT_PAGE, results / REPORT_SCREENSHOT)
+    else:
+        logger.warning("No Chromium: %s keeps its old screenshot", shown(results / REPORT_SCREENSHOT))
     for name in [*REPORT_FILES, "verdict.json"]:
         if name.endswith(TEXT_FILES):
             write_text(results / name, without_machine_paths((report / name).read_text(), work))
@@ -110,7 +121,8 @@ def copy_results(inference: Path, checkpoints: Path, results: Path, work: Path) 
             copy_enlarged(report / name, results / name)
         else:
             shutil.copy(report / name, results / name)
-    copy_enlarged(checkpoints / "epoch_strip.png", results / "epoch_strip.png")
+    copy_enlarged(checkpoint_series_dir(checkpoints, _best_epoch_run(report)) / "epoch_strip.png",
+                  results / "epoch_strip.png")
     # The chosen run's base-vs-LoRA comparison grids, as in the original's results.
     verdict = json.loads((report / "verdict.json").read_text())
     best = _best_run_name(verdict, inference)
@@ -119,9 +131,15 @@ def copy_results(inference: Path, checkpoints: Path, results: Path, work: Path) 
 
 
 def _best_run_name(verdict: dict, inference: Path) -> str:
+    """The image folder of the verdict's run: named after its run folder (verdict.json's run_dir)."""
     runs = sorted(p.name for p in inference.iterdir() if p.is_dir() and p.name not in ("report", "base_model_results"))
-    named = str(verdict.get("best_run") or verdict.get("best") or "")
-    return next((name for name in runs if name == named or name.endswith(named)), runs[0])
+    named = Path(str(verdict.get("run_dir") or "")).name
+    return named if named in runs else runs[0]
+
+
+def _best_epoch_run(report: Path) -> Path:
+    """The run folder of the best (run, epoch)."""
+    return Path(json.loads((report / "verdict.json").read_text())["best_epoch"]["run_dir"])
 
 
 def fixed_noise_losses(runs_dir: Path) -> list[dict]:
@@ -189,7 +207,7 @@ def check_style(report: Path, spread: float) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python -m utils.demo")
     parser.add_argument("--work_dir", default=str(ROOT / "demo_work"), help="data, runs and images go here")
@@ -206,18 +224,19 @@ def main(argv: list[str] | None = None) -> int:
     from utils.tiny.scenes import write_style_dataset
     data = write_style_dataset(work / "dataset_ghibli", num_images=NUM_TRAIN_IMAGES)
     runs_dir, records, inference, checkpoints = (work / "output_ghibli", work / "experiment_results",
-                                                 work / "inference", work / "checkpoints")
+                                                 work / "inference", work / "output_visualization")
 
     run(["bash", ROOT / "run_experiments.sh", "--ranks", RANKS, "--alphas", ALPHAS, "--lr", LEARNING_RATE,
          "--output_dir", runs_dir, "--results_dir", records, "--",
          "--pretrained_model_name_or_path", model, "--dataset_dir", data, *TRAIN_FLAGS])
     run(["bash", ROOT / "run_inference_experiments.sh", "--sweep_dir", runs_dir, "--output_dir", inference,
          "--clip_model", clip, "--", "--pretrained_model_name_or_path", model, *INFERENCE_FLAGS])
-    one_run = sorted(p for p in runs_dir.iterdir() if RunLayout(p).final_model.is_dir())[-1]
-    run(["bash", ROOT / "run_checkpoint_inference.sh", "--run_dir", one_run, "--output_dir", checkpoints,
-         "--base_results_dir", checkpoints / "base_model_results", "--",
-         "--pretrained_model_name_or_path", model, "--prompts", PROMPTS[0], "--num_images", "2", *SIZE,
-         "--num_inference_steps", "20"])
+    trained = sorted(p for p in runs_dir.iterdir() if RunLayout(p).final_model.is_dir())
+    for run_dir in trained:  # every run's epochs, on one set of base images, where the report looks for them
+        run(["bash", ROOT / "run_checkpoint_inference.sh", "--run_dir", run_dir, "--output_dir",
+             checkpoint_series_dir(checkpoints, run_dir), "--base_results_dir", checkpoints / "base_model_results",
+             "--", "--pretrained_model_name_or_path", model, *INFERENCE_FLAGS])
+    run([sys.executable, "-m", "utils.sweep_report", "report", "--inference_dir", inference, "--clip_model", clip])
 
     copy_results(inference, checkpoints, results, work)
     summary = check_style(inference / "report", base_seed_spread(inference, data, clip))

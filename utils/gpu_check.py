@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.bench.gpu_plan import PARTS, Places, make_plan
-from utils.core.cli import run_cli
+from utils.core.cli import Parser, run_cli
 from utils.core.errors import UserError
 
 logger = logging.getLogger("gpu_check")
@@ -32,7 +32,7 @@ ACTIONS = ("plan", "versions", "setup", "auto_checkpointing", "train_run", "summ
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = Parser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python utils/gpu_check.py summary --out gpu_check_out")
     p.add_argument("action", choices=ACTIONS)

@@ -20,13 +20,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from utils.core.cli import Parser
 from utils.tiny.clip import save_tiny_clip
 
 __all__ = ["save_tiny_clip", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python utils/make_tiny_clip.py --output_dir tiny_clip")
     parser.add_argument("--output_dir", default="tiny_clip", help="where to save the tiny CLIP")

@@ -18,10 +18,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from utils.core.cli import Parser
 from utils.tiny.sdxl import make_synthetic_dataset, save_tiny_sdxl
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python utils/make_tiny_sdxl.py --model_dir tiny_sdxl --dataset_dir tiny_dataset")
     parser.add_argument("--model_dir", default="tiny_sdxl", help="where to save the tiny pipeline")

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from utils.core.atomic import write_json
-from utils.core.cli import run_cli
+from utils.core.cli import Parser, run_cli
 from utils.core.errors import UserError
 
 logger = logging.getLogger("merge_captions")
@@ -134,7 +134,7 @@ def merge_captions(file1_path: str | os.PathLike, file2_path: str | os.PathLike,
 # --- the command line ------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description="Merge captions JSON files; later files win on duplicates.",
         epilog="example:\n  python utils/merge_captions.py --files a.json b.json --output captions.json")
     parser.add_argument("--file1", type=Path, default=None,

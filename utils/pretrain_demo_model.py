@@ -29,12 +29,13 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from utils.core.cli import Parser
 from utils.tiny.demo_model import DEMO_MODELS_DIR
 from utils.tiny.pretrain import STAGES, pretrain
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python -m utils.pretrain_demo_model --seed 0")
     parser.add_argument("--output_dir", default=str(DEMO_MODELS_DIR))

@@ -13,11 +13,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from utils.core.cli import Parser
 from utils.tiny.scenes import STYLES, write_style_dataset
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python -m utils.scenes --output_dir dataset_ghibli --num_images 24")
     parser.add_argument("--output_dir", default="dataset_ghibli")

@@ -31,12 +31,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.core.cli import derived, run_cli  # noqa: E402
+from utils.core.cli import Parser, derived, run_cli  # noqa: E402
 from utils.sweep.commands import COMMANDS, add_bookkeeping_commands, add_picture_commands, add_slurm_commands  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python -m utils.sweep_report report --inference_dir output_visualization_additional_2")
     commands = parser.add_subparsers(dest="command_name", required=True)

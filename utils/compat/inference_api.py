@@ -22,12 +22,15 @@ def _flag(args: argparse.Namespace, name: str, default=None):
 
 
 def load_base_pipeline(args: argparse.Namespace):
-    """The SDXL pipeline of ``--pretrained_model_name_or_path`` on ``--device`` (fp16 on CUDA, fp32 elsewhere)."""
+    """The SDXL pipeline of ``--pretrained_model_name_or_path`` on ``--device`` (fp16 on CUDA, fp32 elsewhere);
+    without that flag, the base model ``--lora_model_path`` was trained on (else the original's default)."""
     from utils.inference.pipeline import open_pipeline
+    from utils.inference.sources import base_model_for
 
-    pipe, _ = open_pipeline(args.pretrained_model_name_or_path, revision=_flag(args, "revision"),
-                            variant=_flag(args, "variant", "fp16"), device=args.device,
-                            allow_pickle=_flag(args, "allow_pickle", False))
+    model = base_model_for(args.pretrained_model_name_or_path, _flag(args, "lora_model_path"))
+    pipe, _ = open_pipeline(model, revision=_flag(args, "revision"), variant=_flag(args, "variant", "fp16"),
+                            device=args.device, allow_pickle=_flag(args, "allow_pickle", False),
+                            model_config=_flag(args, "model_config"))
     return pipe
 
 

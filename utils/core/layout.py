@@ -219,3 +219,28 @@ class SweepLayout:
 
     def run_dir_file(self, rank: object, alpha: object, learning_rate: object) -> Path:
         return self.run_status_dir(rank, alpha, learning_rate) / RUN_DIR_FILE
+
+
+# ----------------------------------------------------------------------------- the sweep's report
+
+# run_inference_experiments.sh writes one image folder per run and the report beside them:
+#     {inference_dir}/{run}/, base_model_results/, report/
+# run_checkpoint_inference.sh one image folder per epoch checkpoint of a run:
+#     {output}/{run}_checkpoints/epoch_{E}/ (and final/ with --include_final), epoch_strip.png
+BASE_RESULTS_DIR = "base_model_results"
+REPORT_DIR = "report"
+GRID_PICTURE = "exp_result.png"
+METRICS_CSV = "metrics.csv"
+METRICS_MD = "metrics.md"
+VERDICT_FILE = "verdict.json"
+EPOCH_METRICS_CSV = "epoch_metrics.csv"  # the metrics of every (run, epoch)
+EPOCH_CURVES = "epoch_curves.png"  # style gain and alignment of each run over its epochs
+REPORT_PAGE = "report.html"  # the page that opens from disk: every run and epoch side by side
+CHECKPOINT_SERIES_SUFFIX = "_checkpoints"
+EPOCH_FOLDER_PREFIX = "epoch_"
+FINAL_FOLDER = "final"
+
+
+def checkpoint_series_dir(output_dir: Path, run_dir: Path) -> Path:
+    """``{output_dir}/{run}_checkpoints/``: run_checkpoint_inference.sh's images of a run's checkpoints."""
+    return Path(output_dir) / f"{Path(run_dir).name}{CHECKPOINT_SERIES_SUFFIX}"

@@ -61,16 +61,18 @@ class SDXLComponents:
 
 def load_components(model: str, revision: str | None = None, variant: str | None = None,
                     weight_dtype: torch.dtype = torch.float32, vae_model: str | None = None,
-                    allow_pickle: bool = False) -> SDXLComponents:
+                    allow_pickle: bool = False, model_config: str | None = None) -> SDXLComponents:
     """Load the parts of an SDXL model needed for training, frozen, in ``weight_dtype``.
 
-    ``model`` is a diffusers folder, a Hub id, or a single-file checkpoint. The VAE
+    ``model`` is a diffusers folder, a Hub id, or a single-file checkpoint (with ``model_config``, a local
+    diffusers folder of the same architecture whose configs it uses). The VAE
     stays in fp32 unless a separate (fp16-safe) VAE is given: SDXL's own VAE
     overflows to NaN in fp16.
     """
     from diffusers import DDPMScheduler
 
-    pipe = load_pipeline(model, revision=revision, variant=variant, vae_model=vae_model, allow_pickle=allow_pickle)
+    pipe = load_pipeline(model, revision=revision, variant=variant, vae_model=vae_model, allow_pickle=allow_pickle,
+                         model_config=model_config)
     cast = [pipe.unet, pipe.text_encoder, pipe.text_encoder_2] + ([pipe.vae] if vae_model else [])
     for module in cast:
         if module.dtype != weight_dtype:
@@ -90,15 +92,19 @@ def load_components(model: str, revision: str | None = None, variant: str | None
 
 
 def load_pipeline(model: str, revision: str | None = None, variant: str | None = None,
-                  torch_dtype: torch.dtype = torch.float32, vae_model: str | None = None, allow_pickle: bool = False):
+                  torch_dtype: torch.dtype = torch.float32, vae_model: str | None = None, allow_pickle: bool = False,
+                  model_config: str | None = None):
     """Load a StableDiffusionXLPipeline from a folder, a Hub id or a single ``.safetensors`` file.
+
+    A single file holds weights only; diffusers takes the configs (and tokenizers) from ``model_config``, a
+    local diffusers SDXL folder, when given, and otherwise from the Hub or its cache.
 
     Pickle-based weights (.bin, .ckpt) can run code when loaded, so they are refused unless
     ``allow_pickle``.
     """
     from diffusers import AutoencoderKL, StableDiffusionXLPipeline
 
-    check_base_model(model, "model")
+    check_base_model(model, "model", model_config)
     safe_only = None if allow_pickle else True
     kwargs: dict[str, Any] = {"dtype": torch_dtype}
     if vae_model:
@@ -107,6 +113,8 @@ def load_pipeline(model: str, revision: str | None = None, variant: str | None =
         if Path(model).suffix != ".safetensors" and not allow_pickle:
             raise UserError(f"{model} is a pickle-based checkpoint, which can run arbitrary code when loaded; "
                             "use a .safetensors file or pass --allow_pickle if you trust its source")
+        if model_config:
+            kwargs.update(config=str(model_config), local_files_only=True)
         return StableDiffusionXLPipeline.from_single_file(model, **kwargs)
     kwargs["use_safetensors"] = safe_only
     variant = resolve_variant(model, variant)

@@ -12,11 +12,12 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from utils.core.cli import derived
+from utils.core.cli import Parser, derived
 from utils.core.errors import UserError
 from utils.core.names import SDXL_BASE_ID
 from utils.core.prompt_file import read_prompt_file
 from utils.inference.prompts import DEFAULT_PROMPTS
+from utils.inference.sources import check_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -62,12 +63,19 @@ def seeds_for(prompt_index: int, num_images: int, seed: int) -> list[int]:
 
 
 def add_inference_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pretrained_model_name_or_path", default=SDXL_BASE_ID)
+    p.add_argument("--pretrained_model_name_or_path", default=None,
+                   help="diffusers folder, Hub id or single-file checkpoint (default: the base model the LoRA was "
+                        f"trained on, as its run records it; else {SDXL_BASE_ID})")
+    p.add_argument("--model_config", default=None,
+                   help="with a single-file checkpoint: a local diffusers SDXL folder whose configs it uses "
+                        "(no Hub access needed)")
     p.add_argument("--revision", default=None)
     p.add_argument("--variant", default="fp16", help="falls back to the regular weights when the model has none")
     p.add_argument("--lora_model_path", default=None,
                    help="LoRA folder, .safetensors file (diffusers or kohya format) or Hub id "
-                        f"(default: the newest {RUNS_DIR}/*/final_model)")
+                        f"(default: the newest {RUNS_DIR}/*/final_model); a run folder means its final_model/")
+    p.add_argument("--use_best_model", action="store_true",
+                   help="with a run folder as --lora_model_path: its best_model/ instead of final_model/")
     p.add_argument("--prompt", default=None, help="one prompt (takes precedence over --prompts)")
     p.add_argument("--prompts", nargs="+", default=None, help="several prompts (default: the original's 16)")
     p.add_argument("--prompts_file", default=None,
@@ -94,7 +102,7 @@ def add_inference_arguments(p: argparse.ArgumentParser) -> None:
 
 def parse_inference_args(argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
     """The inference flags, with ``prompts`` resolved: --prompt, else --prompts, else the original's 16."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python inference_sdxl_ghibli.py \\\n"
                "      --prompt \"a quiet seaside town in ghibli style\" --run_base_inference --create_comparison_grid")
@@ -102,18 +110,23 @@ def parse_inference_args(argv: list[str] | None = None, description: str | None 
     args = p.parse_args(argv)
     if args.prompts_file:
         specs = read_prompt_file(args.prompts_file)
-        return derived(args, prompts=[spec.prompt for spec in specs], prompt_specs=specs)
-    return derived(args, prompts=[args.prompt] if args.prompt else (args.prompts or DEFAULT_PROMPTS), prompt_specs=None)
+        args = derived(args, prompts=[spec.prompt for spec in specs], prompt_specs=specs)
+    else:
+        args = derived(args, prompts=[args.prompt] if args.prompt else (args.prompts or DEFAULT_PROMPTS),
+                       prompt_specs=None)
+    check_sizes(args)
+    return args
 
 
-def default_lora(run_base: bool) -> str | None:
-    """The newest trained run's final_model, for a call without --lora_model_path."""
+def default_lora(run_base: bool, use_best: bool = False) -> str | None:
+    """The newest trained run's final_model (its run folder with ``use_best``), for a call without
+    --lora_model_path."""
     from utils.inference.pipeline import newest_final_model
 
     found = newest_final_model(Path(RUNS_DIR))
     if found:
-        logger.info("No --lora_model_path: using the newest run's LoRA, %s", found)
-        return str(found)
+        logger.info("No --lora_model_path: using the newest run's LoRA, %s", found.parent if use_best else found)
+        return str(found.parent if use_best else found)
     if run_base:
         logger.warning("No --lora_model_path and no %s/*/final_model: base images only", RUNS_DIR)
         return None

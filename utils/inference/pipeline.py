@@ -15,6 +15,8 @@ from utils.core.errors import UserError
 from utils.core.layout import FINAL_MODEL
 from utils.core.names import LORA_WEIGHT_NAME
 from utils.core.sdxl import load_pipeline
+from utils.inference.sources import lora_model_folder
+from utils.lora.lycoris import match_module_names
 from utils.lora.lycoris_files import file_adapter_type, peft_states
 
 ADAPTER_NAME = "style"
@@ -32,16 +34,20 @@ def pick_device(requested: str | None) -> str:
 
 
 def open_pipeline(model: str, *, revision: str | None = None, variant: str | None = "fp16",
-                  device: str | None = None, allow_pickle: bool = False):
-    """(pipeline on its device, device): fp16 on CUDA, fp32 elsewhere."""
+                  device: str | None = None, allow_pickle: bool = False, model_config: str | None = None):
+    """(pipeline on its device, device): fp16 on CUDA, fp32 elsewhere. ``model_config``: the local diffusers
+    folder a single-file checkpoint takes its configs from."""
     device = pick_device(device)
     dtype = torch.float16 if device.startswith("cuda") else torch.float32
-    pipe = load_pipeline(model, revision, variant, dtype, allow_pickle=allow_pickle).to(device)
+    pipe = load_pipeline(model, revision, variant, dtype, allow_pickle=allow_pickle,
+                         model_config=model_config).to(device)
     return pipe, device
 
 
-def resolve_lora_source(path: str, allow_pickle: bool = False) -> tuple[str, dict]:
-    """``load_lora_weights`` arguments for a folder, a single LoRA file, or a Hub id."""
+def resolve_lora_source(path: str, allow_pickle: bool = False, flag: str = "--lora_model_path") -> tuple[str, dict]:
+    """``load_lora_weights`` arguments for a run folder (its final_model/), a model folder, a single LoRA file,
+    or a Hub id that can be fetched here."""
+    path = lora_model_folder(path, flag=flag)
     candidate = Path(path)
     if candidate.is_file():
         if candidate.suffix != ".safetensors" and not allow_pickle:
@@ -54,9 +60,7 @@ def resolve_lora_source(path: str, allow_pickle: bool = False) -> tuple[str, dic
         if not (candidate / WEIGHTS_FILE).is_file() and len(files) == 1:
             return str(candidate), {"weight_name": files[0].name, "use_safetensors": True}
         return str(candidate), {"use_safetensors": True}
-    if path.count("/") == 1 and not path.startswith((".", "/")):
-        return path, {"use_safetensors": not allow_pickle}  # a Hub repo id
-    raise FileNotFoundError(f"{path}: LoRA folder or file not found")
+    return path, {"use_safetensors": not allow_pickle}  # a Hub repo id, fetchable (lora_model_folder checked)
 
 
 def newest_final_model(runs_dir: Path) -> Path | None:
@@ -91,6 +95,7 @@ def load_lycoris_adapter(pipe, path: Path) -> None:
         model = getattr(pipe, component)
         peft_config = PeftConfig.from_peft_type(**{k: v for k, v in config.items() if v is not None})
         inject_adapter_in_model(peft_config, model, adapter_name=ADAPTER_NAME)
+        state = match_module_names(state, {name for name, _ in model.named_modules()})
         result = set_peft_model_state_dict(model, state, adapter_name=ADAPTER_NAME)
         unexpected = list(getattr(result, "unexpected_keys", []) or [])
         if unexpected:

@@ -182,3 +182,17 @@ def peft_config_dict(modules: list[LycorisModule], factor: int = -1) -> dict[str
         return LoHaConfig(**kwargs).to_dict()
     factor, decompose_both = lokr_factor_options(modules, factor)
     return LoKrConfig(decompose_factor=factor, decompose_both=decompose_both, **kwargs).to_dict()
+
+
+def match_module_names(state: Mapping[str, torch.Tensor], module_names: set[str]) -> dict[str, torch.Tensor]:
+    """``module.role`` keys renamed to the model's own module paths: a CLIP text encoder names its layers with or
+    without transformers' ``text_model.`` prefix (the flattened CLIPTextModel of transformers 5 has none), and a
+    file written with the other naming, or read from kohya names, must still find them."""
+    renamed = {}
+    for key, tensor in state.items():
+        module, _, role = key.rpartition(".")
+        if module not in module_names:
+            other = module.removeprefix("text_model.") if module.startswith("text_model.") else f"text_model.{module}"
+            module = other if other in module_names else module
+        renamed[f"{module}.{role}"] = tensor
+    return renamed

@@ -6,7 +6,10 @@ and kohya read (``lora_unet_…`` names, ``hada_*``/``lokr_*`` weights, ``alpha`
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -20,9 +23,12 @@ from utils.lora.from_kohya import diffusers_module
 from utils.lora.kohya_names import (COMPONENTS, CONVERSION_METADATA_KEY, KOHYA_WEIGHT_NAME, LoraConversionError,
                                     safetensors_hashes, text_encoder_kohya_name, unet_config_for, unet_kohya_names,
                                     unet_layers)
+from utils.lora.lokr_forms import lycoris_builds, peft_form, whole_form
 from utils.lora.lycoris import (LycorisModule, adapter_type, group_roles, kind_of_roles, modules_from_peft,
                                 peft_config_dict)
 from utils.lora.to_kohya import convert_diffusers_to_kohya, kohya_metadata, kohya_name, tensors_by_component
+
+logger = logging.getLogger(__name__)
 
 LYCORIS_NETWORK_MODULE = "lycoris.kohya"
 
@@ -77,6 +83,58 @@ def mapping_problems(modules: list[LycorisModule], unet_config: Mapping[str, Any
     return problems
 
 
+def layer_shape(m: LycorisModule, unet_config: Mapping[str, Any]) -> tuple[int, ...]:
+    """The (out, in) or (out, in, kh, kw) shape of the layer a module belongs to (text encoders: Linear only)."""
+    if m.component != "unet":
+        return m.flat_shape()
+    _, down_shape, up_shape = unet_layers(unet_config)[m.module]
+    return (up_shape[0], *down_shape)
+
+
+def in_lycoris_shapes(modules: list[LycorisModule], unet_config: Mapping[str, Any]) -> tuple[list[LycorisModule], int]:
+    """The modules with each LoKr module that kohya's LyCORIS loader cannot rebuild (a ``--lokr_factor`` larger
+    than the square root of the layer's width) in the whole LoKr form, which every tool reads exactly; and how
+    many those are."""
+    whole, widths = [], []
+    for i, m in enumerate(modules):
+        if m.kind != "lokr":
+            continue
+        shape = layer_shape(m, unet_config)
+        widths += shape[:2]
+        if not lycoris_builds(m.weights, shape):
+            modules[i] = LycorisModule(m.component, m.module, m.kind, whole_form(m.weights, m.scale, shape), 1.0)
+            whole.append(modules[i])
+    if whole:
+        size = sum(m.weights["lokr_w2"].nbytes for m in whole) / 2**20
+        _warn_once(f"{len(whole)} LoKr module(s), e.g. {whole[0].component}.{whole[0].module}, are written whole in "
+                   f"the kohya copy ({size:.1f} MiB for them): kohya's LyCORIS loader builds the smaller Kronecker "
+                   f"factor first, and their --lokr_factor is larger than the square root of their width; "
+                   f"--lokr_factor {math.isqrt(min(widths))} or less keeps every module factored")
+    return modules, len(whole)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:  # once per process, not at every checkpoint
+    logger.warning(message)
+
+
+def in_peft_shapes(modules: list[LycorisModule], unet_config: Mapping[str, Any], factor: int) -> list[LycorisModule]:
+    """The modules with each LoKr module whose ``lokr_w1`` is not of PEFT's shape for ``factor`` (a whole one)
+    as two full factors of PEFT's shapes with the same delta, where there are such factors."""
+    from peft.tuners.lokr.layer import factorization
+
+    for i, m in enumerate(modules):
+        if m.kind != "lokr":
+            continue
+        shape = layer_shape(m, unet_config)
+        w1 = m.weights.get("lokr_w1", m.weights.get("lokr_w1_a"))
+        cols = m.weights["lokr_w1"].shape[1] if "lokr_w1" in m.weights else m.weights["lokr_w1_b"].shape[1]
+        if (int(w1.shape[0]), int(cols)) != (factorization(shape[0], factor)[0], factorization(shape[1], factor)[0]):
+            factors = peft_form(m.weights, m.scale, shape, factor)  # None: left for peft_config_dict to refuse
+            modules[i] = LycorisModule(m.component, m.module, m.kind, factors, 1.0) if factors else m
+    return modules
+
+
 def write_lycoris_kohya(modules: list[LycorisModule], metadata: Mapping[str, str], args: Mapping[str, str],
                         path: str | os.PathLike, unet_config: Mapping[str, Any], title: str | None = None,
                         dtype: torch.dtype | None = None, source: str | os.PathLike = "LoRA") -> Path:
@@ -85,6 +143,7 @@ def write_lycoris_kohya(modules: list[LycorisModule], metadata: Mapping[str, str
     if problems:
         raise LoraConversionError(source, f"{len(problems)} module(s) cannot be mapped to kohya names", problems)
     tensors = {}
+    modules, whole = in_lycoris_shapes(list(modules), unet_config)
     for m in modules:
         name = kohya_name(m, unet_config)
         for role, tensor in m.weights.items():
@@ -99,7 +158,10 @@ def write_lycoris_kohya(modules: list[LycorisModule], metadata: Mapping[str, str
     header[CONVERSION_METADATA_KEY] = json.dumps({
         "from": "diffusers/peft", "algo": args["algo"],
         "alpha": "per module; LyCORIS scale alpha/dim equals PEFT's alpha/r; a LoKr module with two full "
-                 "factors has no scale in LyCORIS, so PEFT's is multiplied into lokr_w1"})
+                 "factors has no scale in LyCORIS, so PEFT's is multiplied into lokr_w1",
+        "whole_lokr_modules": whole,
+        "whole": "a LoKr module whose PEFT factors kohya's LyCORIS loader cannot rebuild (the larger factor "
+                 "first) is lokr_w1 [[1]] and lokr_w2 its scaled delta"})
     header["sshs_model_hash"], header["sshs_legacy_hash"] = safetensors_hashes(tensors, header)
     path = Path(path)
     save_safetensors(tensors, path, header)
@@ -129,7 +191,8 @@ def read_lycoris_kohya(path: str | os.PathLike, unet_config: Mapping[str, Any]) 
     problems += mapping_problems(modules, unet_config)
     if problems:
         raise LoraConversionError(path, f"{len(problems)} key(s) cannot be mapped", problems)
-    return modules, read_metadata(path)
+    metadata = read_metadata(path)
+    return in_peft_shapes(modules, unet_config, network_factor(metadata)), metadata
 
 
 def write_lycoris_diffusers(modules: list[LycorisModule], path: str | os.PathLike,
@@ -153,7 +216,7 @@ def write_lycoris_diffusers(modules: list[LycorisModule], path: str | os.PathLik
 def peft_configs(modules: list[LycorisModule], metadata: Mapping[str, str]) -> dict[str, tuple[dict, dict]]:
     """``{component: (PEFT config dict, PEFT state dict)}`` rebuilding these modules (two full LoKr factors
     get scale 1, as in LyCORIS)."""
-    factor = int(json.loads(metadata.get("ss_network_args") or "{}").get("factor", -1))
+    factor = network_factor(metadata)
     states = {}
     for component in COMPONENTS:
         chosen = [m for m in modules if m.component == component]
@@ -161,6 +224,11 @@ def peft_configs(modules: list[LycorisModule], metadata: Mapping[str, str]) -> d
             states[component] = (peft_config_dict(chosen, factor),
                                  {f"{m.module}.{role}": t for m in chosen for role, t in m.weights.items()})
     return states
+
+
+def network_factor(metadata: Mapping[str, str]) -> int:
+    """The LoKr factor a kohya/LyCORIS header records (``ss_network_args``), -1 (automatic) when none."""
+    return int(json.loads(metadata.get("ss_network_args") or "{}").get("factor", -1))
 
 
 def _json_default(value: Any) -> Any:

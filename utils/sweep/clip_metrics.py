@@ -36,6 +36,13 @@ class ClipEmbedder:
 
     def __init__(self, model_name_or_path: str = DEFAULT_CLIP_MODEL, device: str | None = None,
                  batch_size: int = 16):
+        from utils.core.model_source import hub_reachable, in_hub_cache, is_hub_id
+
+        # Offline, transformers retries the Hub for about a minute before it gives up: say so at once,
+        # before transformers is even imported.
+        if not Path(model_name_or_path).exists() and is_hub_id(model_name_or_path) \
+                and not in_hub_cache(model_name_or_path) and not hub_reachable():
+            raise OSError("not in the Hub cache, and the Hub cannot be reached from here (offline)")
         from transformers import CLIPModel, CLIPProcessor
 
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")

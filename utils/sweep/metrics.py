@@ -12,8 +12,11 @@ import math
 from pathlib import Path
 
 from utils.core.atomic import write_json, write_text
+from utils.core.layout import (EPOCH_CURVES, EPOCH_METRICS_CSV, GRID_PICTURE, LOSS_CURVES, METRICS_CSV, METRICS_MD,
+                               VERDICT_FILE)
 from utils.sweep.outputs import Generation, base_images
-from utils.sweep.pictures import heatmap
+from utils.sweep.epochs import EPOCH_FIELDS, epoch_name, epoch_verdict, final_epoch_rows
+from utils.sweep.pictures import heatmap, plot_epoch_curves
 from utils.sweep.records import CONFIG_FILE, SweepError
 from utils.sweep.runs import RunInfo
 
@@ -40,21 +43,21 @@ def verdict_rule(tolerance: float) -> str:
             f"points, the run with the highest alignment wins.")
 
 
-def choose_best(rows: list[dict], tolerance: float) -> tuple[dict, str]:
-    """The run that best trades style gain against prompt alignment, and a sentence saying why."""
+def choose_best(rows: list[dict], tolerance: float, name=lambda row: row["run"], noun: str = "run") -> tuple[dict, str]:
+    """The row (a run, or a run at one epoch) that best trades style gain against prompt alignment, and why."""
     for row in rows:
         row["within_tolerance"] = row["alignment_change"] >= -tolerance
     eligible = [row for row in rows if row["within_tolerance"]]
     if eligible:
         best = max(eligible, key=lambda r: (r["style_gain"], r["alignment"]))
-        reason = (f"{best['run']} has the highest style gain ({best['style_gain']:+.4f}) of the {len(eligible)} "
-                  f"run(s) whose alignment stays within {tolerance:g} points of the base model "
+        reason = (f"{name(best)} has the highest style gain ({best['style_gain']:+.4f}) of the {len(eligible)} "
+                  f"{noun}(s) whose alignment stays within {tolerance:g} points of the base model "
                   f"(its change: {best['alignment_change']:+.2f}).")
         if best["style_gain"] <= 0:
-            reason += " No run moved the images towards the training style (every gain is 0 or less)."
+            reason += f" No {noun} moved the images towards the training style (every gain is 0 or less)."
     else:
         best = max(rows, key=lambda r: r["alignment"])
-        reason = (f"Every run loses more than {tolerance:g} alignment points; {best['run']} loses the least "
+        reason = (f"Every {noun} loses more than {tolerance:g} alignment points; {name(best)} loses the least "
                   f"({best['alignment_change']:+.2f}).")
     for row in rows:
         row["best"] = row is best
@@ -92,35 +95,59 @@ def _open_all(paths: list[list[Path]]):
     return [open_all(group) for group in paths]
 
 
-def measure(runs: list[RunInfo], generations: list[Generation], clip_model: str, style_images: Path | None,
-            tolerance: float, device: str | None) -> tuple[list[dict], dict, str]:
+def open_embedder(clip_model: str, device: str | None):
+    from utils.sweep.clip_metrics import ClipEmbedder
+
+    try:
+        return ClipEmbedder(clip_model, device=device)
+    except OSError as error:  # transformers' "not found / no network" errors; their first line says which
+        raise SweepError(f"--clip_model {clip_model}: {str(error).splitlines()[0]}") from None
+
+
+def scores_row(embedder, target, prompts: list[str], images: list[list[Path]], base) -> dict:
+    """The metric numbers of one set of LoRA images against the base images of the same prompts and seeds."""
+    from utils.sweep.clip_metrics import paired_standard_error, score_image_set
+
+    scores = score_image_set(embedder, prompts, _open_all(images), target)
+    return {
+        "num_images": scores.num_images, "alignment": scores.alignment, "alignment_base": base.alignment,
+        "alignment_change": scores.alignment - base.alignment,
+        "alignment_change_se": paired_standard_error(scores.per_image_alignment, base.per_image_alignment),
+        "style_similarity": scores.style, "style_similarity_base": base.style,
+        "style_gain": scores.style - base.style, "diversity": scores.diversity, "diversity_base": base.diversity,
+    }
+
+
+def measure(runs: list[RunInfo], generations: list[Generation], embedder, target,
+            tolerance: float) -> tuple[list[dict], dict, str]:
     """CLIP metrics of every run and of the base images; returns (rows, base scores, verdict reason)."""
     from tqdm.auto import tqdm
 
-    from utils.sweep.clip_metrics import ClipEmbedder, paired_standard_error, score_image_set, style_centroid_of
+    from utils.sweep.clip_metrics import score_image_set
 
-    try:
-        embedder = ClipEmbedder(clip_model, device=device)
-    except OSError as error:  # transformers' "not found / no network" errors; their first line says which
-        raise SweepError(f"--clip_model {clip_model}: {str(error).splitlines()[0]}") from None
-    target = style_centroid_of(embedder, _style_reference(runs, style_images))
     prompts = generations[0].prompts
     base = score_image_set(embedder, prompts, _open_all(base_images(generations)), target)
     rows = []
     for run, generation in tqdm(list(zip(runs, generations)), desc="CLIP metrics"):
-        scores = score_image_set(embedder, prompts, _open_all(generation.lora), target)
-        rows.append({
-            "run": run.label, "rank": run.rank, "alpha": run.alpha, "learning_rate": run.learning_rate,
-            "num_images": scores.num_images, "alignment": scores.alignment, "alignment_base": base.alignment,
-            "alignment_change": scores.alignment - base.alignment,
-            "alignment_change_se": paired_standard_error(scores.per_image_alignment, base.per_image_alignment),
-            "style_similarity": scores.style,
-            "style_similarity_base": base.style, "style_gain": scores.style - base.style,
-            "diversity": scores.diversity, "diversity_base": base.diversity, "run_dir": str(run.run_dir),
-            "lora_type": run.lora_type,
-        })
+        rows.append({"run": run.label, "rank": run.rank, "alpha": run.alpha, "learning_rate": run.learning_rate,
+                     **scores_row(embedder, target, prompts, generation.lora, base),
+                     "run_dir": str(run.run_dir), "lora_type": run.lora_type})
     best, reason = choose_best(rows, tolerance)
     return rows, {"alignment": base.alignment, "style_similarity": base.style, "diversity": base.diversity}, reason
+
+
+def measure_epochs(points: list, embedder, target) -> list[dict]:
+    """The metrics of every (run, epoch), against the base images of the epochs' own prompts and seeds."""
+    from tqdm.auto import tqdm
+
+    from utils.sweep.clip_metrics import score_image_set
+
+    if not points:
+        return []
+    prompts = points[0].generation.prompts
+    base = score_image_set(embedder, prompts, _open_all(base_images([p.generation for p in points])), target)
+    return [{**point.describe(), **scores_row(embedder, target, prompts, point.generation.lora, base)}
+            for point in tqdm(points, desc="CLIP metrics per epoch")]
 
 
 def _csv_value(value) -> str:
@@ -131,10 +158,10 @@ def _csv_value(value) -> str:
     return str(value)
 
 
-def write_metrics_csv(rows: list[dict], path: Path) -> Path:
-    lines = [",".join(CSV_FIELDS)]
+def write_metrics_csv(rows: list[dict], path: Path, fields: list[str] = CSV_FIELDS) -> Path:
+    lines = [",".join(fields)]
     for row in rows:
-        lines.append(",".join(_csv_value(row[name]).replace(",", ";") for name in CSV_FIELDS))
+        lines.append(",".join(_csv_value(row[name]).replace(",", ";") for name in fields))
     write_text(path, "\n".join(lines) + "\n")
     return path
 
@@ -144,13 +171,15 @@ def _fmt(value: float, spec: str) -> str:
 
 
 def metrics_markdown(rows: list[dict], base: dict, reason: str, tolerance: float, clip_model: str,
-                     pictures: list[str]) -> str:
+                     pictures: list[str], epoch_reason: str = "") -> str:
     header = ("| run | rank | alpha | prompt alignment | change vs base | style similarity | style gain "
               "| diversity | within tolerance | adapter |")
     lines = [
         "# Rank × alpha sweep: measured verdict", "",
         f"**Best trade-off: {next(r['run'] for r in rows if r['best'])}.** {reason}", "",
         f"Rule: {verdict_rule(tolerance)}", "",
+        *([f"**Best checkpoint.** {epoch_reason} (Every epoch: {EPOCH_METRICS_CSV}, {EPOCH_CURVES}.)", ""]
+          if epoch_reason else []),
         f"Metrics: CLIP `{clip_model}`. Prompt alignment is the CLIP score (100 × cosine of prompt and "
         "image, floored at 0); style similarity is the mean cosine between an image's CLIP embedding and "
         "the centroid of the training images' embeddings; diversity is the mean pairwise cosine distance "
@@ -180,27 +209,39 @@ def metric_matrix(rows: list[dict], column: str) -> tuple[list[list[float]], lis
     return [[values.get((r, a), math.nan) for a in alphas] for r in ranks], ranks, alphas
 
 
-def report_metrics(runs: list[RunInfo], generations: list[Generation], args: argparse.Namespace, out: Path) -> dict:
-    from utils.sweep.clip_metrics import DEFAULT_CLIP_MODEL
+def report_metrics(runs: list[RunInfo], generations: list[Generation], args: argparse.Namespace, out: Path,
+                   epoch_points: list | None = None) -> dict:
+    """metrics.csv/md, the heat maps and verdict.json; with ``epoch_points`` (EpochPoint) also the best
+    (run, epoch) by the same rule, epoch_metrics.csv and epoch_curves.png."""
+    from utils.sweep.clip_metrics import DEFAULT_CLIP_MODEL, style_centroid_of
 
     clip_model = args.clip_model or DEFAULT_CLIP_MODEL
-    rows, base, reason = measure(runs, generations, clip_model, Path(args.style_images) if args.style_images
-                                 else None, args.alignment_tolerance, args.device)
-    write_metrics_csv(rows, out / "metrics.csv")
-    pictures = ["exp_result.png", "loss_curves.png"]
+    embedder = open_embedder(clip_model, args.device)
+    target = style_centroid_of(embedder, _style_reference(runs, Path(args.style_images) if args.style_images
+                                                          else None))
+    rows, base, reason = measure(runs, generations, embedder, target, args.alignment_tolerance)
+    write_metrics_csv(rows, out / METRICS_CSV)
+    pictures = [GRID_PICTURE, LOSS_CURVES]
     for column, stem, title, _ in METRICS:
         values, ranks, alphas = metric_matrix(rows, column)
         heatmap(values, ranks, alphas, title, out / f"heatmap_{stem}.png")
         pictures.append(f"heatmap_{stem}.png")
-    write_text(out / "metrics.md", metrics_markdown(rows, base, reason, args.alignment_tolerance,
-                                                    clip_model, pictures))
+    epoch_rows = measure_epochs(epoch_points or [], embedder, target) or final_epoch_rows(rows, runs)
+    best_epoch, epoch_reason = choose_best(epoch_rows, args.alignment_tolerance, name=epoch_name,
+                                           noun="checkpoint")
+    write_metrics_csv(epoch_rows, out / EPOCH_METRICS_CSV, EPOCH_FIELDS)
+    pictures.append(plot_epoch_curves(epoch_rows, args.alignment_tolerance, out / EPOCH_CURVES).name)
+    write_text(out / METRICS_MD, metrics_markdown(rows, base, reason, args.alignment_tolerance,
+                                                  clip_model, pictures, epoch_reason))
     best = next(row for row in rows if row["best"])
-    write_json(out / "verdict.json", {
+    write_json(out / VERDICT_FILE, {
         "best_run": best["run"], "rank": best["rank"], "alpha": best["alpha"], "run_dir": best["run_dir"],
         "reason": reason, "rule": verdict_rule(args.alignment_tolerance),
         "alignment_tolerance": args.alignment_tolerance, "clip_model": clip_model, "base": base,
         "eligible_runs": [row["run"] for row in rows if row["within_tolerance"]],
+        **epoch_verdict(epoch_rows, best_epoch, epoch_reason, args.alignment_tolerance),
     })
     print(f"Best trade-off: {best['run']}. {reason}")
-    return {"metrics_csv": str(out / "metrics.csv"), "metrics_md": str(out / "metrics.md"),
-            "verdict": str(out / "verdict.json")}
+    print(f"Best checkpoint: {epoch_name(best_epoch)}. {epoch_reason}")
+    return {"metrics_csv": str(out / METRICS_CSV), "metrics_md": str(out / METRICS_MD),
+            "verdict": str(out / VERDICT_FILE), "epoch_metrics": str(out / EPOCH_METRICS_CSV)}

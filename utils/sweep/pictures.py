@@ -99,6 +99,38 @@ def plot_loss_overlay(runs: list[RunInfo], png_path: Path) -> Path:
     return save_figure(figure, png_path)
 
 
+def plot_epoch_curves(rows: list[dict], tolerance: float, png_path: Path) -> Path:
+    """Style gain (top) and alignment change (bottom) of each run over its epochs; the best (run, epoch)
+    starred, epochs beyond the alignment tolerance drawn hollow."""
+    plt = _pyplot()
+    figure, (gain_axis, change_axis) = plt.subplots(2, 1, figsize=(8, 7), dpi=100, sharex=True)
+    for run in dict.fromkeys(row["run"] for row in rows):
+        points = sorted((row for row in rows if row["run"] == run), key=lambda row: row["epoch"])
+        epochs = [row["epoch"] for row in points]
+        (line,) = gain_axis.plot(epochs, [row["style_gain"] for row in points], marker="o", label=run)
+        change_axis.plot(epochs, [row["alignment_change"] for row in points], marker="o", color=line.get_color())
+        for axis, column in ((gain_axis, "style_gain"), (change_axis, "alignment_change")):
+            outside = [row for row in points if not row.get("within_tolerance", True)]
+            axis.scatter([row["epoch"] for row in outside], [row[column] for row in outside], s=60,
+                         facecolors="white", edgecolors=line.get_color(), zorder=3)
+    for row in rows:
+        if row.get("best"):
+            gain_axis.scatter([row["epoch"]], [row["style_gain"]], marker="*", s=300, color="gold",
+                              edgecolors="black", zorder=4, label=f"best: {row['run']} at epoch {row['epoch']}")
+    change_axis.axhline(-tolerance, color="grey", linestyle="--", linewidth=1)
+    change_axis.text(0.01, 0.02, f"tolerance: {-tolerance:g} points", transform=change_axis.transAxes, fontsize=8)
+    gain_axis.axhline(0, color="grey", linewidth=0.8)
+    gain_axis.set_ylabel("style gain over the base")
+    change_axis.set_ylabel("alignment change vs base")
+    change_axis.set_xlabel("epoch (0-based, as in checkpoint_epoch_N)")
+    gain_axis.set_title("Each run over its epochs (hollow: alignment beyond the tolerance)")
+    for axis in (gain_axis, change_axis):
+        axis.grid(alpha=0.3)
+    gain_axis.legend(fontsize=8)
+    figure.tight_layout()
+    return save_figure(figure, png_path)
+
+
 # Fixed layout (no tight bbox), so every cell of a heat map sits at a known pixel position.
 HEATMAP_FIGSIZE = (5.0, 4.0)
 HEATMAP_DPI = 100

@@ -85,12 +85,12 @@ def check_trainer_flags(runs: list[tuple[str, str]], learning_rate: str, train_a
 
     if {"-h", "--help"} & set(train_args):
         raise SweepError("-h/--help after --: python train_sdxl_lora.py --help lists the trainer's flags")
-    for rank, alpha in runs:
-        args = _parse_trainer_flags(["--lora_rank", rank, "--lora_alpha", alpha, "--learning_rate", learning_rate,
-                                     *train_args])
+    parsed = [_parse_trainer_flags(["--lora_rank", rank, "--lora_alpha", alpha, "--learning_rate", learning_rate,
+                                    *train_args]) for rank, alpha in runs]
+    if parsed:  # the dataset first: without one, nothing else matters
+        resolve_type(parsed[0].dataset_type, Path(parsed[0].dataset_dir), parsed[0].dataset_name)
+    for args in parsed:
         check_args(args)
-    if runs:
-        resolve_type(args.dataset_type, Path(args.dataset_dir), args.dataset_name)
 
 
 def _parse_trainer_flags(argv: list[str]):

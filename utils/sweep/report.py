@@ -1,4 +1,5 @@
-"""The report of a sweep's inference: which run is behind each folder of images, then the pictures and metrics."""
+"""The report of a sweep's inference: which run is behind each folder of images, then the pictures, the metrics
+of every run and every epoch that has images, and the page (report.html) that shows them all."""
 
 from __future__ import annotations
 
@@ -6,6 +7,9 @@ import argparse
 import logging
 from pathlib import Path
 
+from utils.core.layout import GRID_PICTURE, LOSS_CURVES, REPORT_DIR
+from utils.sweep.epochs import find_epoch_points, series_roots
+from utils.sweep.gallery import write_page
 from utils.sweep.metrics import report_metrics
 from utils.sweep.outputs import Generation, lora_generations
 from utils.sweep.pictures import plot_loss_overlay, write_grid
@@ -38,17 +42,19 @@ def runs_of(generations: list[Generation]) -> tuple[list[RunInfo], list[Generati
 
 def build_report(args: argparse.Namespace) -> dict:
     inference_dir = Path(args.inference_dir)
-    out = Path(args.output_dir) if args.output_dir else inference_dir / "report"
+    out = Path(args.output_dir) if args.output_dir else inference_dir / REPORT_DIR
     generations = lora_generations(inference_dir, args.folders)
     runs, generations = runs_of(generations)
+    epoch_points = find_epoch_points(runs, series_roots(inference_dir))
     made = {"grid": str(write_grid(runs, generations, args.prompt_index, args.image_index, args.cell_size, out)),
-            "loss_curves": str(plot_loss_overlay(runs, out / "loss_curves.png"))}
+            "loss_curves": str(plot_loss_overlay(runs, out / LOSS_CURVES))}
     if not args.no_metrics:
         try:
-            made.update(report_metrics(runs, generations, args, out))
+            made.update(report_metrics(runs, generations, args, out, epoch_points))
         except SweepError as error:
             if args.clip_model:  # asked for by name: its failure is the user's to fix
                 raise
             logger.warning("No CLIP metrics: %s (pass --clip_model with a local CLIP model, or --no_metrics)",
                            error)
+    made["page"] = str(write_page(out, runs, generations, epoch_points))
     return made

@@ -68,10 +68,12 @@ def generate_series(loras: list[tuple[str, str]], output_dir: Path, inference_ar
     from utils.inference.flags import settings_of
     from utils.inference.generation import run_comparison
     from utils.inference.pipeline import open_pipeline, resolve_lora_source, unload_adapter
+    from utils.inference.sources import with_sources
 
     args = _inference_args(inference_argv)
     for _, lora in loras:
         resolve_lora_source(lora, args.allow_pickle)  # a missing LoRA fails now, not after loading SDXL
+    args = with_sources(args, loras[0][1] if loras else None)  # the base model the runs were trained on
     model, settings = args.pretrained_model_name_or_path, settings_of(args)
     base_dir = base_dir or output_dir / BASE_RESULTS_FOLDER
     todo = []
@@ -83,7 +85,7 @@ def generate_series(loras: list[tuple[str, str]], output_dir: Path, inference_ar
     if not todo:
         return []
     pipe, _ = open_pipeline(model, revision=args.revision, variant=args.variant, device=args.device,
-                            allow_pickle=args.allow_pickle)
+                            allow_pickle=args.allow_pickle, model_config=args.model_config)
     _make_base_images(pipe, args, base_dir)
     failed = []
     for label, lora in tqdm(todo, desc="LoRAs"):

@@ -8,12 +8,14 @@ import argparse
 from pathlib import Path
 
 from utils.core.errors import TrainingError
-from utils.core.model_source import check_base_model
+from utils.core.model_source import check_base_model, check_model_source
 
 
 def check_args(args: argparse.Namespace) -> None:
     """Flag combinations that cannot work, refused before anything is loaded."""
-    check_base_model(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path")
+    check_base_model(args.pretrained_model_name_or_path, "--pretrained_model_name_or_path", args.model_config)
+    if args.pretrained_vae_model_name_or_path:
+        check_model_source(args.pretrained_vae_model_name_or_path, "--pretrained_vae_model_name_or_path")
     if args.enable_xformers_memory_efficient_attention:
         from diffusers.utils.import_utils import is_xformers_available
         if not is_xformers_available():

@@ -42,7 +42,7 @@ def add_config_arguments(p: argparse.ArgumentParser) -> None:
 
 def apply_config_file(parser: argparse.ArgumentParser, argv: list[str] | None) -> None:
     """When ``argv`` names a --config_file, its values become the parser's defaults."""
-    probe = argparse.ArgumentParser(add_help=False)
+    probe = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     probe.add_argument("--config_file", default=None)
     path = probe.parse_known_args(argv)[0].config_file
     if path:

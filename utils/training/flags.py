@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from utils.core.cli import Parser
 from utils.core.names import SDXL_BASE_ID
 from utils.training.config_file import add_config_arguments, apply_config_file
 from utils.data.listing import add_dataset_arguments
@@ -11,7 +12,7 @@ from utils.data.listing import add_dataset_arguments
 
 def parse_training_args(argv: list[str] | None = None, description: str | None = None) -> argparse.Namespace:
     """train_sdxl_lora.py's flags (the original's names and defaults, plus the additions)."""
-    p = argparse.ArgumentParser(
+    p = Parser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python train_sdxl_lora.py --dataset_dir dataset_ghibli \\\n"
                "      --output_dir output_ghibli --lora_rank 4 --lora_alpha 8")
@@ -31,6 +32,9 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     model = p.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", default=SDXL_BASE_ID,
                        help="diffusers folder, Hub id, or single-file SDXL checkpoint (.safetensors)")
+    model.add_argument("--model_config", default=None,
+                       help="with a single-file checkpoint: a local diffusers SDXL folder whose configs it uses "
+                            "(no Hub access needed)")
     model.add_argument("--pretrained_vae_model_name_or_path", default=None,
                        help="a separate VAE, e.g. madebyollin/sdxl-vae-fp16-fix (then the VAE may run in fp16)")
     model.add_argument("--revision", default=None)

@@ -234,7 +234,7 @@ def make_accelerator(settings: RunSettings, mixed_precision: str):
 def load_models(args: argparse.Namespace, device: torch.device, weight_dtype: torch.dtype) -> SDXLComponents:
     """SDXL's components loaded frozen onto the device (the scheduler with --prediction_type)."""
     components = load_components(args.pretrained_model_name_or_path, args.revision, args.variant, weight_dtype,
-                                 args.pretrained_vae_model_name_or_path, args.allow_pickle)
+                                 args.pretrained_vae_model_name_or_path, args.allow_pickle, args.model_config)
     if args.prediction_type:
         components.noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     for module in [components.unet, components.vae, *components.text_encoders]:
