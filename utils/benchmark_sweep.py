@@ -31,7 +31,7 @@ import torch
 
 from utils.bench.models import DEFAULT_RESOLUTION, MODELS, check_resolution
 from utils.bench.pack_runs import RESULT_MARK, report, run_here, run_process, summarise, worker
-from utils.core.cli import run_cli
+from utils.core.cli import Parser, run_cli
 from utils.core.errors import UserError
 
 logger = logging.getLogger("benchmark_sweep")
@@ -40,8 +40,8 @@ DEFAULT_STEPS = {"tiny": (20, 2), "small": (4, 1), "sdxl": (10, 3)}  # (timed, w
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="example:\n  python utils/benchmark_sweep.py --model small")
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog="example:\n  python utils/benchmark_sweep.py --model small")
     p.add_argument("--model", choices=MODELS, default="small",
                    help="tiny: the test model; small: SDXL topology at 1/4 width (CPU); sdxl: full size (GPU)")
     p.add_argument("--resolution", type=int, default=None, help="default: tiny 128, small 256, sdxl 1024")

@@ -16,7 +16,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from utils.core.cli import run_cli
+from utils.core.cli import Parser, run_cli
 from utils.core.errors import UserError
 from utils.training.flags import parse_training_args
 
@@ -26,9 +26,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     argv = list(sys.argv[1:] if argv is None else argv)
     shared = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="example:\n  python utils/train_pack.py --pack_run 4 8 --pack_run 8 16 -- "
-                                       "--dataset_dir dataset_ghibli --report_to none")
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog="example:\n  python utils/train_pack.py --pack_run 4 8 --pack_run 8 16 -- "
+                      "--dataset_dir dataset_ghibli --report_to none")
     p.add_argument("--pack_run", nargs="+", action="append", required=True, metavar="RANK ALPHA [RUN_DIR_FILE]",
                    help="one run of the pack: its --lora_rank, --lora_alpha and, optionally, its --run_dir_file")
     args = p.parse_args(own)
