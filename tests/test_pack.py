@@ -410,3 +410,23 @@ def test_a_run_that_stops_leaves_the_others_training(tiny_model_dir, tmp_path):
     folders = {p.name.split("_r", 1)[1].split("_lr")[0]: RunLayout(p) for p in (tmp_path / "out").iterdir()
                if p.is_dir() and not p.name.startswith(".")}
     assert folders["2_a4.0"].final_model.is_dir() and not folders["2_a1e+38"].final_model.is_dir()
+
+
+def test_a_sweep_plans_its_packs_and_says_why_a_run_trains_alone(tiny_model_dir):
+    from utils.core.errors import UserError
+    from utils.training.pack import plan_packs
+
+    model = ["--pretrained_model_name_or_path", str(tiny_model_dir), "--resolution", "64"]
+    grid = [run_flags(rank, alpha, *model) for rank in (4, 8) for alpha in (4.0, 8.0)]
+    assert plan_packs(grid, "1") == ([[0], [1], [2], [3]], [])
+    assert plan_packs(grid, "4") == ([[0, 1, 2, 3]], [])
+    assert plan_packs(grid, "3") == ([[0, 1, 2], [3]], [])
+    packs, lines = plan_packs(grid, "auto")
+    assert packs == [[0, 1, 2, 3]] and lines[0].startswith("--pack auto: auto: all 4 runs")  # tiny: the grid fits
+    assert plan_packs(grid, "4", steps=[0, 0, 6, 6])[0] == [[0, 1], [2, 3]]  # resumes at other steps
+    dora = grid[:2] + [run_flags(8, alpha, *model, "--use_dora") for alpha in (4.0, 8.0)]
+    packs, lines = plan_packs(dora, "4")
+    assert packs == [[0, 1], [2], [3]]
+    assert lines[0] == "r8 a4 trains alone: --use_dora: PEFT refuses to route a batch between DoRA adapters"
+    with pytest.raises(UserError, match="--pack 0: a number of runs"):
+        plan_packs(grid, "0")

@@ -97,6 +97,37 @@ def pack_key(args: argparse.Namespace) -> tuple:
 # ----------------------------------------------------------------------------- adapters and routing
 
 
+def plan_packs(runs: list[argparse.Namespace], pack: str, device: torch.device | None = None,
+               steps: list[int] | None = None) -> tuple[list[list[int]], list[str]]:
+    """How a sweep trains ``runs`` (each run's trainer flags) with ``--pack N`` or ``auto``: (the packs, as
+    lists of indices into ``runs``; one log line for each run that trains alone, saying why). Runs pack when
+    their flags are equal but for rank and alpha and they stand at the same step (``steps``: where each
+    resumes, 0 for a new run); ``auto`` sizes each pack by ``auto_pack_size`` on ``device``."""
+    if pack != "auto" and (not pack.isdigit() or int(pack) < 1):
+        from utils.core.errors import UserError
+        raise UserError(f"--pack {pack}: a number of runs (1: each run alone) or auto")
+    steps = steps or [0] * len(runs)
+    packs, lines, groups = [], [], {}
+    for index, args in enumerate(runs):
+        reason = None if pack == "1" else unpackable_reason(args)
+        if pack == "1" or reason:
+            packs.append([index])
+            if reason:
+                lines.append(f"r{args.lora_rank} a{args.lora_alpha:g} trains alone: {reason}")
+            continue
+        groups.setdefault((pack_key(args), steps[index]), []).append(index)
+    if len({step for _, step in groups}) > 1:
+        lines.append("runs that resume from different steps train in different packs")
+    for members in groups.values():
+        size = int(pack) if pack != "auto" else None
+        if size is None:
+            largest = max(members, key=lambda i: runs[i].lora_rank)  # activations barely depend on the rank
+            size, why = auto_pack_size(runs[largest], len(members), device or torch.device("cpu"))
+            lines.append(f"--pack auto: {why}")
+        packs += [members[start:start + size] for start in range(0, len(members), size)]
+    return sorted(packs), lines
+
+
 class Routing:
     """A forward pre-hook on every PEFT adapter layer of ``models`` that passes ``adapter_names`` while a route
     is set (``with routing.route(names):``, forward and backward, so that gradient checkpointing's recompute
