@@ -14,7 +14,7 @@ import shutil
 from utils.training.adapters import weights_of
 from utils.training.lora_folders import save_model_folder
 from utils.training.loss_log import log_timestamp, plot_losses
-from utils.training.pack import own_adapter
+from utils.training.pack import own_adapter, run_label
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def end_of_epoch(run, epoch: int, learning_rate: float, eval_loss: float | None,
     if eval_loss is not None:
         state.last_eval_loss = eval_loss
         run.accelerator.log({"eval_loss": eval_loss}, step=state.global_step)
-    logger.info("epoch %d: mean train loss %.5f, fixed-noise eval loss %s", epoch, train_loss,
+    logger.info("epoch %d%s: mean train loss %.5f, fixed-noise eval loss %s", epoch, run_label(run), train_loss,
                 f"{eval_loss:.5f}" if eval_loss is not None else "n/a")
     run.epoch_log.append(epoch, state.global_step, train_loss, learning_rate)
     info = {"epoch": epoch, "loss": train_loss, "learning_rate": learning_rate, "timestamp": log_timestamp(),

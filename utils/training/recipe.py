@@ -434,7 +434,7 @@ def record_losses(run: Run, losses: StepLosses, progress) -> None:
             continue
         adapter.nonfinite_in_a_row += 1
         run.state.skipped_steps += 1
-        logger.warning("Step %d skipped: non-finite %s (%d in a row)", record.step,
+        logger.warning("Step %d skipped%s: non-finite %s (%d in a row)", record.step, run_label(run),
                        "loss" if not math.isfinite(record.loss) else "gradient", adapter.nonfinite_in_a_row)
         if adapter.nonfinite_in_a_row >= adapter.max_nonfinite_steps:
             checkpoints = checkpoints_of(run.settings.run_dir)
