@@ -217,3 +217,23 @@ class SweepLayout:
 
     def run_dir_file(self, rank: object, alpha: object, learning_rate: object) -> Path:
         return self.run_status_dir(rank, alpha, learning_rate) / RUN_DIR_FILE
+
+
+# ----------------------------------------------------------------------------- the sweep's images
+
+BASE_RESULTS_DIR = "base_model_results"  # base images made once and reused by every LoRA of a series
+SWEEP_REPORT_DIR = "report"
+EPOCH_STRIP = "epoch_strip.png"
+SLURM_DIR = "slurm"  # job scripts, job ids and output of a --slurm submission
+EPOCH_IMAGES_WIDTH = 3  # digits of the epoch in the folder names that run_checkpoint_inference.sh --all_runs makes
+
+
+def checkpoint_images_dir(run_name: str) -> str:
+    """run_checkpoint_inference.sh's folder for one run's checkpoints, ``{run}_checkpoints`` (the original's)."""
+    return f"{run_name}_checkpoints"
+
+
+def epoch_images_name(epoch: int, padded: bool = False) -> str:
+    """The images of one epoch checkpoint: ``epoch_{N}`` as the original named them, or ``epoch_{NNN}``
+    (zero-padded, so that the folders sort) in the folders that --all_runs makes."""
+    return f"epoch_{epoch:0{EPOCH_IMAGES_WIDTH}d}" if padded else f"epoch_{epoch}"

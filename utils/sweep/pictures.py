@@ -153,3 +153,18 @@ def write_grid(runs: list[RunInfo], generations: list[Generation], prompt_index:
                    "image": str(cells[(r.rank, r.alpha)].resolve())} for r in runs],
     })
     return out / "exp_result.png"
+
+
+def write_epoch_strip(inference_dir: Path, output: Path | None = None, image_index: int = 0,
+                      cell_size: int = 256) -> Path:
+    """``{inference_dir}/epoch_strip.png`` (and its .json: columns, prompts, seeds) of the checkpoint series
+    whose images are in ``inference_dir``'s subfolders."""
+    from utils.sweep.outputs import lora_generations
+
+    generations = lora_generations(inference_dir)
+    output = output or inference_dir / "epoch_strip.png"
+    image, columns = epoch_strip(generations, image_index, cell_size)
+    save_image(image, output)
+    write_json(output.with_suffix(".json"), {"columns": columns, "prompts": generations[0].prompts,
+                                             "seeds": generations[0].seeds, "image_index": image_index})
+    return output
