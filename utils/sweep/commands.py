@@ -18,7 +18,8 @@ from utils.sweep.report import build_report
 
 
 def add_generate_command(commands) -> None:
-    generate = commands.add_parser("generate", allow_abbrev=False, help="base-vs-LoRA images for several LoRAs with one pipeline")
+    generate = commands.add_parser("generate", allow_abbrev=False,
+                                   help="base-vs-LoRA images for several LoRAs with one pipeline")
     generate.add_argument("--output_dir", required=True, help="one folder per LoRA label goes here")
     generate.add_argument("--lora", action="append", required=True, metavar="LABEL=PATH",
                           help="a LoRA folder or file and the name of its output folder (repeatable)")
@@ -30,7 +31,8 @@ def add_generate_command(commands) -> None:
 
 
 def add_picture_commands(commands) -> None:
-    report = commands.add_parser("report", allow_abbrev=False, help="grid, loss curves, CLIP metrics and the verdict of a sweep")
+    report = commands.add_parser("report", allow_abbrev=False,
+                                 help="grid, loss curves, CLIP metrics and the verdict of a sweep")
     report.add_argument("--inference_dir", required=True, help="the output_dir of run_inference_experiments.sh")
     report.add_argument("--output_dir", default=None, help="default: {inference_dir}/report")
     report.add_argument("--folders", nargs="+", default=None,

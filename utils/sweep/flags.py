@@ -142,10 +142,24 @@ def checkpoint_inference_parser(description: str) -> SweepParser:
     return parser
 
 
+def _joined_values(own: list[str]) -> list[str]:
+    """``--sbatch_args --partition=gpu`` as ``--sbatch_args=--partition=gpu``: its value is sbatch's flags, which
+    argparse would otherwise take for one of ours."""
+    joined, i = [], 0
+    while i < len(own):
+        if own[i] == "--sbatch_args" and i + 1 < len(own):
+            joined.append(f"--sbatch_args={own[i + 1]}")
+            i += 2
+        else:
+            joined.append(own[i])
+            i += 1
+    return joined
+
+
 def parse(parser: SweepParser, argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """The script's flags and the pass-through flags."""
     own, passthrough = split_passthrough(argv)
-    args = parser.parse_args(own)
+    args = parser.parse_args(_joined_values(own))
     if hasattr(args, "slurm"):
         check_slurm_flags(args)
     return args, passthrough

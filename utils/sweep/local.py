@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.core.layout import FINAL_MODEL, RUN_DIR_FILE, RUN_LOG_FILE, STATUS_FILE, RunLayout
+from utils.sweep.records import SweepError
 from utils.sweep.status import end_status, reported_run_dir, start_status
 
 logger = logging.getLogger("sweep_runs")
@@ -147,8 +148,14 @@ def start_job(job: Job, slot: str, trainer: Trainer, new_session: bool) -> None:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": slot} if slot else None
     log_path = job.runs[0].folder / RUN_LOG_FILE
     with open(log_path, "ab") as log:
-        job.process = subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       env=env, start_new_session=new_session)
+        try:
+            job.process = subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT,
+                                           stdin=subprocess.DEVNULL, env=env, start_new_session=new_session)
+        except OSError as error:  # a launcher or interpreter that is not there: every run would fail so
+            for run in job.runs:
+                end_status(run.folder / STATUS_FILE, 127)
+            raise SweepError(f"{job.command[0]}: cannot start the training ({error.strerror}); set PYTHON or "
+                             f"TRAIN_LAUNCHER") from None
     logger.debug("%s: %s", log_path.parent.name, shlex.join(job.command))
     for run in job.runs:
         _set_process_group(run.folder / STATUS_FILE, job.process.pid)

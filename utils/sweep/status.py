@@ -108,6 +108,6 @@ def end_status(status_file: Path, exit_code: int) -> dict:
         status["error"] = "the trainer exited 0 but left no final_model"
     write_json(status_file, status)
     write_experiment_record(status_file.parent.parent.parent, status, run_lora_type(status))
-    logger.info("%s: %s (exit code %d) after %.0f s", status_file.parent.name, state, exit_code,
+    logger.debug("%s: %s (exit code %d) after %.0f s", status_file.parent.name, state, exit_code,
                 status["duration_s"])
     return status
