@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from utils.core.layout import BEST_MODEL, FINAL_MODEL, SWEEP_RESULTS_DIR
+from utils.core.layout import BASE_RESULTS_DIR, BEST_MODEL, FINAL_MODEL, SWEEP_RESULTS_DIR
 from utils.sweep.metrics import DEFAULT_ALIGNMENT_TOLERANCE
 from utils.sweep.records import SweepError
 
@@ -132,7 +132,7 @@ def checkpoint_inference_parser(description: str) -> SweepParser:
                         help=f"default: {CHECKPOINT_OUTPUT_ROOT}/{{run}}_checkpoints (with --all_runs: "
                              f"{CHECKPOINT_OUTPUT_ROOT}/all_checkpoints); one folder per checkpoint and "
                              "epoch_strip.png")
-    parser.add_argument("--base_results_dir", default=f"{CHECKPOINT_OUTPUT_ROOT}/base_model_results",
+    parser.add_argument("--base_results_dir", default=f"{CHECKPOINT_OUTPUT_ROOT}/{BASE_RESULTS_DIR}",
                         help="base images are read from here, or made once into it (default: %(default)s)")
     parser.add_argument("--include_final", action="store_true", help="add final_model after the last checkpoint")
     _add_inference_flags(parser)

@@ -18,8 +18,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.core.layout import FINAL_MODEL, RUN_DIR_FILE, RUN_LOG_FILE, STATUS_FILE, RunLayout
-from utils.sweep.records import SweepError
+from utils.core.atomic import write_json
+from utils.core.layout import RUN_DIR_FILE, RUN_LOG_FILE, STATUS_FILE, RunLayout
+from utils.sweep.records import SweepError, read_json
 from utils.sweep.status import end_status, reported_run_dir, start_status
 
 logger = logging.getLogger("sweep_runs")
@@ -162,9 +163,6 @@ def start_job(job: Job, slot: str, trainer: Trainer, new_session: bool) -> None:
 
 
 def _set_process_group(status_file: Path, pid: int) -> None:
-    from utils.core.atomic import write_json
-    from utils.sweep.records import read_json
-
     status = read_json(status_file) or {}
     write_json(status_file, {**status, "process_group": pid})
 
@@ -184,7 +182,7 @@ def end_job(job: Job) -> list[dict]:
         statuses.append(status)
         place = status.get("run_dir") or "no run folder"
         if status["state"] == "finished":
-            place = RunLayout(Path(status["run_dir"])).root / FINAL_MODEL
+            place = RunLayout(Path(status["run_dir"])).final_model
         say(f"end   {run.name}: {status['state']}, exit code {code} -> {place} (log: {run.folder / RUN_LOG_FILE})")
     return statuses
 

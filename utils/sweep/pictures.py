@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from utils.core.atomic import save_figure, save_image, write_json
+from utils.core.layout import BEST_MODEL, EPOCH_MODEL_PREFIX, EPOCH_STRIP, FINAL_MODEL
 from utils.sweep.outputs import Generation, base_images
 from utils.sweep.records import SweepError
 from utils.sweep.runs import RunInfo, read_loss_log
@@ -53,10 +54,10 @@ def rank_alpha_grid(cells: dict[tuple[int, float], Path], title: str, cell_size:
 
 def _series_position(model_folder: Path) -> tuple[float, str]:
     """Sort key and column label of a LoRA folder in a series: epochs in number order, then final, best."""
-    match = re.fullmatch(r"checkpoint_epoch_(\d+)", model_folder.name)
+    match = re.fullmatch(rf"{EPOCH_MODEL_PREFIX}(\d+)", model_folder.name)
     if match:
         return int(match.group(1)), f"epoch {match.group(1)}"
-    label = {"final_model": "final", "best_model": "best"}.get(model_folder.name, model_folder.name)
+    label = {FINAL_MODEL: "final", BEST_MODEL: "best"}.get(model_folder.name, model_folder.name)
     return math.inf, label
 
 
@@ -162,7 +163,7 @@ def write_epoch_strip(inference_dir: Path, output: Path | None = None, image_ind
     from utils.sweep.outputs import lora_generations
 
     generations = lora_generations(inference_dir)
-    output = output or inference_dir / "epoch_strip.png"
+    output = output or inference_dir / EPOCH_STRIP
     image, columns = epoch_strip(generations, image_index, cell_size)
     save_image(image, output)
     write_json(output.with_suffix(".json"), {"columns": columns, "prompts": generations[0].prompts,

@@ -10,7 +10,8 @@ import math
 from pathlib import Path
 
 from utils.core.secrets import mask_argv
-from utils.sweep.records import STATUS_FILE, SweepError, experiment_file, read_json, status_folder
+from utils.core.layout import STATUS_FILE
+from utils.sweep.records import SweepError, experiment_file, read_json, status_folder
 from utils.sweep.status import earlier_run_dir, is_finished
 
 logger = logging.getLogger("sweep_runs")

@@ -23,19 +23,15 @@ import logging
 from datetime import datetime
 from pathlib import Path
 
-from utils.core.errors import UserError
-from utils.core.layout import (CONFIG_FILE,  # noqa: F401 - the sweep's modules read the names here
-                                FINAL_MODEL, LORA_WEIGHT_NAME, RUN_DIR_FILE, RUN_LOG_FILE, STATUS_FILE,
-                               SUMMARY_FILE, TIMESTAMP_FORMAT, RunLayout, SweepLayout, model_info_file)
 from utils.core.atomic import write_json
+from utils.core.errors import UserError
+from utils.core.layout import (CONFIG_FILE, FINAL_MODEL, STATUS_FILE, TIMESTAMP_FORMAT, RunLayout, SweepLayout,
+                               model_info_file)
 from utils.core.secrets import mask_argv
 
 logger = logging.getLogger("sweep_runs")
 
-LOG_FILE = RUN_LOG_FILE
-WEIGHTS_FILE = LORA_WEIGHT_NAME
 INTERRUPTED_CODES = {130, 143}  # SIGINT, SIGTERM
-TIME_FORMAT = TIMESTAMP_FORMAT  # the original's start_time / end_time
 
 
 class SweepError(UserError, ValueError):
@@ -118,7 +114,7 @@ def write_summary(results_dir: Path, ranks: list[str], alphas: list[str], learni
         runs.append(entry)
     summary = {
         "total_experiments": len(runs), "start_time": start_time,
-        "end_time": datetime.now().strftime(TIME_FORMAT),
+        "end_time": datetime.now().strftime(TIMESTAMP_FORMAT),
         "results_dir": str(results_dir.resolve()), "ranks": [int(r) for r in ranks],
         "alphas": [float(a) for a in alphas], "learning_rate": float(learning_rate),
         "gpus": [g for g in gpus.split(",") if g] or None, "train_args": mask_argv(train_args),

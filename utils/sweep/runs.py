@@ -6,8 +6,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.core.layout import FINAL_MODEL, RunLayout, SweepLayout, epoch_images_name
-from utils.sweep.records import CONFIG_FILE, STATUS_FILE, WEIGHTS_FILE, SweepError, config_lora_type, read_json
+from utils.core.layout import (CONFIG_FILE, FINAL_MODEL, LORA_WEIGHT_NAME, STATUS_FILE, RunLayout, SweepLayout,
+                               epoch_images_name)
+from utils.sweep.records import SweepError, config_lora_type, read_json
 from utils.sweep.status import is_finished
 from utils.training.loss_log import find_loss_log, read_losses
 
@@ -61,7 +62,7 @@ def newest_checkpoint_run(root: Path) -> Path:
     """The run folder in ``root`` whose newest checkpoint_epoch_N was written last."""
     newest: tuple[float, Path] | None = None
     for run_dir in run_dirs(root):
-        times = [(folder / WEIGHTS_FILE).stat().st_mtime for _, folder in epoch_checkpoints(run_dir)]
+        times = [(folder / LORA_WEIGHT_NAME).stat().st_mtime for _, folder in epoch_checkpoints(run_dir)]
         if times and (newest is None or max(times) > newest[0]):
             newest = (max(times), run_dir)
     if newest is None:
@@ -108,5 +109,6 @@ def sweep_runs_of(results_dir: Path) -> list[RunInfo]:
 
 def read_loss_log(run_dir: Path) -> tuple[list[int], list[float]]:
     """(step, loss) rows of a run's loss log (training_steps.csv, else training_log.csv), in its logging_dir."""
-    path = find_loss_log(run_dir / str(load_run(run_dir).config.get("logging_dir") or "logs"))
+    logging_dir = load_run(run_dir).config.get("logging_dir")
+    path = find_loss_log(RunLayout(run_dir, *([str(logging_dir)] if logging_dir else [])).logs)
     return read_losses(path) if path else ([], [])
