@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, SCRIPT_ENV, read_status, run_bash, run_folders, wait_for
+from tests.helpers import ROOT, SCRIPT_ENV, processes_mentioning, read_status, run_bash, run_folders, wait_for
 from utils.core.names import LORA_WEIGHT_NAME
 
 ORIGINAL_RECORD_KEYS = ["experiment_number", "lora_rank", "lora_alpha", "learning_rate", "start_time", "status"]
@@ -237,7 +237,7 @@ STUB_TRAINER = """\
 import argparse, json, pathlib, signal, sys, time
 p = argparse.ArgumentParser()
 for flag in ('--output_dir', '--lora_rank', '--lora_alpha', '--learning_rate', '--resume_from_checkpoint',
-             '--run_dir_file', '--seconds'):
+             '--run_dir_file', '--seconds', '--slow_save'):
     p.add_argument(flag)
 a, _ = p.parse_known_args()
 run = pathlib.Path(a.resume_from_checkpoint or pathlib.Path(a.output_dir) / f'run_r{a.lora_rank}_a{a.lora_alpha}')
@@ -249,7 +249,7 @@ signals = []
 def stop(number, frame):
     signals.append(number)
     if len(signals) == 1:
-        time.sleep(0.5)  # saving
+        time.sleep(60 if a.slow_save else 0.5)  # saving
         (run / 'checkpoints' / 'checkpoint-1').mkdir(parents=True, exist_ok=True)
         (run / 'signals.json').write_text(json.dumps(signals))
         sys.exit(143)
@@ -336,3 +336,24 @@ def test_the_folder_of_runs_is_runs_dir_in_every_script_with_the_old_names_kept(
     # No abbreviations: a flag cut short is not taken for another.
     result = run_bash("run_experiments.sh", "--rank", "4", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.strip().startswith("error: unrecognized arguments: --rank 4")
+
+
+@pytest.mark.slow
+def test_a_second_signal_kills_a_training_that_is_still_saving(tmp_path):
+    env = {**SCRIPT_ENV, "TRAIN_SCRIPT": str(_stub(tmp_path))}
+    command = ["bash", str(ROOT / "run_experiments.sh"), "--ranks", "4", "--alphas", "4", "--", "--seconds", "60",
+               "--slow_save", "1"]
+    with open(tmp_path / "first.log", "w") as log:
+        process = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for(lambda: ": run folder " in (tmp_path / "first.log").read_text(), 30, "the run folder")
+        process.send_signal(signal.SIGTERM)
+        wait_for(lambda: "Stopping the sweep" in (tmp_path / "first.log").read_text(), 10, "the stop")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == 143
+    finally:
+        if process.poll() is None:
+            process.kill()
+    status = read_status(tmp_path, "4", "4")
+    assert status["state"] == "interrupted" and status["exit_code"] == 137  # killed while saving, by the sweep
+    assert not processes_mentioning(str(tmp_path / "stub_trainer.py"))

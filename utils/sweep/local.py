@@ -109,11 +109,22 @@ class Stop:
             signal.signal(number, self._handle)
 
     def _handle(self, number: int, frame) -> None:
+        if self.forward_stop and self.requested and number != signal.SIGUSR1:
+            self.kill_all()  # a second Ctrl-C: no more waiting for the saves
+            return
         self.signal_number = self.signal_number or number
         self.warned = self.warned or number == signal.SIGUSR1
         if self.forward_stop or number == signal.SIGUSR1:
             for job in self.jobs:
                 self.terminate(job)
+
+    def kill_all(self) -> None:
+        for job in self.jobs:
+            if job.process is not None and job.process.poll() is None:
+                try:
+                    os.killpg(job.process.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
     def terminate(self, job: Job) -> None:
         if job.process is None or job.signalled or job.process.poll() is not None:
@@ -178,7 +189,7 @@ def end_job(job: Job) -> list[dict]:
     code = exit_code_of(job.process)
     statuses = []
     for run in job.runs:
-        status = end_status(run.folder / STATUS_FILE, code)
+        status = end_status(run.folder / STATUS_FILE, code, stopped=job.signalled)
         statuses.append(status)
         place = status.get("run_dir") or "no run folder"
         if status["state"] == "finished":
@@ -275,5 +286,5 @@ def _wait_for_stop(running: list[Job], stop: Stop, grace: float) -> None:
             job.process.wait(timeout=max(0.0, deadline - time.monotonic()) if stop.forward_stop else None)
         except subprocess.TimeoutExpired:
             logger.warning("%s did not end within %.0f s of the stop: killed", job.runs[0].name, grace)
-            os.killpg(job.process.pid, signal.SIGKILL)
+            stop.kill_all()
             job.process.wait()

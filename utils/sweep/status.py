@@ -82,8 +82,9 @@ def _new_run_dir(status_file: Path, status: dict) -> Path | None:
     return max(candidates, key=lambda p: (p / CONFIG_FILE).stat().st_mtime).resolve() if candidates else None
 
 
-def end_status(status_file: Path, exit_code: int) -> dict:
-    """Record how a run ended (status.json and the original's experiment_{R}_{A}.json)."""
+def end_status(status_file: Path, exit_code: int, stopped: bool = False) -> dict:
+    """Record how a run ended (status.json and the original's experiment_{R}_{A}.json); ``stopped``: the sweep
+    stopped it, so any failing exit (killed after the grace time included) counts as interrupted."""
     status = read_json(status_file)
     if status is None:
         raise SweepError(f"{status_file}: no status to end (the run was never started)")
@@ -96,7 +97,7 @@ def end_status(status_file: Path, exit_code: int) -> dict:
     has_model = run_dir is not None and RunLayout(run_dir).has_model()
     if exit_code == 0 and has_model:
         state = "finished"
-    elif exit_code in INTERRUPTED_CODES:
+    elif exit_code in INTERRUPTED_CODES or (stopped and exit_code != 0):
         state = "interrupted"
     else:
         state = "failed"
