@@ -163,7 +163,7 @@ def start_job(job: Job, slot: str, trainer: Trainer, new_session: bool) -> None:
         try:
             job.process = subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT,
                                            stdin=subprocess.DEVNULL, env=env, start_new_session=new_session)
-        except OSError as error:  # a launcher or interpreter that is not there: every run would fail so
+        except OSError as error:  # no such launcher or interpreter: every run would fail the same way
             for run in job.runs:
                 end_status(run.folder / STATUS_FILE, 127)
             raise SweepError(f"{job.command[0]}: cannot start the training ({error.strerror}); set PYTHON or "
