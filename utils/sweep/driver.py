@@ -23,8 +23,8 @@ from pathlib import Path
 
 from utils.core.layout import TIMESTAMP_FORMAT, SweepLayout
 from utils.sweep.flags import experiments_parser, parse, slurm_task_parser, words
-from utils.sweep.local import PlannedRun, Stop, Trainer, jobs_of, run_jobs, say
-from utils.sweep.plan import check_trainer_flags, plan_runs
+from utils.sweep.local import Stop, Trainer, jobs_of, run_jobs, say
+from utils.sweep.plan import PlannedRun, check_trainer_flags, plan_runs
 from utils.sweep.records import SweepError, write_summary
 
 logger = logging.getLogger("sweep_runs")
@@ -88,11 +88,6 @@ def trainer_of(runs_dir: str, learning_rate: str, train_args: list[str]) -> Trai
     return Trainer(launcher, os.environ.get("TRAIN_SCRIPT") or str(TRAINER), runs_dir, learning_rate, train_args)
 
 
-def _plan(results_dir: Path, ranks: list[str], alphas: list[str], learning_rate: str,
-          train_args: list[str]) -> list[PlannedRun]:
-    return [PlannedRun(*row) for row in plan_runs(results_dir, ranks, alphas, learning_rate, train_args)]
-
-
 def _summary(results_dir: Path, ranks: list[str], alphas: list[str], args, train_args: list[str],
              start_time: str, stopped: bool = False) -> int:
     """summary.json, and its counts in one line; 0 when every run of the grid finished."""
@@ -123,7 +118,7 @@ def run_experiments(argv: list[str]) -> int:
     results_dir.mkdir(parents=True, exist_ok=True)
     Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
     lock = _lock(results_dir)  # noqa: F841 - held until the process ends
-    plan = _plan(results_dir, ranks, alphas, args.lr, train_args)
+    plan = plan_runs(results_dir, ranks, alphas, args.lr, train_args)
     trainer = trainer_of(args.runs_dir, args.lr, train_args)
     if Path(trainer.script).resolve() == TRAINER and not args.dry_run:  # a dry run needs no dataset or model
         check_trainer_flags([(run.rank, run.alpha) for run in plan], args.lr, train_args)
@@ -171,7 +166,7 @@ def slurm_task(argv: list[str]) -> int:
     if task is None:
         raise SweepError("slurm_task train: not inside a SLURM job array (no SLURM_ARRAY_TASK_ID)")
     rank, alpha = words(args.tasks)[int(task)].split(":")
-    todo = [run for run in _plan(results_dir, ranks, alphas, args.lr, train_args)
+    todo = [run for run in plan_runs(results_dir, ranks, alphas, args.lr, train_args)
             if (run.rank, run.alpha) == (rank, alpha)]
     if not todo:
         print(f"r{rank} a{alpha}: finished already, nothing to do", file=sys.stderr)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from utils.core.atomic import write_json
 from utils.core.layout import RUN_DIR_FILE, RUN_LOG_FILE, STATUS_FILE, RunLayout
+from utils.sweep.plan import PlannedRun
 from utils.sweep.records import SweepError, read_json
 from utils.sweep.status import end_status, reported_run_dir, start_status
 
@@ -27,22 +28,6 @@ logger = logging.getLogger("sweep_runs")
 
 STOP_GRACE_S = 30.0  # after a stop, how long the trainings have to save before they are killed
 TICK_S = 0.5  # how often the scheduler looks at its children and the progress
-
-
-@dataclass(frozen=True)
-class PlannedRun:
-    """A run of the grid still to do: its values as written on the command line, its status folder, its
-    experiment_number and the run folder of an earlier attempt to resume ('' for none)."""
-
-    rank: str
-    alpha: str
-    folder: Path
-    number: int
-    resume: str
-
-    @property
-    def name(self) -> str:
-        return f"r={self.rank} a={self.alpha}"
 
 
 @dataclass(frozen=True)
