@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import shlex
 import signal
 import subprocess
@@ -252,10 +253,23 @@ def run_jobs(jobs: list[Job], slots: list[str], trainer: Trainer, stop: Stop, ne
                 del running[index]
             progress.show(list(running.values()))
             if running:
-                time.sleep(TICK_S)
+                _wait_for_an_end(list(running.values()), TICK_S)
     finally:
         progress.close()
     return statuses
+
+
+def _wait_for_an_end(jobs: list[Job], timeout: float) -> None:
+    """Until one of the trainings ends, or ``timeout`` seconds (the progress is redrawn that often)."""
+    handles = []
+    try:
+        handles = [os.pidfd_open(job.process.pid) for job in jobs]
+        select.select(handles, [], [], timeout)
+    except OSError:  # no pidfd (a kernel before 5.3): look again after the timeout
+        time.sleep(timeout)
+    finally:
+        for handle in handles:
+            os.close(handle)
 
 
 def _wait_for_stop(running: list[Job], stop: Stop, grace: float) -> None:
