@@ -67,7 +67,7 @@ def _check_flags(args: argparse.Namespace, train_args: list[str]) -> None:
         raise SweepError("--gpus is for a local sweep; with --slurm ask for GPUs in --sbatch_args")
     for arg in train_args:
         if arg.split("=", 1)[0] in SET_BY_THE_SWEEP:
-            raise SweepError(f"{arg.split('=', 1)[0]} is set by the sweep; use --output_dir, --ranks, --alphas or "
+            raise SweepError(f"{arg.split('=', 1)[0]} is set by the sweep; use --runs_dir, --ranks, --alphas or "
                              f"--lr before --")
     if not re.fullmatch(r"([0-9A-Za-z-]+(,[0-9A-Za-z-]+)*)?", args.gpus):
         raise SweepError(f"--gpus '{args.gpus}': expected ids like 0,1,2,3")
