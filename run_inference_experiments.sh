@@ -2,8 +2,8 @@
 # Base-vs-LoRA images for every trained run, then the rank x alpha grid, loss curves, CLIP metrics
 # and the verdict. With no arguments, as the original: every output_ghibli/*/ run, its 5 prompts.
 #
-# ./run_inference_experiments.sh --help lists the flags. The work is done by one Python process (utils/sweep_report.py run_inference_experiments,
-# code in utils/sweep/). Environment: PYTHON, the interpreter (default: python, else python3).
+# ./run_inference_experiments.sh --help lists the flags. One Python process does the work
+# (utils/sweep_report.py run_inference_experiments, code in utils/sweep/); PYTHON is its interpreter (default: python, else python3).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
