@@ -3,7 +3,8 @@
 # then the epoch-by-epoch strip. With no arguments, as the original: the newest run's checkpoints.
 #
 # ./run_checkpoint_inference.sh --help lists the flags. One Python process does the work
-# (utils/sweep_report.py run_checkpoint_inference, code in utils/sweep/); PYTHON is its interpreter (default: python, else python3).
+# (utils/sweep_report.py run_checkpoint_inference, code in utils/sweep/).
+# PYTHON is its interpreter (default: python, else python3).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -3,7 +3,8 @@
 # With no arguments it is the original's sweep: ranks 4 8 16 x alphas 4 8 16 32 at learning rate 1e-4.
 #
 # ./run_experiments.sh --help lists the flags. One Python process does the work
-# (utils/sweep_report.py run_experiments, code in utils/sweep/); PYTHON is its interpreter (default: python, else python3).
+# (utils/sweep_report.py run_experiments, code in utils/sweep/).
+# PYTHON is its interpreter (default: python, else python3).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"

@@ -3,7 +3,8 @@
 # and the verdict. With no arguments, as the original: every output_ghibli/*/ run, its 5 prompts.
 #
 # ./run_inference_experiments.sh --help lists the flags. One Python process does the work
-# (utils/sweep_report.py run_inference_experiments, code in utils/sweep/); PYTHON is its interpreter (default: python, else python3).
+# (utils/sweep_report.py run_inference_experiments, code in utils/sweep/).
+# PYTHON is its interpreter (default: python, else python3).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
