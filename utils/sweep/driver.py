@@ -115,13 +115,14 @@ def run_experiments(argv: list[str]) -> int:
     _check_flags(args, train_args)
     ranks, alphas = words(args.ranks), words(args.alphas)
     results_dir = Path(args.results_dir)
+    trainer = trainer_of(args.runs_dir, args.lr, train_args)
+    if Path(trainer.script).resolve() == TRAINER and not args.dry_run:  # a dry run needs no dataset or model
+        # before any folder is made: a refused sweep leaves nothing behind
+        check_trainer_flags([(rank, alpha) for rank in ranks for alpha in alphas], args.lr, train_args)
     results_dir.mkdir(parents=True, exist_ok=True)
     Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
     lock = _lock(results_dir)  # noqa: F841 - held until the process ends
     plan = plan_runs(results_dir, ranks, alphas, args.lr, train_args)
-    trainer = trainer_of(args.runs_dir, args.lr, train_args)
-    if Path(trainer.script).resolve() == TRAINER and not args.dry_run:  # a dry run needs no dataset or model
-        check_trainer_flags([(run.rank, run.alpha) for run in plan], args.lr, train_args)
     if args.slurm and plan:
         return _submit_sweep(args, plan, ranks, alphas, train_args, start_time, trainer)
     where = f"GPUs {args.gpus}" if args.gpus else "the default device"
