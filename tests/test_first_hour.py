@@ -65,7 +65,7 @@ def test_the_sweep_flag_check_refuses_a_mistyped_model_path_before_any_run(tiny_
                       "--results_dir", str(tmp_path / "results"), "--", "--dataset_dir", str(tiny_dataset_dir),
                       "--pretrained_model_name_or_path", "models/nothere", env=OFFLINE, cwd=tmp_path, timeout=120)
     single_line(result, "--pretrained_model_name_or_path models/nothere", "offline")
-    assert nothing_in(runs)
+    assert nothing_in(runs) and nothing_in(tmp_path / "results")
 
 
 @pytest.mark.parametrize("flags, named", [

@@ -152,7 +152,7 @@ def test_dry_run_prints_the_array_the_grid_and_the_sbatch_args(tmp_path):
     assert "#SBATCH --array=0-3" in out and "#SBATCH --requeue" in out
     assert "grid: ranks 2 4 x alphas 2 4" in out and "task 3: rank 4, alpha 4" in out
     assert "sbatch --parsable --partition=gpu --gres=gpu:1 --time=08:00:00 < array.sbatch" in out
-    assert "--dependency=afterany:<array job id>" in out and "slurm_task.sh finish" in out
+    assert "--dependency=afterany:<array job id>" in out and "slurm_task finish" in out
     assert not (tmp_path / "experiment_results" / "slurm").exists()
 
 

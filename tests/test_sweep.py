@@ -10,16 +10,18 @@ runs), then rank 2 is added to the same records.
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.helpers import ROOT, SCRIPT_ENV, read_status, run_bash, run_folders, wait_for
+from tests.helpers import ROOT, SCRIPT_ENV, processes_mentioning, read_status, run_bash, run_folders, wait_for
 from utils.core.names import LORA_WEIGHT_NAME
 
 ORIGINAL_RECORD_KEYS = ["experiment_number", "lora_rank", "lora_alpha", "learning_rate", "start_time", "status"]
@@ -230,3 +232,131 @@ def test_bad_flags_end_with_one_line_errors(tmp_path):
     (fresh / "output_ghibli").mkdir()
     result = run_bash("run_checkpoint_inference.sh", cwd=fresh)
     assert result.returncode == 2 and "output_ghibli: no run with checkpoint_epoch_N folders" in result.stderr
+
+
+# A stand-in trainer for the driver's own behaviour: it makes its run folder (or continues the one it is given),
+# reports it, and on SIGTERM saves a resumable state and exits 143, counting the signals it got.
+STUB_TRAINER = """\
+import argparse, json, pathlib, signal, sys, time
+p = argparse.ArgumentParser()
+for flag in ('--output_dir', '--lora_rank', '--lora_alpha', '--learning_rate', '--resume_from_checkpoint',
+             '--run_dir_file', '--seconds', '--slow_save'):
+    p.add_argument(flag)
+a, _ = p.parse_known_args()
+run = pathlib.Path(a.resume_from_checkpoint or pathlib.Path(a.output_dir) / f'run_r{a.lora_rank}_a{a.lora_alpha}')
+run.mkdir(parents=True, exist_ok=True)
+pathlib.Path(a.run_dir_file).write_text(str(run.resolve()))
+(run / 'experiment_config.json').write_text(json.dumps({'lora_rank': int(a.lora_rank),
+    'lora_alpha': float(a.lora_alpha), 'learning_rate': float(a.learning_rate)}))
+signals = []
+def stop(number, frame):
+    signals.append(number)
+    if len(signals) == 1:
+        time.sleep(60 if a.slow_save else 0.5)  # saving
+        (run / 'checkpoints' / 'checkpoint-1').mkdir(parents=True, exist_ok=True)
+        (run / 'signals.json').write_text(json.dumps(signals))
+        sys.exit(143)
+signal.signal(signal.SIGTERM, stop)
+time.sleep(float(a.seconds or 0))
+(run / 'final_model').mkdir(exist_ok=True)
+(run / 'final_model' / 'pytorch_lora_weights.safetensors').write_bytes(b'')
+"""
+
+
+def _stub(tmp_path: Path) -> Path:
+    stub = tmp_path / "stub_trainer.py"
+    stub.write_text(STUB_TRAINER)
+    return stub
+
+
+@pytest.mark.slow
+def test_a_sweep_starts_one_interpreter_besides_its_trainings(tmp_path):
+    """A `python` first on PATH logs each start: the sweep itself once, then one per training."""
+    wrapper_dir = tmp_path / "bin"
+    wrapper_dir.mkdir()
+    starts = tmp_path / "starts.log"
+    (wrapper_dir / "python").write_text(f'#!/bin/sh\necho "$*" >> {starts}\nexec {sys.executable} "$@"\n')
+    (wrapper_dir / "python").chmod(0o755)
+    env = {"PATH": f"{wrapper_dir}:{os.environ['PATH']}", "PYTHON": "", "TRAIN_SCRIPT": str(_stub(tmp_path))}
+    result = run_bash("run_experiments.sh", "--ranks", "4", "--alphas", "4 8", env=env, cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = starts.read_text().splitlines()
+    assert len(lines) == 3, lines
+    assert "sweep_report.py run_experiments" in lines[0] and all("stub_trainer.py" in line for line in lines[1:])
+
+
+@pytest.mark.slow
+def test_sigterm_stops_two_trainings_at_once_and_the_same_command_resumes_both(tmp_path):
+    """--gpus 0,0: two trainings on one GPU; SIGTERM to the sweep reaches each as ONE SIGTERM, both save and are
+    recorded interrupted within the grace time, and the rerun continues both in their own folders."""
+    env = {**SCRIPT_ENV, "TRAIN_SCRIPT": str(_stub(tmp_path))}
+    command = ["bash", str(ROOT / "run_experiments.sh"), "--ranks", "4", "--alphas", "4 8", "--gpus", "0,0", "--",
+               "--seconds", "60"]
+    with open(tmp_path / "first.log", "w") as log:
+        process = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for(lambda: (tmp_path / "first.log").read_text().count(": run folder ") == 2, 30, "both run folders")
+        stopped_at = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=40) == 143
+        assert time.monotonic() - stopped_at < 30
+    finally:
+        if process.poll() is None:
+            process.kill()
+    for alpha in ("4", "8"):
+        status = read_status(tmp_path, "4", alpha)
+        assert status["state"] == "interrupted" and status["exit_code"] == 143 and status["gpu"] == "0"
+        assert json.loads((Path(status["run_dir"]) / "signals.json").read_text()) == [signal.SIGTERM]
+    output = (tmp_path / "first.log").read_text()
+    for alpha in ("4", "8"):  # the run folder, as each run started and ended
+        run = (tmp_path / "output_ghibli" / f"run_r4_a{alpha}").resolve()
+        assert f"r=4 a={alpha}: run folder {run}" in output and f"interrupted, exit code 143 -> {run}" in output
+    result = run_bash("run_experiments.sh", "--ranks", "4", "--alphas", "4 8", "--gpus", "0,0",
+                      env={"TRAIN_SCRIPT": env["TRAIN_SCRIPT"]}, cwd=tmp_path, timeout=60)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for alpha in ("4", "8"):
+        status = read_status(tmp_path, "4", alpha)
+        run = (tmp_path / "output_ghibli" / f"run_r4_a{alpha}").resolve()
+        assert status["state"] == "finished" and status["attempts"] == 2 and status["run_dir"] == str(run)
+        assert f"--resume_from_checkpoint {run}" in status["command"]
+        assert f"start r=4 a={alpha} on GPU 0 -> {run}" in result.stderr
+        assert f"finished, exit code 0 -> {run / 'final_model'}" in result.stderr
+    assert "log_offset" not in read_status(tmp_path, "4", "4")
+
+
+@pytest.mark.slow
+def test_the_folder_of_runs_is_runs_dir_in_every_script_with_the_old_names_kept(tmp_path):
+    env = {"TRAIN_SCRIPT": str(_stub(tmp_path))}
+    for flag, folder in (("--runs_dir", "runs_a"), ("--output_dir", "runs_b")):
+        result = run_bash("run_experiments.sh", "--ranks", "2", "--alphas", "2", flag, folder, "--results_dir",
+                          f"results_{folder}", env=env, cwd=tmp_path, timeout=60)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert (tmp_path / folder / "run_r2_a2" / "final_model").is_dir()
+    for script in ("run_inference_experiments.sh", "run_checkpoint_inference.sh"):
+        for flag in ("--runs_dir", "--sweep_dir") if script.startswith("run_inference") else ("--runs_dir",):
+            result = run_bash(script, flag, "nowhere", cwd=tmp_path)
+            assert result.returncode == 2 and result.stderr.strip() == "error: nowhere: folder not found", result.stderr
+    # No abbreviations: a flag cut short is not taken for another.
+    result = run_bash("run_experiments.sh", "--rank", "4", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: unrecognized arguments: --rank 4")
+
+
+@pytest.mark.slow
+def test_a_second_signal_kills_a_training_that_is_still_saving(tmp_path):
+    env = {**SCRIPT_ENV, "TRAIN_SCRIPT": str(_stub(tmp_path))}
+    command = ["bash", str(ROOT / "run_experiments.sh"), "--ranks", "4", "--alphas", "4", "--", "--seconds", "60",
+               "--slow_save", "1"]
+    with open(tmp_path / "first.log", "w") as log:
+        process = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for(lambda: ": run folder " in (tmp_path / "first.log").read_text(), 30, "the run folder")
+        process.send_signal(signal.SIGTERM)
+        wait_for(lambda: "Stopping the sweep" in (tmp_path / "first.log").read_text(), 10, "the stop")
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=10) == 143
+    finally:
+        if process.poll() is None:
+            process.kill()
+    status = read_status(tmp_path, "4", "4")
+    assert status["state"] == "interrupted" and status["exit_code"] == 137  # killed while saving, by the sweep
+    assert not processes_mentioning(str(tmp_path / "stub_trainer.py"))

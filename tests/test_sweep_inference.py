@@ -114,14 +114,19 @@ def test_checkpoint_inference_with_no_flags_writes_the_originals_folders(sweep, 
 
 def test_the_scripts_default_prompts_are_the_originals():
     """25 prompts in run_checkpoint_inference.sh, 5 in run_inference_experiments.sh (the last 5 of the 25),
-    the first 16 the inference script's default. The scripts read them with `helper prompts WHICH`."""
+    the first 16 the inference script's default. The scripts' driver names its set in PROMPT_SETS."""
+    import inspect
+
     from inference_sdxl_ghibli import DEFAULT_PROMPTS
+    from utils.inference.prompts import PROMPT_SETS
+    from utils.sweep import inference_driver
 
-    def prompts_of(script: str) -> list[str]:
-        (which,) = re.findall(r"helper prompts (\w+)", (ROOT / script).read_text())
-        return run_in_process("-m", "utils.sweep_report", "prompts", which).stdout.splitlines()
+    def prompts_of(driver) -> list[str]:
+        (which,) = re.findall(r'PROMPT_SETS\["(\w+)"\]', inspect.getsource(driver))
+        return PROMPT_SETS[which]
 
-    checkpoint, experiments = prompts_of("run_checkpoint_inference.sh"), prompts_of("run_inference_experiments.sh")
+    checkpoint = prompts_of(inference_driver.run_checkpoint_inference)
+    experiments = prompts_of(inference_driver.run_inference_experiments)
     assert len(checkpoint) == 25 and checkpoint[:16] == DEFAULT_PROMPTS and checkpoint[-5:] == experiments
     assert checkpoint[16] == "A couple studying in a Japanese cafe in Ghibli style."
     assert experiments[0].startswith("The image is a full shot of Kiki from Kiki's Delivery Service")
@@ -146,3 +151,31 @@ def test_sweep_generate_loads_a_pickle_lora_only_with_allow_pickle(trained_run, 
     (meta_path,) = (tmp_path / "out" / "pickled").glob("metadata_prompt1_*.json")
     meta = read_json(meta_path)
     assert meta["lora_model_path"] == str(pickled) and len(meta["lora_model_images"]) == 1
+
+
+def test_checkpoint_inference_of_all_runs_shares_one_set_of_base_images(sweep, sweep_inference, tiny_model_dir):
+    """--all_runs: every saved epoch of every run of the sweep, in {run}_checkpoints/epoch_NNN/ (zero-padded, so
+    the folders sort, and where the report looks for a run's epochs), one strip per run, and the base images
+    made once for all. Without the sweep's images there is no report to write, and it says so."""
+    work = sweep["work"]
+    result = run_bash("run_checkpoint_inference.sh", "--all_runs", "--output_dir", "all", "--base_results_dir",
+                      "all_base", "--inference_dir", "no_sweep_images", "--", "--pretrained_model_name_or_path",
+                      str(tiny_model_dir), *SWEEP_INFERENCE_FLAGS, "--prompts", SWEEP_PROMPTS[0], "--num_images", "1",
+                      cwd=work)
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = work / "all"
+    runs = run_folders(work)
+    series = {run: out / f"{run.name}_checkpoints" for run in runs}
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == sorted(p.name for p in series.values())
+    base = None
+    for run in runs:
+        epochs = sorted(int(p.name.rsplit("_", 1)[1]) for p in run.glob("checkpoint_epoch_*"))
+        assert sorted(p.name for p in series[run].iterdir() if p.is_dir()) == [f"epoch_{n:03d}" for n in epochs]
+        layout = json.loads((series[run] / "epoch_strip.json").read_text())
+        assert layout["columns"] == ["base"] + [f"epoch {n}" for n in epochs]
+        meta = json.loads(next((series[run] / f"epoch_{epochs[0]:03d}").glob("metadata_prompt1_*.json")).read_text())
+        image = pixels(series[run] / f"epoch_{epochs[0]:03d}" / meta["base_model_images"][0])
+        base = image if base is None else base
+        assert np.array_equal(image, base)
+    assert "No report: no_sweep_images" in result.stderr
+    assert result.stderr.count("Base images into") == 1

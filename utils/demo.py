@@ -42,7 +42,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from utils.core.atomic import save_image, write_json, write_text
 from utils.core.cli import Parser, run_cli, setup_logging
 from utils.core.errors import UserError
-from utils.core.layout import FINAL_MODEL, REPORT_PAGE, RunLayout, checkpoint_series_dir, model_info_file
+from utils.core.layout import BASE_RESULTS_DIR, EPOCH_STRIP, FINAL_MODEL, REPORT_PAGE, RunLayout, checkpoint_series_dir, model_info_file
 from utils.tiny.demo_model import DEMO_CLIP_DIR, DEMO_SDXL_DIR, RESOLUTION
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -121,7 +121,7 @@ def copy_results(inference: Path, checkpoints: Path, results: Path, work: Path) 
             copy_enlarged(report / name, results / name)
         else:
             shutil.copy(report / name, results / name)
-    copy_enlarged(checkpoint_series_dir(checkpoints, _best_epoch_run(report)) / "epoch_strip.png",
+    copy_enlarged(checkpoint_series_dir(checkpoints, _best_epoch_run(report)) / EPOCH_STRIP,
                   results / "epoch_strip.png")
     # The chosen run's base-vs-LoRA comparison grids, as in the original's results.
     verdict = json.loads((report / "verdict.json").read_text())
@@ -229,14 +229,12 @@ def main(argv: list[str] | None = None) -> int:
     run(["bash", ROOT / "run_experiments.sh", "--ranks", RANKS, "--alphas", ALPHAS, "--lr", LEARNING_RATE,
          "--output_dir", runs_dir, "--results_dir", records, "--",
          "--pretrained_model_name_or_path", model, "--dataset_dir", data, *TRAIN_FLAGS])
-    run(["bash", ROOT / "run_inference_experiments.sh", "--sweep_dir", runs_dir, "--output_dir", inference,
+    run(["bash", ROOT / "run_inference_experiments.sh", "--runs_dir", runs_dir, "--output_dir", inference,
          "--clip_model", clip, "--", "--pretrained_model_name_or_path", model, *INFERENCE_FLAGS])
-    trained = sorted(p for p in runs_dir.iterdir() if RunLayout(p).final_model.is_dir())
-    for run_dir in trained:  # every run's epochs, on one set of base images, where the report looks for them
-        run(["bash", ROOT / "run_checkpoint_inference.sh", "--run_dir", run_dir, "--output_dir",
-             checkpoint_series_dir(checkpoints, run_dir), "--base_results_dir", checkpoints / "base_model_results",
-             "--", "--pretrained_model_name_or_path", model, *INFERENCE_FLAGS])
-    run([sys.executable, "-m", "utils.sweep_report", "report", "--inference_dir", inference, "--clip_model", clip])
+    # every run's epochs on one pipeline and one set of base images, then the report again with every epoch
+    run(["bash", ROOT / "run_checkpoint_inference.sh", "--all_runs", "--runs_dir", runs_dir, "--output_dir",
+         checkpoints, "--base_results_dir", checkpoints / BASE_RESULTS_DIR, "--inference_dir", inference,
+         "--clip_model", clip, "--", "--pretrained_model_name_or_path", model, *INFERENCE_FLAGS])
 
     copy_results(inference, checkpoints, results, work)
     summary = check_style(inference / "report", base_seed_spread(inference, data, clip))

@@ -227,6 +227,7 @@ class SweepLayout:
 #     {inference_dir}/{run}/, base_model_results/, report/
 # run_checkpoint_inference.sh one image folder per epoch checkpoint of a run:
 #     {output}/{run}_checkpoints/epoch_{E}/ (and final/ with --include_final), epoch_strip.png
+# and, with --all_runs, the same for every run of the sweep: {output}/{run}_checkpoints/epoch_{EEE}/
 BASE_RESULTS_DIR = "base_model_results"
 REPORT_DIR = "report"
 GRID_PICTURE = "exp_result.png"
@@ -244,3 +245,16 @@ FINAL_FOLDER = "final"
 def checkpoint_series_dir(output_dir: Path, run_dir: Path) -> Path:
     """``{output_dir}/{run}_checkpoints/``: run_checkpoint_inference.sh's images of a run's checkpoints."""
     return Path(output_dir) / f"{Path(run_dir).name}{CHECKPOINT_SERIES_SUFFIX}"
+
+
+# ----------------------------------------------------------------------------- the sweep's images
+
+EPOCH_STRIP = "epoch_strip.png"
+SLURM_DIR = "slurm"  # job scripts, job ids and output of a --slurm submission
+EPOCH_IMAGES_WIDTH = 3  # digits of the epoch in the folder names that run_checkpoint_inference.sh --all_runs makes
+
+
+def epoch_images_name(epoch: int, padded: bool = False) -> str:
+    """The images of one epoch checkpoint: ``epoch_{N}`` as the original named them, or ``epoch_{NNN}``
+    (zero-padded, so that the folders sort) in the folders that --all_runs makes."""
+    return f"{EPOCH_FOLDER_PREFIX}{epoch:0{EPOCH_IMAGES_WIDTH}d}" if padded else f"{EPOCH_FOLDER_PREFIX}{epoch}"

@@ -2,7 +2,7 @@
 
 ORIGINAL_PROMPTS are inference_sdxl_ghibli.py's 16 defaults. CHECKPOINT_PROMPTS are the 25 of the original's
 checkpoint script (the 16, then 9 more); SWEEP_PROMPTS are the 5 of its sweep inference script (the last 5
-of the 25). The shell scripts read theirs with ``python -m utils.sweep_report prompts checkpoint|sweep``.
+of the 25). The sweep scripts take theirs from PROMPT_SETS (utils/sweep/inference_driver.py).
 """
 
 ORIGINAL_PROMPTS = [

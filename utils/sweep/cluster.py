@@ -1,14 +1,16 @@
 """What the ``--slurm`` scripts submit: the sweep's job array and finishing job, one inference job, and the
 check made before either (the base model resolved on this machine, the dataset checked).
 
-The job scripts, sbatch and squeue are in slurm.py.
+The job scripts, sbatch and squeue are in slurm.py; what a task does is driver.slurm_task.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from utils.sweep.slurm import (SLURM_FOLDER, check_not_queued, dry_run_text, job_script, record_submission,
@@ -18,17 +20,37 @@ from utils.sweep.slurm import (SLURM_FOLDER, check_not_queued, dry_run_text, job
 logger = logging.getLogger("sweep_slurm")
 
 
-def _task_flags(args: argparse.Namespace) -> list[str]:
-    flags = ["--results_dir", str(Path(args.results_dir).resolve()), "--output_dir", args.output_dir,
+@dataclass(frozen=True)
+class SweepSubmission:
+    """The runs still to do of a sweep, as run_experiments.sh --slurm submits them."""
+
+    results_dir: Path
+    runs_dir: str
+    ranks: list[str]
+    alphas: list[str]
+    lr: str
+    todo: list[str]  # 'rank:alpha' of each array task, in task order
+    start_time: str
+    train_script: str
+    launcher: str
+    sbatch_args: str
+    dry_run: bool
+    wait: bool
+    requeue: bool
+    train_args: list[str]
+
+
+def _task_flags(args: SweepSubmission) -> list[str]:
+    flags = ["--results_dir", str(Path(args.results_dir).resolve()), "--runs_dir", args.runs_dir,
              "--ranks", " ".join(args.ranks), "--alphas", " ".join(args.alphas), "--lr", args.lr,
              "--tasks", " ".join(args.todo), "--start_time", args.start_time]
     return flags + (["--requeue"] if args.requeue else []) + ["--", *args.train_args]
 
 
-def sweep_scripts(args: argparse.Namespace) -> dict[str, str]:
+def sweep_scripts(args: SweepSubmission) -> dict[str, str]:
     """The array script (task i trains ``args.todo[i]``, 'rank:alpha') and the finishing job's script."""
     slurm_dir = Path(args.results_dir).resolve() / SLURM_FOLDER
-    task = ["bash", str(repository_root() / "utils" / "sweep" / "slurm_task.sh")]
+    task = [sys.executable, str(repository_root() / "utils" / "sweep_report.py"), "slurm_task"]
     environment = task_environment(args.train_script, args.launcher)
     grid = (f"grid: ranks {' '.join(args.ranks)} x alphas {' '.join(args.alphas)} at learning rate {args.lr}; "
             f"{len(args.todo)} run(s) to do")
@@ -44,7 +66,7 @@ def sweep_scripts(args: argparse.Namespace) -> dict[str, str]:
     return {"array": array, "finish": finish}
 
 
-def submit_sweep(args: argparse.Namespace) -> int:
+def submit_sweep(args: SweepSubmission) -> int:
     """Submit the array and the finishing job (or print them with --dry_run); with --wait, the sweep's
     exit status."""
     extra = sbatch_words(args.sbatch_args)

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 from utils.core.atomic import save_figure, save_image, write_json
+from utils.core.layout import BEST_MODEL, EPOCH_MODEL_PREFIX, EPOCH_STRIP, FINAL_MODEL
 from utils.sweep.outputs import Generation, base_images
 from utils.sweep.records import SweepError
 from utils.sweep.runs import RunInfo, read_loss_log
@@ -53,10 +54,10 @@ def rank_alpha_grid(cells: dict[tuple[int, float], Path], title: str, cell_size:
 
 def _series_position(model_folder: Path) -> tuple[float, str]:
     """Sort key and column label of a LoRA folder in a series: epochs in number order, then final, best."""
-    match = re.fullmatch(r"checkpoint_epoch_(\d+)", model_folder.name)
+    match = re.fullmatch(rf"{EPOCH_MODEL_PREFIX}(\d+)", model_folder.name)
     if match:
         return int(match.group(1)), f"epoch {match.group(1)}"
-    label = {"final_model": "final", "best_model": "best"}.get(model_folder.name, model_folder.name)
+    label = {FINAL_MODEL: "final", BEST_MODEL: "best"}.get(model_folder.name, model_folder.name)
     return math.inf, label
 
 
@@ -185,3 +186,18 @@ def write_grid(runs: list[RunInfo], generations: list[Generation], prompt_index:
                    "image": str(cells[(r.rank, r.alpha)].resolve())} for r in runs],
     })
     return out / "exp_result.png"
+
+
+def write_epoch_strip(inference_dir: Path, output: Path | None = None, image_index: int = 0,
+                      cell_size: int = 256) -> Path:
+    """``{inference_dir}/epoch_strip.png`` (and its .json: columns, prompts, seeds) of the checkpoint series
+    whose images are in ``inference_dir``'s subfolders."""
+    from utils.sweep.outputs import lora_generations
+
+    generations = lora_generations(inference_dir)
+    output = output or inference_dir / EPOCH_STRIP
+    image, columns = epoch_strip(generations, image_index, cell_size)
+    save_image(image, output)
+    write_json(output.with_suffix(".json"), {"columns": columns, "prompts": generations[0].prompts,
+                                             "seeds": generations[0].seeds, "image_index": image_index})
+    return output

@@ -7,13 +7,31 @@ import contextlib
 import io
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from utils.core.secrets import mask_argv
-from utils.sweep.records import STATUS_FILE, SweepError, experiment_file, read_json, status_folder
+from utils.core.layout import STATUS_FILE
+from utils.sweep.records import SweepError, experiment_file, read_json, status_folder
 from utils.sweep.status import earlier_run_dir, is_finished
 
 logger = logging.getLogger("sweep_runs")
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """A run of the grid still to do: its values as written on the command line, its status folder, its
+    experiment_number and the run folder of an earlier attempt to resume ('' for none)."""
+
+    rank: str
+    alpha: str
+    folder: Path
+    number: int
+    resume: str
+
+    @property
+    def name(self) -> str:
+        return f"r={self.rank} a={self.alpha}"
 
 
 def _positive(value: str, kind: type, name: str) -> None:
@@ -48,8 +66,8 @@ def _check_learning_rate(results_dir: Path, rank: str, alpha: str, learning_rate
 
 
 def plan_runs(results_dir: Path, ranks: list[str], alphas: list[str], learning_rate: str,
-              train_args: list[str]) -> list[tuple[str, str, Path, int, str]]:
-    """(rank, alpha, status folder, experiment number, run folder to resume or '') of every run still to do.
+              train_args: list[str]) -> list[PlannedRun]:
+    """Every run still to do, in grid order.
 
     Finished runs are skipped. A run that an earlier attempt left behind continues in that attempt's run
     folder: from its latest resumable checkpoint, or from the start when it stopped before the first.
@@ -72,7 +90,7 @@ def plan_runs(results_dir: Path, ranks: list[str], alphas: list[str], learning_r
                 continue
             earlier = earlier_run_dir(folder, status)
             resume = str(earlier) if earlier and earlier.is_dir() else ""
-            todo.append((rank, alpha, folder, number, resume))
+            todo.append(PlannedRun(rank, alpha, folder, number, resume))
     return todo
 
 

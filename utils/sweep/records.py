@@ -1,46 +1,37 @@
-"""The files of a rank x alpha sweep: where each lies, the original's record of each run, and the summary.
+"""The files of a rank x alpha sweep: where each lies, the runs' states and the summary.
 
-run_experiments.sh trains every run into the trainer's own folder, ``{output_dir}/{ts}_{type}_r{R}_a{A}_lr{LR}/``
-(default output_ghibli), and keeps its bookkeeping under ``{results_dir}`` (default experiment_results):
+run_experiments.sh trains every run into the trainer's own folder, ``{runs_dir}/{ts}_{type}_r{R}_a{A}_lr{LR}/``
+(default output_ghibli), and keeps its bookkeeping under ``{results_dir}`` (default experiment_results);
+every name comes from utils/core/layout.py (SweepLayout):
 
-    {results_dir}/experiment_{R}_{A}.json   the original's record of a run (experiment_number, lora_rank,
-                                            lora_alpha, learning_rate, start_time, status "성공"/"실패")
-                                            plus state, end_time, exit_code, run_dir, lora_type
+    {results_dir}/experiment_{R}_{A}.json   the original's record of a run (utils/compat/sweep_records.py)
     {results_dir}/summary.json              the original's summary (total_experiments, start_time, end_time)
                                             plus the state and adapter type of every run, and lora_types
     {results_dir}/runs/r{R}_a{A}_lr{LR}/    status.json (state, times, exit code, the run folder the trainer
-                                            made, earlier attempts) and train.log (the trainer's output)
+                                            made, earlier attempts), train.log and run_dir.txt
     {results_dir}/loss_curves.png, .sweep.lock
 
-written through the ``plan``/``status-*``/``summary`` subcommands of utils/sweep_report.py. Which runs are
-still to do is in plan.py, a run's status.json in status.py, finding the runs in runs.py, reading their
-images in outputs.py, making them in series.py. Only the standard library is
-imported at module level, so the bookkeeping calls start in a fraction of a second.
+The driver (driver.py) writes them. Which runs are still to do is in plan.py, a run's status.json in
+status.py, finding the runs in runs.py, reading their images in outputs.py, making them in series.py. Only
+the standard library is imported at module level.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import re
 from datetime import datetime
 from pathlib import Path
 
 from utils.core.atomic import write_json
 from utils.core.errors import UserError
-from utils.core.names import CONFIG_FILE, LORA_WEIGHT_NAME, TIMESTAMP_FORMAT
+from utils.core.layout import (CONFIG_FILE, FINAL_MODEL, STATUS_FILE, TIMESTAMP_FORMAT, RunLayout, SweepLayout,
+                               model_info_file)
 from utils.core.secrets import mask_argv
 
 logger = logging.getLogger("sweep_runs")
 
-STATUS_FILE = "status.json"
-SUMMARY_FILE = "summary.json"
-LOG_FILE = "train.log"
-WEIGHTS_FILE = LORA_WEIGHT_NAME
 INTERRUPTED_CODES = {130, 143}  # SIGINT, SIGTERM
-TIME_FORMAT = TIMESTAMP_FORMAT  # the original's start_time / end_time
-SUCCESS, FAILURE = "성공", "실패"  # the original's status values
-RUN_DIR_FILE = "run_dir.txt"  # the trainer writes its run folder here (train_sdxl_lora.py --run_dir_file)
 
 
 class SweepError(UserError, ValueError):
@@ -67,45 +58,15 @@ def read_json(path: Path) -> dict | None:
     return data
 
 
-def json_number(text: str) -> int | float:
-    """A grid value as the original wrote it into JSON: 4 stays 4, 1e-4 becomes 0.0001."""
-    return int(text) if re.fullmatch(r"-?\d+", text) else float(text)
-
-
 # ----------------------------------------------------------------------------- where each file lies
 
 
-def run_folder_name(rank: str, alpha: str, learning_rate: str) -> str:
-    return f"r{rank}_a{alpha}_lr{learning_rate}"
-
-
 def status_folder(results_dir: Path, rank: str, alpha: str, learning_rate: str) -> Path:
-    return results_dir / "runs" / run_folder_name(rank, alpha, learning_rate)
+    return SweepLayout(results_dir).run_status_dir(rank, alpha, learning_rate)
 
 
 def experiment_file(results_dir: Path, rank: str, alpha: str) -> Path:
-    return results_dir / f"experiment_{rank}_{alpha}.json"
-
-
-def write_experiment_record(results_dir: Path, status: dict) -> Path:
-    """experiment_{R}_{A}.json: the original's keys and values (start_time is the real start), then extras."""
-    rank, alpha = status["rank_text"], status["alpha_text"]
-    record = {
-        "experiment_number": status["experiment_number"], "lora_rank": json_number(rank),
-        "lora_alpha": json_number(alpha), "learning_rate": status["learning_rate"],
-        "start_time": _original_time(status["started_at"]),
-        "status": SUCCESS if status["state"] == "finished" else FAILURE,
-        "end_time": _original_time(status["ended_at"]) if status.get("ended_at") else None,
-        "state": status["state"], "exit_code": status["exit_code"], "run_dir": status["run_dir"],
-        "attempts": status["attempts"], "log": status["log"], "lora_type": run_lora_type(status),
-    }
-    path = experiment_file(results_dir, rank, alpha)
-    write_json(path, record)
-    return path
-
-
-def _original_time(iso: str) -> str:
-    return datetime.fromisoformat(iso).strftime(TIME_FORMAT)
+    return SweepLayout(results_dir).record(rank, alpha)
 
 
 def config_lora_type(config: dict) -> str:
@@ -122,7 +83,8 @@ def run_lora_type(status: dict) -> str | None:
 def _final_eval_loss(status: dict) -> float | None:
     if not status.get("run_dir"):
         return None
-    info = read_json(Path(status["run_dir"]) / "final_model" / "final_model_info.json") or {}
+    layout = RunLayout(Path(status["run_dir"]))
+    info = read_json(layout.final_model / model_info_file(FINAL_MODEL)) or {}
     return info.get("final_eval_loss")
 
 
@@ -152,12 +114,12 @@ def write_summary(results_dir: Path, ranks: list[str], alphas: list[str], learni
         runs.append(entry)
     summary = {
         "total_experiments": len(runs), "start_time": start_time,
-        "end_time": datetime.now().strftime(TIME_FORMAT),
+        "end_time": datetime.now().strftime(TIMESTAMP_FORMAT),
         "results_dir": str(results_dir.resolve()), "ranks": [int(r) for r in ranks],
         "alphas": [float(a) for a in alphas], "learning_rate": float(learning_rate),
         "gpus": [g for g in gpus.split(",") if g] or None, "train_args": mask_argv(train_args),
         "stopped_by_signal": stopped, "complete": counts["finished"] == len(runs), "counts": counts, "runs": runs,
         "lora_types": sorted({run["lora_type"] for run in runs if run["lora_type"]}),
     }
-    write_json(results_dir / SUMMARY_FILE, summary)
+    write_json(SweepLayout(results_dir).summary, summary)
     return summary

@@ -7,7 +7,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from utils.core.layout import GRID_PICTURE, LOSS_CURVES, REPORT_DIR
+from utils.core.layout import LOSS_CURVES, REPORT_DIR
 from utils.sweep.epochs import find_epoch_points, series_roots
 from utils.sweep.gallery import write_page
 from utils.sweep.metrics import report_metrics
@@ -45,7 +45,8 @@ def build_report(args: argparse.Namespace) -> dict:
     out = Path(args.output_dir) if args.output_dir else inference_dir / REPORT_DIR
     generations = lora_generations(inference_dir, args.folders)
     runs, generations = runs_of(generations)
-    epoch_points = find_epoch_points(runs, series_roots(inference_dir))
+    roots = [Path(args.epochs_dir)] if args.epochs_dir else series_roots(inference_dir)
+    epoch_points = find_epoch_points(runs, roots)
     made = {"grid": str(write_grid(runs, generations, args.prompt_index, args.image_index, args.cell_size, out)),
             "loss_curves": str(plot_loss_overlay(runs, out / LOSS_CURVES))}
     if not args.no_metrics:

@@ -6,7 +6,9 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from utils.sweep.records import CONFIG_FILE, STATUS_FILE, WEIGHTS_FILE, SweepError, config_lora_type, read_json
+from utils.core.layout import (CONFIG_FILE, FINAL_MODEL, LORA_WEIGHT_NAME, STATUS_FILE, RunLayout, SweepLayout,
+                               epoch_images_name)
+from utils.sweep.records import SweepError, config_lora_type, read_json
 from utils.sweep.status import is_finished
 from utils.training.loss_log import find_loss_log, read_losses
 
@@ -41,7 +43,7 @@ def load_run(run_dir: Path) -> RunInfo:
         raise SweepError(f"{run_dir / CONFIG_FILE}: missing or bad field {error}") from None
 
 
-def _run_dirs(root: Path) -> list[Path]:
+def run_dirs(root: Path) -> list[Path]:
     """``root`` itself when it is a training run, else its subfolders that are (``ls -d root/*/``), by name."""
     if not root.is_dir():
         raise SweepError(f"{root}: folder not found")
@@ -51,16 +53,16 @@ def _run_dirs(root: Path) -> list[Path]:
                   if p.is_dir() and not p.name.startswith(".") and (p / CONFIG_FILE).is_file())
 
 
-def find_runs(root: Path, model: str = "final_model") -> list[RunInfo]:
+def find_runs(root: Path, model: str = FINAL_MODEL) -> list[RunInfo]:
     """Every run folder in ``root`` that has ``model``/ (final_model, best_model), in name (= start time) order."""
-    return [load_run(run_dir) for run_dir in _run_dirs(root) if (run_dir / model / WEIGHTS_FILE).is_file()]
+    return [load_run(run_dir) for run_dir in run_dirs(root) if RunLayout(run_dir).has_model(model)]
 
 
 def newest_checkpoint_run(root: Path) -> Path:
     """The run folder in ``root`` whose newest checkpoint_epoch_N was written last."""
     newest: tuple[float, Path] | None = None
-    for run_dir in _run_dirs(root):
-        times = [(folder / WEIGHTS_FILE).stat().st_mtime for _, folder in epoch_checkpoints(run_dir)]
+    for run_dir in run_dirs(root):
+        times = [(folder / LORA_WEIGHT_NAME).stat().st_mtime for _, folder in epoch_checkpoints(run_dir)]
         if times and (newest is None or max(times) > newest[0]):
             newest = (max(times), run_dir)
     if newest is None:
@@ -85,23 +87,20 @@ def resolve_run_dir(path: Path) -> Path:
     return runs[0]
 
 
-def epoch_checkpoints(run_dir: Path, include_final: bool = False) -> list[tuple[str, Path]]:
-    """(label, folder) of the run's checkpoint_epoch_N folders in epoch order, then final_model if asked."""
-    found = []
-    for folder in run_dir.glob("checkpoint_epoch_*"):
-        number = folder.name.rsplit("_", 1)[-1]
-        if number.isdigit() and (folder / WEIGHTS_FILE).is_file():
-            found.append((int(number), f"epoch_{number}", folder))
-    series = [(label, folder) for _, label, folder in sorted(found)]
-    if include_final and (run_dir / "final_model" / WEIGHTS_FILE).is_file():
-        series.append(("final", run_dir / "final_model"))
+def epoch_checkpoints(run_dir: Path, include_final: bool = False, padded: bool = False) -> list[tuple[str, Path]]:
+    """(label, folder) of the run's checkpoint_epoch_N folders in epoch order, then final_model if asked; the
+    label is the folder name of the epoch's images (epoch_N, or epoch_NNN when ``padded``)."""
+    layout = RunLayout(run_dir)
+    series = [(epoch_images_name(epoch, padded), folder) for epoch, folder in layout.epoch_models()]
+    if include_final and layout.has_model():
+        series.append(("final", layout.final_model))
     return series
 
 
 def sweep_runs_of(results_dir: Path) -> list[RunInfo]:
     """The finished runs recorded in a sweep's bookkeeping folder, in rank, alpha order."""
     runs = []
-    for status_file in sorted((results_dir / "runs").glob(f"*/{STATUS_FILE}")):
+    for status_file in sorted(SweepLayout(results_dir).runs.glob(f"*/{STATUS_FILE}")):
         status = read_json(status_file)
         if is_finished(status):
             runs.append(load_run(Path(status["run_dir"])))
@@ -110,5 +109,6 @@ def sweep_runs_of(results_dir: Path) -> list[RunInfo]:
 
 def read_loss_log(run_dir: Path) -> tuple[list[int], list[float]]:
     """(step, loss) rows of a run's loss log (training_steps.csv, else training_log.csv), in its logging_dir."""
-    path = find_loss_log(run_dir / str(load_run(run_dir).config.get("logging_dir") or "logs"))
+    logging_dir = load_run(run_dir).config.get("logging_dir")
+    path = find_loss_log(RunLayout(run_dir, *([str(logging_dir)] if logging_dir else [])).logs)
     return read_losses(path) if path else ([], [])

@@ -11,12 +11,12 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
+from utils.core.layout import BASE_RESULTS_DIR
 from utils.sweep.outputs import read_generation
 from utils.sweep.records import SweepError
 
 logger = logging.getLogger("sweep_runs")
 
-BASE_RESULTS_FOLDER = "base_model_results"
 RESERVED_INFERENCE_FLAGS = ("--output_dir", "--lora_model_path", "--base_results_dir")
 
 
@@ -75,7 +75,7 @@ def generate_series(loras: list[tuple[str, str]], output_dir: Path, inference_ar
         resolve_lora_source(lora, args.allow_pickle)  # a missing LoRA fails now, not after loading SDXL
     args = with_sources(args, loras[0][1] if loras else None)  # the base model the runs were trained on
     model, settings = args.pretrained_model_name_or_path, settings_of(args)
-    base_dir = base_dir or output_dir / BASE_RESULTS_FOLDER
+    base_dir = base_dir or output_dir / BASE_RESULTS_DIR
     todo = []
     for label, lora in loras:
         if skip_existing and _already_done(output_dir / label, lora, args, asdict(settings)):

@@ -1,9 +1,9 @@
 """Sweeps and inference on a SLURM cluster: the job scripts, their submission with sbatch, and waiting.
 
 ``run_experiments.sh --slurm`` submits the runs still to do as one job array (one task per rank and alpha,
-each running ``utils/sweep/slurm_task.sh train``: status start, the trainer, status end, exactly as a local
-run) and a job that depends on it (``--dependency=afterany``) writing the loss curves and summary.json
-(``slurm_task.sh finish``). The inference scripts submit themselves as one job. The scripts and the job ids
+each running ``utils/sweep_report.py slurm_task train``: status start, the trainer, status end, exactly as a
+local run) and a job that depends on it (``--dependency=afterany``) writing the loss curves and summary.json
+(``slurm_task finish``). The inference scripts submit themselves as one job. The scripts and the job ids
 land in ``{results_dir}/slurm/`` once sbatch took them; the tasks' output goes to
 ``{results_dir}/slurm/{job}_{task}.out``. Only the standard library is imported at module level.
 """
@@ -19,11 +19,12 @@ import time
 from pathlib import Path
 
 from utils.core.atomic import write_json, write_text
-from utils.sweep.records import SUMMARY_FILE, SweepError, read_json
+from utils.core.layout import SLURM_DIR, SweepLayout
+from utils.sweep.records import SweepError, read_json
 
 logger = logging.getLogger("sweep_slurm")
 
-SLURM_FOLDER = "slurm"
+SLURM_FOLDER = SLURM_DIR
 JOBS_FILE = "jobs.json"
 WARNING_SECONDS = 300  # SLURM warns the batch shell (SIGUSR1) this long before the time limit
 SUBMIT_TIMEOUT = 120
@@ -54,7 +55,7 @@ def job_script(name: str, command: list[str], workdir: Path, output: str, array:
     lines += ["set -euo pipefail", f"cd {shlex.quote(str(workdir))}",
               "export HF_HUB_OFFLINE=1  # the model was resolved before submitting; no task downloads"]
     lines += [f"export {key}={shlex.quote(value)}" for key, value in (environment or {}).items()]
-    lines.append(shlex.join(command))
+    lines.append(f"exec {shlex.join(command)}  # the batch shell's own process: SLURM's SIGUSR1 warning reaches it")
     return "\n".join(lines) + "\n"
 
 
@@ -141,7 +142,7 @@ def dry_run_text(scripts: dict[str, str], sbatch_args: list[str]) -> str:
 
 def summary_exit_code(results_dir: Path, since: float) -> int:
     """The local sweep's rule, from the summary.json the finishing job wrote: 0 when every run finished."""
-    path = results_dir / SUMMARY_FILE
+    path = SweepLayout(results_dir).summary
     summary = read_json(path) if path.is_file() and path.stat().st_mtime >= since - 1 else None
     if summary is None:
         print(f"error: {path}: not written by the finishing job (see {results_dir / SLURM_FOLDER})", file=sys.stderr)

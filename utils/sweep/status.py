@@ -9,11 +9,11 @@ import shlex
 from datetime import datetime
 from pathlib import Path
 
+from utils.compat.sweep_records import write_experiment_record
 from utils.core.atomic import write_json
-from utils.core.names import CONFIG_FILE
+from utils.core.layout import CONFIG_FILE, RUN_DIR_FILE, RunLayout
 from utils.core.secrets import mask_argv
-from utils.sweep.records import (INTERRUPTED_CODES, RUN_DIR_FILE, WEIGHTS_FILE, SweepError, now_iso, read_json,
-                                 write_experiment_record)
+from utils.sweep.records import INTERRUPTED_CODES, SweepError, now_iso, read_json, run_lora_type
 
 logger = logging.getLogger("sweep_runs")
 
@@ -21,7 +21,7 @@ logger = logging.getLogger("sweep_runs")
 def is_finished(status: dict | None) -> bool:
     """Finished with exit code 0, and its final model is still there."""
     return (bool(status) and status.get("state") == "finished" and status.get("exit_code") == 0
-            and bool(status.get("run_dir")) and (Path(status["run_dir"]) / "final_model" / WEIGHTS_FILE).is_file())
+            and bool(status.get("run_dir")) and RunLayout(Path(status["run_dir"])).has_model())
 
 
 def earlier_run_dir(folder: Path, status: dict | None) -> Path | None:
@@ -41,22 +41,20 @@ def reported_run_dir(folder: Path) -> Path | None:
 
 
 def start_status(status_file: Path, rank: str, alpha: str, learning_rate: str, number: int, output_dir: str,
-                 gpu: str, log: str, process_group: int | None, train_args: list[str], command: str) -> dict:
+                 gpu: str, log: Path, process_group: int | None, train_args: list[str], command: list[str]) -> dict:
     """Write the status of a run that starts now; earlier attempts move into its history."""
     previous = read_json(status_file) or {}
     history = list(previous.get("history", []))
     if previous:
         history.append({key: previous.get(key) for key in ("state", "started_at", "ended_at", "exit_code",
                                                               "run_dir")})
-    log_path = Path(log)
     status = {
         "rank": int(rank), "alpha": float(alpha), "learning_rate": float(learning_rate),
         "rank_text": rank, "alpha_text": alpha, "experiment_number": number,
         "state": "running", "started_at": now_iso(), "ended_at": None, "duration_s": None,
         "exit_code": None, "run_dir": None, "output_dir": str(Path(output_dir).resolve()), "gpu": gpu or None,
-        "process_group": process_group, "attempts": int(previous.get("attempts", 0)) + 1, "log": str(log_path),
-        "log_offset": log_path.stat().st_size if log_path.is_file() else 0,
-        "train_args": mask_argv(train_args), "command": shlex.join(mask_argv(shlex.split(command))),
+        "process_group": process_group, "attempts": int(previous.get("attempts", 0)) + 1, "log": str(log),
+        "train_args": mask_argv(train_args), "command": shlex.join(mask_argv(command)),
         "history": history,
     }
     write_json(status_file, status)
@@ -84,8 +82,9 @@ def _new_run_dir(status_file: Path, status: dict) -> Path | None:
     return max(candidates, key=lambda p: (p / CONFIG_FILE).stat().st_mtime).resolve() if candidates else None
 
 
-def end_status(status_file: Path, exit_code: int) -> dict:
-    """Record how a run ended (status.json and the original's experiment_{R}_{A}.json)."""
+def end_status(status_file: Path, exit_code: int, stopped: bool = False) -> dict:
+    """Record how a run ended (status.json and the original's experiment_{R}_{A}.json); ``stopped``: the sweep
+    stopped it, so any failing exit (killed after the grace time included) counts as interrupted."""
     status = read_json(status_file)
     if status is None:
         raise SweepError(f"{status_file}: no status to end (the run was never started)")
@@ -95,10 +94,10 @@ def end_status(status_file: Path, exit_code: int) -> dict:
         (status_file.parent / RUN_DIR_FILE).unlink(missing_ok=True)
         logger.info("%s: removed the empty run folder %s", status_file.parent.name, run_dir)
         run_dir = None
-    has_model = run_dir is not None and (run_dir / "final_model" / WEIGHTS_FILE).is_file()
+    has_model = run_dir is not None and RunLayout(run_dir).has_model()
     if exit_code == 0 and has_model:
         state = "finished"
-    elif exit_code in INTERRUPTED_CODES:
+    elif exit_code in INTERRUPTED_CODES or (stopped and exit_code != 0):
         state = "interrupted"
     else:
         state = "failed"
@@ -109,7 +108,7 @@ def end_status(status_file: Path, exit_code: int) -> dict:
     if exit_code == 0 and not has_model:
         status["error"] = "the trainer exited 0 but left no final_model"
     write_json(status_file, status)
-    write_experiment_record(status_file.parent.parent.parent, status)
-    logger.info("%s: %s (exit code %d) after %.0f s", status_file.parent.name, state, exit_code,
+    write_experiment_record(status_file.parent.parent.parent, status, run_lora_type(status))
+    logger.debug("%s: %s (exit code %d) after %.0f s", status_file.parent.name, state, exit_code,
                 status["duration_s"])
     return status
