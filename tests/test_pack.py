@@ -430,3 +430,59 @@ def test_a_sweep_plans_its_packs_and_says_why_a_run_trains_alone(tiny_model_dir)
     assert lines[0] == "r8 a4 trains alone: --use_dora: PEFT refuses to route a batch between DoRA adapters"
     with pytest.raises(UserError, match="--pack 0: a number of runs"):
         plan_packs(grid, "0")
+
+
+# ----------------------------------------------------------------------------- the sweep: run_experiments.sh --pack
+
+
+@pytest.mark.slow
+def test_a_packed_sweep_ends_as_the_same_sweep_run_by_run(tiny_model_dir, pack_data, tmp_path):
+    """A 2 x 2 sweep with --pack 4: one training process; every run folder holds the files, config keys and log
+    columns of the --pack 1 sweep's, the records and summary the same keys, and every final LoRA and per-step
+    loss matches within the measured tolerance. A DoRA sweep with --pack trains each run alone and says why."""
+    import json
+
+    from tests.helpers import csv_rows, run_bash
+    from utils.core.layout import CONFIG_FILE, LORA_WEIGHT_NAME, RunLayout
+    from utils.lora.files import read_tensors
+
+    trainer = ["--", "--pretrained_model_name_or_path", str(tiny_model_dir), "--dataset_dir", str(pack_data),
+               "--resolution", "64", "--train_batch_size", "2", "--num_train_epochs", "2", "--save_steps", "1",
+               "--lr_scheduler", "constant", "--report_to", "none", "--mixed_precision", "no"]
+    sweeps = {}
+    for pack in ("1", "4"):
+        work = tmp_path / f"pack{pack}"
+        work.mkdir()
+        result = run_bash("run_experiments.sh", "--ranks", "2 4", "--alphas", "4 8", "--pack", pack, *trainer,
+                          cwd=work)
+        assert result.returncode == 0, result.stderr[-3000:]
+        sweeps[pack] = (work, result.stderr)
+    assert "pack of 4: r=2 a=4, r=2 a=8, r=4 a=4, r=4 a=8" in sweeps["4"][1]
+    assert sweeps["1"][1].count("start r=") == sweeps["4"][1].count("start r=") == 4
+    folders = {pack: {p.name.split("_r", 1)[1]: p for p in (work / "output_ghibli").iterdir()
+                      if p.is_dir() and not p.name.startswith(".")} for pack, (work, _) in sweeps.items()}
+    assert folders["1"].keys() == folders["4"].keys() and len(folders["4"]) == 4
+    for name, alone in folders["1"].items():
+        packed = folders["4"][name]
+        assert folder_listing(packed) == folder_listing(alone)
+        assert (json.loads((packed / CONFIG_FILE).read_text()).keys()
+                == json.loads((alone / CONFIG_FILE).read_text()).keys())
+        rows = [csv_rows(RunLayout(folder).step_log) for folder in (packed, alone)]
+        assert rows[0][0].keys() == rows[1][0].keys()
+        losses = torch.tensor([[float(a["loss"]), float(b["loss"])] for a, b in zip(*rows)])
+        assert relative(losses[:, 0], losses[:, 1]) < LOSS_TOLERANCE * 10
+        loras = [read_tensors(RunLayout(folder).final_model / LORA_WEIGHT_NAME) for folder in (packed, alone)]
+        assert relative(flat(loras[0].values()), flat(loras[1][key] for key in loras[0])) < ADAPTER_TOLERANCE
+    results = {pack: work / "experiment_results" for pack, (work, _) in sweeps.items()}
+    assert folder_listing(results["4"]) == folder_listing(results["1"])
+    for record in ("summary.json", "experiment_2_4.json"):
+        assert json.loads((results["4"] / record).read_text()).keys() == json.loads((results["1"] / record)
+                                                                                    .read_text()).keys()
+
+    work = tmp_path / "dora"
+    work.mkdir()
+    result = run_bash("run_experiments.sh", "--ranks", "2", "--alphas", "4 8", "--pack", "2", *trainer,
+                      "--use_dora", "--max_train_steps", "1", cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "r2 a4 trains alone: --use_dora: PEFT refuses to route a batch between DoRA adapters" in result.stderr
+    assert "pack of" not in result.stderr
