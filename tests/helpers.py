@@ -200,4 +200,5 @@ def read_status(work: Path, rank: str, alpha: str, lr: str = "1e-4") -> dict | N
 
 def run_folders(work: Path) -> list[Path]:
     """What the original's user sees: ``ls -d output_ghibli/*/``."""
-    return sorted(p for p in (work / "output_ghibli").iterdir() if p.is_dir() and not p.name.startswith("."))
+    runs = work / "output_ghibli"
+    return sorted(p for p in runs.iterdir() if p.is_dir() and not p.name.startswith(".")) if runs.is_dir() else []

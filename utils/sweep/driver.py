@@ -24,7 +24,7 @@ from pathlib import Path
 from utils.core.layout import TIMESTAMP_FORMAT, SweepLayout
 from utils.sweep.flags import experiments_parser, parse, slurm_task_parser, words
 from utils.sweep.local import TRAINER, Stop, Trainer, jobs_of, run_jobs, say
-from utils.sweep.plan import PlannedRun, check_trainer_flags, plan_runs
+from utils.sweep.plan import PlannedRun, check_grid, check_trainer_flags, plan_runs
 from utils.sweep.records import SweepError, write_summary
 
 logger = logging.getLogger("sweep_runs")
@@ -115,6 +115,7 @@ def run_experiments(argv: list[str]) -> int:
     _check_flags(args, train_args)
     ranks, alphas = words(args.ranks), words(args.alphas)
     results_dir = Path(args.results_dir)
+    check_grid(results_dir, ranks, alphas, args.lr)
     trainer = trainer_of(args.runs_dir, args.lr, train_args)
     if Path(trainer.script).resolve() == TRAINER and not args.dry_run:  # a dry run needs no dataset or model
         # before any folder is made: a refused sweep leaves nothing behind

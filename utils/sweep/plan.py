@@ -65,6 +65,14 @@ def _check_learning_rate(results_dir: Path, rank: str, alpha: str, learning_rate
                          f"{record['learning_rate']}, this sweep uses {learning_rate}; pass another --results_dir")
 
 
+def check_grid(results_dir: Path, ranks: list[str], alphas: list[str], learning_rate: str) -> None:
+    """The grid's values, and that the results folder records no other learning rate; reads, writes nothing."""
+    validate_grid(ranks, alphas, learning_rate)
+    for rank in ranks:
+        for alpha in alphas:
+            _check_learning_rate(results_dir, rank, alpha, learning_rate)
+
+
 def plan_runs(results_dir: Path, ranks: list[str], alphas: list[str], learning_rate: str,
               train_args: list[str]) -> list[PlannedRun]:
     """Every run still to do, in grid order.
@@ -72,12 +80,11 @@ def plan_runs(results_dir: Path, ranks: list[str], alphas: list[str], learning_r
     Finished runs are skipped. A run that an earlier attempt left behind continues in that attempt's run
     folder: from its latest resumable checkpoint, or from the start when it stopped before the first.
     """
-    validate_grid(ranks, alphas, learning_rate)
+    check_grid(results_dir, ranks, alphas, learning_rate)
     todo, number = [], 0
     for rank in ranks:
         for alpha in alphas:
             number += 1
-            _check_learning_rate(results_dir, rank, alpha, learning_rate)
             folder = status_folder(results_dir, rank, alpha, learning_rate)
             status = read_json(folder / STATUS_FILE)
             if is_finished(status):
