@@ -80,7 +80,8 @@ def pytest_itemcollected(item) -> None:  # before xdist's collection hook, which
 # The groups that take a minute or more on 2 cores go to the workers first (pytest.ini turns off xdist's own
 # order, largest group first, which left a slow one-test group for the end and one worker idle meanwhile); then
 # the other groups with slow tests; the quick groups last, where they fill in the gaps.
-LONG_GROUPS = ("test_gpu_check.py", "sweep", "test_slurm.py", "trained_run", "test_adapter_roundtrip.py")
+LONG_GROUPS = ("test_gpu_check.py", "sweep", "test_slurm.py", "trained_run", "test_adapter_roundtrip.py",
+               "test_pack.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -8,8 +8,8 @@ Rules, kept simple on purpose:
 2. Flags. In a fenced block, a command line (``\\`` continuations joined) names a script (``train_sdxl_lora.py``,
    ``utils/x.py``, ``python -m utils.x``, ``./run_x.sh``, ``hf/x.py``); every ``--flag`` after the script's name
    must appear in that script's ``--help`` (for utils/sweep_report.py, in its subcommand's when one is named).
-   After a lone ``--`` the flags belong to the script the shell script passes them to (run_experiments.sh:
-   train_sdxl_lora.py; the inference scripts: inference_sdxl_ghibli.py). Flags before any script's name (an
+   After a lone ``--`` the flags belong to the script the command passes them to (run_experiments.sh and
+   utils/train_pack.py: train_sdxl_lora.py; the inference scripts: inference_sdxl_ghibli.py). Flags before any script's name (an
    ``accelerate launch`` option) are not checked. In the text outside fences, a guide that declares its
    scripts with ``<!-- flags: SCRIPT ... -->`` has every ``--flag`` in its inline code checked against the
    ``--help`` of those scripts together.
@@ -48,7 +48,7 @@ SHELL_COMMANDS = ["run_experiments.sh", "run_inference_experiments.sh", "run_che
                   "utils/gpu_check.sh"]
 SUBCOMMANDS = {"utils/sweep_report.py": ("report", "strip")}
 PASSES_TO = {"run_experiments.sh": "train_sdxl_lora.py", "run_inference_experiments.sh": "inference_sdxl_ghibli.py",
-             "run_checkpoint_inference.sh": "inference_sdxl_ghibli.py"}
+             "run_checkpoint_inference.sh": "inference_sdxl_ghibli.py", "utils/train_pack.py": "train_sdxl_lora.py"}
 FLAG = re.compile(r"(?<![\w-])--[a-zA-Z][\w-]*")
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 

@@ -16,20 +16,23 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Per model: the training resolutions ("full" is the model's own, "half" the smaller one), the big batch,
 # (timed steps, warm-up steps) of the step benchmarks, the trainer runs' steps and image size, and the
-# inference benchmark's resolution and steps. 'tiny' runs every part on a CPU in seconds.
+# inference benchmark's resolution and steps, and the packed sweep's grid (ranks, alphas), pack sizes and
+# steps. 'tiny' runs every part on a CPU in seconds.
 PROFILES = {
     "sdxl": {"full": 1024, "half": 512, "big_batch": 4, "steps": (10, 3), "big_steps": (5, 2), "train_steps": 20,
-             "image_size": 1024, "train_images": 4, "inference_resolution": 1024, "inference_steps": 30},
+             "image_size": 1024, "train_images": 4, "inference_resolution": 1024, "inference_steps": 30,
+             "pack_grid": (("4", "8", "16"), ("4", "8", "16", "32")), "packs": ("4", "12"), "pack_steps": (3, 1)},
     "tiny": {"full": 128, "half": 64, "big_batch": 4, "steps": (2, 1), "big_steps": (2, 1), "train_steps": 6,
-             "image_size": 160, "train_images": 2, "inference_resolution": 64, "inference_steps": 4},
+             "image_size": 160, "train_images": 2, "inference_resolution": 64, "inference_steps": 4,
+             "pack_grid": (("4",), ("4", "8")), "packs": ("2",), "pack_steps": (1, 0)},
 }
 # Time caps in seconds per part (the whole run also has one budget, which may cut a part shorter).
 CAPS = {
-    "sdxl": {"versions": 60, "setup": 150, "bench_full_b1": 150, "train_bf16": 120, "train_fp16": 120,
-             "inference": 100, "bench_full_b4": 130, "bench_half_b1": 90, "auto_checkpointing": 90,
-             "adamw8bit": 75, "compile": 240},
-    "tiny": {"versions": 60, "setup": 60, "bench_full_b1": 120, "train_bf16": 90, "train_fp16": 90,
-             "inference": 90, "bench_full_b4": 90, "bench_half_b1": 90, "auto_checkpointing": 60,
+    "sdxl": {"versions": 60, "setup": 150, "bench_full_b1": 150, "pack_full": 200, "train_bf16": 120,
+             "train_fp16": 120, "inference": 100, "pack_half": 120, "bench_full_b4": 130, "bench_half_b1": 90,
+             "auto_checkpointing": 90, "adamw8bit": 75, "compile": 240},
+    "tiny": {"versions": 60, "setup": 60, "bench_full_b1": 120, "pack_full": 90, "train_bf16": 90, "train_fp16": 90,
+             "inference": 90, "pack_half": 90, "bench_full_b4": 90, "bench_half_b1": 90, "auto_checkpointing": 60,
              "adamw8bit": 60, "compile": 120},
 }
 PARTS = tuple(CAPS["sdxl"])
@@ -97,6 +100,20 @@ def bench_command(name: str, model: str, places: Places) -> list[str]:
             "--output_json", str(places.part_json(name))]
 
 
+def pack_command(name: str, model: str, places: Places) -> list[str]:
+    """``utils/benchmark_sweep.py``: one run alone against packs of the grid's first runs, with gradient
+    checkpointing (what lets a 12-run pack fit at 1024²), at the full or half resolution."""
+    profile = PROFILES[model]
+    (ranks, alphas), (steps, warmup) = profile["pack_grid"], profile["pack_steps"]
+    resolution = profile["full" if name == "pack_full" else "half"]
+    extra = ["--no-fresh_processes"] if model == "tiny" else []
+    return [sys.executable, str(ROOT / "utils" / "benchmark_sweep.py"), "--model", model,
+            "--model_dir", str(places.model_dir), "--resolution",
+            str(resolution), "--mixed_precision", "bf16" if model == "sdxl" else "no", "--gradient_checkpointing",
+            "--ranks", *ranks, "--alphas", *alphas, "--packs", *profile["packs"], "--separate", "1",
+            "--steps", str(steps), "--warmup", str(warmup), *extra, "--output_json", str(places.part_json(name))]
+
+
 def inference_command(model: str, places: Places) -> list[str]:
     profile = PROFILES[model]
     return [sys.executable, str(ROOT / "utils" / "benchmark_inference.py"), "--model", model,
@@ -115,6 +132,8 @@ def make_plan(model: str, device: str, places: Places, parts: list[str] | None =
             command = bench_command(name, model, places)
         elif name == "inference":
             command = inference_command(model, places)
+        elif name.startswith("pack_"):
+            command = pack_command(name, model, places)
         elif name.startswith("train_"):
             command = [*check_command("train_run", model, places, device), "--mixed_precision",
                        name.removeprefix("train_"), "--name", name]

@@ -130,6 +130,10 @@ def render(summary: dict) -> str:
                       "with the anchors and goals below)"]
     lines += ["", "published anchors: " + "; ".join(summary["anchors"])]
     lines += [f"goal: {goal}: {measured}" for goal, measured in goals(steps)]
+    packs = parts["pack_full"].get("figures", {}).get("summaries", {})
+    largest = packs[max(packs, key=int)] if packs else None
+    lines.append("goal: a 12-run pack at full resolution with checkpointing >= 3x the run-steps/s of separate runs: "
+                 + (f"{largest['throughput_ratio']:.2f}x with {largest['runs']} runs" if largest else "not measured"))
     return "\n".join(lines)
 
 
@@ -177,6 +181,11 @@ def _headline(name: str, entry: dict) -> str:
         return (f"loss {figures.get('first_loss', math.nan):.4f} -> {figures.get('last_loss', math.nan):.4f}, "
                 f"{figures.get('steady_steps_per_s') or math.nan:.2f} steps/s, checkpointing "
                 f"{figures.get('resolved_gradient_checkpointing')}, kohya tensors {figures.get('kohya_tensors')}")
+    if name.startswith("pack_"):
+        fresh = figures["settings"]["fresh_processes"]  # else the wall times leave out the imports
+        return ", ".join(f"{size} runs {pack['throughput_ratio']:.2f}x run-steps/s"
+                         + (f", {pack['wall_ratio']:.2f}x wall" if fresh else "")
+                         for size, pack in figures["summaries"].items())
     if name == "setup":
         return f"model built and saved in {figures['model_build_and_save_s']:.0f} s ({figures['model_bytes'] / GIB:.1f} GiB)"
     if name == "versions":

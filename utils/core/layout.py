@@ -54,6 +54,8 @@ EPOCH_MODEL_PREFIX = "checkpoint_epoch_"
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
 VALIDATION_DIR = "validation"
+# In checkpoints/checkpoint-{step}/: the LoRA of each trained model, in order (the UNet, the text encoders)
+CHECKPOINT_LORA_FILES = ("lora_unet.safetensors", "lora_text_encoder.safetensors", "lora_text_encoder_2.safetensors")
 
 
 def run_name(dataset_type: str, rank: int, alpha: float, learning_rate: float, now: datetime | None = None) -> str:

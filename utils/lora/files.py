@@ -25,8 +25,9 @@ ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers' key for the PEFT co
 TRAINING_METADATA_KEY = "ghibli_training"
 
 
-def _adapter_layers(model) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """The LoRA weights of a PEFT-injected model (PEFT ``lora_A``/``lora_B`` keys) and its adapter config.
+def _adapter_layers(model, adapter_name: str = "default") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The LoRA weights of a PEFT-injected model's adapter (PEFT ``lora_A``/``lora_B`` keys, without the
+    adapter's name) and its config.
 
     The keys are not converted to the older ``lora.down``/``lora.up`` names: that conversion renames
     only attention layers, and diffusers decides a file's format from its first key, so a mixed
@@ -34,17 +35,18 @@ def _adapter_layers(model) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """
     from peft.utils import get_peft_model_state_dict
 
-    layers = get_peft_model_state_dict(model)
+    layers = get_peft_model_state_dict(model, adapter_name=adapter_name)
     layers = {key: value.detach().to("cpu", torch.float32).contiguous() for key, value in layers.items()}
-    return layers, model.peft_config["default"].to_dict()
+    return layers, model.peft_config[adapter_name].to_dict()
 
 
 def save_lora(folder: str | os.PathLike, unet, text_encoders: list | None = None,
               training_metadata: dict[str, Any] | None = None,
-              extra_files: Callable[[Path], None] | None = None) -> Path:
+              extra_files: Callable[[Path], None] | None = None, adapter_name: str = "default") -> Path:
     """Write ``folder/pytorch_lora_weights.safetensors`` atomically (a temp folder renamed into place).
 
-    ``text_encoders`` are saved too when given (both SDXL encoders, when trained).
+    ``text_encoders`` are saved too when given (both SDXL encoders, when trained). ``adapter_name``: which of
+    the models' adapters (one run of a pack); the file is the same as that adapter's alone.
     ``training_metadata`` is stored as JSON in the safetensors header, with a hash of the
     weights; it must hold no secrets. ``extra_files(staging_folder)`` may add files (e.g. a
     kohya-format copy) before the folder is swapped into place.
@@ -52,10 +54,11 @@ def save_lora(folder: str | os.PathLike, unet, text_encoders: list | None = None
     from diffusers import StableDiffusionXLPipeline
 
     folder = Path(folder)
-    unet_layers, unet_config = _adapter_layers(unet)
+    unet_layers, unet_config = _adapter_layers(unet, adapter_name)
     kwargs: dict[str, Any] = {"unet_lora_layers": unet_layers, "unet_lora_adapter_metadata": unet_config}
     for name, encoder in zip(("text_encoder", "text_encoder_2"), text_encoders or []):
-        kwargs[f"{name}_lora_layers"], kwargs[f"{name}_lora_adapter_metadata"] = _adapter_layers(encoder)
+        kwargs[f"{name}_lora_layers"], kwargs[f"{name}_lora_adapter_metadata"] = _adapter_layers(encoder,
+                                                                                                 adapter_name)
 
     for name, layers in kwargs.items():
         if name.endswith("_layers") and not all(bool(torch.isfinite(t).all()) for t in layers.values()):

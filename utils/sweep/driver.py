@@ -23,14 +23,12 @@ from pathlib import Path
 
 from utils.core.layout import TIMESTAMP_FORMAT, SweepLayout
 from utils.sweep.flags import experiments_parser, parse, slurm_task_parser, words
-from utils.sweep.local import Stop, Trainer, jobs_of, run_jobs, say
+from utils.sweep.local import TRAINER, Stop, Trainer, jobs_of, run_jobs, say
 from utils.sweep.plan import PlannedRun, check_grid, check_trainer_flags, plan_runs
 from utils.sweep.records import SweepError, write_summary
 
 logger = logging.getLogger("sweep_runs")
 
-ROOT = Path(__file__).resolve().parent.parent.parent
-TRAINER = ROOT / "train_sdxl_lora.py"
 SET_BY_THE_SWEEP = ("--output_dir", "--lora_rank", "--lora_alpha", "--learning_rate")
 
 EXPERIMENTS_HELP = """\
@@ -71,6 +69,8 @@ def _check_flags(args: argparse.Namespace, train_args: list[str]) -> None:
                              f"--lr before --")
     if not re.fullmatch(r"([0-9A-Za-z-]+(,[0-9A-Za-z-]+)*)?", args.gpus):
         raise SweepError(f"--gpus '{args.gpus}': expected ids like 0,1,2,3")
+    if args.pack != "auto" and not (args.pack.isdigit() and int(args.pack) >= 1):
+        raise SweepError(f"--pack '{args.pack}': a number of runs per process (1: each alone) or auto")
 
 
 def _lock(results_dir: Path):
@@ -125,11 +125,14 @@ def run_experiments(argv: list[str]) -> int:
     lock = _lock(results_dir)  # noqa: F841 - held until the process ends
     plan = plan_runs(results_dir, ranks, alphas, args.lr, train_args)
     if args.slurm and plan:
+        if args.pack != "1":
+            raise SweepError(f"--slurm --pack {args.pack}: a SLURM sweep trains one run per array task; leave out "
+                             "--pack")
         return _submit_sweep(args, plan, ranks, alphas, train_args, start_time, trainer)
     where = f"GPUs {args.gpus}" if args.gpus else "the default device"
     print(f"Sweep started {start_time}: {len(plan)} run(s) to do into {args.runs_dir} on {where}, records in "
           f"{results_dir}", file=sys.stderr)
-    jobs = jobs_of(trainer, plan)
+    jobs = jobs_of(trainer, plan, args.pack)
     stop = Stop(jobs, forward_stop=True)
     stop.install()
     run_jobs(jobs, args.gpus.split(",") if args.gpus else [""], trainer, stop)

@@ -86,6 +86,11 @@ def experiments_parser(description: str) -> SweepParser:
                         help="comma-separated GPU ids, one run per GPU at a time (CUDA_VISIBLE_DEVICES); an id given "
                              "twice (0,0,1,1) runs two at a time on it. Default: one run after another on the "
                              "default device")
+    parser.add_argument("--pack", default="1",
+                        help="runs of the grid per training process, on one frozen model: N, or auto (as many as "
+                             "fit in the GPU's free memory, or the RAM). Runs that cannot pack (DoRA, LoHa, LoKr, "
+                             "text-encoder LoRA, --report_to other than none, fp16 on a GPU) train alone, with a line "
+                             "that says why; see docs/packing.md (default: 1, each run alone)")
     _add_slurm_flags(parser, requeue=True)
     return parser
 

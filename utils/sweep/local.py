@@ -1,9 +1,10 @@
 """The runs of a sweep on this machine: each training a child process on a GPU slot, its status recorded as it
 starts and ends, and a stop (SIGINT, SIGTERM, SLURM's SIGUSR1 warning) passed on to the trainings.
 
-``jobs_of`` is where runs become processes: today one run per training process. A training that carries several
-runs of the grid at once (runs that differ only in rank and alpha) would be one Job with several runs; the
-rest of this module already treats a Job's runs as a list.
+``jobs_of`` is where runs become processes: one run per training process, or with ``--pack`` several runs of the
+grid in one (utils/train_pack.py: runs that differ only in rank and alpha, on one frozen model), one Job with
+several runs. Each run keeps its own status, run folder and records; a pack's output goes to its first run's
+train.log.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from utils.sweep.status import end_status, reported_run_dir, start_status
 
 logger = logging.getLogger("sweep_runs")
 
+ROOT = Path(__file__).resolve().parents[2]
+TRAINER = ROOT / "train_sdxl_lora.py"
+PACK_TRAINER = ROOT / "utils" / "train_pack.py"  # several runs of the grid in one process
 STOP_GRACE_S = 30.0  # after a stop, how long the trainings have to save before they are killed
 TICK_S = 0.5  # how often the scheduler looks at its children and the progress
 
@@ -54,6 +58,20 @@ class Trainer:
             command.append("--cache_latents_to_disk")
         return command
 
+    def pack_command(self, runs: list[PlannedRun]) -> list[str]:
+        """utils/train_pack.py for ``runs``: each its rank, alpha and run-folder record; the shared flags after --.
+        Runs of an earlier attempt resume from their latest checkpoints ('latest' finds each run's own)."""
+        command = [*self.launcher, str(PACK_TRAINER)]
+        for run in runs:
+            command += ["--pack_run", run.rank, run.alpha, str(run.folder / RUN_DIR_FILE)]
+        command += ["--", "--output_dir", self.runs_dir, "--learning_rate", self.learning_rate]
+        if any(run.resume for run in runs) and not any(a.startswith("--resume_from_checkpoint") for a in self.train_args):
+            command += ["--resume_from_checkpoint", "latest"]
+        command += self.train_args
+        if "--no-cache" not in self.train_args and "--cache_latents_to_disk" not in self.train_args:
+            command.append("--cache_latents_to_disk")
+        return command
+
 
 @dataclass
 class Job:
@@ -67,9 +85,41 @@ class Job:
     signalled: bool = False
 
 
-def jobs_of(trainer: Trainer, plan: list[PlannedRun]) -> list[Job]:
-    """The training processes of the runs still to do, in the order they start: one per run."""
-    return [Job([run], trainer.command(run)) for run in plan]
+def jobs_of(trainer: Trainer, plan: list[PlannedRun], pack: str = "1") -> list[Job]:
+    """The training processes of the runs still to do, in the order they start: one per run, or with ``pack``
+    (N or auto) the runs that can train together in packs (training.pack.plan_packs), each run that cannot
+    alone with a line saying why."""
+    if pack == "1" or len(plan) < 2:
+        return [Job([run], trainer.command(run)) for run in plan]
+    if Path(trainer.script).resolve() != TRAINER:
+        say(f"--pack {pack}: each run trains alone with {trainer.script} (a pack needs train_sdxl_lora.py's flags)")
+        return [Job([run], trainer.command(run)) for run in plan]
+    import torch
+
+    from utils.training.flags import parse_training_args
+    from utils.training.pack import plan_packs
+
+    runs = [parse_training_args(trainer.command(run)[len(trainer.launcher) + 1:]) for run in plan]
+    device = torch.device("cuda" if pack == "auto" and torch.cuda.is_available() else "cpu")
+    groups, lines = plan_packs(runs, pack, device, [_resume_step(run) for run in plan])
+    for line in lines:
+        say(line)
+    jobs = []
+    for group in groups:
+        members = [plan[index] for index in group]
+        jobs.append(Job(members, trainer.command(members[0]) if len(members) == 1 else trainer.pack_command(members)))
+        if len(members) > 1:
+            say(f"pack of {len(members)}: {', '.join(run.name for run in members)} (one process; its output in "
+                f"{members[0].folder / RUN_LOG_FILE})")
+    return jobs
+
+
+def _resume_step(run: PlannedRun) -> int:
+    """The step an earlier attempt of ``run`` resumes from (0: none)."""
+    from utils.training.checkpoints import checkpoints_of
+
+    found = checkpoints_of(Path(run.resume)) if run.resume else []
+    return RunLayout.checkpoint_step(found[-1]) if found else 0
 
 
 def say(text: str) -> None:
@@ -145,6 +195,10 @@ def start_job(job: Job, slot: str, trainer: Trainer, new_session: bool) -> None:
         say(f"start {run.name}{where} -> {run.resume or trainer.runs_dir + '/ (a new run folder)'}")
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": slot} if slot else None
     log_path = job.runs[0].folder / RUN_LOG_FILE
+    for run in job.runs[1:]:  # a pack: one output, in its first run's log
+        with open(run.folder / RUN_LOG_FILE, "a") as log:
+            log.write(f"trained in one process with {', '.join(r.name for r in job.runs if r is not run)}: "
+                      f"the training's output is in {log_path}\n")
     with open(log_path, "ab") as log:
         try:
             job.process = subprocess.Popen(job.command, stdout=log, stderr=subprocess.STDOUT,
@@ -171,17 +225,24 @@ def exit_code_of(process: subprocess.Popen) -> int:
 
 
 def end_job(job: Job) -> list[dict]:
-    """Record how each run of the job ended, with the run folder its LoRA is in."""
+    """Record how each run of the job ended, with the run folder its LoRA is in. A pack that ends with an error
+    may have finished some of its runs (one run stopping leaves the others training): those are finished."""
     code = exit_code_of(job.process)
     statuses = []
     for run in job.runs:
-        status = end_status(run.folder / STATUS_FILE, code, stopped=job.signalled)
+        finished = len(job.runs) > 1 and code == 2 and _has_final_model(run)
+        status = end_status(run.folder / STATUS_FILE, 0 if finished else code, stopped=job.signalled)
         statuses.append(status)
         place = status.get("run_dir") or "no run folder"
         if status["state"] == "finished":
             place = RunLayout(Path(status["run_dir"])).final_model
         say(f"end   {run.name}: {status['state']}, exit code {code} -> {place} (log: {run.folder / RUN_LOG_FILE})")
     return statuses
+
+
+def _has_final_model(run: PlannedRun) -> bool:
+    run_dir = reported_run_dir(run.folder)
+    return bool(run_dir) and RunLayout(Path(run_dir)).has_model()
 
 
 def note_run_dirs(job: Job) -> None:

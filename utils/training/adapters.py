@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -37,20 +38,43 @@ def lora_config(args: argparse.Namespace, target_modules: list[str]):
     )
 
 
-def inject_lora(components, args: argparse.Namespace) -> list[torch.nn.Parameter]:
-    """Add LoRA adapters (trainable, fp32) to the UNet and, if asked, both text encoders."""
-    from diffusers.training_utils import cast_training_params
+def adapter_name(index: int) -> str:
+    """The PEFT adapter name of the ``index``-th run of a pack (utils/training/pack.py); the first has PEFT's
+    default name, so that a run alone is a pack of one."""
+    return "default" if index == 0 else f"run{index}"
 
-    models = [components.unet]
-    components.unet.add_adapter(lora_config(args, args.lora_target_modules))
-    if args.train_text_encoder:
-        for encoder in components.text_encoders:
-            encoder.add_adapter(lora_config(args, TEXT_ENCODER_TARGETS))
-        models += components.text_encoders
-    cast_training_params(models, dtype=torch.float32)
-    if args.enable_xformers_memory_efficient_attention:
+
+def add_adapters(components, runs: list[argparse.Namespace]) -> list[list[torch.nn.Parameter]]:
+    """One adapter per run on the UNet (and both text encoders with --train_text_encoder), trainable, fp32.
+
+    Each adapter is initialised from its run's seed alone (the global RNG forked and seeded around it), so the
+    draws that follow (data, noise, timesteps) do not depend on the rank: the runs of a grid draw the same,
+    alone or packed. Returns each run's trainable parameters, in the model's order."""
+    models = [components.unet] + (list(components.text_encoders) if runs[0].train_text_encoder else [])
+    devices = sorted({p.device.index for m in models for p in m.parameters() if p.device.type == "cuda"})
+    for index, run in enumerate(runs):
+        with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*multiple adapters.*")  # what a pack is
+            torch.manual_seed(run.seed)
+            components.unet.add_adapter(lora_config(run, run.lora_target_modules), adapter_name=adapter_name(index))
+            for encoder in models[1:]:
+                encoder.add_adapter(lora_config(run, TEXT_ENCODER_TARGETS), adapter_name=adapter_name(index))
+    params = []
+    for index in range(len(runs)):
+        own = [p for model in models for name, p in model.named_parameters()
+               if adapter_name(index) in name.split(".")]  # lora_A.run1.weight, hada_w1_a.run1
+        for p in own:
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        params.append(own)
+    if runs[0].enable_xformers_memory_efficient_attention:
         components.unet.enable_xformers_memory_efficient_attention()
-    return [p for model in models for p in model.parameters() if p.requires_grad]
+    return params
+
+
+def inject_lora(components, args: argparse.Namespace) -> list[torch.nn.Parameter]:
+    """Add the run's adapter (trainable, fp32) to the UNet and, if asked, both text encoders."""
+    return add_adapters(components, [args])[0]
 
 
 # ----------------------------------------------------------------------------- the moving average of the adapter weights (--use_ema)

@@ -15,7 +15,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-from utils.core.layout import CONFIG_FILE, FINAL_MODEL, TRAINING_STATE_FILE, RunLayout, run_name
+from utils.core.layout import CHECKPOINT_LORA_FILES, CONFIG_FILE, FINAL_MODEL, TRAINING_STATE_FILE, RunLayout, run_name
 
 logger = logging.getLogger(__name__)
 
@@ -27,20 +27,17 @@ def register_checkpoint_hooks(accelerator) -> None:
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
-    def name_of(index: int) -> str:
-        return ["unet", "text_encoder", "text_encoder_2"][index]
-
     def save_hook(models, weights, output_dir):
         if accelerator.is_main_process:
             for index, model in enumerate(models):
                 lora = get_peft_model_state_dict(accelerator.unwrap_model(model))
                 save_file({k: v.contiguous() for k, v in lora.items()},
-                          os.path.join(output_dir, f"lora_{name_of(index)}.safetensors"))
+                          os.path.join(output_dir, CHECKPOINT_LORA_FILES[index]))
         weights.clear()
 
     def load_hook(models, input_dir):
         for index, model in enumerate(list(models)):
-            lora = load_file(os.path.join(input_dir, f"lora_{name_of(index)}.safetensors"))
+            lora = load_file(os.path.join(input_dir, CHECKPOINT_LORA_FILES[index]))
             result = set_peft_model_state_dict(accelerator.unwrap_model(model), lora)
             if getattr(result, "unexpected_keys", None):
                 raise RuntimeError(f"{input_dir}: unexpected LoRA keys {result.unexpected_keys[:3]}")
@@ -96,17 +93,19 @@ def resume_point(args: argparse.Namespace, dataset_type: str) -> tuple[Path | No
     return None, None
 
 
-def save_checkpoint(accelerator, layout: RunLayout, state, ema=None, total_limit: int | None = None) -> Path:
+def save_checkpoint(accelerator, layout: RunLayout, state, ema=None, total_limit: int | None = None,
+                    write_state=None) -> Path:
     """accelerate state (LoRA, optimizer, scheduler, RNG) and ``state`` (a ``TrainState``) as
     training_state.json, written to a temp folder and renamed when complete; then only the newest
-    ``total_limit`` checkpoints are kept."""
+    ``total_limit`` checkpoints are kept. ``write_state(folder)`` writes the accelerate state instead of
+    ``accelerator.save_state`` (a run of a pack: its own, in the same files)."""
     final = layout.checkpoint(state.global_step)
     staging = final.with_name(f".{final.name}.tmp")
     if accelerator.is_main_process:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(staging))
+    (write_state or accelerator.save_state)(str(staging))
     accelerator.wait_for_everyone()  # every process has written its part (its RNG state) before the rename
     if accelerator.is_main_process:
         if ema is not None:
@@ -129,15 +128,16 @@ def prune_checkpoints(run_dir: Path, limit: int | None) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def resume(accelerator, path: Path | None, state, ema=None) -> None:
-    """Load the checkpoint at ``path`` (if any) into the prepared objects and ``state`` (a ``TrainState``)."""
+def resume(accelerator, path: Path | None, state, ema=None, load_state=None) -> None:
+    """Load the checkpoint at ``path`` (if any) into the prepared objects and ``state`` (a ``TrainState``);
+    ``load_state(folder)`` instead of ``accelerator.load_state`` (a run of a pack: into its own objects)."""
     if not path:
         return
     saved = json.loads((path / TRAINING_STATE_FILE).read_text())
     if saved["steps_per_epoch"] != state.steps_per_epoch:
         raise RuntimeError(f"{path}: saved with {saved['steps_per_epoch']} steps per epoch, this run has "
                            f"{state.steps_per_epoch}; resume with the same dataset, batch size and processes")
-    accelerator.load_state(str(path))
+    (load_state or accelerator.load_state)(str(path))
     for key in RESTORED:
         setattr(state, key, saved[key])
     state.epoch_losses = list(saved.get("epoch_losses", []))

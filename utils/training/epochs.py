@@ -14,6 +14,7 @@ import shutil
 from utils.training.adapters import weights_of
 from utils.training.lora_folders import save_model_folder
 from utils.training.loss_log import log_timestamp, plot_losses
+from utils.training.pack import own_adapter, run_label
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def end_of_epoch(run, epoch: int, learning_rate: float, eval_loss: float | None,
     if eval_loss is not None:
         state.last_eval_loss = eval_loss
         run.accelerator.log({"eval_loss": eval_loss}, step=state.global_step)
-    logger.info("epoch %d: mean train loss %.5f, fixed-noise eval loss %s", epoch, train_loss,
+    logger.info("epoch %d%s: mean train loss %.5f, fixed-noise eval loss %s", epoch, run_label(run), train_loss,
                 f"{eval_loss:.5f}" if eval_loss is not None else "n/a")
     run.epoch_log.append(epoch, state.global_step, train_loss, learning_rate)
     info = {"epoch": epoch, "loss": train_loss, "learning_rate": learning_rate, "timestamp": log_timestamp(),
@@ -46,7 +47,7 @@ def _best_model(run, epoch: int, metric: float, info: dict) -> None:
     if math.isfinite(metric) and metric < state.best_metric:
         state.best_metric, state.best_epoch = metric, epoch
         save_model_folder(run.accelerator, run.settings.layout.best_model, run.models, run.settings, state, info,
-                          ema=run.adapter.ema)
+                          ema=run.adapter.ema, adapter_name=run.adapter.name)
 
 
 def _epoch_checkpoint(run, epoch: int, info: dict) -> None:
@@ -56,7 +57,7 @@ def _epoch_checkpoint(run, epoch: int, info: dict) -> None:
         return
     info = {"epoch": epoch, "global_step": run.state.global_step, **info}  # the original's key order
     save_model_folder(run.accelerator, settings.layout.epoch_model(epoch), run.models, settings, run.state, info,
-                      ema=run.adapter.ema)
+                      ema=run.adapter.ema, adapter_name=run.adapter.name)
     if run.accelerator.is_main_process:
         plot_losses(settings.layout)
 
@@ -66,7 +67,7 @@ def _validation(run, epoch: int) -> None:
     settings = run.settings
     if (settings.args.validation_prompt or settings.args.validation_prompts_file) and (epoch + 1) % settings.args.validation_epochs == 0:
         from utils.training.validation import log_validation_images
-        with weights_of(run.adapter.ema):
+        with weights_of(run.adapter.ema), own_adapter(run):
             log_validation_images(run.accelerator, settings.args, settings.run_dir, run.components, run.models,
                                   epoch + 1, run.state.global_step)
 
@@ -79,7 +80,8 @@ def finish(run) -> None:
     save_model_folder(accelerator, layout.final_model, run.models, run.settings, state,
                       {"step": state.global_step, "initial_eval_loss": state.initial_eval_loss,
                        "final_eval_loss": state.last_eval_loss, "best_epoch": state.best_epoch,
-                       "skipped_nonfinite_steps": state.skipped_steps}, ema=run.adapter.ema)
+                       "skipped_nonfinite_steps": state.skipped_steps}, ema=run.adapter.ema,
+                      adapter_name=run.adapter.name)
     if accelerator.is_main_process:
         if layout.interrupted_model.is_dir():
             shutil.rmtree(layout.interrupted_model)

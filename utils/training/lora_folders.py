@@ -22,11 +22,13 @@ def unwrapped(accelerator, models: list) -> tuple:
     return models[0], (models[1:] or None)
 
 
-def save_model_folder(accelerator, folder: Path, models: list, settings, state, info: dict, ema=None) -> None:
+def save_model_folder(accelerator, folder: Path, models: list, settings, state, info: dict, ema=None,
+                      adapter_name: str = "default") -> None:
     """Write a LoRA folder (diffusers format) and, beside the weights, its info JSON (named for the folder:
     ``best_model_info.json``, ``checkpoint_info.json``, ...). With ``ema`` the folder's model is the moving
     average, and the raw weights are kept beside it (``raw_lora_weights.safetensors``). ``settings`` is the
-    run's ``RunSettings``, ``state`` its ``TrainState``."""
+    run's ``RunSettings``, ``state`` its ``TrainState``; ``adapter_name`` its adapter in the models (a run of a
+    pack)."""
     if not accelerator.is_main_process:
         return
     unet, text_encoders = unwrapped(accelerator, models)
@@ -38,12 +40,14 @@ def save_model_folder(accelerator, folder: Path, models: list, settings, state, 
     info = {**info, "lora_type": settings.args.lora_type, "adapter_weights": "ema" if ema is not None else "raw"}
     with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.raw.") as raw_dir:
         if ema is not None:
-            raw = save_lora(Path(raw_dir) / "raw", unet, text_encoders, {**metadata, "adapter_weights": "raw"})
+            raw = save_lora(Path(raw_dir) / "raw", unet, text_encoders, {**metadata, "adapter_weights": "raw"},
+                            adapter_name=adapter_name)
             copies.append(lambda staging: shutil.copyfile(raw, staging / RAW_WEIGHT_NAME))
             info.update(raw_weights_file=RAW_WEIGHT_NAME, ema_decay=settings.args.ema_decay)
         with weights_of(ema):
             save_lora(folder, unet, text_encoders, training_metadata={**metadata, "adapter_weights": info[
-                "adapter_weights"]}, extra_files=lambda staging: [copy(staging) for copy in copies])
+                "adapter_weights"]}, extra_files=lambda staging: [copy(staging) for copy in copies],
+                      adapter_name=adapter_name)
     write_json(folder / model_info_file(folder.name), info)
 
 

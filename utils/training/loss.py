@@ -1,8 +1,11 @@
 """The training objective: the noise (with --noise_offset), the timesteps a step trains on (uniform by
 default, biased as in the diffusers SDXL example with ``--timestep_bias_*``, or logit-normal), and the
-denoising loss with its options (min-SNR-γ, a loss mask, per-image loss weights)."""
+denoising loss with its options (min-SNR-γ, a loss mask, per-image loss weights); for a pack of runs, each
+run's loss on its own copy of the batch."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +67,42 @@ def batch_loss(prediction: torch.Tensor, target: torch.Tensor, batch: Batch, noi
     if batch.loss_weights is not None:
         per_sample = per_sample * batch.loss_weights.float()
     return per_sample.mean()
+
+
+# ----------------------------------------------------------------------------- a pack of runs (utils/training/pack.py)
+
+
+def pack_losses(unet, noise_scheduler, batch: Batch, noise: torch.Tensor, timesteps: torch.Tensor,
+                copies: int, snr_gamma: float | None = None) -> torch.Tensor:
+    """Each run's loss on its own copy of the batch, shape (copies,), in one forward of the UNet; with one copy,
+    ``denoising_loss``. With several, call it (and the backward) inside the pack's route (pack.Routing)."""
+    size = batch.latents.shape[0]
+    packed = repeat_batch(batch, copies)
+    packed_noise, packed_timesteps = torch.cat([noise] * copies), torch.cat([timesteps] * copies)
+    prediction, target = predict(unet, noise_scheduler, packed, packed_noise, packed_timesteps)
+    losses = []
+    for i in range(copies):
+        own = slice(i * size, (i + 1) * size)
+        losses.append(batch_loss(prediction[own], target[own], _rows(packed, own), noise_scheduler,
+                                 packed_timesteps[own], snr_gamma))
+    return torch.stack(losses)
+
+
+def _rows(batch: Batch, rows: slice) -> Batch:
+    return replace(batch, **{name: value[rows] for name, value in vars(batch).items()
+                             if isinstance(value, torch.Tensor)})
+
+
+def repeat_batch(batch: Batch, copies: int) -> Batch:
+    """The batch ``copies`` times over along the batch dimension (run i's copy is the i-th block)."""
+    if copies == 1:
+        return batch
+    fields = {name: (torch.cat([value] * copies) if isinstance(value, torch.Tensor) else value)
+              for name, value in vars(batch).items()}
+    return replace(batch, **fields)
+
+
+# ----------------------------------------------------------------------------- noise
 
 
 def sample_noise(latents: torch.Tensor, noise_offset: float) -> torch.Tensor:

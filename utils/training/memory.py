@@ -79,13 +79,15 @@ def choose_gradient_checkpointing(setting, device_type: str, free_bytes: int | N
 
 
 def set_gradient_checkpointing(components, args: argparse.Namespace, device: torch.device,
-                               weight_dtype: torch.dtype) -> bool:
-    """Decide (forced by a flag, or auto from the device and free memory) and apply; log the choice."""
+                               weight_dtype: torch.dtype, copies: int = 1) -> bool:
+    """Decide (forced by a flag, or auto from the device and free memory) and apply; log the choice. ``copies``:
+    the batch is trained that many times over (a pack of runs)."""
     free = activations = None
     if args.gradient_checkpointing == "auto" and device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
-        activations = estimate_activation_bytes(components.unet.config, args.resolution, args.train_batch_size,
-                                                weight_dtype, lora_config(args, args.lora_target_modules))
+        activations = estimate_activation_bytes(components.unet.config, args.resolution,
+                                                args.train_batch_size * copies, weight_dtype,
+                                                lora_config(args, args.lora_target_modules))
     enabled, reason = choose_gradient_checkpointing(args.gradient_checkpointing, device.type, free, activations)
     logger.info("Gradient checkpointing %s: %s", "on" if enabled else "off", reason)
     if enabled:

@@ -188,6 +188,7 @@ class Adapter:
     max_nonfinite_steps: int  # non-finite steps in a row that stop the run
     ema: AdapterEMA | None = None  # --use_ema: the moving average of the adapter weights
     nonfinite_in_a_row: int = 0
+    name: str = "default"  # its PEFT adapter name (a run of a pack: adapters.adapter_name)
 
 
 @dataclass
@@ -209,3 +210,5 @@ class Run:
     gradient_checkpointing: bool
     epoch_log: CsvLog  # logs/training_log.csv: one row per epoch
     step_log: CsvLog  # logs/training_steps.csv: one row per optimizer step
+    routing: object | None = None  # a run of a pack: the pack's pack.Routing, shared by its runs
+    failure: str | None = None  # a run of a pack that stopped (the others go on): why

@@ -1,6 +1,6 @@
 """Stopping a training on SIGINT/SIGTERM: the handlers (``StopRequest``), the processes agreeing to stop at the
-same step (``all_stop``), and the stop itself (``stop_run``): a resumable checkpoint and the current LoRA in
-interrupted_model/, then ``TrainingInterrupted`` with the command that resumes."""
+same step (``all_stop``), and the stop itself (``stop_runs``): a resumable checkpoint and the current LoRA in
+interrupted_model/ of each run (a pack's too), then ``TrainingInterrupted`` with the command that resumes."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from utils.core.errors import TrainingInterrupted
 from utils.training.checkpoints import save_checkpoint
 from utils.training.experiment_config import command_line
 from utils.training.lora_folders import save_model_folder
+from utils.training.pack import state_writer
 from utils.training.run import Run
 
 logger = logging.getLogger(__name__)
@@ -57,18 +58,22 @@ def all_stop(stop: StopRequest, accelerator) -> bool:
     return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
-def stop_run(run: Run, stop: StopRequest) -> None:
-    """Save a resumable state and the current LoRA, then end with a message on how to resume."""
-    layout, state = run.settings.layout, run.state
-    checkpoint = save_checkpoint(run.accelerator, layout, state, run.adapter.ema,
-                                 run.settings.args.checkpoints_total_limit)
-    save_model_folder(run.accelerator, layout.interrupted_model, run.models, run.settings, state,
-                      {"step": state.global_step}, ema=run.adapter.ema)
-    run.accelerator.end_training()
+def stop_runs(pack: list[Run], stop: StopRequest) -> None:
+    """Save each run's resumable state and current LoRA, then end with a message on how to resume."""
+    saved = []
+    for run in pack:
+        layout, state = run.settings.layout, run.state
+        checkpoint = save_checkpoint(run.accelerator, layout, state, run.adapter.ema,
+                                     run.settings.args.checkpoints_total_limit, state_writer(run))
+        save_model_folder(run.accelerator, layout.interrupted_model, run.models, run.settings, state,
+                          {"step": state.global_step}, ema=run.adapter.ema, adapter_name=run.adapter.name)
+        saved.append((checkpoint, layout.interrupted_model))
+    pack[0].accelerator.end_training()
+    state = pack[0].state
     command = command_line()
-    if "--resume_from_checkpoint" not in command:
-        command += f" --resume_from_checkpoint {checkpoint}"
+    if len(pack) == 1 and "--resume_from_checkpoint" not in command:
+        command += f" --resume_from_checkpoint {saved[0][0]}"
+    places = "; ".join(f"state saved in {checkpoint}, current LoRA in {model}" for checkpoint, model in saved)
     raise TrainingInterrupted(
-        f"stopped at step {state.global_step} of {state.max_train_steps}; state saved in {checkpoint}, "
-        f"current LoRA in {layout.interrupted_model}.\nResume with:\n  python {command}",
+        f"stopped at step {state.global_step} of {state.max_train_steps}; {places}.\nResume with:\n  python {command}",
         stop.signal_number or 15)
