@@ -338,8 +338,9 @@ def run_epoch(pack: list[Run], stop: StopRequest, epoch: int, losses: list[StepL
             continue
         local_loss = torch.stack(window).mean(dim=0)  # per run
         if logger.isEnabledFor(logging.DEBUG):
+            losses_text = " ".join(f"{value:.6g}" for value in local_loss.tolist())  # one per run of the pack
             logger.debug("process %d step %d images %s loss %s", accelerator.process_index,
-                         state.global_step + 1, window_images, local_loss.tolist())
+                         state.global_step + 1, window_images, losses_text)
         window, window_images = [], []
         lead.timeline.step_marks.append(time.time())
         if len(lead.timeline.step_marks) == 1:
