@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results_dir", default=str(ROOT / "results"))
     parser.add_argument("--model_dir", default=str(DEMO_SDXL_DIR), help="the base model (a diffusers folder)")
     parser.add_argument("--clip_model", default=str(DEMO_CLIP_DIR), help="the CLIP of the report's metrics")
+    parser.add_argument("--pack", default="1",
+                        help="passed to run_experiments.sh: 2 or auto trains the demo's two runs in one process "
+                             "(default: %(default)s, each run its own process)")
     args = parser.parse_args(argv)
     setup_logging()
     started = time.time()
@@ -227,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  work / "inference", work / "output_visualization")
 
     run(["bash", ROOT / "run_experiments.sh", "--ranks", RANKS, "--alphas", ALPHAS, "--lr", LEARNING_RATE,
-         "--output_dir", runs_dir, "--results_dir", records, "--",
+         "--runs_dir", runs_dir, "--results_dir", records, "--pack", args.pack, "--",
          "--pretrained_model_name_or_path", model, "--dataset_dir", data, *TRAIN_FLAGS])
     run(["bash", ROOT / "run_inference_experiments.sh", "--runs_dir", runs_dir, "--output_dir", inference,
          "--clip_model", clip, "--", "--pretrained_model_name_or_path", model, *INFERENCE_FLAGS])
