@@ -11,10 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from utils.sweep.metrics import DEFAULT_ALIGNMENT_TOLERANCE
-from utils.sweep.pictures import write_epoch_strip
+from utils.sweep.flags import DEFAULT_ALIGNMENT_TOLERANCE
 from utils.sweep.records import SweepError
-from utils.sweep.report import build_report
 
 
 def add_generate_command(commands) -> None:
@@ -75,12 +73,16 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from utils.sweep.report import build_report  # torch and matplotlib: only when a report is made
+
     for path in build_report(args).values():
         print(path)
     return 0
 
 
 def _strip(args: argparse.Namespace) -> int:
+    from utils.sweep.pictures import write_epoch_strip
+
     print(write_epoch_strip(Path(args.inference_dir), Path(args.output) if args.output else None, args.image_index,
                             args.cell_size))
     return 0

@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 
 from utils.core.layout import BASE_RESULTS_DIR, BEST_MODEL, FINAL_MODEL, SWEEP_RESULTS_DIR
-from utils.sweep.metrics import DEFAULT_ALIGNMENT_TOLERANCE
 from utils.sweep.records import SweepError
+
+DEFAULT_ALIGNMENT_TOLERANCE = 2.0  # CLIP-score points of alignment a run may lose against the base and still win
 
 RUNS_DIR = "output_ghibli"  # the trainer's default --output_dir, where the original's runs land
 INFERENCE_OUTPUT_DIR = "output_visualization_additional_2"  # the original run_inference_experiments.sh's
@@ -112,12 +113,7 @@ def inference_experiments_parser(description: str) -> SweepParser:
     parser.add_argument("--model", default=FINAL_MODEL, choices=[FINAL_MODEL, BEST_MODEL],
                         help="which LoRA folder of each run to use (default: final_model)")
     _add_inference_flags(parser)
-    parser.add_argument("--no_report", action="store_true", help="images only")
-    parser.add_argument("--no_metrics", action="store_true", help="pictures without CLIP metrics")
-    parser.add_argument("--clip_model", default=None, help="passed to `utils/sweep_report.py report`")
-    parser.add_argument("--style_images", default=None, help="passed to `utils/sweep_report.py report`")
-    parser.add_argument("--alignment_tolerance", type=float, default=DEFAULT_ALIGNMENT_TOLERANCE,
-                        help="passed to `utils/sweep_report.py report` (default: %(default)s)")
+    _add_report_flags(parser, "")
     _add_slurm_flags(parser, requeue=False)
     return parser
 
@@ -145,16 +141,21 @@ def checkpoint_inference_parser(description: str) -> SweepParser:
                         help="base images are read from here, or made once into it (default: %(default)s)")
     parser.add_argument("--include_final", action="store_true", help="add final_model after the last checkpoint")
     _add_inference_flags(parser)
-    parser.add_argument("--no_report", action="store_true", help="with --all_runs: images only")
-    parser.add_argument("--no_metrics", action="store_true", help="with --all_runs: a report without CLIP metrics")
-    parser.add_argument("--clip_model", default=None, help="passed to `utils/sweep_report.py report`")
-    parser.add_argument("--style_images", default=None, help="passed to `utils/sweep_report.py report`")
-    parser.add_argument("--alignment_tolerance", type=float, default=DEFAULT_ALIGNMENT_TOLERANCE,
-                        help="passed to `utils/sweep_report.py report` (default: %(default)s)")
+    _add_report_flags(parser, "with --all_runs: ")
     parser.add_argument("--image_index", type=int, default=0,
                         help="which image (seed) of each prompt the strip shows, from 0 (default: 0)")
     _add_slurm_flags(parser, requeue=False)
     return parser
+
+
+def _add_report_flags(parser: argparse.ArgumentParser, when: str) -> None:
+    """The flags the inference scripts pass on to the report (``when`` says when it is written)."""
+    parser.add_argument("--no_report", action="store_true", help=f"{when}images only")
+    parser.add_argument("--no_metrics", action="store_true", help=f"{when}a report without CLIP metrics")
+    parser.add_argument("--clip_model", default=None, help="passed to `utils/sweep_report.py report`")
+    parser.add_argument("--style_images", default=None, help="passed to `utils/sweep_report.py report`")
+    parser.add_argument("--alignment_tolerance", type=float, default=DEFAULT_ALIGNMENT_TOLERANCE,
+                        help="passed to `utils/sweep_report.py report` (default: %(default)s)")
 
 
 def _joined_values(own: list[str]) -> list[str]:

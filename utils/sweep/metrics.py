@@ -22,7 +22,6 @@ from utils.sweep.runs import RunInfo
 
 logger = logging.getLogger("sweep_report")
 
-DEFAULT_ALIGNMENT_TOLERANCE = 2.0
 
 # (CSV column, heat-map file stem, title, Markdown format)
 METRICS = [

@@ -10,7 +10,6 @@ from utils.core.layout import (CONFIG_FILE, FINAL_MODEL, LORA_WEIGHT_NAME, STATU
                                epoch_images_name)
 from utils.sweep.records import SweepError, config_lora_type, read_json
 from utils.sweep.status import is_finished
-from utils.training.loss_log import find_loss_log, read_losses
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +108,8 @@ def sweep_runs_of(results_dir: Path) -> list[RunInfo]:
 
 def read_loss_log(run_dir: Path) -> tuple[list[int], list[float]]:
     """(step, loss) rows of a run's loss log (training_steps.csv, else training_log.csv), in its logging_dir."""
+    from utils.training.loss_log import find_loss_log, read_losses  # torch: not at the sweep's start
+
     logging_dir = load_run(run_dir).config.get("logging_dir")
     path = find_loss_log(RunLayout(run_dir, *([str(logging_dir)] if logging_dir else [])).logs)
     return read_losses(path) if path else ([], [])
